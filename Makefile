@@ -1,0 +1,42 @@
+# jsdl: the two front-door commands are `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.jsdl-installed
+NPROC ?= 2
+
+.PHONY: demo test test-slow test-multidevice bench theory-check install clean lock
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/jsdl demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(NPROC) --dist loadfile
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+theory-check: $(STAMP)
+	$(BIN)/jsdl theory-check --out runs/theory --x64
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt "torch==2.13.0" || true
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]" || true
+	$(BIN)/python benchmarks/run.py
+
+# Regenerate the pinned set from the current (tested) environment.
+lock: $(STAMP)
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
