@@ -1,0 +1,33 @@
+"""Shared fixtures. ``x64`` runs a test under float64 without leaking the flag to other tests."""
+import os
+
+import jax
+import pytest
+
+
+@pytest.fixture
+def x64():
+    """Enable float64 for the duration of one test (``jax.enable_x64`` is a context manager)."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture
+def key():
+    return jax.random.PRNGKey(0)
+
+
+def run_multidevice(code: str, n_devices: int = 8, timeout: int = 600) -> str:
+    """Run ``code`` in a fresh Python with ``n_devices`` forced CPU devices; return its stdout.
+
+    The XLA flag must be set before jax initialises, hence a subprocess."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise AssertionError(f"multi-device subprocess failed:\n{out.stdout}\n{out.stderr}")
+    return out.stdout
