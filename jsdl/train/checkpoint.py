@@ -1,0 +1,128 @@
+"""Checkpoints with orbax-checkpoint.
+
+A run directory holds::
+
+    run.json            spec, train config, data record, input widths (written at the start)
+    metrics.jsonl       one JSON line per log interval
+    checkpoints/<step>/ orbax step folders: item "state" (the full TrainState) and item "meta"
+                        (JSON: step, spec, config, data record, history so far)
+    summary.json, *.png at the end
+
+Saves are atomic (orbax writes to a temporary folder and renames it), the last
+``keep_checkpoints`` are kept, and a restore returns everything a resumed run needs (params,
+optimiser state, step, dead statistics, RNG keys, metric sums, history). Restores use an abstract
+target built from the recorded spec and config, so NamedTuple optimiser states come back as
+NamedTuples (orbax without a target would turn them into lists).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+__all__ = ["CheckpointError", "Checkpointer", "read_run_record"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, empty or unreadable."""
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray, jax.Array)):
+        return np.asarray(o).tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def to_jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def read_run_record(run_dir: str) -> dict:
+    """The ``run.json`` record of a run directory (clear errors when missing or unreadable)."""
+    run_dir = os.fspath(run_dir)
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"run directory {run_dir!r} does not exist")
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir!r} is not a jsdl run directory: {path} is missing")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable or corrupt: {e}") from None
+
+
+class Checkpointer:
+    """Thin wrapper around ``orbax.checkpoint.CheckpointManager`` for a run directory."""
+
+    def __init__(self, run_dir: str, *, keep: int = 3, create: bool = True):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.run_dir = os.path.abspath(os.fspath(run_dir))
+        self.dir = os.path.join(self.run_dir, "checkpoints")
+        if not create and not os.path.isdir(self.dir):
+            raise CheckpointError(
+                f"no checkpoints in {self.run_dir!r}: {self.dir} does not exist (was the run given out_dir?)"
+            )
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.dir, options=opts, item_names=("state", "meta"))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict) -> None:
+        ocp = self._ocp
+        self.manager.save(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(to_jsonable(meta))),
+            force=True,
+        )
+        self.manager.wait_until_finished()
+
+    def restore(self, abstract_state, step: Optional[int] = None):
+        """``(state, meta)`` at ``step`` (default: the latest). ``abstract_state`` is a pytree of
+        ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``) giving the structure."""
+        ocp = self._ocp
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {self.dir!r} (the folder has no complete step folders)")
+        if step not in self.steps():
+            raise CheckpointError(f"no checkpoint for step {step} in {self.dir!r}; available: {self.steps()}")
+        try:
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+            )
+        except Exception as e:  # orbax raises many types for truncated / edited folders
+            raise CheckpointError(
+                f"checkpoint {os.path.join(self.dir, str(step))!r} is unreadable or corrupt "
+                f"({type(e).__name__}: {str(e)[:300]}); delete it to fall back to an earlier step "
+                f"(available: {self.steps()})"
+            ) from e
+        return out["state"], out["meta"]
+
+    def meta(self, step: Optional[int] = None) -> dict:
+        ocp = self._ocp
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {self.dir!r}")
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint metadata of step {step} in {self.dir!r} is unreadable: {e}") from e
+
+    def close(self):
+        self.manager.close()

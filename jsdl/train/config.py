@@ -1,0 +1,204 @@
+"""Typed training configuration.
+
+:class:`TrainConfig` is a frozen (hashable) dataclass: it is closed over by the jitted step, so every
+field is a static Python value. Values that vary across a population (learning rate, penalty
+coefficients, TopK ``k``) are *not* read from here inside the step but from the traced
+``TrainState.hyper``, which :func:`jsdl.train.fit` fills from this config and the spec.
+
+Configs load from plain dicts (YAML) through :func:`from_dict`, which rejects unknown keys (naming
+the valid ones) and wrong types (naming the field, the value and the expected type) before anything
+is compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Optional, Union
+
+__all__ = ["TrainConfig", "from_dict", "to_dict", "check_types"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+DECAYS = ("constant", "linear", "cosine")
+DECODER_NORMS = ("none", "unit")
+ANCHOR_SOURCES = ("ground_truth", "class_means")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training hyperparameters (all static).
+
+    Optimisation
+        steps, batch_size: number of optimiser steps and the *global* batch size (split over devices).
+        learning_rate: peak learning rate eta.
+        optimizer: ``adam`` | ``adamw`` | ``sgd`` (``momentum`` for sgd); ``b1``, ``b2``, ``eps``.
+        weight_decay: decoupled weight decay (adamw; thresholds are never decayed).
+        grad_clip: global-norm gradient clipping (0 = off).
+        warmup_steps: linear learning-rate warm-up eta_t = eta * min(1, (t+1)/warmup_steps).
+        decay: ``constant`` | ``linear`` | ``cosine`` from ``decay_start * steps`` to the end, down
+            to ``min_lr_ratio * eta``.
+        coef_warmup_steps: penalty coefficients lambda_j ramp linearly from 0 to their value
+            (SAELens / dictionary_learning "sparsity warm-up").
+    Decoder norm
+        decoder_norm: ``none`` or ``unit``: before the update the gradient component parallel to each
+            decoder column is removed; after it the columns are projected back to unit norm
+            (``ConstrainedAdam`` of dictionary_learning; sparsify/openai do the same).
+    Thresholds
+        min_threshold: JumpReLU thresholds are clipped to ``>= min_threshold`` (> 0) after each step.
+        threshold_rate: BatchTopK inference threshold running average rate
+            theta <- (1 - r) theta + r * min positive code (first step: theta = that value).
+    Dead latents
+        dead_window: a latent is dead when it has not fired for ``dead_window`` steps, or when its
+            firing frequency over the last completed window of ``dead_window`` steps is below
+            ``dead_threshold`` (0 = only the "never fired" rule).
+        resample_every: Anthropic resampling of dead latents every this many steps (0 = off), up to
+            step ``resample_until`` (0 = no limit); ``resample_scale`` scales the new encoder rows
+            relative to the mean alive encoder-row norm (0.2 in Bricken et al. 2023).
+        ghost_grads: add the ghost-grads loss (Anthropic, Jan 2024) for dead latents.
+    Anchoring (paper section 5, eqs. 25-26)
+        anchors: number k of anchored latents (0 = off); ``anchor_coef`` = lambda_anchor;
+            ``anchor_source``: ``ground_truth`` (k random bench features; needs data with W_p/W_r)
+            or ``class_means`` (pass ``anchors=anchors_from_class_means(...)`` to ``fit``).
+    Logging / checkpoints
+        log_every: metrics are reduced on device and fetched every this many steps.
+        checkpoint_every: checkpoint interval (0 = only at the end when ``out_dir`` is given).
+        keep_checkpoints: keep the last N checkpoints.
+        progress: show a tqdm progress bar (None = only when stderr is a terminal).
+        plots: write matplotlib plots at the end when ``out_dir`` is given.
+    """
+
+    steps: int = 1000
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+    warmup_steps: int = 0
+    decay: str = "constant"
+    decay_start: float = 0.8
+    min_lr_ratio: float = 0.0
+    coef_warmup_steps: int = 0
+    decoder_norm: str = "none"
+    min_threshold: float = 1e-6
+    threshold_rate: float = 0.01
+    dead_window: int = 200
+    dead_threshold: float = 0.0
+    resample_every: int = 0
+    resample_until: int = 0
+    resample_scale: float = 0.2
+    ghost_grads: bool = False
+    anchors: int = 0
+    anchor_coef: float = 0.1
+    anchor_source: str = "ground_truth"
+    log_every: int = 50
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    progress: Optional[bool] = None
+    plots: bool = True
+
+    def __post_init__(self):
+        check_types(self, "train")
+        pos = ("steps", "batch_size", "log_every", "dead_window", "keep_checkpoints")
+        for name in pos:
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
+        nonneg = ("warmup_steps", "coef_warmup_steps", "resample_every", "resample_until", "checkpoint_every",
+                  "anchors", "weight_decay", "grad_clip", "momentum", "dead_threshold", "anchor_coef",
+                  "min_lr_ratio", "resample_scale")
+        for name in nonneg:
+            v = getattr(self, name)
+            if not v >= 0:
+                raise ValueError(f"train.{name} must be >= 0, got {v!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"train.learning_rate must be > 0, got {self.learning_rate!r}")
+        if not self.min_threshold > 0:
+            raise ValueError(f"train.min_threshold must be > 0 (JumpReLU thresholds stay positive), got {self.min_threshold!r}")
+        if not 0 < self.threshold_rate <= 1:
+            raise ValueError(f"train.threshold_rate must be in (0, 1], got {self.threshold_rate!r}")
+        if not 0 <= self.decay_start <= 1:
+            raise ValueError(f"train.decay_start must be in [0, 1] (a fraction of steps), got {self.decay_start!r}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("decay", DECAYS), ("decoder_norm", DECODER_NORMS),
+                              ("anchor_source", ANCHOR_SOURCES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (dict, typing.Mapping) or tp is dict:
+        return isinstance(value, dict)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = typing.get_args(tp)
+        if args and args[-1] is not Ellipsis and len(args) == 1:
+            return all(_type_ok(v, args[0]) for v in value)
+        if args and args[-1] is Ellipsis:
+            return all(_type_ok(v, args[0]) for v in value)
+        return True
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    s = str(tp).replace("typing.", "")
+    return s if not isinstance(tp, type) else tp.__name__
+
+
+def check_types(obj: Any, section: str) -> None:
+    """Raise TypeError naming ``section.field`` when a field's value does not match its annotation.
+    Ints are accepted for float fields (and converted)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        tp = hints[f.name]
+        if not _type_ok(v, tp):
+            raise TypeError(
+                f"{section}.{f.name} must be of type {_type_name(tp)}, got {v!r} ({type(v).__name__})"
+            )
+        if tp is float and isinstance(v, int):
+            object.__setattr__(obj, f.name, float(v))
+
+
+def from_dict(cls, d: Any, section: str):
+    """Build the dataclass ``cls`` from the mapping ``d``; unknown keys fail naming the valid ones."""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise TypeError(f"config section {section!r} must be a mapping of keys to values, got {type(d).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {', '.join(section + '.' + str(u) for u in unknown)}; valid keys of {section!r}: "
+            f"{', '.join(names)}"
+        )
+    return cls(**d)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,232 @@
+"""Training state, optimiser and schedules.
+
+:class:`TrainState` is one pytree holding everything a resumed run needs: parameters, optimiser
+state, step, dead-latent statistics, RNG keys, the traced hyperparameters (learning rate, penalty
+coefficients, TopK k) and the on-device metric sums since the last log. A population is the same
+pytree with a leading member axis on every leaf.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jsdl.objective import SDLParams, SDLSpec, init_params, make_spec
+from jsdl.train.config import TrainConfig
+
+__all__ = [
+    "DeadStats",
+    "TrainState",
+    "METRIC_NAMES",
+    "make_optimizer",
+    "lr_multiplier",
+    "coef_multiplier",
+    "init_state",
+    "spec_to_dict",
+    "spec_from_dict",
+    "raw_key",
+]
+
+# Metrics summed on device every step and averaged at log time.
+METRIC_NAMES = ("loss", "mse", "fvu", "l0", "dead_frac", "auxk", "anchor", "ghost")
+
+
+@struct.dataclass
+class DeadStats:
+    """Dead-latent statistics, shapes ``[n_q]`` (plus a leading member axis in a population).
+
+    since_fired: steps since the latent last fired on any sample of the batch.
+    window_count: number of (sample, step) firings in the current window.
+    window_steps: steps in the current window (scalar).
+    freq: firing frequency (fraction of samples) over the last completed window; -1 before one.
+    """
+
+    since_fired: jax.Array
+    window_count: jax.Array
+    window_steps: jax.Array
+    freq: jax.Array
+
+
+@struct.dataclass
+class TrainState:
+    """Everything needed to continue a run.
+
+    params: :class:`jsdl.SDLParams`; opt_state: optax state; step: int32 scalar;
+    dead: :class:`DeadStats`; key: raw uint32 PRNG key ``[2]`` for resampling;
+    data_key: raw key of the synthetic data stream (batch t uses ``fold_in(data_key, t)``);
+    hyper: traced hyperparameters ``{"lr": scalar, "coefs": {penalty: scalar}, "k": int32 scalar}``
+    (``k`` only when a population varies TopK k); metrics: on-device sums of METRIC_NAMES since the
+    last log, with ``count`` and ``bad_step`` (first step with a non-finite loss, -1 if none).
+    """
+
+    params: SDLParams
+    opt_state: Any
+    step: jax.Array
+    dead: DeadStats
+    key: jax.Array
+    data_key: jax.Array
+    hyper: dict
+    metrics: dict
+
+
+def raw_key(key) -> jax.Array:
+    """A raw uint32 key from a typed key or a raw key."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
+
+
+def _decay_mask(params: SDLParams):
+    # Thresholds and biases are not weight-decayed.
+    return params.replace(
+        b_E=None if params.b_E is None else False,
+        b_D=None if params.b_D is None else False,
+        threshold=None if params.threshold is None else False,
+        W_E=True,
+        W_D=None if params.W_D is None else True,
+        W_S=None if params.W_S is None else True,
+    )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """The optax transformation *without* the learning rate: the step multiplies its output by
+    ``-lr * lr_multiplier(step)`` with ``lr`` traced (so populations can vary it)."""
+    parts = []
+    if config.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(config.grad_clip))
+    if config.optimizer in ("adam", "adamw"):
+        parts.append(optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps))
+    elif config.momentum > 0:
+        parts.append(optax.trace(decay=config.momentum))
+    if config.optimizer == "adamw" and config.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(config.weight_decay, mask=_decay_mask))
+    return optax.chain(*parts) if parts else optax.identity()
+
+
+def lr_multiplier(step: jax.Array, config: TrainConfig) -> jax.Array:
+    """Schedule factor in [min_lr_ratio, 1]: linear warm-up, then constant / linear / cosine decay
+    from ``decay_start * steps`` to ``steps``."""
+    t = step.astype(jnp.float32)
+    warm = jnp.minimum(1.0, (t + 1.0) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
+    if config.decay == "constant":
+        return warm * jnp.ones_like(t)
+    start = max(float(config.decay_start * config.steps), float(config.warmup_steps))
+    span = max(config.steps - start, 1.0)
+    frac = jnp.clip((t - start) / span, 0.0, 1.0)
+    if config.decay == "linear":
+        shape = 1.0 - frac
+    else:
+        shape = 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    return warm * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape)
+
+
+def coef_multiplier(step: jax.Array, config: TrainConfig) -> jax.Array:
+    """Penalty-coefficient warm-up factor min(1, t / coef_warmup_steps) (0 at the first step)."""
+    if config.coef_warmup_steps <= 0:
+        return jnp.ones((), jnp.float32)
+    return jnp.minimum(1.0, step.astype(jnp.float32) / config.coef_warmup_steps)
+
+
+def _zero_metrics(dtype) -> dict:
+    m = {k: jnp.zeros((), dtype) for k in METRIC_NAMES}
+    m["count"] = jnp.zeros((), jnp.int32)
+    m["bad_step"] = jnp.full((), -1, jnp.int32)
+    return m
+
+
+def init_state(
+    key: jax.Array,
+    spec: SDLSpec,
+    config: TrainConfig,
+    d_input: int,
+    d_target: Optional[int] = None,
+    *,
+    data_key: Optional[jax.Array] = None,
+    learning_rate: Any = None,
+    coefs: Optional[dict] = None,
+    k: Any = None,
+    dtype: Any = None,
+) -> TrainState:
+    """Initial state. ``key`` is split into (init, data, train) keys; ``data_key`` overrides the data
+    key (a population feeds every member the same stream). ``learning_rate``/``coefs``/``k`` override
+    the config/spec values (populations)."""
+    key = raw_key(key)
+    k_init, k_data, k_train = jax.random.split(key, 3)
+    if data_key is not None:
+        k_data = raw_key(data_key)
+    params = init_params(k_init, spec, d_input, d_target, dtype=dtype)
+    tx = make_optimizer(config)
+    dtype = params.W_E.dtype
+    n_q = spec.n_latents
+    dead = DeadStats(
+        since_fired=jnp.zeros((n_q,), jnp.int32),
+        window_count=jnp.zeros((n_q,), dtype),
+        window_steps=jnp.zeros((), jnp.int32),
+        freq=jnp.full((n_q,), -1.0, dtype),
+    )
+    base = spec.penalty_coefs
+    coefs = {**base, **(coefs or {})}
+    hyper = {
+        "lr": jnp.asarray(config.learning_rate if learning_rate is None else learning_rate, dtype),
+        "coefs": {n: jnp.asarray(c, dtype) for n, c in coefs.items()},
+    }
+    if k is not None:
+        hyper["k"] = jnp.asarray(k, jnp.int32)
+    return TrainState(
+        params=params,
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        dead=dead,
+        key=k_train,
+        data_key=k_data,
+        hyper=hyper,
+        metrics=_zero_metrics(dtype),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# spec <-> JSON (checkpoints record the spec so a run loads without the code that made it)
+# ----------------------------------------------------------------------------------------------
+
+
+def spec_to_dict(spec: SDLSpec) -> dict:
+    """A JSON-able record of ``spec`` that :func:`spec_from_dict` turns back into an equal spec."""
+    d = {
+        "method": spec.method,
+        "activation": spec.activation.name,
+        "activation_hyper": {k: v for k, v in spec.activation.hyper},
+        "n_latents": spec.n_latents,
+        "penalties": {p.name: {"coef": c, **dict(p.hyper)} for p, c in spec.penalties},
+        "tied": spec.tied,
+        "bias": spec.bias,
+        "n_sources": spec.n_sources,
+        "prefixes": list(spec.prefixes),
+        "prefix_weights": list(spec.prefix_weights),
+        "aux_k": spec.aux_k,
+        "aux_coef": spec.aux_coef,
+    }
+    return d
+
+
+def spec_from_dict(d: dict) -> SDLSpec:
+    kw = dict(
+        method=d["method"],
+        activation=d["activation"],
+        n_latents=int(d["n_latents"]),
+        penalties=d.get("penalties") or {},
+        tied=bool(d.get("tied", False)),
+        bias=bool(d.get("bias", True)),
+        aux_k=int(d.get("aux_k", 0)),
+        aux_coef=float(d.get("aux_coef", 0.0)),
+        **dict(d.get("activation_hyper") or {}),
+    )
+    if int(d.get("n_sources", 1)) > 1:
+        kw["n_sources"] = int(d["n_sources"])
+    if d.get("prefixes"):
+        kw["prefixes"] = tuple(d["prefixes"])
+        kw["prefix_weights"] = tuple(d["prefix_weights"])
+    return make_spec(**kw)

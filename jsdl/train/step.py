@@ -1,0 +1,268 @@
+"""The training step: one pure function, jitted once, data-parallel over a device mesh, vmapped
+over a population.
+
+Design (see DESIGN.md "One code path for every scale"):
+
+* The step is ``jax.jit`` of a pure ``(state, data, anchors) -> state`` over *global* arrays. With
+  several devices the batch is placed (or, for a synthetic bench, generated inside the step and
+  constrained) with ``NamedSharding(mesh, P("data"))`` and the state is replicated; XLA's SPMD
+  partitioner then inserts the gradient all-reduce. We deliberately do not use ``shard_map``: the
+  loss is a mean over the *global* batch, so the gradient is exactly the single-device one (no
+  ``pmean`` that could double count replicated parameters, cf. the pitfall in DESIGN.md), and
+  batch-coupled activations (BatchTopK) keep their global-batch semantics.
+* The mesh has an ``Auto`` axis (``jax.make_mesh`` defaults to ``Explicit``, which would demand
+  sharding-typed inputs everywhere).
+* A population is a leading member axis on every leaf of the state; the per-model step is
+  ``jax.vmap``-ed with the batch broadcast (every member sees the same data). With several devices
+  the member axis is sharded when it divides evenly, otherwise the batch is.
+* Learning rate, penalty coefficients and TopK ``k`` are read from the traced ``state.hyper``, so a
+  population varies them without recompiling. A varying ``k`` runs ``top_k`` with ``k_max`` (the
+  largest k of the population) and masks the values beyond each member's own k
+  (:class:`DynamicKActivation`); the kept values equal ``top_k(z, k)``'s, so a member equals the
+  separate run with that k.
+* Metrics are summed on device into ``state.metrics`` and fetched by the host only at log
+  intervals: no host sync per step. A non-finite loss leaves params and optimiser state untouched
+  and records the step in ``metrics["bad_step"]``, which the loop turns into an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jsdl import activations as _act
+from jsdl import methods as _methods
+from jsdl.objective import SDLParams, SDLSpec, pre_activations, sdl_loss
+from jsdl.train.config import TrainConfig
+from jsdl.train.dead import dead_mask, ghost_grads_loss, resample_dead, update_dead
+from jsdl.train.state import METRIC_NAMES, TrainState, coef_multiplier, lr_multiplier, make_optimizer
+
+__all__ = ["DynamicKActivation", "with_dynamic_k", "model_step", "make_mesh", "Stepper"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DynamicKActivation(_act.Activation):
+    """TopK / BatchTopK with a traced ``k <= k_max`` (``k_max`` = the bound hyperparameter ``k``):
+    ``top_k(z, k_max)`` then zero the values ranked beyond ``k`` (values come sorted)."""
+
+    k_dyn: Any = None
+
+    def __call__(self, z, params=None, *, inference=False):
+        hyper = dict(self.hyper)
+        k_max, relu = hyper["k"], hyper.get("relu", True)
+        if self.name == "topk":
+            vals, idx = jax.lax.top_k(z, k_max)
+            vals = jnp.where(jnp.arange(k_max) < self.k_dyn, vals, 0.0)
+            if relu:
+                vals = jax.nn.relu(vals)
+            return _act._scatter_topk(z, vals, idx)
+        if inference:
+            return _act.get(self.name, **hyper)(z, params, inference=True)
+        z2 = z.reshape(-1, z.shape[-1])
+        B = z2.shape[0]
+        flat = z2.reshape(-1)
+        vals, idx = jax.lax.top_k(flat, k_max * B)
+        vals = jnp.where(jnp.arange(k_max * B) < self.k_dyn * B, vals, 0.0)
+        if relu:
+            vals = jax.nn.relu(vals)
+        return jnp.zeros_like(flat).at[idx].set(vals, unique_indices=True).reshape(z.shape)
+
+
+def with_dynamic_k(spec: SDLSpec, k) -> SDLSpec:
+    """``spec`` with its TopK/BatchTopK activation reading ``k`` (traced) instead of the static k."""
+    if k is None:
+        return spec
+    if spec.activation.name not in ("topk", "batchtopk"):
+        raise ValueError(f"a varying k needs activation 'topk' or 'batchtopk', got {spec.activation.name!r}")
+    act = DynamicKActivation(name=spec.activation.name, hyper=spec.activation.hyper, k_dyn=k)
+    return dataclasses.replace(spec, activation=act)
+
+
+# ----------------------------------------------------------------------------------------------
+# decoder-norm handling
+# ----------------------------------------------------------------------------------------------
+
+
+def _remove_parallel_grad(grads: SDLParams, params: SDLParams) -> SDLParams:
+    """g_D,i <- g_D,i - (g_D,i . w_D,i / ||w_D,i||^2) w_D,i for every decoder column (rows of W_E
+    when tied), so the step does not (to first order) change the column norms."""
+    if params.W_D is not None:
+        W, g = params.W_D, grads.W_D
+        coef = jnp.sum(g * W, axis=0, keepdims=True) / jnp.maximum(jnp.sum(W * W, axis=0, keepdims=True), 1e-12)
+        return grads.replace(W_D=g - coef * W)
+    W, g = params.W_E, grads.W_E
+    coef = jnp.sum(g * W, axis=1, keepdims=True) / jnp.maximum(jnp.sum(W * W, axis=1, keepdims=True), 1e-12)
+    return grads.replace(W_E=g - coef * W)
+
+
+def _unit_decoder(params: SDLParams) -> SDLParams:
+    if params.W_D is not None:
+        n = jnp.linalg.norm(params.W_D, axis=0, keepdims=True)
+        return params.replace(W_D=params.W_D / jnp.maximum(n, 1e-12))
+    n = jnp.linalg.norm(params.W_E, axis=1, keepdims=True)
+    return params.replace(W_E=params.W_E / jnp.maximum(n, 1e-12))
+
+
+# ----------------------------------------------------------------------------------------------
+# the per-model step
+# ----------------------------------------------------------------------------------------------
+
+
+def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: TrainConfig, tx=None) -> TrainState:
+    """One optimiser step of one model on ``batch`` (global arrays). Pure; jit/vmap-able."""
+    tx = tx or make_optimizer(config)
+    step = state.step
+    params = state.params
+    cm = coef_multiplier(step, config)
+    coefs = {n: c * cm.astype(c.dtype) for n, c in state.hyper["coefs"].items()}
+    run_spec = with_dynamic_k(spec, state.hyper.get("k"))
+    dead = dead_mask(state.dead, config)
+    info = spec.activation.info
+
+    def loss_fn(p):
+        loss, aux = sdl_loss(p, batch, run_spec, coefs=coefs, dead_mask=dead if spec.aux_coef > 0 else None,
+                             anchors=anchors)
+        if config.ghost_grads:
+            g = ghost_grads_loss(p, batch, run_spec, dead, aux["mse"])
+            loss = loss + g
+            aux = {**aux, "ghost": g, "loss": loss}
+        return loss, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    # Codes for the statistics; XLA's CSE shares this encoder matmul with the forward pass.
+    x_p = _methods.prepare_input(batch.x_p, spec)
+    codes = jax.lax.stop_gradient(run_spec.activation(pre_activations(params, x_p, spec), params))
+
+    if info.inference_threshold and grads.threshold is not None:
+        # The BatchTopK inference threshold is estimated, never trained: keep it out of the optimiser.
+        grads = grads.replace(threshold=jnp.zeros_like(grads.threshold))
+    if config.decoder_norm == "unit":
+        grads = _remove_parallel_grad(grads, params)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    lr = state.hyper["lr"] * lr_multiplier(step, config).astype(state.hyper["lr"].dtype)
+    updates = jax.tree.map(lambda u: -lr.astype(u.dtype) * u, updates)
+    new = optax.apply_updates(params, updates)
+    if config.decoder_norm == "unit":
+        new = _unit_decoder(new)
+    if info.needs_threshold and new.threshold is not None:
+        new = new.replace(threshold=jnp.maximum(new.threshold, config.min_threshold))
+    if info.inference_threshold and params.threshold is not None:
+        th = _act.batchtopk_threshold(codes).astype(params.threshold.dtype)
+        r = config.threshold_rate
+        ema = jnp.where(step == 0, th, (1.0 - r) * params.threshold + r * th)
+        new = new.replace(threshold=jnp.broadcast_to(ema, params.threshold.shape))
+
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
+    new = keep(new, params)
+    opt_state = keep(opt_state, state.opt_state)
+
+    B = codes.shape[0]
+    fired = jnp.sum(codes != 0, axis=0)
+    stats = update_dead(state.dead, fired, B, config)
+    stats = keep(stats, state.dead)
+    dead_frac = jnp.mean(dead_mask(stats, config).astype(loss.dtype))
+
+    m = dict(state.metrics)
+    vals = {**{k: aux.get(k, jnp.zeros((), loss.dtype)) for k in METRIC_NAMES}, "dead_frac": dead_frac}
+    for k in METRIC_NAMES:
+        m[k] = m[k] + jnp.where(finite, vals[k].astype(m[k].dtype), 0.0)
+    m["count"] = m["count"] + finite.astype(jnp.int32)
+    m["bad_step"] = jnp.where((m["bad_step"] < 0) & ~finite, step, m["bad_step"])
+
+    return state.replace(params=new, opt_state=opt_state, step=step + 1, dead=stats, metrics=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# the compiled, sharded stepper
+# ----------------------------------------------------------------------------------------------
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D ``("data",)`` mesh with an Auto axis over ``devices`` (default: all devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def _is_array_pytree(x) -> bool:
+    leaves = jax.tree.leaves(x)
+    return bool(leaves) and all(isinstance(l, (jax.Array, np.ndarray)) for l in leaves)
+
+
+class Stepper:
+    """Compiles and runs the step (and the resampling step) for one model or a population.
+
+    ``data_mode`` is ``"bench"`` (batches generated inside the step by ``data.sample(fold_in(
+    data_key, step), batch_size)``) or ``"batch"`` (host batches passed in). ``n_members`` is None
+    for one model, else the population size."""
+
+    def __init__(self, spec: SDLSpec, config: TrainConfig, *, data_mode: str, n_members: Optional[int] = None,
+                 devices=None, bench=None):
+        self.spec, self.config, self.data_mode, self.n_members = spec, config, data_mode, n_members
+        self.mesh = make_mesh(devices)
+        n_dev = self.mesh.size
+        self.population = n_members is not None
+        shard_members = self.population and n_dev > 1 and n_members % n_dev == 0
+        shard_batch = n_dev > 1 and not shard_members and config.batch_size % n_dev == 0
+        if n_dev > 1 and not shard_members and not shard_batch:
+            raise ValueError(
+                f"batch_size={config.batch_size} is not divisible by the {n_dev} devices"
+                + (f" (nor is the population size {n_members})" if self.population else "")
+                + f"; use a multiple of {n_dev} or pass devices=jax.devices()[:1]"
+            )
+        self.state_sharding = NamedSharding(self.mesh, P("data") if shard_members else P())
+        self.batch_sharding = NamedSharding(self.mesh, P("data") if shard_batch else P())
+        self.replicated = NamedSharding(self.mesh, P())
+        # A bench made of arrays is passed as an argument (not baked into the program as constants).
+        self.bench_is_arg = bench is not None and _is_array_pytree(bench)
+        self._bench_static = None if self.bench_is_arg else bench
+        tx = make_optimizer(config)
+        one = lambda s, b, a: model_step(s, b, a, spec=spec, config=config, tx=tx)  # noqa: E731
+        res = lambda k, s, b: resample_dead(k, s, b, spec, config)  # noqa: E731
+        self._one = jax.vmap(one, in_axes=(0, None, None)) if self.population else one
+        self._res = jax.vmap(res, in_axes=(0, 0, None)) if self.population else res
+        self.step = jax.jit(self._step_fn)
+        self.resample = jax.jit(self._resample_fn)
+        self.reset_metrics = jax.jit(zero_metrics)
+
+    # state helpers -------------------------------------------------------------------------
+    def place_state(self, state: TrainState) -> TrainState:
+        return jax.device_put(state, self.state_sharding)
+
+    def place_data(self, data):
+        if self.data_mode == "bench":
+            return jax.device_put(data, self.replicated) if self.bench_is_arg else None
+        if jax.process_count() > 1:
+            return jax.tree.map(
+                lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)), data)
+        return jax.device_put(data, self.batch_sharding)
+
+    def _shared(self, x):
+        return x[0] if self.population else x
+
+    def _batch(self, state, data):
+        if self.data_mode == "batch":
+            return data
+        bench = data if self.bench_is_arg else self._bench_static
+        key = jax.random.fold_in(self._shared(state.data_key), self._shared(state.step))
+        batch = bench.sample(key, self.config.batch_size)
+        return jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+
+    def _step_fn(self, state, data, anchors):
+        return self._one(state, self._batch(state, data), anchors)
+
+    def _resample_fn(self, state, data):
+        batch = self._batch(state, data)
+        keys = jax.vmap(jax.random.fold_in)(state.key, state.step) if self.population else \
+            jax.random.fold_in(state.key, state.step)
+        return self._res(keys, state, batch)
+
+
+def zero_metrics(metrics: dict) -> dict:
+    """Metric sums reset after a log (``bad_step`` back to -1)."""
+    return {k: (jnp.full_like(v, -1) if k == "bad_step" else jnp.zeros_like(v)) for k, v in metrics.items()}
