@@ -582,8 +582,8 @@ class ActivationFiles:
         for s in streams[1:]:
             if len(s.shards) != len(ref.shards):
                 raise ValueError(
-                    f"activation files: {s.label} has {len(s.shards)} shards but {ref.label} has {len(ref.shards)}; "
-                    "paired streams need matching shards"
+                    f"activation files: {s.label} has {len(s.shards)} shards (first {s.shards[0].name}) but "
+                    f"{ref.label} has {len(ref.shards)} (first {ref.shards[0].name}); paired streams need matching shards"
                 )
             for a, b in zip(ref.shards, s.shards):
                 if a.n_rows != b.n_rows:
