@@ -433,7 +433,8 @@ def import_saelens(path: str):
 
 def _normalization_of(info: Mapping[str, Any]) -> dict | None:
     """The normalisation record of a run's info dict, wherever the run stored it."""
-    for path in (("data", "normalization"), ("normalization",), ("data_info", "normalization")):
+    for path in (("data", "normalization"), ("record", "data", "normalization"), ("normalization",),
+                 ("record", "normalization")):
         cur: Any = info
         for k in path:
             cur = cur.get(k) if isinstance(cur, Mapping) else None
@@ -445,8 +446,10 @@ def _normalization_of(info: Mapping[str, Any]) -> dict | None:
 def export_run(run_dir: str, out_dir: str, *, format: str = "saelens", member: int | None = None,
                metadata: Mapping[str, Any] | None = None) -> str:
     """Export the final parameters of a run directory (``jsdl.train.load_run``). A population run
-    needs ``member`` (the index along the leading axis). Normalisation recorded by the data source
-    (``info["data"]["normalization"]``) is folded into the weights."""
+    needs ``member`` (the index along the leading axis; the member's own k and coefficients are
+    recorded). Normalisation recorded by the data source (``info["data"]["normalization"]``, or
+    ``info["record"]["data"]["normalization"]`` when the run was given
+    ``record={"data": source.info()}``) is folded into the weights."""
     if format != "saelens":
         raise ValueError(f"unknown export format {format!r}; available: saelens")
     try:
@@ -461,9 +464,20 @@ def export_run(run_dir: str, out_dir: str, *, format: str = "saelens", member: i
             raise ValueError(
                 f"run {run_dir} holds a population of {params.W_E.shape[0]} models; pass member=i (--member i)"
             )
+        n = params.W_E.shape[0]
+        if not 0 <= member < n:
+            raise ValueError(f"member={member} is out of range for a population of {n} models")
         params = jax.tree.map(lambda a: a[member], params)
-        if isinstance(spec, (list, tuple)):
-            spec = spec[member]
+        members = (info or {}).get("members")
+        if members:
+            # Members differ in penalty coefficients and k: export the member's own spec.
+            m = members[member]
+            d = spec_to_dict(spec)
+            for name, c in (m.get("coefs") or {}).items():
+                d["penalties"][name]["coef"] = c
+            if m.get("k") is not None:
+                d["activation_hyper"]["k"] = int(m["k"])
+            spec = spec_from_dict(d)
     elif member not in (None, 0):
         raise ValueError(f"run {run_dir} holds one model; member={member} does not apply")
     meta = {"jsdl_run_dir": os.path.abspath(run_dir), **dict(metadata or {})}
