@@ -1,0 +1,418 @@
+"""Mechanical checks of a sparsity penalty (penalty lab, part 6).
+
+A penalty is ``penalty(codes [B, n_q], params, **hyper) -> scalar`` (see :mod:`jsdl.penalties`).
+Before anything is trained, :func:`check_penalty` asks whether it can be trained at all and how it
+behaves under the symmetries of the SDL objective:
+
+========================  ==================================================================  =======
+check                     what is computed                                                    fatal
+========================  ==================================================================  =======
+``eager``                 the value on real ReLU/JumpReLU codes is a finite scalar            yes
+``zero_codes``            the value at all-zero codes is finite (log/0-division traps)        yes
+``jit``                   ``jax.jit`` traces it (no Python control flow on traced values)    yes
+                          and gives the eager value
+``vmap``                  ``jax.vmap`` over a leading member axis equals a Python loop        no [1]
+``gradient``              the gradient of the full objective (eq. 3 + penalty) w.r.t. every   yes
+                          parameter is finite, also at codes with exact zeros and at zero
+                          codes; a zero gradient is flagged; a declared straight-through
+                          estimator is reported as a pseudo-gradient
+``permutation``           ``penalty(codes P, params P) = penalty(codes, params)`` for a       no [2]
+                          random latent permutation P
+``batch_mean``            ``penalty`` of the batch stacked twice equals ``penalty``: the      no
+                          documented convention (batch mean of per-sample sums), so
+                          coefficients do not depend on the batch size
+``rescaling``             degree of homogeneity under codes -> a codes alone, and under the  no
+                          objective's rescaling symmetry (w_E^i -> a w_E^i, w_D^i -> w_D^i/a)
+``sign``                  penalty(0) = 0 and penalty >= 0                                     no
+========================  ==================================================================  =======
+
+[1] a penalty that cannot be vmapped is trained member by member instead of as one population.
+[2] every latent is then not equal before the penalty; the report says so, training still runs.
+
+Nothing here raises on a bad penalty: every failure becomes a :class:`Check` with a message a user
+can act on (the exception type and first line are quoted).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsdl import objective as _obj
+from jsdl import penalties as _pen
+
+__all__ = ["Check", "PenaltyChecks", "check_penalty", "activation_for"]
+
+_RTOL = 1e-4  # float32 reductions over a few hundred terms, reordered by jit/vmap
+
+
+@dataclasses.dataclass
+class Check:
+    """One mechanical check: ``ok`` (True / False / None = not applicable or skipped), a one-line
+    ``message``, ``fatal`` (a failure stops the lab from training this penalty) and numbers."""
+
+    name: str
+    ok: Optional[bool]
+    message: str
+    fatal: bool = False
+    values: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "ok": self.ok, "message": self.message, "fatal": self.fatal,
+                "values": {k: _jsonable(v) for k, v in self.values.items()}}
+
+
+@dataclasses.dataclass
+class PenaltyChecks:
+    """All mechanical checks of one penalty (``checks`` in the order run)."""
+
+    name: str
+    hyper: dict
+    straight_through: bool
+    checks: list
+
+    def __getitem__(self, name: str) -> Check:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(f"no check named {name!r}; checks are {[c.name for c in self.checks]}")
+
+    @property
+    def failures(self) -> list:
+        return [c for c in self.checks if c.ok is False]
+
+    @property
+    def can_train(self) -> bool:
+        """False when a fatal check failed (NaN, not jit-compatible, raising): training would crash
+        or diverge, so the lab skips training and the landscape."""
+        return not any(c.fatal and c.ok is False for c in self.checks)
+
+    @property
+    def can_vmap(self) -> bool:
+        return self["vmap"].ok is not False
+
+    @property
+    def rescale_invariant(self) -> Optional[bool]:
+        """True when the penalty is invariant under the objective's rescaling symmetry (so training
+        needs no decoder-norm constraint); None when unknown."""
+        c = self["rescaling"]
+        return c.values.get("symmetry_invariant")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "hyper": {k: _jsonable(v) for k, v in self.hyper.items()},
+                "straight_through": self.straight_through, "can_train": self.can_train,
+                "can_vmap": self.can_vmap, "rescale_invariant": self.rescale_invariant,
+                "checks": [c.to_dict() for c in self.checks]}
+
+    def to_markdown(self) -> str:
+        sym = {True: "pass", False: "**FAIL**", None: "n/a"}
+        lines = ["| check | result | detail |", "|---|---|---|"]
+        for c in self.checks:
+            res = sym[c.ok] + (" (fatal)" if c.fatal and c.ok is False else "")
+            lines.append(f"| {c.name} | {res} | {c.message.replace('|', '/')} |")
+        return "\n".join(lines)
+
+
+def _jsonable(v):
+    if isinstance(v, (np.ndarray, jax.Array)):
+        v = np.asarray(v)
+        return v.item() if v.ndim == 0 else v.tolist()
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _err(e: BaseException) -> str:
+    msg = str(e).strip().split("\n")[0]
+    if len(msg) > 200:
+        msg = msg[:197] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def activation_for(name: str) -> str:
+    """The activation the lab pairs with penalty ``name``: JumpReLU when the penalty needs a learned
+    threshold (L0 via straight-through), ReLU otherwise."""
+    return "jumprelu" if _pen.info(name).needs_threshold else "relu"
+
+
+def _permute(params: _obj.SDLParams, perm) -> _obj.SDLParams:
+    return params.replace(
+        W_E=params.W_E[perm],
+        W_D=None if params.W_D is None else params.W_D[:, perm],
+        b_E=None if params.b_E is None else params.b_E[perm],
+        threshold=None if params.threshold is None else params.threshold[perm],
+    )
+
+
+def _rescale(params: _obj.SDLParams, a) -> _obj.SDLParams:
+    """The rescaling symmetry of the objective (paper 3.3): w_E^i -> a w_E^i, b_E[i] -> a b_E[i],
+    theta_i -> a theta_i, w_D^i -> w_D^i / a. Codes scale by a, reconstructions are unchanged."""
+    return params.replace(
+        W_E=params.W_E * a,
+        W_D=None if params.W_D is None else params.W_D / a,
+        b_E=None if params.b_E is None else params.b_E * a,
+        threshold=None if params.threshold is None else params.threshold * a,
+    )
+
+
+def _close(a, b, rtol=_RTOL, atol=1e-6) -> bool:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return bool(np.all(np.abs(a - b) <= atol + rtol * np.abs(b)))
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
+
+
+def _grad_norm(tree) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in jax.tree.leaves(tree))))
+
+
+def _setup(key, name, hyper, n_latents, d_input, batch):
+    act = activation_for(name)
+    spec = _obj.make_spec("sae", act, n_latents=n_latents, penalties={name: (1.0, dict(hyper))})
+    k_p, k_b, k_t, k_x = jax.random.split(key, 4)
+    params = _obj.init_params(k_p, spec, d_input)
+    # A non-zero encoder bias so that some codes are exactly 0 and others not, per sample.
+    params = params.replace(b_E=0.1 * jax.random.normal(k_b, params.b_E.shape))
+    if params.threshold is not None:
+        params = params.replace(threshold=jax.random.uniform(k_t, params.threshold.shape, minval=0.05, maxval=0.3))
+    x = jax.random.normal(k_x, (batch, d_input))
+    return spec, params, x
+
+
+def check_penalty(name: str, hyper: Optional[dict] = None, *, key: Optional[jax.Array] = None,
+                  n_latents: int = 24, d_input: int = 12, batch: int = 32) -> PenaltyChecks:
+    """Run the mechanical checks on the registered penalty ``name`` bound to ``hyper``.
+
+    Inputs are real codes of a small random SAE (``n_latents`` latents, ``d_input`` wide, ``batch``
+    samples; ReLU, or JumpReLU when the penalty needs a threshold), so they contain exact zeros as
+    training codes do. Unknown names and hyperparameters raise ValueError (a user error, not a
+    property of the penalty); everything else is reported in the returned :class:`PenaltyChecks`."""
+    hyper = dict(hyper or {})
+    pen = _pen.get(name, **hyper)  # raises ValueError on unknown name / hyperparameters
+    pinfo = _pen.info(name)
+    key = jax.random.PRNGKey(0) if key is None else key
+    spec, params, x = _setup(key, name, hyper, n_latents, d_input, batch)
+    z = _obj.pre_activations(params, x, spec)
+    codes = spec.activation(z, params)
+    zeros = jnp.zeros_like(codes)
+
+    def f(c, p, zz):
+        return pen(c, p, pre_acts=zz, n_sources=1)
+
+    checks: list[Check] = []
+    res = PenaltyChecks(name=name, hyper=dict(pen.hyper), straight_through=pinfo.straight_through, checks=checks)
+
+    # -- eager value --------------------------------------------------------------------------
+    try:
+        v = f(codes, params, z)
+        v_arr = np.asarray(v)
+        if v_arr.shape != ():
+            checks.append(Check("eager", False, f"must return a scalar, got an array of shape {v_arr.shape} "
+                                "(reduce with a batch mean of per-sample sums)", fatal=True))
+            return _skip_rest(res, "the penalty does not return a scalar")
+        value = float(v_arr)
+        if not math.isfinite(value):
+            checks.append(Check("eager", False, f"returns {value} on ReLU codes with exact zeros (NaN/inf): "
+                                "guard logs, divisions and fractional powers at 0", fatal=True,
+                                values={"value": value}))
+            return _skip_rest(res, f"the value is {value}")
+        else:
+            checks.append(Check("eager", True, f"finite scalar ({value:.4g}) on codes with "
+                                f"{float(jnp.mean(codes == 0)):.0%} exact zeros", values={"value": value}))
+    except Exception as e:  # user code: report, never crash
+        checks.append(Check("eager", False, f"raises {_err(e)}", fatal=True))
+        return _skip_rest(res, "the penalty raises when called")
+
+    # -- all-zero codes -----------------------------------------------------------------------
+    try:
+        v0 = float(np.asarray(f(zeros, params, jnp.minimum(z, 0.0) - 1.0)))
+        ok0 = math.isfinite(v0)
+        checks.append(Check("zero_codes", ok0, f"value {v0:.4g} at all-zero codes" if ok0 else
+                            f"returns {v0} at all-zero codes (a dead batch would turn the loss into NaN)",
+                            fatal=not ok0, values={"value": v0}))
+    except Exception as e:
+        checks.append(Check("zero_codes", False, f"raises at all-zero codes: {_err(e)}", fatal=True))
+        v0 = None
+
+    # -- jit ----------------------------------------------------------------------------------
+    try:
+        vj = float(np.asarray(jax.jit(f)(codes, params, z)))
+        if _close(vj, value):
+            checks.append(Check("jit", True, "jit-compatible; equals the eager value"))
+        else:
+            checks.append(Check("jit", False, f"jit value {vj:.6g} differs from eager {value:.6g}: the function "
+                                "has Python side effects or reads global state", values={"jit": vj, "eager": value}))
+    except Exception as e:
+        checks.append(Check("jit", False, f"not jit-compatible: {_err(e)}. Use jnp.where / lax.cond instead of "
+                            "Python if/float()/np.asarray on traced values", fatal=True))
+
+    # -- vmap ---------------------------------------------------------------------------------
+    try:
+        P = 3
+        keys = jax.random.split(jax.random.fold_in(key, 7), P)
+        members = [_setup(k, name, hyper, n_latents, d_input, batch) for k in keys]
+        ps = [m[1] for m in members]
+        zs = [_obj.pre_activations(p, m[2], spec) for p, m in zip(ps, members)]
+        cs = [spec.activation(zz, p) for zz, p in zip(zs, ps)]
+        loop = np.array([float(f(c, p, zz)) for c, p, zz in zip(cs, ps, zs)])
+        stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
+        vm = np.asarray(jax.jit(jax.vmap(f))(jnp.stack(cs), stack(ps), jnp.stack(zs)))
+        if vm.shape != (P,):
+            checks.append(Check("vmap", False, f"vmap over {P} members returned shape {vm.shape}, expected ({P},)"))
+        elif _close(vm, loop):
+            checks.append(Check("vmap", True, "vmap over a member axis equals a Python loop (trains as one population)"))
+        else:
+            checks.append(Check("vmap", False, f"vmap values {vm} differ from a loop {loop}; the population "
+                                "is trained member by member", values={"vmap": vm, "loop": loop}))
+    except Exception as e:
+        checks.append(Check("vmap", False, f"not vmap-compatible: {_err(e)}; the population is trained member by "
+                            "member"))
+
+    # -- gradients of the whole objective ------------------------------------------------------
+    checks.append(_gradient_check(spec, params, x, f, codes, z, pinfo.straight_through))
+
+    # -- permutation invariance ---------------------------------------------------------------
+    try:
+        perm = jax.random.permutation(jax.random.fold_in(key, 11), n_latents)
+        pp = _permute(params, perm)
+        vp = float(np.asarray(f(codes[:, perm], pp, z[:, perm])))
+        if _close(vp, value):
+            checks.append(Check("permutation", True, "invariant under a random permutation of the latents",
+                                values={"value": vp}))
+        else:
+            rel = abs(vp - value) / max(abs(value), 1e-12)
+            checks.append(Check("permutation", False, f"breaks permutation invariance: permuting the latents changes "
+                                f"the value from {value:.6g} to {vp:.6g} (relative {rel:.2g}); latents are not "
+                                "treated alike", values={"value": vp, "relative_change": rel}))
+    except Exception as e:
+        checks.append(Check("permutation", False, f"raises on permuted latents: {_err(e)}"))
+
+    # -- batch convention ----------------------------------------------------------------------
+    try:
+        vb = float(np.asarray(f(jnp.concatenate([codes, codes]), params, jnp.concatenate([z, z]))))
+        if _close(vb, value):
+            checks.append(Check("batch_mean", True, "a batch mean: value independent of the batch size"))
+        else:
+            checks.append(Check("batch_mean", False, f"the batch stacked twice gives {vb:.6g}, not {value:.6g}: "
+                                "not a batch mean, so the coefficient's meaning depends on the batch size",
+                                values={"doubled": vb}))
+    except Exception as e:
+        checks.append(Check("batch_mean", None, f"could not evaluate on a doubled batch: {_err(e)}"))
+
+    # -- rescaling -----------------------------------------------------------------------------
+    checks.append(_rescaling_check(f, codes, params, z, value))
+
+    # -- sign ----------------------------------------------------------------------------------
+    if v0 is not None and math.isfinite(v0):
+        nonneg = value >= -1e-7
+        zero_at_0 = abs(v0) <= 1e-6 * max(1.0, abs(value))
+        ok = nonneg and zero_at_0
+        msg = ("penalty(0) = 0 and penalty >= 0" if ok else
+               "; ".join(([] if zero_at_0 else [f"penalty(0) = {v0:.4g} != 0 (a constant offset: harmless for "
+                                                "gradients, shifts reported losses)"]) +
+                         ([] if nonneg else [f"negative value {value:.4g}: the objective is unbounded below "
+                                             "if codes can grow"])))
+        checks.append(Check("sign", ok, msg, values={"at_zero": v0, "value": value}))
+    else:
+        checks.append(Check("sign", None, "skipped (no finite value at zero codes)"))
+    return res
+
+
+def _skip_rest(res: PenaltyChecks, why: str) -> PenaltyChecks:
+    for nm in ("zero_codes", "jit", "vmap", "gradient", "permutation", "batch_mean", "rescaling", "sign"):
+        res.checks.append(Check(nm, None, f"skipped: {why}"))
+    return res
+
+
+def _gradient_check(spec, params, x, f, codes, z, straight_through: bool) -> Check:
+    """Gradient of the full objective (mse + 1.0 * penalty) w.r.t. all parameters, at the random
+    point and at a point where every code is 0 (encoder bias pushed negative), plus the gradient of
+    the penalty alone w.r.t. the codes."""
+    batch = _obj.Batch(x_p=x)
+
+    def total(p):
+        return _obj.sdl_loss(p, batch, spec)[0]
+
+    def pen_only(p):
+        zz = _obj.pre_activations(p, x, spec)
+        return f(spec.activation(zz, p), p, zz)
+
+    vals: dict[str, Any] = {}
+    try:
+        grad_total = jax.jit(jax.grad(total))
+        g = grad_total(params)
+        g_dead = grad_total(params.replace(b_E=params.b_E - 100.0))
+        gc = jax.jit(jax.grad(lambda c: f(c, params, z)))(codes)
+        gp = jax.jit(jax.grad(pen_only))(params)
+    except Exception as e:
+        return Check("gradient", False, f"cannot be differentiated: {_err(e)}", fatal=True)
+    vals["objective_grad_norm"] = _grad_norm(g)
+    vals["penalty_grad_norm_params"] = _grad_norm(gp)
+    vals["penalty_grad_norm_codes"] = _grad_norm(gc)
+    bad = [nm for nm, t in (("objective", g), ("objective at all-zero codes", g_dead),
+                            ("penalty w.r.t. codes", gc)) if not _all_finite(t)]
+    if bad:
+        return Check("gradient", False, f"non-finite gradient ({', '.join(bad)}): typically d/dc of log(c), "
+                     "sqrt(c) or c**p with p < 1 at c = 0; add an eps or declare a straight-through estimator",
+                     fatal=True, values=vals)
+    st = " (pseudo-gradient: straight-through estimator declared)" if straight_through else ""
+    if vals["penalty_grad_norm_params"] == 0.0:
+        if straight_through:
+            return Check("gradient", True, "finite; the straight-through pseudo-gradient is 0 at this point" + st,
+                         values=vals)
+        return Check("gradient", False, "the penalty's gradient w.r.t. the parameters is identically 0 here: "
+                     "training cannot reduce it (a step function needs a straight-through estimator; register it "
+                     "with straight_through=True)", values=vals)
+    return Check("gradient", True, f"finite gradients of the objective and the penalty{st}", values=vals)
+
+
+def _rescaling_check(f, codes, params, z, value) -> Check:
+    """Degree of homogeneity d = log(pen(a) / pen(1)) / log(a) for a in {1/2, 2}, (i) scaling the codes
+    alone, (ii) along the rescaling symmetry (codes x a, decoder / a): d = 0 in (ii) means the
+    penalty cannot be lowered by shrinking codes and growing the decoder."""
+    vals: dict[str, Any] = {}
+    try:
+        for a in (0.5, 2.0):
+            vc = float(np.asarray(f(a * codes, params, a * z)))
+            ps = _rescale(params, a)
+            vs = float(np.asarray(f(a * codes, ps, a * z)))
+            vals[f"codes_x{a:g}"] = vc
+            vals[f"symmetry_x{a:g}"] = vs
+    except Exception as e:
+        return Check("rescaling", None, f"could not evaluate on rescaled codes: {_err(e)}")
+
+    def degree(v_a, a):
+        if value == 0 or not (v_a > 0 and value > 0):
+            return None
+        return math.log(v_a / value) / math.log(a)
+
+    dc = [degree(vals[f"codes_x{a:g}"], a) for a in (0.5, 2.0)]
+    ds = [degree(vals[f"symmetry_x{a:g}"], a) for a in (0.5, 2.0)]
+    inv = all(_close(vals[f"symmetry_x{a:g}"], value, rtol=1e-3) for a in (0.5, 2.0))
+    vals["symmetry_invariant"] = inv
+    vals["degree_codes"] = dc
+    vals["degree_symmetry"] = ds
+
+    def fmt(d):
+        return "/".join("?" if x is None else f"{x:.2f}" for x in d)
+
+    if inv:
+        msg = (f"codes x a alone: degree {fmt(dc)} (a = 1/2, 2); invariant under the rescaling symmetry "
+               "(codes x a, decoder / a): no decoder-norm constraint needed")
+    else:
+        msg = (f"codes x a alone: degree {fmt(dc)} (a = 1/2, 2); along the rescaling symmetry (codes x a, decoder / a) "
+               f"degree {fmt(ds)}: shrinking codes and growing the decoder lowers it, so train with unit-norm "
+               "decoder columns")
+    return Check("rescaling", True, msg, values=vals)
