@@ -384,3 +384,35 @@ def test_streaming_resident_memory_2gb(tmp_path):
     print(f"streamed {n} rows of a {set_bytes / 2**20:.0f} MiB set; RSS grew {grown / 2**20:.1f} MiB")
     assert n >= 0.95 * 8 * 131072
     assert grown < 0.05 * set_bytes, f"RSS grew by {grown / 2**20:.0f} MiB streaming a {set_bytes / 2**30:.1f} GiB set"
+
+
+# ------------------------------------------------------------------------------------------------
+# Training from shards equals training from the same arrays in memory
+# ------------------------------------------------------------------------------------------------
+
+
+def test_fit_from_shards_equals_fit_from_memory(tmp_path):
+    import jax
+
+    import jsdl
+    from jsdl.objective import Batch
+    from jsdl.train import TrainConfig, fit, fit_population
+
+    x = _x(n=2400, d=10)
+    F.write_shards(tmp_path, x, rows_per_shard=700, format="safetensors")
+    disk = F.ActivationFiles(tmp_path, **OPTS)
+    spec = jsdl.make_spec("sae", "topk", n_latents=24, k=3)
+    cfg = TrainConfig(steps=12, batch_size=48, learning_rate=3e-3, log_every=4, plots=False, progress=False)
+    key = jax.random.PRNGKey(0)
+    s1, h1 = fit(key, spec, disk.batches(48, seed=11), cfg)
+    # the reference: plain in-memory arrays indexed by the same batch indices, no jsdl.data.files code
+    idx = list(itertools.islice(disk.index_batches(48, seed=11), cfg.steps))
+    s2, h2 = fit(key, spec, (Batch(x_p=x[i]) for i in idx), cfg)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert h1["loss"] == h2["loss"]
+    assert not np.array_equal(np.asarray(s1.params.W_E), np.asarray(jsdl.init_params(jax.random.PRNGKey(9), spec, 10).W_E))
+    # fit_population takes the same stream
+    grid = jsdl.train.Grid(spec, seeds=[0, 1])
+    states, hists = fit_population(key, grid, disk.batches(48, seed=11), cfg)
+    assert states.params.W_E.shape == (2, 24, 10) and len(hists) == 2
