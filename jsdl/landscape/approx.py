@@ -212,11 +212,13 @@ def _check(params: SDLParams, problem: FeatureProblem):
 # ------------------------------------------------------------------------------------------------
 
 
+@jax.jit
 def pre_activations_per_feature(params: SDLParams, problem: FeatureProblem) -> jax.Array:
     """``W_E W_p`` ``[n_q, n]``: pre-activation of latent ``i`` for feature ``d`` alone."""
     return params.W_E @ problem.W_p
 
 
+@jax.jit
 def codes_per_feature(params: SDLParams, problem: FeatureProblem) -> jax.Array:
     """``Z = sigma(W_E W_p)`` ``[n_q, n]``; column ``d`` is ``z_d``. (sigma acts on the latent axis of
     each feature, so Top-k selects among latents for every feature.)"""
@@ -225,6 +227,7 @@ def codes_per_feature(params: SDLParams, problem: FeatureProblem) -> jax.Array:
     return problem.activation(z, params).T
 
 
+@jax.jit
 def approx_loss(params: SDLParams, problem: FeatureProblem) -> jax.Array:
     """Eq. 11: ``L~ = sum_d M_d ||w_r^d - W_D sigma(W_E w_p^d)||^2`` (scalar)."""
     Z = codes_per_feature(params, problem)
@@ -232,6 +235,7 @@ def approx_loss(params: SDLParams, problem: FeatureProblem) -> jax.Array:
     return jnp.sum(problem.M * jnp.sum(R * R, axis=0))
 
 
+@jax.jit
 def activation_pattern(params: SDLParams, problem: FeatureProblem) -> jax.Array:
     """``P = sigma(W_E W_p) > 0`` as a bool ``[n_q, n]`` (the region id). ``P[i, d]``: latent ``i``
     fires for feature ``d`` alone."""
@@ -271,6 +275,7 @@ def pattern_summary(P) -> dict:
     }
 
 
+@jax.jit
 def in_region(params: SDLParams, delta, problem: FeatureProblem, *, pattern=None) -> jax.Array:
     """Whether ``params + delta`` (a pytree like ``params``) has the same activation pattern as
     ``params`` (or as ``pattern``). Regions of ReLU / JumpReLU / Top-k are convex (intersections of
@@ -281,6 +286,7 @@ def in_region(params: SDLParams, delta, problem: FeatureProblem, *, pattern=None
     return jnp.all(activation_pattern(moved, problem) == P0)
 
 
+@jax.jit
 def frozen_codes(params: SDLParams, problem: FeatureProblem, mask) -> jax.Array:
     """Codes with the activation mask held fixed: ``z_d = mask[:, d] * (W_E w_p^d)`` ``[n_q, n]``.
     Linear in ``W_E`` (eq. 37); equal to :func:`codes_per_feature` wherever the pattern is ``mask``
@@ -290,6 +296,7 @@ def frozen_codes(params: SDLParams, problem: FeatureProblem, mask) -> jax.Array:
     return jnp.where(jnp.asarray(mask, bool), pre, jnp.zeros_like(pre))
 
 
+@jax.jit
 def approx_loss_frozen(params: SDLParams, problem: FeatureProblem, mask=None) -> jax.Array:
     """``L~`` restricted to the region of ``mask`` (default: the pattern at ``params``, computed under
     ``stop_gradient``). It is the smooth quadratic-in-each-block piece of Theorem 3.2: derivatives
