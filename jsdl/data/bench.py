@@ -1,0 +1,532 @@
+"""Linear Representation Bench (paper App. C, summary section 4): synthetic superposition data whose
+ground-truth features are known.
+
+Generative model (Assumption 2.1)::
+
+    x    in R^n_+ ,  x_d = m_d (c_min + Exp(beta)),  m_d ~ Bernoulli(1 - S)        (eqs. 30-31)
+    x_p  = W_p x                   W_p [n_p, n], unit-norm columns                 (eq. 32)
+    x_r  = W_r x  (+ W_skip x_p)   W_r [n_r, n], unit-norm columns
+
+``W_p`` is drawn Gaussian, its columns normalised (eq. 27), then refined by projected gradient
+descent (eq. 29) on the interference loss (eq. 28)
+
+    L_int = sum_{i != j} relu(<w_i, w_j> - (M - eps))^2  +  lambda sum_{i != j} relu(<w_i, w_j>)^2
+
+until the largest *signed* off-diagonal overlap is <= M. Targets per method:
+
+* ``sae`` / ``tied_sae`` / ``matryoshka``: ``W_r = W_p`` (x_r = x_p).
+* ``transcoder``: an independent unit-column ``W_r [d_target, n]`` generated the same way (the paper
+  does not say how its W_r was made; this is the natural reading).
+* ``skip_transcoder``: as transcoder, plus a linear part ``x_r = W_skip x_p + W_r x`` with
+  ``W_skip [d_target, n_p]`` i.i.d. N(0, skip_scale^2 / n_p) (so ||W_skip v|| ~ skip_scale ||v||).
+* ``crosscoder``: ``L = n_sources`` independent unit-column matrices ``W_p^(l) [d, n]`` (each meeting
+  the interference bound) stacked vertically, ``W_p [L d, n]``, so ``x_p = W_p x`` is the
+  concatenation of the L sources, ``[B, L d]``; ``x_r = x_p``.
+
+Choices where the paper is silent (recorded on every Bench, see :meth:`Bench.config`):
+
+* ``c_min = 0.5``, ``beta = 0.5``: an active feature has magnitude >= 0.5 and mean 1
+  (E[x_d | x_d > 0] = c_min + beta, E[x_d^2 | x_d > 0] = c_min^2 + 2 c_min beta + 2 beta^2 = 1.25).
+  ``Exp(beta)`` has mean ``beta`` (scale parameterisation, as numpy's ``exponential(scale)``).
+* PGD: initial step ``eta = 0.1`` made adaptive (a step is accepted only if L_int does not increase;
+  accepted steps grow eta by 1.25, rejected ones halve it), which never diverges where a fixed step
+  of 1.0 collapses the columns; margin ``eps = max(0.1 |M|, 1e-3)``; ``lambda = 1e-3``;
+  ``max_iters = 2000``. The loop stops when max overlap <= M - 1e-5 (float32 slack) and fails with a
+  :class:`InfeasibleInterferenceError` if it stalls (step below 1e-8) or runs out of iterations.
+* Provably infeasible targets are rejected before any work, from the simplex bound (M >= -1/(n-1)),
+  Rankin's bounds (n > d+1 needs M >= 0; n > 2d needs M > 0) and the Delsarte linear-programming
+  bounds with f(t) = (t+1)(t-M) and (t+1)^2 (t-M) (see :func:`interference_lower_bound_check`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jsdl import methods as _methods
+from jsdl.objective import Batch
+
+__all__ = [
+    "Bench",
+    "InfeasibleInterferenceError",
+    "make_bench",
+    "generate_feature_matrix",
+    "interference_lower_bound_check",
+    "max_interference",
+    "DEFAULT_C_MIN",
+    "DEFAULT_BETA",
+]
+
+DEFAULT_C_MIN = 0.5
+DEFAULT_BETA = 0.5
+_STOP_SLACK = 1e-5  # stop a little below M so float32 recomputation of the Gram matrix stays <= M
+
+
+class InfeasibleInterferenceError(ValueError):
+    """The requested maximum interference M cannot be reached for these n, d."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _pos_int(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return int(v)
+
+
+def _float_in(name: str, v: Any, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {v!r}") from None
+    ok_lo = f > lo if lo_open else f >= lo
+    ok_hi = f < hi if hi_open else f <= hi
+    if not (ok_lo and ok_hi) or f != f:
+        iv = ("(" if lo_open else "[") + f"{lo}, {hi}" + (")" if hi_open else "]")
+        raise ValueError(f"{name} must be in {iv}, got {v!r}")
+    return f
+
+
+def _check_magnitudes(c_min: Any, beta: Any) -> tuple[float, float]:
+    c_min = _float_in("c_min", c_min, 0.0, math.inf, lo_open=False, hi_open=True)
+    beta = _float_in("beta", beta, 0.0, math.inf, lo_open=True, hi_open=True)
+    return c_min, beta
+
+
+def interference_lower_bound_check(n: int, d: int, M: float) -> Optional[str]:
+    """Return ``None`` if no known bound rules out ``n`` unit vectors in ``R^d`` with all pairwise
+    inner products <= ``M``; otherwise a sentence saying which bound is violated.
+
+    Bounds used (all rigorous necessary conditions):
+
+    * simplex: the average off-diagonal inner product is >= -1/(n-1), so M >= -1/(n-1);
+    * Rankin: at most d+1 vectors have pairwise negative inner products, at most 2d pairwise
+      non-positive ones;
+    * Delsarte LP bound with f(t) = (t+1)(t-M): n <= 2d(1-M)/(1-dM) when 0 <= M < 1/d;
+    * Delsarte LP bound with f(t) = (t+1)^2 (t-M): n <= 4d(1-M)/(2-M-dM) when 0 <= M < 2/(d+1).
+
+    Passing this check does not prove feasibility: PGD then decides, and fails loudly if it stalls.
+    """
+    if n >= 2 and M < -1.0 / (n - 1):
+        return f"n={n} unit vectors always have max overlap >= -1/(n-1) = {-1.0 / (n - 1):.4g} (simplex bound)"
+    if n > d + 1 and M < 0:
+        return f"more than d+1={d + 1} vectors cannot have pairwise negative overlaps (Rankin), so M must be >= 0"
+    if n > 2 * d and M <= 0:
+        return f"more than 2d={2 * d} vectors cannot have pairwise non-positive overlaps (Rankin), so M must be > 0"
+    if 0 <= M < 1.0 / d:
+        cap = 2 * d * (1 - M) / (1 - d * M)
+        if n > cap:
+            return f"at most 2d(1-M)/(1-dM) = {cap:.1f} vectors fit in d={d} with max overlap {M} (Delsarte LP bound)"
+    if 0 <= M < 2.0 / (d + 1):
+        cap = 4 * d * (1 - M) / (2 - M - d * M)
+        if n > cap:
+            return f"at most 4d(1-M)/(2-M-dM) = {cap:.1f} vectors fit in d={d} with max overlap {M} (Delsarte LP bound)"
+    return None
+
+
+def max_interference(W: Any) -> float:
+    """Largest signed off-diagonal overlap max_{i != j} <w_i, w_j> of the normalised columns of
+    ``W [dim, n]``, computed in float64 on the host."""
+    W = np.asarray(W, dtype=np.float64)
+    W = W / np.maximum(np.linalg.norm(W, axis=0, keepdims=True), 1e-300)
+    G = W.T @ W
+    np.fill_diagonal(G, -np.inf)
+    return float(G.max()) if G.size > 1 else -math.inf
+
+
+_max_overlap = max_interference  # alias: `max_interference` is also an argument name below
+
+
+# --------------------------------------------------------------------------------------------------
+# W_p by projected gradient descent (eqs. 27-29)
+# --------------------------------------------------------------------------------------------------
+
+
+def _normalise_columns(W):
+    return W / jnp.linalg.norm(W, axis=0, keepdims=True)
+
+
+def _pgd(key, n, d, M, margin, neg_weight, step_size, max_iters, dtype):
+    """Jitted PGD loop. Returns (W, max_overlap, iterations, final_step)."""
+    W = _normalise_columns(jax.random.normal(key, (d, n), dtype))  # eq. 27
+    off = ~jnp.eye(n, dtype=bool)
+    target = M - margin
+
+    def loss_of(G):  # eq. 28 (each unordered pair counted twice, as in the sum over i != j)
+        G = jnp.where(off, G, 0.0)
+        return jnp.sum(jnp.maximum(G - target, 0.0) ** 2) + neg_weight * jnp.sum(jnp.maximum(G, 0.0) ** 2)
+
+    def max_off(G):
+        return jnp.max(jnp.where(off, G, -jnp.inf))
+
+    def body(carry):
+        W, G, L, m, eta, it = carry
+        # dL/dW = W (F + F^T) = 2 W F with F_ij = f'(G_ij) symmetric, zero on the diagonal.
+        F = 2.0 * jnp.maximum(G - target, 0.0) + 2.0 * neg_weight * jnp.maximum(G, 0.0)
+        F = jnp.where(off, F, 0.0)
+        W_new = _normalise_columns(W - eta * 2.0 * (W @ F))  # eq. 29: step, then project
+        G_new = W_new.T @ W_new
+        L_new = loss_of(G_new)
+        accept = L_new <= L
+        W = jnp.where(accept, W_new, W)
+        G = jnp.where(accept, G_new, G)
+        m = jnp.where(accept, max_off(G_new), m)
+        L = jnp.where(accept, L_new, L)
+        eta = jnp.where(accept, eta * 1.25, eta * 0.5)
+        return W, G, L, m, eta, it + 1
+
+    def cond(carry):
+        _, _, _, m, eta, it = carry
+        return (m > M - _STOP_SLACK) & (it < max_iters) & (eta > 1e-8)
+
+    G = W.T @ W
+    init = (W, G, loss_of(G), max_off(G), jnp.asarray(step_size, dtype), jnp.asarray(0, jnp.int32))
+    W, _, _, m, eta, it = jax.lax.while_loop(cond, body, init)
+    return W, m, it, eta
+
+
+_pgd_jit = jax.jit(_pgd, static_argnums=(1, 2, 3, 4, 5, 6, 7, 8))
+
+
+def generate_feature_matrix(
+    key: jax.Array,
+    n_features: int,
+    dim: int,
+    max_interference: float = 0.1,
+    *,
+    step_size: float = 0.1,
+    margin: float | None = None,
+    neg_weight: float = 1e-3,
+    max_iters: int = 2000,
+    dtype: Any = None,
+) -> tuple[jax.Array, dict]:
+    """Unit-column ``W [dim, n_features]`` with max_{i != j} <w_i, w_j> <= ``max_interference``
+    (signed), by projected gradient descent on the interference loss (paper eqs. 27-29).
+
+    Returns ``(W, info)`` with ``info = {"realized_interference", "iterations", "final_step",
+    "step_size", "margin", "neg_weight", "max_iters"}``. Raises
+    :class:`InfeasibleInterferenceError` (a ``ValueError``) if a bound rules the target out, or if
+    PGD stalls or runs out of iterations; it never returns a matrix that violates the bound."""
+    n = _pos_int("n_features", n_features)
+    d = _pos_int("dim", dim)
+    M = _float_in("max_interference", max_interference, -1.0, 1.0, lo_open=True, hi_open=True)
+    max_iters = _pos_int("max_iters", max_iters)
+    step_size = _float_in("step_size", step_size, 0.0, math.inf, lo_open=True, hi_open=True)
+    neg_weight = _float_in("neg_weight", neg_weight, 0.0, math.inf, lo_open=False, hi_open=True)
+    if margin is None:
+        margin = max(0.1 * abs(M), 1e-3)
+    margin = _float_in("margin", margin, 0.0, 2.0, lo_open=False, hi_open=True)
+    why = interference_lower_bound_check(n, d, M)
+    if why is not None:
+        raise InfeasibleInterferenceError(
+            f"max_interference={M} is infeasible for n_features={n}, dim={d}: {why}. "
+            "Raise max_interference or dim, or lower n_features."
+        )
+    dtype = dtype or jnp.zeros(()).dtype
+    if n == 1:
+        W = _normalise_columns(jax.random.normal(key, (d, 1), dtype))
+        return W, dict(realized_interference=-math.inf, iterations=0, final_step=step_size,
+                       step_size=step_size, margin=margin, neg_weight=neg_weight, max_iters=max_iters)
+    W, m, it, eta = _pgd_jit(key, n, d, M, margin, neg_weight, step_size, max_iters, dtype)
+    # Final projection in float64 so the columns are unit norm to float32 precision, and a host-side
+    # re-check of the constraint: the result is only returned if it satisfies it.
+    W64 = np.asarray(W, np.float64)
+    W64 /= np.linalg.norm(W64, axis=0, keepdims=True)
+    W = jnp.asarray(W64, dtype)
+    realized = _max_overlap(W)
+    it, eta = int(it), float(eta)
+    if realized > M:
+        reason = (
+            f"ran out of iterations (max_iters={max_iters})" if it >= max_iters
+            else f"stalled after {it} iterations (step size fell to {eta:.2g}: no descent direction)"
+        )
+        raise InfeasibleInterferenceError(
+            f"could not reach max_interference={M} for n_features={n} in dim={d}: PGD {reason} with "
+            f"max overlap {realized:.4f}. The target is too small for n/d={n / d:.3g} (or too close to the "
+            "limit for this start): raise max_interference or dim, lower n_features, or raise max_iters."
+        )
+    return W, dict(realized_interference=realized, iterations=it, final_step=eta, step_size=step_size,
+                   margin=margin, neg_weight=neg_weight, max_iters=max_iters)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling (eqs. 30-32) shared by Bench and the structured benches
+# --------------------------------------------------------------------------------------------------
+
+
+class SamplingMixin:
+    """Sampling API shared by :class:`Bench` and :class:`jsdl.data.structured.StructuredBench`.
+
+    Subclasses define ``sample_features(key, batch_size) -> x [B, n]`` and
+    ``observe(x, key=None) -> Batch``, and carry ``data_key`` / ``dataset_size`` (finite dataset)."""
+
+    # -- shapes ----------------------------------------------------------------------------------
+    @property
+    def n_features(self) -> int:
+        return self.W_p.shape[1]
+
+    @property
+    def d_input(self) -> int:
+        """Per-source input width (``n_p / n_sources``): what :func:`jsdl.init_params` wants."""
+        return self.W_p.shape[0] // self.n_sources
+
+    @property
+    def d_target(self) -> int:
+        """Per-source target width."""
+        return self.W_r.shape[0] // self.n_sources
+
+    # -- streaming -------------------------------------------------------------------------------
+    def sample(self, key: jax.Array, batch_size: int) -> Batch:
+        """A batch ``Batch(x_p [B, n_p], x_r [B, n_r], features [B, n])``; jit-able (``batch_size``
+        static). With a finite dataset (``dataset_size = N``) the rows are drawn uniformly with
+        replacement from the N fixed samples; otherwise fresh samples are generated."""
+        if self.dataset_size:
+            idx = jax.random.randint(key, (batch_size,), 0, self.dataset_size)
+            return self.dataset_batch(idx)
+        k_x, k_obs = jax.random.split(key)
+        return self.observe(self.sample_features(k_x, batch_size), k_obs)
+
+    def _fixed_row(self, i):
+        k = jax.random.fold_in(self.data_key, i)
+        k_x, k_obs = jax.random.split(k)
+        b = self.observe(self.sample_features(k_x, 1), k_obs)
+        return jax.tree.map(lambda a: a[0], b)
+
+    def dataset_batch(self, indices: jax.Array) -> Batch:
+        """Rows ``indices [B]`` of the fixed finite dataset (jit-able). Row i is a deterministic
+        function of ``(data_key, i)``, so the dataset is fixed without holding ``N x n_p`` arrays."""
+        if not self.dataset_size:
+            raise ValueError("this bench streams fresh samples (dataset_size=None); make it with dataset_size=N")
+        return jax.vmap(self._fixed_row)(jnp.asarray(indices))
+
+    def materialize(self, start: int = 0, stop: Optional[int] = None) -> Batch:
+        """Rows ``start:stop`` of the fixed dataset as one Batch (host memory permitting)."""
+        if not self.dataset_size:
+            raise ValueError("materialize needs a finite dataset: make the bench with dataset_size=N")
+        stop = self.dataset_size if stop is None else stop
+        if not 0 <= start <= stop <= self.dataset_size:
+            raise ValueError(f"need 0 <= start <= stop <= dataset_size={self.dataset_size}, got {start}:{stop}")
+        return jax.jit(self.dataset_batch)(jnp.arange(start, stop))
+
+    def stream(self, key: jax.Array, batch_size: int, n_batches: Optional[int] = None) -> Iterator[Batch]:
+        """Endless (or ``n_batches``-long) iterator of jitted batches generated on device."""
+        _pos_int("batch_size", batch_size)
+        fn = jax.jit(self.sample, static_argnums=1)
+        i = 0
+        while n_batches is None or i < n_batches:
+            yield fn(jax.random.fold_in(key, i), batch_size)
+            i += 1
+
+
+@struct.dataclass
+class Bench(SamplingMixin):
+    """The Linear Representation Bench (paper App. C). Build it with :func:`make_bench`.
+
+    Fields: ``W_p [n_p, n]`` (crosscoder: the L per-source unit-column matrices stacked, n_p = L d),
+    ``W_r [n_r, n]`` (``== W_p`` for self-reconstruction methods), ``W_skip [n_r, n_p]`` or None
+    (skip transcoder), ``data_key`` (finite dataset, else None); static: ``sparsity`` S, ``c_min``,
+    ``beta``, ``method``, ``n_sources``, ``max_interference`` M, ``realized_interference`` (max over
+    sources of W_p's realised M), ``realized_interference_r`` (W_r's), ``dataset_size`` (0 =
+    streaming), ``skip_scale``, ``generation`` (PGD settings and iteration counts, as (name, value)
+    pairs)."""
+
+    W_p: jax.Array
+    W_r: jax.Array
+    W_skip: Optional[jax.Array] = None
+    data_key: Optional[jax.Array] = None
+    sparsity: float = struct.field(pytree_node=False, default=0.99)
+    c_min: float = struct.field(pytree_node=False, default=DEFAULT_C_MIN)
+    beta: float = struct.field(pytree_node=False, default=DEFAULT_BETA)
+    method: str = struct.field(pytree_node=False, default="sae")
+    n_sources: int = struct.field(pytree_node=False, default=1)
+    max_interference: float = struct.field(pytree_node=False, default=0.1)
+    realized_interference: float = struct.field(pytree_node=False, default=float("nan"))
+    realized_interference_r: float = struct.field(pytree_node=False, default=float("nan"))
+    dataset_size: int = struct.field(pytree_node=False, default=0)
+    skip_scale: float = struct.field(pytree_node=False, default=0.0)
+    generation: tuple = struct.field(pytree_node=False, default=())
+
+    def sample_features(self, key: jax.Array, batch_size: int) -> jax.Array:
+        """Coefficients ``x [B, n]``: ``x_d = Bernoulli(1-S) * (c_min + Exp(beta))`` (eqs. 30-31),
+        independent over features and samples. Jit-able."""
+        k_m, k_e = jax.random.split(key)
+        shape = (batch_size, self.n_features)
+        dtype = self.W_p.dtype
+        mask = jax.random.bernoulli(k_m, 1.0 - self.sparsity, shape)
+        mag = self.c_min + self.beta * jax.random.exponential(k_e, shape, dtype)
+        return jnp.where(mask, mag, jnp.zeros((), dtype))
+
+    def observe(self, x: jax.Array, key: Optional[jax.Array] = None) -> Batch:
+        """``Batch(x_p = x W_p^T, x_r = x W_r^T (+ x_p W_skip^T), features = x)`` (eq. 32); the
+        Bench is noiseless so ``key`` is unused."""
+        x_p = x @ self.W_p.T
+        if self.method in _SELF:
+            x_r = x_p
+        else:
+            x_r = x @ self.W_r.T
+            if self.W_skip is not None:
+                x_r = x_r + x_p @ self.W_skip.T
+        return Batch(x_p=x_p, x_r=x_r, features=x)
+
+    # -- moments (paper Thm 3.1) -----------------------------------------------------------------
+    def _m2_active(self) -> float:
+        c, b = self.c_min, self.beta
+        return c * c + 2 * c * b + 2 * b * b
+
+    def feature_weights(self) -> jax.Array:
+        """``M_d [n]`` of Thm 3.1: P(only feature d active) * E[x_d^2 | x_d > 0]
+        = (1-S) S^(n-1) (c_min^2 + 2 c_min beta + 2 beta^2)."""
+        S, n = self.sparsity, self.n_features
+        val = (1 - S) * S ** (n - 1) * self._m2_active()
+        return jnp.full((n,), val, self.W_p.dtype)
+
+    def mean(self) -> jax.Array:
+        """``E[x] [n]`` = (1-S)(c_min + beta)."""
+        return jnp.full((self.n_features,), (1 - self.sparsity) * (self.c_min + self.beta), self.W_p.dtype)
+
+    def second_moment(self, full: bool = False) -> jax.Array:
+        """``E[x_d^2] [n]`` = (1-S) E[x_d^2 | x_d > 0]; with ``full=True`` the matrix ``E[x x^T]
+        [n, n]`` (off-diagonal (1-S)^2 (c_min + beta)^2, features being independent)."""
+        p, n = 1 - self.sparsity, self.n_features
+        diag = p * self._m2_active()
+        if not full:
+            return jnp.full((n,), diag, self.W_p.dtype)
+        off = (p * (self.c_min + self.beta)) ** 2
+        return jnp.full((n, n), off, self.W_p.dtype) + (diag - off) * jnp.eye(n, dtype=self.W_p.dtype)
+
+    def config(self) -> dict:
+        """Every setting needed to regenerate or report the bench (JSON-serialisable)."""
+        return dict(
+            kind="linear_representation_bench", n_features=self.n_features, d_input=self.d_input,
+            d_target=self.d_target, method=self.method, n_sources=self.n_sources, sparsity=self.sparsity,
+            c_min=self.c_min, beta=self.beta, max_interference=self.max_interference,
+            realized_interference=self.realized_interference,
+            realized_interference_r=self.realized_interference_r, dataset_size=self.dataset_size,
+            skip_scale=self.skip_scale, **dict(self.generation),
+        )
+
+
+_SELF = ("sae", "tied_sae", "matryoshka", "crosscoder")
+
+
+def _resolve_method(method: str, d_input: int, d_target: Optional[int], n_sources: int):
+    info = _methods.get(method)  # ValueError naming the known methods
+    if info.multi_source:
+        n_sources = _pos_int("n_sources", n_sources)
+        if n_sources < 2:
+            raise ValueError(f"crosscoder needs n_sources >= 2, got {n_sources}")
+    else:
+        n_sources = 1
+    if info.self_target:
+        if d_target is not None and d_target != d_input:
+            raise ValueError(f"method {method!r} reconstructs its input: d_target must be None or {d_input}, got {d_target}")
+        d_target = d_input
+    else:
+        d_target = d_input if d_target is None else _pos_int("d_target", d_target)
+    return info, d_target, n_sources
+
+
+def _build_targets(key, method, n, d_input, d_target, n_sources, M, skip_scale, pgd_kw, dtype):
+    """W_p, W_r, W_skip and the generation record for ``method``."""
+    info, d_target, n_sources = _resolve_method(method, d_input, d_target, n_sources)
+    k_p, k_r, k_s = jax.random.split(key, 3)
+    if info.multi_source:
+        mats, infos = [], []
+        for l, k in enumerate(jax.random.split(k_p, n_sources)):
+            W, inf = generate_feature_matrix(k, n, d_input, M, dtype=dtype, **pgd_kw)
+            mats.append(W)
+            infos.append(inf)
+        W_p = jnp.concatenate(mats, axis=0)
+        realized = max(i["realized_interference"] for i in infos)
+        its = tuple(i["iterations"] for i in infos)
+        gen = infos[0]
+    else:
+        W_p, gen = generate_feature_matrix(k_p, n, d_input, M, dtype=dtype, **pgd_kw)
+        realized, its = gen["realized_interference"], (gen["iterations"],)
+    W_skip, realized_r, its_r = None, realized, ()
+    if info.self_target:
+        W_r = W_p
+    else:
+        W_r, gen_r = generate_feature_matrix(k_r, n, d_target, M, dtype=dtype, **pgd_kw)
+        realized_r, its_r = gen_r["realized_interference"], (gen_r["iterations"],)
+        if info.skip:
+            W_skip = skip_scale / math.sqrt(d_input) * jax.random.normal(k_s, (d_target, d_input), W_p.dtype)
+    record = (
+        ("step_size", gen["step_size"]), ("margin", gen["margin"]), ("neg_weight", gen["neg_weight"]),
+        ("max_iters", gen["max_iters"]), ("iterations_p", its), ("iterations_r", its_r),
+    )
+    return W_p, W_r, W_skip, float(realized), float(realized_r), n_sources, record
+
+
+def _common_checks(n_features, d_input, max_interference, sparsity, c_min, beta, dataset_size):
+    n = _pos_int("n_features", n_features)
+    d = _pos_int("d_input", d_input)
+    M = _float_in("max_interference", max_interference, -1.0, 1.0, lo_open=True, hi_open=True)
+    S = _float_in("sparsity", sparsity, 0.0, 1.0, lo_open=False, hi_open=True)
+    c_min, beta = _check_magnitudes(c_min, beta)
+    N = 0 if dataset_size is None else _pos_int("dataset_size", dataset_size)
+    return n, d, M, S, c_min, beta, N
+
+
+def make_bench(
+    key: jax.Array,
+    n_features: int = 1000,
+    d_input: int = 768,
+    max_interference: float = 0.1,
+    sparsity: float = 0.99,
+    *,
+    method: str = "sae",
+    d_target: Optional[int] = None,
+    n_sources: int = 2,
+    c_min: float = DEFAULT_C_MIN,
+    beta: float = DEFAULT_BETA,
+    dataset_size: Optional[int] = None,
+    skip_scale: float = 1.0,
+    step_size: float = 0.1,
+    margin: Optional[float] = None,
+    neg_weight: float = 1e-3,
+    max_iters: int = 2000,
+    dtype: Any = None,
+) -> Bench:
+    """Build a Linear Representation Bench (paper App. C; defaults of Table 3: n = 1000, d = 768,
+    M = 0.1, S = 0.99).
+
+    Args:
+      key: PRNG key; the same key gives the same bench (and, for a finite dataset, the same data).
+      n_features: n, number of ground-truth features.
+      d_input: d = n_p per source (the crosscoder's x_p has L d entries).
+      max_interference: M in (-1, 1), bound on the signed max pairwise overlap of W_p's columns
+        (and W_r's).
+      sparsity: S in [0, 1); each feature is active with probability 1 - S.
+      method: one of :func:`jsdl.methods.names` (decides the target, see the module docstring).
+      d_target: n_r for (skip) transcoders (default d_input).
+      n_sources: L for the crosscoder (>= 2; ignored otherwise).
+      c_min, beta: magnitude c_min + Exp(beta) of an active feature (eq. 31).
+      dataset_size: N for a fixed finite dataset (paper: 100,000); ``None`` streams fresh samples.
+      skip_scale: scale of the skip transcoder's linear part W_skip.
+      step_size, margin, neg_weight, max_iters: PGD settings (eta, eps, lambda of eq. 28; see
+        :func:`generate_feature_matrix`).
+
+    Raises ValueError/TypeError on invalid settings and :class:`InfeasibleInterferenceError` (a
+    ValueError) when M cannot be reached for n/d."""
+    n, d, M, S, c_min, beta, N = _common_checks(n_features, d_input, max_interference, sparsity, c_min, beta, dataset_size)
+    skip_scale = _float_in("skip_scale", skip_scale, 0.0, math.inf, lo_open=False, hi_open=True)
+    k_w, k_data = jax.random.split(key)
+    W_p, W_r, W_skip, realized, realized_r, L, record = _build_targets(
+        k_w, method, n, d, d_target, n_sources, M, skip_scale,
+        dict(step_size=step_size, margin=margin, neg_weight=neg_weight, max_iters=max_iters), dtype,
+    )
+    return Bench(
+        W_p=W_p, W_r=W_r, W_skip=W_skip, data_key=k_data if N else None, sparsity=S, c_min=c_min, beta=beta,
+        method=method, n_sources=L, max_interference=M, realized_interference=realized,
+        realized_interference_r=realized_r, dataset_size=N,
+        skip_scale=skip_scale if W_skip is not None else 0.0, generation=record,
+    )
