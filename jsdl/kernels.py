@@ -1,0 +1,400 @@
+"""Sparse kernels for TopK / BatchTopK dictionaries (issue 6).
+
+After a TopK (paper eq. 7) or BatchTopK selection only ``k`` of the ``n_q`` codes of a sample are
+non-zero, so the three dense products of the objective that touch the codes,
+
+    x_r^ = W_D x_q + b_D                  decoder forward           (eq. 2)   2 B n_q n_r flops
+    dL/dW_D = g^T x_q,  dL/dx_q = g W_D   decoder backward                    4 B n_q n_r flops
+    dL/dW_E = (dL/dz)^T x_p               encoder backward (dz has k non-zeros per row)
+
+are gathers and scatter-adds of ``k`` rows per sample (``B k n`` flops each). Only the encoder
+forward ``z = W_E x_p + b_E`` stays dense: the exact selection needs every pre-activation.
+Autodiff of "gather the selected z" would transpose into a dense ``dz [B, n_q]`` and a dense
+``dz^T x_p`` matmul, so the encoder side is a :func:`jax.custom_vjp` whose backward is a
+scatter-add; the decoder is one too.
+
+Codes are kept as :class:`SparseCodes`: ``vals [B, k]``, latent indices ``cols [B, k]`` and, for
+BatchTopK (whose entries are not row-aligned: a sample may keep more or fewer than k), the sample
+index ``rows [B, k]`` of each entry (the ``k B`` selected entries laid out as ``k`` "slots" of
+``B`` entries). ``rows=None`` means entry ``[b, j]`` belongs to sample ``b`` (TopK).
+
+CPU implementation note (measured, jax 0.10.2, 2 cores, B=1024, n_q=16384, d=768): one XLA gather
+of ``B k`` rows of ``W`` (a ``[B, k, d]`` operand) costs ~0.17-0.2 s, 10-20x more than the same
+rows fetched ``B`` at a time in a ``fori_loop`` over the ``k`` slots (decode 0.01-0.02 s;
+decoder backward 0.06 + 0.09 s), and about a third of the dense ``[B, n_q] x [n_q, d]`` matmul
+(0.7 s). So on CPU the kernels loop over slots (``impl="slots"``); elsewhere (GPU/TPU, where a
+large gather is bandwidth-bound and fast) they use one vectorised gather / segment-sum
+(``impl="gather"``). Both are exact and tested against each other and against the dense path.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+__all__ = [
+    "SparseCodes",
+    "select_topk",
+    "select_batchtopk",
+    "topk_codes",
+    "batchtopk_codes",
+    "gather_preact",
+    "sparse_decode",
+    "densify",
+    "sparse_l0",
+    "resolve_impl",
+    "SELECT_METHODS",
+]
+
+SELECT_METHODS = ("lax", "approx")
+IMPLS = ("auto", "slots", "gather")
+
+
+@struct.dataclass
+class SparseCodes:
+    """Codes with ``k`` stored entries per slot row.
+
+    vals [B, k]: code values (a stored entry may be 0, e.g. a negative survivor after ReLU).
+    cols [B, k] int32: latent index of each entry.
+    rows [B, k] int32 or None: sample index of each entry; ``None`` = entry ``[b, j]`` is in row b.
+    n_latents: n_q (static)."""
+
+    vals: jax.Array
+    cols: jax.Array
+    rows: Optional[jax.Array] = None
+    n_latents: int = struct.field(pytree_node=False, default=0)
+
+
+def resolve_impl(impl: str = "auto") -> str:
+    """``"slots"`` on CPU, ``"gather"`` on accelerators, for ``impl="auto"`` (see module doc)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "slots" if jax.default_backend() == "cpu" else "gather"
+    return impl
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------------------------
+
+
+def select_topk(z: jax.Array, k: int, *, method: str = "lax", recall_target: float = 0.95):
+    """The ``k`` largest entries of each row of ``z [B, n]``: ``(vals [B, k], idx [B, k])``.
+
+    ``method="lax"`` is exact (``jax.lax.top_k``; the fastest exact selection we measured on CPU,
+    see benchmarks/RESULTS.md: a two-stage chunked top-k, a full sort and a per-row bisection on
+    the threshold were 2-40x slower). ``method="approx"`` uses ``jax.lax.approx_max_k`` with
+    ``recall_target``: approximate on TPU (an opt-in, changes the objective), exact elsewhere."""
+    if method == "lax":
+        return jax.lax.top_k(z, k)
+    if method == "approx":
+        return jax.lax.approx_max_k(z, k, recall_target=recall_target)
+    raise ValueError(f"select method must be one of {SELECT_METHODS}, got {method!r}")
+
+
+def select_batchtopk(z: jax.Array, k: int, *, cap: Optional[int] = None, method: str = "lax"):
+    """The ``k B`` largest entries of the whole batch ``z [B, n]`` (BatchTopK, Bussmann et al.).
+
+    Returns ``(vals [B, k], rows [B, k], cols [B, k])``: the selected entries, in descending order
+    of value, laid out row-major in ``[B, k]`` (so an entry's slot position is unrelated to its
+    sample; ``rows`` says which sample it is in).
+
+    Exact two-stage selection: every row first keeps its ``cap`` largest entries (default
+    ``min(n, 4k)``), then the ``k B`` largest candidates are taken. This is exact unless some
+    row has all ``cap`` candidates at or above the resulting threshold (it might have had more);
+    that is detected and then the one-stage top-k over the flat ``B n`` array is used
+    (``lax.cond``: on CPU only one branch runs). The one-stage selection over 16M entries costs
+    ~3.5x the per-row top-k it replaces."""
+    B, n = z.shape
+    K = k * B
+    flat_idx_dtype = jnp.int32
+
+    def full(_):
+        v, i = select_topk(z.reshape(-1), K, method=method)
+        return v, (i // n).astype(flat_idx_dtype), (i % n).astype(flat_idx_dtype)
+
+    cap = min(n, 4 * k) if cap is None else min(int(cap), n)
+    if cap >= n:
+        v, r, c = full(None)
+        return v.reshape(B, k), r.reshape(B, k), c.reshape(B, k)
+    cv, ci = select_topk(z, cap, method=method)  # [B, cap], descending per row
+    v, j = select_topk(cv.reshape(-1), K, method=method)
+    r = (j // cap).astype(flat_idx_dtype)
+    c = jnp.take(ci.reshape(-1), j).astype(flat_idx_dtype)
+    tau = v[-1]
+    # A row whose smallest candidate reaches tau may hold more entries >= tau than it kept.
+    unsafe = jnp.any(cv[:, -1] >= tau)
+    v, r, c = jax.lax.cond(unsafe, full, lambda _: (v, r, c), None)
+    return v.reshape(B, k), r.reshape(B, k), c.reshape(B, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Slot loops (CPU) and vectorised gathers (accelerators)
+# ----------------------------------------------------------------------------------------------
+
+
+def _slot(a, j):
+    return jax.lax.dynamic_index_in_dim(a, j, axis=1, keepdims=False)
+
+
+def _gather_dot(u, W, cols, rows, impl):
+    """out[b, j] = <u[rows[b, j]], W[cols[b, j]]>; u [B, m], W [n, m] -> [B, k]."""
+    if impl == "gather":
+        ur = u[:, None, :] if rows is None else u[rows]
+        return jnp.sum(ur * W[cols], axis=-1)
+
+    def body(j, out):
+        uj = u if rows is None else jnp.take(u, _slot(rows, j), axis=0)
+        val = jnp.sum(uj * jnp.take(W, _slot(cols, j), axis=0), axis=-1)
+        return jax.lax.dynamic_update_index_in_dim(out, val, j, axis=1)
+
+    return jax.lax.fori_loop(0, cols.shape[1], body, jnp.zeros(cols.shape, u.dtype))
+
+
+def _scatter_rows(vals, src, cols, rows, n, impl):
+    """out[c] = sum_{b, j: cols[b,j] = c} vals[b, j] src[rows[b, j]]; src [B, m] -> [n, m]."""
+    m = src.shape[-1]
+    if impl == "gather":
+        s = src[:, None, :] if rows is None else src[rows]
+        upd = (vals[..., None] * s).reshape(-1, m)
+        return jax.ops.segment_sum(upd, cols.reshape(-1), num_segments=n)
+
+    def body(j, acc):
+        sj = src if rows is None else jnp.take(src, _slot(rows, j), axis=0)
+        return acc.at[_slot(cols, j)].add(_slot(vals, j)[:, None] * sj)
+
+    return jax.lax.fori_loop(0, cols.shape[1], body, jnp.zeros((n, m), src.dtype))
+
+
+def _decode_rows(vals, Wr, cols, rows, B, impl):
+    """out[b] = sum_{j: entry in row b} vals[., j] Wr[cols[., j]]; Wr [n, m] -> [B, m]."""
+    m = Wr.shape[-1]
+    if impl == "gather":
+        upd = vals[..., None] * Wr[cols]  # [B, k, m]
+        if rows is None:
+            return jnp.sum(upd, axis=1)
+        return jax.ops.segment_sum(upd.reshape(-1, m), rows.reshape(-1), num_segments=B)
+
+    def body(j, acc):
+        upd = _slot(vals, j)[:, None] * jnp.take(Wr, _slot(cols, j), axis=0)
+        return acc + upd if rows is None else acc.at[_slot(rows, j)].add(upd)
+
+    return jax.lax.fori_loop(0, cols.shape[1], body, jnp.zeros((B, m), Wr.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder side: the selected pre-activations with a sparse backward
+# ----------------------------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gather_preact(x, W, b, cols, rows, impl):
+    return _gather_dot(x, W, cols, rows, impl) + (0.0 if b is None else b[cols])
+
+
+def _gather_preact_fwd(x, W, b, cols, rows, impl):
+    return _gather_preact(x, W, b, cols, rows, impl), (x, W, b, cols, rows)
+
+
+def _gather_preact_bwd(impl, res, g):
+    x, W, b, cols, rows = res
+    B = x.shape[0]
+    dW = _scatter_rows(g, x, cols, rows, W.shape[0], impl)
+    # dx is dead code when x is data (removed under jit); kept for correctness of the VJP.
+    dx = _decode_rows(g, W, cols, rows, B, impl)
+    db = None if b is None else jnp.zeros_like(b).at[cols.reshape(-1)].add(g.reshape(-1))
+    return dx, dW, db, _int_zero(cols), _int_zero(rows)
+
+
+def _int_zero(a):
+    if a is None:
+        return None
+    import numpy as np
+
+    return np.zeros(a.shape, dtype=jax.dtypes.float0)
+
+
+_gather_preact.defvjp(_gather_preact_fwd, _gather_preact_bwd)
+
+
+def gather_preact(x, W, b, cols, rows=None, *, impl: str = "auto"):
+    """Selected pre-activations ``z[rows, cols]`` of ``z = x W^T + b`` (``x [B, n_p]``,
+    ``W [n_q, n_p]``, ``b [n_q]`` or None) computed as ``k`` row dot products per sample.
+
+    Its VJP is sparse: ``dW[c] += g x[r]``, ``db[c] += g``, ``dx[r] += g W[c]`` (scatter-adds of
+    ``B k`` rows) instead of the dense ``dz^T x`` that autodiff of ``z[rows, cols]`` produces."""
+    return _gather_preact(x, W, b, cols, rows, resolve_impl(impl))
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder: x_r^ = W_D x_q + b_D with x_q sparse
+# ----------------------------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _sparse_decode(vals, Wr, cols, rows, B, impl):
+    return _decode_rows(vals, Wr, cols, rows, B, impl)
+
+
+def _sparse_decode_fwd(vals, Wr, cols, rows, B, impl):
+    return _sparse_decode(vals, Wr, cols, rows, B, impl), (vals, Wr, cols, rows)
+
+
+def _sparse_decode_bwd(B, impl, res, g):
+    vals, Wr, cols, rows = res
+    dvals = _gather_dot(g, Wr, cols, rows, impl)
+    dWr = _scatter_rows(vals, g, cols, rows, Wr.shape[0], impl)
+    return dvals, dWr, _int_zero(cols), _int_zero(rows)
+
+
+_sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
+
+
+def sparse_decode(codes: SparseCodes, W_rows: jax.Array, b_D=None, *, batch_size: Optional[int] = None,
+                  impl: str = "auto") -> jax.Array:
+    """``x_r^ = W_D x_q + b_D`` (eq. 2) for sparse codes; ``W_rows = W_D^T [n_q, n_r]`` (the
+    decoder columns as rows: ``W_E`` itself for a tied model). Returns ``[B, n_r]``.
+
+    Forward: ``k`` gathered rows per sample; backward: ``dvals = <g, W_rows[cols]>`` and a
+    scatter-add ``dW_rows[cols] += vals g`` (custom VJP: autodiff would densify)."""
+    B = codes.vals.shape[0] if batch_size is None else batch_size
+    out = _sparse_decode(codes.vals, W_rows, codes.cols, codes.rows, B, resolve_impl(impl))
+    return out if b_D is None else out + b_D
+
+
+def densify(codes: SparseCodes, n_latents: Optional[int] = None) -> jax.Array:
+    """Dense codes ``[B, n_q]`` (a scatter; differentiable wrt ``vals``)."""
+    n = n_latents or codes.n_latents
+    B = codes.vals.shape[0]
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], codes.cols.shape) if codes.rows is None else codes.rows
+    out = jnp.zeros((B, n), codes.vals.dtype)
+    return out.at[rows, codes.cols].add(codes.vals)
+
+
+def sparse_l0(codes: SparseCodes, batch_size: Optional[int] = None) -> jax.Array:
+    """Mean number of non-zero codes per sample (the objective's ``l0`` metric)."""
+    B = codes.vals.shape[0] if batch_size is None else batch_size
+    return jnp.sum((codes.vals != 0).astype(codes.vals.dtype)) / B
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse encoders
+# ----------------------------------------------------------------------------------------------
+
+
+def _preacts(x, W_E, b_E):
+    z = x @ W_E.T
+    return z if b_E is None else z + b_E
+
+
+def topk_codes(x, W_E, b_E, k: int, *, relu: bool = True, select: str = "lax", impl: str = "auto",
+               z: Optional[jax.Array] = None):
+    """TopK codes (eq. 7) as :class:`SparseCodes`, plus the (gradient-free) pre-activations.
+
+    ``z = x W_E^T + b_E`` is computed without gradient only to select; the kept values are
+    re-expressed through :func:`gather_preact` so the encoder gradient is a scatter-add of ``k``
+    rows per sample. ``relu`` zeroes negative survivors (as the ``topk`` activation does).
+    Returns ``(codes, z)``; ``z [B, n_q]`` is ``stop_gradient``-ed."""
+    if z is None:
+        z = jax.lax.stop_gradient(_preacts(x, W_E, b_E))
+    _, cols = select_topk(z, k, method=select)
+    cols = cols.astype(jnp.int32)
+    vals = gather_preact(x, W_E, b_E, cols, None, impl=impl)
+    if relu:
+        vals = jax.nn.relu(vals)
+    return SparseCodes(vals=vals, cols=cols, rows=None, n_latents=W_E.shape[0]), z
+
+
+def batchtopk_codes(x, W_E, b_E, k: int, *, relu: bool = True, select: str = "lax", impl: str = "auto",
+                    z: Optional[jax.Array] = None):
+    """BatchTopK codes (training-time selection of the ``k B`` largest entries of the batch) as
+    :class:`SparseCodes` with ``rows``; see :func:`topk_codes` for the gradient and ``z``."""
+    if z is None:
+        z = jax.lax.stop_gradient(_preacts(x, W_E, b_E))
+    _, rows, cols = select_batchtopk(z, k, method=select)
+    vals = gather_preact(x, W_E, b_E, cols, rows, impl=impl)
+    if relu:
+        vals = jax.nn.relu(vals)
+    return SparseCodes(vals=vals, cols=cols, rows=rows, n_latents=W_E.shape[0]), z
+
+
+# ----------------------------------------------------------------------------------------------
+# Integration with the objective (jsdl.objective.sdl_loss calls these when the spec allows)
+# ----------------------------------------------------------------------------------------------
+
+SPARSE_ACTIVATIONS = ("topk", "batchtopk")
+
+
+def sparse_supported(spec) -> tuple[bool, str]:
+    """Whether ``sdl_loss`` can use the sparse path for ``spec`` and, if not, why."""
+    from jsdl import penalties as _pen
+
+    act = spec.activation
+    if act.name not in SPARSE_ACTIVATIONS:
+        return False, f"activation {act.name!r} is not one of {SPARSE_ACTIVATIONS}"
+    if spec.method_info.nested:
+        return False, f"method {spec.method!r} decodes nested prefixes (dense path only)"
+    for pen, _ in spec.penalties:
+        if "pre_acts" in _pen.wants(pen.name):
+            return False, f"penalty {pen.name!r} differentiates through the pre-activations"
+    return True, ""
+
+
+def use_sparse(spec, dtype=None) -> bool:
+    """Resolve ``spec.sparse`` (``"auto"``, True, False). ``"auto"`` picks the sparse path when it is
+    supported, ``k <= n_q / 8`` (below that the dense products are cheap and the sparse
+    bookkeeping does not pay; see benchmarks/RESULTS.md) and ``dtype`` (of the parameters) is not
+    float64. float64 is the theory/landscape mode, which needs forward-mode autodiff (HVPs,
+    ``jax.hessian``) and a custom VJP cannot be differentiated forward; pass ``sparse=False`` to
+    take Hessians of a float32 TopK loss. ``True`` on an unsupported spec raises."""
+    mode = getattr(spec, "sparse", "auto")
+    if mode is False:
+        return False
+    ok, why = sparse_supported(spec)
+    if mode is True:
+        if not ok:
+            raise ValueError(f"sparse=True is not available for this spec: {why}; use sparse='auto' or False")
+        return True
+    k = spec.activation.hyper_dict().get("k", spec.n_latents)
+    if dtype is not None and jnp.dtype(dtype) == jnp.float64:
+        return False
+    return ok and 8 * k <= spec.n_latents
+
+
+def sparse_forward(params, x_p, spec, *, impl: str = "auto", select: str = "lax"):
+    """Sparse counterpart of ``z = W_E x_p + b_E; x_q = sigma(z); x_r^ = decode(x_q)`` for a
+    TopK/BatchTopK spec. Returns ``(z, codes, x_hat)`` with ``z [B, n_q]`` gradient-free (it only
+    selects), ``codes`` :class:`SparseCodes` and ``x_hat [B, n_r]`` (plus the skip ``W_S x_p``)."""
+    hyper = spec.activation.hyper_dict()
+    fn = topk_codes if spec.activation.name == "topk" else batchtopk_codes
+    codes, z = fn(x_p, params.W_E, params.b_E, hyper["k"], relu=hyper.get("relu", True), select=select, impl=impl)
+    x_hat = sparse_decode(codes, decoder_rows(params), params.b_D, impl=impl)
+    if params.W_S is not None:
+        x_hat = x_hat + x_p @ params.W_S.T
+    return z, codes, x_hat
+
+
+def decoder_rows(params) -> jax.Array:
+    """``W_D^T [n_q, n_r]``: the decoder columns as rows (``W_E`` itself when tied, no copy)."""
+    return params.W_E if params.W_D is None else params.W_D.T
+
+
+def sparse_auxk_loss(x_p, params, z, residual, dead_mask, k_aux: int, *, impl: str = "auto"):
+    """AuxK loss (Gao et al. 2024; see :func:`jsdl.penalties.auxk_loss`) with sparse kernels: the
+    top-``k_aux`` dead latents of ``relu(z)`` are selected on the gradient-free ``z`` and their
+    values re-expressed through :func:`gather_preact`, so the gradient equals the dense one."""
+    residual = jax.lax.stop_gradient(residual)
+    k_aux = min(int(k_aux), z.shape[-1])
+    masked = jnp.where(dead_mask[None, :], jax.nn.relu(z), 0.0)
+    _, cols = select_topk(masked, k_aux)
+    cols = cols.astype(jnp.int32)
+    vals = jax.nn.relu(gather_preact(x_p, params.W_E, params.b_E, cols, None, impl=impl))
+    vals = vals * dead_mask[cols].astype(vals.dtype)
+    rec = sparse_decode(SparseCodes(vals, cols, None, z.shape[-1]), decoder_rows(params), None, impl=impl)
+    num = jnp.sum((residual - rec) ** 2)
+    den = jnp.sum((residual - residual.mean(0)) ** 2) + 1e-12
+    return jnp.where(jnp.any(dead_mask), num / den, 0.0)
