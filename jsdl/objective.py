@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jsdl import activations as _act
+from jsdl import kernels as _kernels
 from jsdl import methods as _methods
 from jsdl import penalties as _pen
 
@@ -98,6 +99,8 @@ class SDLSpec:
     n_sources: crosscoder source count (1 otherwise).
     prefixes / prefix_weights: matryoshka nested prefix sizes (ending at n_q) and loss weights.
     aux_k / aux_coef: AuxK (Gao et al.) number of dead latents used and loss weight (0 = off).
+    sparse: ``"auto"``, True or False: compute TopK/BatchTopK losses with the sparse kernels of
+        :mod:`jsdl.kernels` (same loss and gradients; the dense path is the reference).
     """
 
     method: str = struct.field(pytree_node=False, default="sae")
@@ -111,6 +114,7 @@ class SDLSpec:
     prefix_weights: tuple = struct.field(pytree_node=False, default=())
     aux_k: int = struct.field(pytree_node=False, default=0)
     aux_coef: float = struct.field(pytree_node=False, default=0.0)
+    sparse: Any = struct.field(pytree_node=False, default="auto")
 
     @property
     def method_info(self) -> _methods.MethodInfo:
@@ -151,6 +155,7 @@ def make_spec(
     prefix_weights: tuple[float, ...] | None = None,
     aux_k: int = 0,
     aux_coef: float = 0.0,
+    sparse: Any = "auto",
     **activation_hyper: Any,
 ) -> SDLSpec:
     """Build and validate an :class:`SDLSpec` from names and hyperparameters.
@@ -245,7 +250,14 @@ def make_spec(
         prefix_weights=prefix_weights,
         aux_k=aux_k,
         aux_coef=aux_coef,
+        sparse=_sparse_mode(sparse),
     )
+
+
+def _sparse_mode(sparse):
+    if sparse == "auto" or sparse is True or sparse is False:
+        return sparse
+    raise ValueError(f"sparse must be 'auto', True or False, got {sparse!r}")
 
 
 def _unit_columns(key, rows, cols, dtype):
@@ -398,19 +410,28 @@ def sdl_loss(
     """
     x_p, x_r = _methods.prepare(batch.x_p, batch.x_r, spec)
     _check_params(params, spec, x_p, x_r)
-    z = pre_activations(params, x_p, spec)
-    codes = spec.activation(z, params)
+    sparse = _kernels.use_sparse(spec, params.W_E.dtype)
+    if sparse:
+        # TopK/BatchTopK through gathers and scatter-adds of k rows per sample (jsdl.kernels);
+        # z is gradient-free there (it only selects). Dense codes are built only for penalties.
+        z, sparse_codes, x_hat = _kernels.sparse_forward(params, x_p, spec)
+        codes = _kernels.densify(sparse_codes) if spec.penalties else None
+        l0 = _kernels.sparse_l0(sparse_codes)
+    else:
+        z = pre_activations(params, x_p, spec)
+        codes = spec.activation(z, params)
 
     def decode_prefix(c, m):
         return decode(params, c, spec, x_p, n_prefix=m)
 
-    x_hat = decode_prefix(codes, None)
+    if not sparse:
+        x_hat = decode_prefix(codes, None)
+        l0 = jnp.mean(jnp.sum((codes != 0).astype(x_hat.dtype), axis=-1))
     sq = jnp.sum((x_r - x_hat) ** 2, axis=-1)
     mse = jnp.mean(sq)
     recon = _methods.recon_loss(x_r, codes, decode_prefix, spec) if spec.method_info.nested else mse
     var = jnp.sum((x_r - jnp.mean(x_r, axis=0)) ** 2)
     fvu = jnp.sum(sq) / jnp.maximum(var, jnp.finfo(var.dtype).tiny)
-    l0 = jnp.mean(jnp.sum((codes != 0).astype(x_hat.dtype), axis=-1))
 
     aux: dict[str, jax.Array] = {"mse": mse, "recon": recon, "fvu": fvu, "l0": l0}
     total = recon
@@ -426,7 +447,10 @@ def sdl_loss(
         aux[f"penalty/{pen.name}"] = val
         total = total + coefs.get(pen.name, coef) * val
     if spec.aux_coef > 0 and dead_mask is not None:
-        a = _pen.auxk_loss(z, x_r - x_hat, params.decoder, dead_mask, spec.aux_k)
+        if sparse:
+            a = _kernels.sparse_auxk_loss(x_p, params, z, x_r - x_hat, dead_mask, spec.aux_k)
+        else:
+            a = _pen.auxk_loss(z, x_r - x_hat, params.decoder, dead_mask, spec.aux_k)
         aux["auxk"] = a
         total = total + spec.aux_coef * a
     if anchors is not None:
