@@ -1,0 +1,123 @@
+"""The penalty lab: ``jsdl penalty-lab NAME`` tells a researcher what a sparsity penalty does.
+
+Write a penalty, register it, run the lab, read the report::
+
+    # my_penalty.py
+    import jax.numpy as jnp, jsdl
+
+    @jsdl.penalties.register("sqrt")
+    def sqrt_penalty(codes, params, *, eps=1e-6):
+        return jnp.sum(jnp.sqrt(jnp.abs(codes) + eps) - jnp.sqrt(eps), axis=-1).mean()
+
+    $ jsdl penalty-lab sqrt --import my_penalty.py --scale small --out runs/lab_sqrt
+    $ open runs/lab_sqrt/report.md
+
+From Python: ``jsdl.lab.run_lab("l1", scale="small", out_dir="runs/lab_l1")`` returns the report
+dict; ``jsdl.lab.check_penalty(name)`` runs only the mechanical checks. See :mod:`jsdl.lab.core`
+for what is measured and how.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+from jsdl.lab.checks import Check, PenaltyChecks, check_penalty
+from jsdl.lab.core import SCALES, Scale, auto_coefs, run_lab
+
+__all__ = ["Check", "PenaltyChecks", "SCALES", "Scale", "add_arguments", "auto_coefs", "check_penalty",
+           "import_user_module", "run", "run_lab"]
+
+
+def import_user_module(spec: str):
+    """Import ``spec``: a path to a ``.py`` file (its penalties register on import) or a dotted
+    module name on ``sys.path`` (the current directory included)."""
+    if spec.endswith(".py") or os.sep in spec or os.path.isfile(spec):
+        path = os.path.abspath(spec)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--import {spec!r}: no such file")
+        mod_name = "jsdl_user_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+        s = importlib.util.spec_from_file_location(mod_name, path)
+        if s is None or s.loader is None:
+            raise ValueError(f"--import {spec!r}: cannot load it as a Python module")
+        mod = importlib.util.module_from_spec(s)
+        sys.modules[mod_name] = mod
+        s.loader.exec_module(mod)
+        return mod
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as e:
+        if e.name == spec or spec.startswith(f"{e.name}."):
+            raise ValueError(f"--import {spec!r}: no module of that name (pass a .py file path or a module on "
+                             "sys.path)") from None
+        raise
+
+
+def _parse_coefs(text: str):
+    if text is None or text.strip().lower() == "auto":
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise ValueError(f"--coefs must be comma-separated numbers (e.g. 1e-4,3e-4,1e-3) or 'auto', got {text!r}") \
+                from None
+    if not out:
+        raise ValueError(f"--coefs is empty: {text!r}")
+    return out
+
+
+def _parse_hyper(items):
+    hyper = {}
+    for it in items or []:
+        if "=" not in it:
+            raise ValueError(f"--hyper expects NAME=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        try:
+            val = int(v)
+        except ValueError:
+            try:
+                val = float(v)
+            except ValueError:
+                val = v
+        hyper[k.strip()] = val
+    return hyper
+
+
+def add_arguments(p):
+    p.add_argument("name", help="registered penalty name (built in, or registered by --import)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="a Python file or module that registers the penalty (repeatable)")
+    p.add_argument("--coefs", default=None,
+                   help="comma-separated coefficient grid (default: auto, scaled to the penalty)")
+    p.add_argument("--hyper", action="append", default=[], metavar="NAME=VALUE",
+                   help="penalty hyperparameter (repeatable), e.g. --hyper eps=1e-3")
+    p.add_argument("--scale", default="small", choices=sorted(SCALES), help="problem size (default small: CPU minutes)")
+    p.add_argument("--seeds", type=int, default=None, help="models per grid point (default: the scale's)")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed of bench, data and initialisation")
+    p.add_argument("--out", default=None, help="output directory (default runs/penalty_lab_NAME)")
+    p.add_argument("--parts", default="frontier,hierarchy,critical,retrain",
+                   help="comma-separated subset of frontier,hierarchy,critical,retrain (checks always run)")
+    p.add_argument("--checks-only", action="store_true", help="run only the mechanical checks and print them")
+
+
+def run(args) -> int:
+    for spec in args.imports:
+        import_user_module(spec)
+    hyper = _parse_hyper(args.hyper)
+    if args.checks_only:
+        res = check_penalty(args.name, hyper)
+        print(res.to_markdown())
+        return 0 if res.can_train else 1
+    out = args.out or os.path.join("runs", f"penalty_lab_{args.name}")
+    parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
+    rep = run_lab(args.name, hyper=hyper, coefs=_parse_coefs(args.coefs), scale=args.scale, seed=args.seed,
+                  seeds=args.seeds, out_dir=out, parts=parts)
+    return 0 if rep["checks"]["can_train"] else 1
