@@ -238,7 +238,7 @@ def generate_feature_matrix(
     W, m, it, eta = _pgd_jit(key, n, d, M, margin, neg_weight, step_size, max_iters, dtype)
     # Final projection in float64 so the columns are unit norm to float32 precision, and a host-side
     # re-check of the constraint: the result is only returned if it satisfies it.
-    W64 = np.asarray(W, np.float64)
+    W64 = np.array(W, np.float64)  # a copy: under x64 np.asarray is a read-only view
     W64 /= np.linalg.norm(W64, axis=0, keepdims=True)
     W = jnp.asarray(W64, dtype)
     realized = _max_overlap(W)
