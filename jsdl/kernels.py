@@ -336,6 +336,10 @@ def sparse_supported(spec) -> tuple[bool, str]:
     act = spec.activation
     if act.name not in SPARSE_ACTIVATIONS:
         return False, f"activation {act.name!r} is not one of {SPARSE_ACTIVATIONS}"
+    if getattr(act, "k_dyn", None) is not None:
+        # A population with varying k (jsdl.train.step.DynamicKActivation) masks top_k(z, k_max)
+        # down to each member's traced k; the sparse kernels would silently use k_max.
+        return False, "the activation has a traced per-member k (a population with varying k)"
     if spec.method_info.nested:
         return False, f"method {spec.method!r} decodes nested prefixes (dense path only)"
     for pen, _ in spec.penalties:
