@@ -292,12 +292,13 @@ def _preacts(x, W_E, b_E):
 
 
 def topk_codes(x, W_E, b_E, k: int, *, relu: bool = True, select: str = "lax", impl: str = "auto",
-               z: Optional[jax.Array] = None):
+               k_active=None, z: Optional[jax.Array] = None):
     """TopK codes (eq. 7) as :class:`SparseCodes`, plus the (gradient-free) pre-activations.
 
     ``z = x W_E^T + b_E`` is computed without gradient only to select; the kept values are
     re-expressed through :func:`gather_preact` so the encoder gradient is a scatter-add of ``k``
     rows per sample. ``relu`` zeroes negative survivors (as the ``topk`` activation does).
+    ``k_active`` (traced int <= k) keeps only the first ``k_active`` selected values.
     Returns ``(codes, z)``; ``z [B, n_q]`` is ``stop_gradient``-ed."""
     if z is None:
         z = jax.lax.stop_gradient(_preacts(x, W_E, b_E))
@@ -306,11 +307,13 @@ def topk_codes(x, W_E, b_E, k: int, *, relu: bool = True, select: str = "lax", i
     vals = gather_preact(x, W_E, b_E, cols, None, impl=impl)
     if relu:
         vals = jax.nn.relu(vals)
+    if k_active is not None:
+        vals = jnp.where(jnp.arange(k) < k_active, vals, 0.0)
     return SparseCodes(vals=vals, cols=cols, rows=None, n_latents=W_E.shape[0]), z
 
 
 def batchtopk_codes(x, W_E, b_E, k: int, *, relu: bool = True, select: str = "lax", impl: str = "auto",
-                    z: Optional[jax.Array] = None):
+                    k_active=None, z: Optional[jax.Array] = None):
     """BatchTopK codes (training-time selection of the ``k B`` largest entries of the batch) as
     :class:`SparseCodes` with ``rows``; see :func:`topk_codes` for the gradient and ``z``."""
     if z is None:
@@ -319,6 +322,9 @@ def batchtopk_codes(x, W_E, b_E, k: int, *, relu: bool = True, select: str = "la
     vals = gather_preact(x, W_E, b_E, cols, rows, impl=impl)
     if relu:
         vals = jax.nn.relu(vals)
+    if k_active is not None:
+        B = x.shape[0]
+        vals = jnp.where(jnp.arange(B * k).reshape(B, k) < k_active * B, vals, 0.0)
     return SparseCodes(vals=vals, cols=cols, rows=rows, n_latents=W_E.shape[0]), z
 
 
@@ -333,13 +339,13 @@ def sparse_supported(spec) -> tuple[bool, str]:
     """Whether ``sdl_loss`` can use the sparse path for ``spec`` and, if not, why."""
     from jsdl import penalties as _pen
 
+    from jsdl.activations import Activation
+
     act = spec.activation
+    if type(act) is not Activation and not hasattr(act, "k_dyn"):
+        return False, f"activation {type(act).__name__} is a subclass the sparse path does not know"
     if act.name not in SPARSE_ACTIVATIONS:
         return False, f"activation {act.name!r} is not one of {SPARSE_ACTIVATIONS}"
-    if getattr(act, "k_dyn", None) is not None:
-        # A population with varying k (jsdl.train.step.DynamicKActivation) masks top_k(z, k_max)
-        # down to each member's traced k; the sparse kernels would silently use k_max.
-        return False, "the activation has a traced per-member k (a population with varying k)"
     if spec.method_info.nested:
         return False, f"method {spec.method!r} decodes nested prefixes (dense path only)"
     for pen, _ in spec.penalties:
@@ -375,7 +381,10 @@ def sparse_forward(params, x_p, spec, *, impl: str = "auto", select: str = "lax"
     selects), ``codes`` :class:`SparseCodes` and ``x_hat [B, n_r]`` (plus the skip ``W_S x_p``)."""
     hyper = spec.activation.hyper_dict()
     fn = topk_codes if spec.activation.name == "topk" else batchtopk_codes
-    codes, z = fn(x_p, params.W_E, params.b_E, hyper["k"], relu=hyper.get("relu", True), select=select, impl=impl)
+    # A population with a varying k (jsdl.train.step.DynamicKActivation) selects k_max = hyper k and
+    # keeps each member's first k_dyn (the selections come sorted by value).
+    codes, z = fn(x_p, params.W_E, params.b_E, hyper["k"], relu=hyper.get("relu", True), select=select, impl=impl,
+                  k_active=getattr(spec.activation, "k_dyn", None))
     x_hat = sparse_decode(codes, decoder_rows(params), params.b_D, impl=impl)
     if params.W_S is not None:
         x_hat = x_hat + x_p @ params.W_S.T

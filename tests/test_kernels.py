@@ -1,0 +1,224 @@
+"""Sparse TopK/BatchTopK kernels (jsdl.kernels) against the dense reference path, and the lean
+training step (no recompilation across steps)."""
+import chex
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsdl
+from jsdl import kernels as K
+
+IMPLS = ("slots", "gather")
+
+
+def _batch(key, B, d):
+    x = jax.random.normal(key, (B, d))
+    return jsdl.Batch(x_p=x)
+
+
+def _perturb(key, params, scale=0.1):
+    """Non-zero biases (and thresholds) so their gradients are exercised."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [l + scale * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)]
+    return jax.tree.unflatten(tree, leaves)
+
+
+def _loss_and_grads(spec, params, batch, **kw):
+    (loss, aux), g = jax.jit(jax.value_and_grad(lambda p: jsdl.sdl_loss(p, batch, spec, **kw), has_aux=True))(params)
+    return loss, aux, g
+
+
+def _spec_pair(**kw):
+    return jsdl.make_spec(sparse=True, **kw), jsdl.make_spec(sparse=False, **kw)
+
+
+def _assert_close(a, b, rtol, atol):
+    chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_sparse_equals_dense_loss_and_grads(activation, tied):
+    key = jax.random.PRNGKey(0)
+    d, n_q, k, B = 12, 96, 5, 40
+    sp, de = _spec_pair(method="sae", activation=activation, n_latents=n_q, k=k, tied=tied)
+    params = _perturb(jax.random.PRNGKey(1), jsdl.init_params(key, sp, d))
+    batch = _batch(jax.random.PRNGKey(2), B, d)
+    ls, auxs, gs = _loss_and_grads(sp, params, batch)
+    ld, auxd, gd = _loss_and_grads(de, params, batch)
+    np.testing.assert_allclose(ls, ld, rtol=1e-5)
+    for name in ("mse", "fvu", "l0"):
+        np.testing.assert_allclose(auxs[name], auxd[name], rtol=1e-5, err_msg=name)
+    # Every leaf, biases included, must match; float32 summation order differs (gathers vs matmul).
+    _assert_close(gs, gd, rtol=1e-4, atol=1e-5)
+    assert float(jnp.abs(gs.b_E).max()) > 0 and float(jnp.abs(gs.b_D).max()) > 0
+    if tied:
+        assert gs.W_D is None
+
+
+def test_sparse_equals_dense_float64_with_penalty_auxk_and_transcoder(x64):
+    key = jax.random.PRNGKey(3)
+    d, dt, n_q, k, B = 10, 7, 64, 4, 32
+    kw = dict(method="transcoder", activation="topk", n_latents=n_q, k=k, penalties={"weighted_l1": 1e-2},
+              aux_k=6, aux_coef=0.5)
+    sp, de = _spec_pair(**kw)
+    params = _perturb(jax.random.PRNGKey(4), jsdl.init_params(key, sp, d, dt, dtype=jnp.float64))
+    assert params.W_E.dtype == jnp.float64
+    x = jax.random.normal(jax.random.PRNGKey(5), (B, d), jnp.float64)
+    y = jax.random.normal(jax.random.PRNGKey(6), (B, dt), jnp.float64)
+    batch = jsdl.Batch(x_p=x, x_r=y)
+    dead = jnp.arange(n_q) % 3 == 0
+    ls, auxs, gs = _loss_and_grads(sp, params, batch, dead_mask=dead)
+    ld, auxd, gd = _loss_and_grads(de, params, batch, dead_mask=dead)
+    assert float(auxs["auxk"]) > 0
+    np.testing.assert_allclose(auxs["auxk"], auxd["auxk"], rtol=1e-12)
+    np.testing.assert_allclose(ls, ld, rtol=1e-12)
+    _assert_close(gs, gd, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_mode_choice():
+    d = 8
+    big = jsdl.make_spec(activation="topk", n_latents=256, k=8)
+    small_ratio = jsdl.make_spec(activation="topk", n_latents=32, k=8)
+    relu = jsdl.make_spec(activation="relu", n_latents=256, penalties={"l1": 1e-3})
+    assert big.sparse == "auto" and K.use_sparse(big, jnp.float32)
+    assert not K.use_sparse(big, jnp.float64)  # forward-mode autodiff (Hessians) needs the dense path
+    assert not K.use_sparse(small_ratio, jnp.float32)
+    assert not K.use_sparse(relu, jnp.float32)
+    assert not K.use_sparse(jsdl.make_spec(activation="topk", n_latents=256, k=8, sparse=False))
+    matry = jsdl.make_spec(method="matryoshka", activation="batchtopk", n_latents=256, k=8)
+    assert not K.use_sparse(matry, jnp.float32)
+    with pytest.raises(ValueError, match="sparse=True is not available"):
+        K.use_sparse(jsdl.make_spec(activation="relu", n_latents=64, sparse=True))
+    with pytest.raises(ValueError, match="sparse must be"):
+        jsdl.make_spec(activation="topk", n_latents=64, k=2, sparse="yes")
+    del d
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_impls_agree_with_autodiff_of_dense_gather(impl):
+    """Both kernel layouts give the VJP of the plain (dense) formula z[rows, cols] @ ... ."""
+    key = jax.random.PRNGKey(7)
+    B, d, n, k = 9, 6, 20, 3
+    ks = jax.random.split(key, 5)
+    x = jax.random.normal(ks[0], (B, d))
+    W = jax.random.normal(ks[1], (n, d))
+    b = jax.random.normal(ks[2], (n,))
+    cols = jax.random.randint(ks[3], (B, k), 0, n)  # repeats across rows exercise the scatter-add
+    rows = jax.random.randint(ks[4], (B, k), 0, B)
+
+    def ref(x, W, b):
+        z = x @ W.T + b
+        return z[rows, cols]
+
+    def ker(x, W, b):
+        return K.gather_preact(x, W, b, cols, rows, impl=impl)
+
+    ct = jax.random.normal(jax.random.PRNGKey(8), (B, k))
+    vr, fr = jax.vjp(ref, x, W, b)
+    vk, fk = jax.vjp(ker, x, W, b)
+    _assert_close(vk, vr, rtol=1e-5, atol=1e-5)
+    _assert_close(fk(ct), fr(ct), rtol=1e-5, atol=1e-5)
+
+    codes = K.SparseCodes(vals=ct, cols=cols, rows=rows, n_latents=n)
+    dense = K.densify(codes)
+
+    def dec_ref(vals, W):
+        return K.densify(K.SparseCodes(vals, cols, rows, n)) @ W
+
+    def dec_ker(vals, W):
+        return K.sparse_decode(K.SparseCodes(vals, cols, rows, n), W, impl=impl)
+
+    g = jax.random.normal(jax.random.PRNGKey(9), (B, d))
+    vr, fr = jax.vjp(dec_ref, ct, W)
+    vk, fk = jax.vjp(dec_ker, ct, W)
+    _assert_close(vk, vr, rtol=1e-5, atol=1e-5)
+    _assert_close(fk(g), fr(g), rtol=1e-5, atol=1e-5)
+    _assert_close(vk, dense @ W, rtol=1e-5, atol=1e-5)
+
+
+def _flat_topk_set(z, k):
+    B, n = z.shape
+    _, i = jax.lax.top_k(z.reshape(-1), k * B)
+    return set(np.asarray(i).tolist())
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_batchtopk_selection_is_exact(skewed):
+    """The two-stage selection equals the one-stage top-(kB) of the flat batch, including when one
+    row holds far more than its share (the fallback branch)."""
+    B, n, k = 16, 128, 3
+    z = jax.random.normal(jax.random.PRNGKey(10), (B, n))
+    if skewed:
+        z = z.at[0].add(100.0)  # row 0 owns all kB = 48 entries > cap = 4k = 12
+    vals, rows, cols = jax.jit(lambda z: K.select_batchtopk(z, k))(z)
+    got = set((np.asarray(rows) * n + np.asarray(cols)).reshape(-1).tolist())
+    assert got == _flat_topk_set(z, k)
+    np.testing.assert_array_equal(vals, z[rows, cols])
+    if skewed:
+        assert np.all(np.asarray(rows) == 0)
+
+
+def test_sparse_loss_under_vmap_and_grad_matches_loop():
+    """Populations vmap the loss over stacked params: the sparse kernels must batch."""
+    d, n_q, k, B, P = 6, 64, 4, 16, 3
+    spec = jsdl.make_spec(activation="batchtopk", n_latents=n_q, k=k, sparse=True)
+    keys = jax.random.split(jax.random.PRNGKey(11), P)
+    params = jax.vmap(lambda kk: jsdl.init_params(kk, spec, d))(keys)
+    batch = _batch(jax.random.PRNGKey(12), B, d)
+    f = lambda p: jsdl.sdl_loss(p, batch, spec)[0]
+    gv = jax.jit(jax.vmap(jax.grad(f)))(params)
+    for i in range(P):
+        gi = jax.grad(f)(jax.tree.map(lambda a: a[i], params))
+        _assert_close(jax.tree.map(lambda a: a[i], gv), gi, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_path_does_not_densify():
+    """The compiled sparse value-and-grad holds no dot product of the dictionary size except the
+    encoder forward (one [B, n_p] x [n_p, n_q] matmul), where the dense path has five."""
+    d, n_q, k, B = 16, 256, 4, 32
+    sp, de = _spec_pair(activation="topk", n_latents=n_q, k=k)
+    params = jsdl.init_params(jax.random.PRNGKey(0), sp, d)
+    batch = _batch(jax.random.PRNGKey(1), B, d)
+
+    def n_big_dots(spec):
+        fn = jax.value_and_grad(lambda p: jsdl.sdl_loss(p, batch, spec)[0])
+        jaxpr = jax.make_jaxpr(fn)(params)
+        count = 0
+
+        def walk(jp):
+            nonlocal count
+            for eqn in jp.eqns:
+                if eqn.primitive.name == "dot_general":
+                    shapes = [v.aval.shape for v in eqn.invars]
+                    if any(n_q in s for s in shapes):
+                        count += 1
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+
+        walk(jaxpr.jaxpr)
+        return count
+
+    assert n_big_dots(sp) == 1
+    assert n_big_dots(de) >= 4
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_dynamic_k_population_activation_matches_dense(activation):
+    """jsdl.train's varying-k activation (traced k <= k_max) gives the same loss/grads sparse and dense."""
+    from jsdl.train.step import with_dynamic_k
+
+    d, n_q, k_max, B = 8, 64, 6, 24
+    sp, de = _spec_pair(activation=activation, n_latents=n_q, k=k_max)
+    params = _perturb(jax.random.PRNGKey(13), jsdl.init_params(jax.random.PRNGKey(14), sp, d))
+    batch = _batch(jax.random.PRNGKey(15), B, d)
+    for k in (2, 5):
+        ls, auxs, gs = _loss_and_grads(with_dynamic_k(sp, jnp.int32(k)), params, batch)
+        ld, auxd, gd = _loss_and_grads(with_dynamic_k(de, jnp.int32(k)), params, batch)
+        assert K.use_sparse(with_dynamic_k(sp, jnp.int32(k)))
+        np.testing.assert_allclose(ls, ld, rtol=1e-5)
+        np.testing.assert_allclose(auxs["l0"], auxd["l0"], rtol=1e-6)
+        _assert_close(gs, gd, rtol=1e-4, atol=1e-5)
