@@ -164,6 +164,7 @@ def _loop(stepper: Stepper, state: TrainState, data, data_mode: str, anchors, co
             it = itertools.islice(it, start, None)
     data_arg = stepper.place_data(data) if data_mode == "bench" else None
     metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
+    lr_host = np.asarray(jax.device_get(state.hyper["lr"]), np.float64)
     diverged: dict[int, int] = {}
 
     from tqdm.auto import tqdm
@@ -200,7 +201,7 @@ def _loop(stepper: Stepper, state: TrainState, data, data_mode: str, anchors, co
             last = t == end
             do_ckpt = ckpt is not None and ((config.checkpoint_every and t % config.checkpoint_every == 0) or last)
             if t % config.log_every == 0 or last or do_ckpt:
-                lr_now = jax.device_get(state.hyper["lr"] * lr_multiplier(jnp.asarray(t - 1), config))
+                lr_now = lr_host * float(lr_multiplier(t - 1, config, xp=np))
                 rows, bad = _rows(state.metrics, t, lr_now, time.perf_counter() - t0, population)
                 state = state.replace(metrics=stepper.reset_metrics(state.metrics))
                 for i, row in enumerate(rows):
@@ -480,7 +481,7 @@ def fit(
         history = {k: list(v) for k, v in meta["history"][0].items()}
         _truncate_metrics(out_dir, int(meta["step"]))
     else:
-        state = make()
+        state = jax.jit(make)()  # one compile instead of many small eager ones
     stepper = Stepper(spec, config, data_mode=mode, devices=devices, bench=data if mode == "bench" else None)
     state = stepper.place_state(state)
     meta = {"spec": spec_rec, "config": to_dict(config)}
@@ -668,7 +669,7 @@ def fit_population(
         histories = [{k: list(v) for k, v in h.items()} for h in meta["history"]]
         _truncate_metrics(out_dir, int(meta["step"]))
     else:
-        state = make()
+        state = jax.jit(make)()
     stepper = Stepper(run_spec, config, data_mode=mode, n_members=P, devices=devices,
                       bench=data if mode == "bench" else None)
     state = stepper.place_state(state)

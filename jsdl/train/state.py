@@ -107,20 +107,20 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts) if parts else optax.identity()
 
 
-def lr_multiplier(step: jax.Array, config: TrainConfig) -> jax.Array:
+def lr_multiplier(step, config: TrainConfig, xp=jnp):
     """Schedule factor in [min_lr_ratio, 1]: linear warm-up, then constant / linear / cosine decay
-    from ``decay_start * steps`` to ``steps``."""
-    t = step.astype(jnp.float32)
-    warm = jnp.minimum(1.0, (t + 1.0) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
+    from ``decay_start * steps`` to ``steps``. ``xp=numpy`` evaluates it on the host."""
+    t = xp.asarray(step).astype(xp.float32)
+    warm = xp.minimum(1.0, (t + 1.0) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
     if config.decay == "constant":
-        return warm * jnp.ones_like(t)
+        return warm * xp.ones_like(t)
     start = max(float(config.decay_start * config.steps), float(config.warmup_steps))
     span = max(config.steps - start, 1.0)
-    frac = jnp.clip((t - start) / span, 0.0, 1.0)
+    frac = xp.clip((t - start) / span, 0.0, 1.0)
     if config.decay == "linear":
         shape = 1.0 - frac
     else:
-        shape = 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        shape = 0.5 * (1.0 + xp.cos(xp.pi * frac))
     return warm * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape)
 
 

@@ -157,7 +157,7 @@ def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: Trai
         ema = jnp.where(step == 0, th, (1.0 - r) * params.threshold + r * th)
         new = new.replace(threshold=jnp.broadcast_to(ema, params.threshold.shape))
 
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
     new = keep(new, params)
     opt_state = keep(opt_state, state.opt_state)
@@ -226,9 +226,10 @@ class Stepper:
         res = lambda k, s, b: resample_dead(k, s, b, spec, config)  # noqa: E731
         self._one = jax.vmap(one, in_axes=(0, None, None)) if self.population else one
         self._res = jax.vmap(res, in_axes=(0, 0, None)) if self.population else res
-        self.step = jax.jit(self._step_fn)
-        self.resample = jax.jit(self._resample_fn)
-        self.reset_metrics = jax.jit(zero_metrics)
+        # Fixed output shardings equal to the input ones: the step is compiled exactly once.
+        self.step = jax.jit(self._step_fn, out_shardings=self.state_sharding)
+        self.resample = jax.jit(self._resample_fn, out_shardings=self.state_sharding)
+        self.reset_metrics = jax.jit(zero_metrics, out_shardings=self.state_sharding)
 
     # state helpers -------------------------------------------------------------------------
     def place_state(self, state: TrainState) -> TrainState:

@@ -1,0 +1,482 @@
+"""Training engine (issue 4): fit, populations, resume, dead latents, anchoring, errors, CLI.
+
+Sizes are tiny so the default suite stays fast; the minutes-long recovery check is marked slow."""
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import struct
+
+import jsdl
+from jsdl.train import (
+    CheckpointError,
+    Grid,
+    NonFiniteLossError,
+    TrainConfig,
+    anchors_from_class_means,
+    fit,
+    fit_population,
+    load_run,
+    member,
+    population_data_key,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# a small in-test bench (same interface as jsdl.data.Bench: W_p [n_p, n], W_r [n_r, n], sample)
+# ----------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class ToyBench:
+    W_p: jax.Array
+    W_r: jax.Array
+    sparsity: float = struct.field(pytree_node=False, default=0.95)
+    n_sources: int = struct.field(pytree_node=False, default=1)
+
+    def sample(self, key, batch_size):
+        k1, k2 = jax.random.split(key)
+        n = self.W_p.shape[1]
+        on = jax.random.uniform(k1, (batch_size, n)) > self.sparsity
+        f = on * jax.random.uniform(k2, (batch_size, n), minval=0.5, maxval=1.0)
+        return jsdl.Batch(f @ self.W_p.T, f @ self.W_r.T, f)
+
+
+def _unit(key, d, n):
+    W = jax.random.normal(key, (d, n))
+    return W / jnp.linalg.norm(W, axis=0)
+
+
+def toy(key=jax.random.PRNGKey(1), n=24, d=16, sparsity=0.9, d_target=None, n_sources=1, orthogonal=False):
+    k1, k2 = jax.random.split(key)
+    if orthogonal:  # an orthonormal basis (n = d): features span the space, no interference
+        Q, _ = jnp.linalg.qr(jax.random.normal(k1, (d, d)))
+        return ToyBench(Q, Q, sparsity)
+    if n_sources > 1:
+        W = jnp.concatenate([_unit(k, d, n) for k in jax.random.split(k1, n_sources)], axis=0)
+        return ToyBench(W, W, sparsity, n_sources)
+    W_p = _unit(k1, d, n)
+    W_r = W_p if d_target is None else _unit(k2, d_target, n)
+    return ToyBench(W_p, W_r, sparsity)
+
+
+def m_gt(W_E, W_p, tau=0.9):
+    """Fraction of ground-truth features with an encoder row of cosine >= tau."""
+    E = W_E / jnp.linalg.norm(W_E, axis=1, keepdims=True)
+    F = W_p / jnp.linalg.norm(W_p, axis=0, keepdims=True)
+    return float(jnp.mean(jnp.max(E @ F, axis=0) >= tau))
+
+
+CFG = TrainConfig(steps=60, batch_size=64, learning_rate=3e-3, log_every=10, progress=False, plots=False)
+
+
+def close(a, b, atol=1e-5, rtol=1e-5):
+    chex.assert_trees_all_close(a, b, atol=atol, rtol=rtol)
+
+
+# ----------------------------------------------------------------------------------------------
+# it trains
+# ----------------------------------------------------------------------------------------------
+
+
+def test_topk_sae_recovers_features_small():
+    """Fast variant of the issue's recovery check: a TopK SAE recovers the toy features
+    (encoder rows at cosine >= 0.9; with n = d the data spans the space, so encoder rows have no
+    untrained component outside it)."""
+    b = toy(d=16, sparsity=0.9, orthogonal=True)
+    spec = jsdl.make_spec(activation="topk", n_latents=32, k=3)
+    assert m_gt(jsdl.init_params(jax.random.PRNGKey(0), spec, 16).W_E, b.W_p) < 0.5  # not trivially true
+    cfg = dataclasses.replace(CFG, steps=300, batch_size=128, learning_rate=1e-2, log_every=100)
+    state, hist = fit(jax.random.PRNGKey(0), spec, b, cfg)
+    assert hist["loss"][-1] < 0.5 * hist["loss"][0]
+    assert m_gt(state.params.W_E, b.W_p) >= 0.9
+    assert state.params.W_E.shape == (32, 16)
+    assert int(state.step) == 300
+    assert hist["step"] == [100, 200, 300]
+
+
+def test_relu_l1_trains_and_reconstruction_falls():
+    b = toy()
+    spec = jsdl.make_spec(activation="relu", n_latents=48, penalties={"l1": 1e-3})
+    _, hist = fit(jax.random.PRNGKey(0), spec, b, dataclasses.replace(CFG, steps=100))
+    assert hist["mse"][-1] < 0.5 * hist["mse"][0]
+    assert all(np.isfinite(hist["loss"]))
+    assert set(hist["summary"]) >= {"final", "steps_per_s", "compile_s"}
+
+
+@pytest.mark.parametrize("method,kw,bench_kw", [
+    ("transcoder", {}, {"d_target": 12}),
+    ("skip_transcoder", {}, {"d_target": 12}),
+    ("crosscoder", {"n_sources": 2}, {"n_sources": 2}),
+])
+def test_transcoder_and_crosscoder_train_through_fit(method, kw, bench_kw):
+    b = toy(**bench_kw)
+    spec = jsdl.make_spec(method=method, activation="topk", n_latents=32, k=4, **kw)
+    state, hist = fit(jax.random.PRNGKey(0), spec, b, dataclasses.replace(CFG, steps=80))
+    assert hist["mse"][-1] < 0.7 * hist["mse"][0]
+    assert state.params.decoder.shape == (b.W_r.shape[0], 32)
+
+
+def test_iterator_of_batches_and_unit_decoder_norm():
+    b = toy()
+    batches = [b.sample(jax.random.PRNGKey(i), 64) for i in range(30)]
+    spec = jsdl.make_spec(activation="relu", n_latents=32, penalties={"l1": 1e-3})
+    cfg = dataclasses.replace(CFG, steps=30, decoder_norm="unit", warmup_steps=5, decay="cosine",
+                              coef_warmup_steps=10)
+    state, hist = fit(jax.random.PRNGKey(0), spec, iter(batches), cfg)
+    norms = jnp.linalg.norm(state.params.W_D, axis=0)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    assert hist["lr"][-1] < cfg.learning_rate  # cosine decay applied
+
+
+def test_iterator_exhausted_stops_with_warning():
+    b = toy()
+    batches = [b.sample(jax.random.PRNGKey(i), 64) for i in range(12)]
+    spec = jsdl.make_spec(activation="relu", n_latents=16)
+    with pytest.warns(UserWarning, match="ran out after 12 steps"):
+        state, _ = fit(jax.random.PRNGKey(0), spec, batches, CFG)
+    assert int(state.step) == 12
+
+
+def test_jumprelu_thresholds_positive_and_batchtopk_threshold_tracked():
+    b = toy()
+    spec = jsdl.make_spec(activation="jumprelu", n_latents=32, penalties={"l0": 1.0}, threshold=0.01, bandwidth=0.05)
+    state, _ = fit(jax.random.PRNGKey(0), spec, b, dataclasses.replace(CFG, learning_rate=5e-2))
+    assert bool(jnp.all(state.params.threshold >= CFG.min_threshold))
+
+    spec = jsdl.make_spec(activation="batchtopk", n_latents=32, k=3)
+    state, _ = fit(jax.random.PRNGKey(0), spec, b, dataclasses.replace(CFG, threshold_rate=0.5))
+    th = state.params.threshold
+    assert float(th[0]) > 0 and bool(jnp.all(th == th[0]))  # a global threshold, estimated not trained
+    # The inference threshold gives codes with roughly the training sparsity.
+    x = b.sample(jax.random.PRNGKey(9), 512).x_p
+    l0_inf = float(jnp.mean(jnp.sum(jsdl.encode(state.params, x, spec, inference=True) > 0, -1)))
+    assert 1.0 <= l0_inf <= 9.0
+
+
+def test_step_compiles_once():
+    from jsdl.train import Stepper, init_state
+
+    b = toy()
+    spec = jsdl.make_spec(activation="topk", n_latents=16, k=2)
+    st = Stepper(spec, CFG, data_mode="bench", bench=b)
+    s = st.place_state(init_state(jax.random.PRNGKey(0), spec, CFG, 16))
+    d = st.place_data(b)
+    for _ in range(5):
+        s = st.step(s, d, None)
+    assert st.step._cache_size() == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# populations
+# ----------------------------------------------------------------------------------------------
+
+
+def _member_run(key, m, spec, data, cfg):
+    return fit(jnp.asarray(m["key"], jnp.uint32), spec, data, dataclasses.replace(cfg, learning_rate=m["learning_rate"]),
+               data_key=population_data_key(key))
+
+
+def test_population_equals_separate_runs_coefs_seeds_lrs():
+    b = toy()
+    key = jax.random.PRNGKey(3)
+    spec = jsdl.make_spec(activation="relu", n_latents=32, penalties={"l1": 1e-3})
+    grid = Grid(spec, seeds=[0, 5], coefs={"l1": [1e-3, 3e-2]}, learning_rate=[1e-3, 3e-3])
+    cfg = dataclasses.replace(CFG, steps=40)
+    states, hists = fit_population(key, grid, b, cfg)
+    assert len(hists) == 8 and states.params.W_E.shape == (8, 32, 16)
+    # Members differ (otherwise the test could not fail).
+    assert float(jnp.max(jnp.abs(states.params.W_E[0] - states.params.W_E[3]))) > 1e-3
+    for i in (0, 3, 6):
+        m = hists[i]["member"]
+        si = jsdl.make_spec(activation="relu", n_latents=32, penalties={"l1": m["coefs"]["l1"]})
+        s, h = _member_run(key, m, si, b, cfg)
+        close(member(states, i).params, s.params)
+        close(member(states, i).dead, s.dead)
+        np.testing.assert_allclose(hists[i]["loss"], h["loss"], rtol=1e-5)
+
+
+def test_population_varying_k_equals_separate_runs():
+    b = toy()
+    key = jax.random.PRNGKey(4)
+    spec = jsdl.make_spec(activation="topk", n_latents=32, k=6)
+    states, hists = fit_population(key, {"spec": spec, "seeds": [1], "k": [2, 6]}, b, CFG)
+    for i, k in enumerate((2, 6)):
+        m = hists[i]["member"]
+        assert m["k"] == k
+        s, h = _member_run(key, m, jsdl.make_spec(activation="topk", n_latents=32, k=k), b, CFG)
+        close(member(states, i).params, s.params)
+        np.testing.assert_allclose(hists[i]["l0"], h["l0"], rtol=1e-6)
+    assert hists[0]["l0"][-1] <= 2.0 + 1e-6 < hists[1]["l0"][-1]
+
+
+def test_population_rejects_structurally_different_specs():
+    a = jsdl.make_spec(activation="topk", n_latents=32, k=2)
+    c = jsdl.make_spec(activation="topk", n_latents=16, k=2)
+    with pytest.raises(ValueError, match="may differ only"):
+        fit_population(jax.random.PRNGKey(0), [a, c], toy(), CFG)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints and resume
+# ----------------------------------------------------------------------------------------------
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    b = toy()
+    spec = jsdl.make_spec(activation="topk", n_latents=32, k=3, aux_k=8, aux_coef=1 / 32)
+    cfg = dataclasses.replace(CFG, steps=60, checkpoint_every=20, dead_window=10, resample_every=25,
+                              keep_checkpoints=2)
+    key = jax.random.PRNGKey(7)
+    full, hfull = fit(key, spec, b, cfg)
+    d = str(tmp_path / "run")
+    part, _ = fit(key, spec, b, cfg, out_dir=d, stop_at=40)
+    assert int(part.step) == 40
+    assert sorted(int(s) for s in os.listdir(os.path.join(d, "checkpoints")) if s.isdigit()) == [20, 40]
+    res, hres = fit(key, spec, b, cfg, out_dir=d, resume=True)
+    assert int(res.step) == int(full.step) == 60
+    close(res.params, full.params)
+    close(res.opt_state, full.opt_state)
+    chex.assert_trees_all_equal(res.dead.since_fired, full.dead.since_fired)
+    close(res.dead, full.dead)
+    chex.assert_trees_all_equal(res.key, full.key)
+    np.testing.assert_allclose(hres["loss"], hfull["loss"], rtol=1e-5)
+    # keep the last N
+    steps = sorted(int(s) for s in os.listdir(os.path.join(d, "checkpoints")) if s.isdigit())
+    assert steps == [40, 60]
+    # the run loads without spec or config
+    params, spec2, info = load_run(d)
+    assert spec2 == spec and info["step"] == 60
+    close(params, full.params)
+    assert isinstance(info["config"], TrainConfig) and info["config"] == cfg
+    assert os.path.isfile(os.path.join(d, "metrics.jsonl"))
+    rows = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == hfull["step"]
+
+
+def test_resume_with_iterator_skips_consumed_batches(tmp_path):
+    b = toy()
+    batches = [b.sample(jax.random.PRNGKey(i), 64) for i in range(30)]
+    spec = jsdl.make_spec(activation="relu", n_latents=16, penalties={"l1": 1e-3})
+    cfg = dataclasses.replace(CFG, steps=30, checkpoint_every=10)
+    full, _ = fit(jax.random.PRNGKey(0), spec, iter(batches), cfg)
+    d = str(tmp_path / "r")
+    fit(jax.random.PRNGKey(0), spec, iter(batches), cfg, out_dir=d, stop_at=20)
+    res, _ = fit(jax.random.PRNGKey(0), spec, iter(batches), cfg, out_dir=d, resume=True)
+    close(res.params, full.params)
+
+
+def test_population_checkpoint_roundtrip(tmp_path):
+    spec = jsdl.make_spec(activation="relu", n_latents=16, penalties={"l1": 1e-3})
+    d = str(tmp_path / "pop")
+    states, hists = fit_population(jax.random.PRNGKey(0), Grid(spec, seeds=[0, 1], coefs={"l1": [1e-3, 1e-2]}),
+                                   toy(), dataclasses.replace(CFG, steps=20), out_dir=d)
+    params, spec2, info = load_run(d)
+    close(params, states.params)
+    assert len(info["members"]) == 4
+
+
+def test_missing_and_corrupt_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_run(str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="not a jsdl run directory"):
+        load_run(str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        fit(jax.random.PRNGKey(0), jsdl.make_spec(n_latents=8), toy(), CFG, out_dir=str(tmp_path / "nope"),
+            resume=True)
+    d = str(tmp_path / "run")
+    spec = jsdl.make_spec(activation="topk", n_latents=16, k=2)
+    fit(jax.random.PRNGKey(0), spec, toy(), dataclasses.replace(CFG, steps=10), out_dir=d)
+    step_dir = os.path.join(d, "checkpoints", "10")
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_run(d)
+    shutil.rmtree(os.path.join(d, "checkpoints"))
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        load_run(d)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        d2 = str(tmp_path / "run2")
+        fit(jax.random.PRNGKey(0), spec, toy(), dataclasses.replace(CFG, steps=10), out_dir=d2)
+        fit(jax.random.PRNGKey(0), spec, toy(), dataclasses.replace(CFG, steps=10), out_dir=d2)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    b = toy()
+    good = [b.sample(jax.random.PRNGKey(i), 64) for i in range(40)]
+    bad = jsdl.Batch(jnp.full_like(good[0].x_p, jnp.nan))
+    data = good[:17] + [bad] + good[17:]
+    spec = jsdl.make_spec(activation="relu", n_latents=16, penalties={"l1": 1e-3})
+    d = str(tmp_path / "nan")
+    cfg = dataclasses.replace(CFG, steps=40, log_every=5, checkpoint_every=10)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 17 .*last good checkpoint is step 10"):
+        fit(jax.random.PRNGKey(0), spec, data, cfg, out_dir=d)
+    params, _, info = load_run(d)
+    assert info["step"] == 10
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+# ----------------------------------------------------------------------------------------------
+# dead latents, AuxK, ghost grads, anchoring
+# ----------------------------------------------------------------------------------------------
+
+
+def _dead_setting():
+    # Few features and a strong L1: most of the 64 latents die early (a setting built to have them).
+    b = toy(n=8, d=16, sparsity=0.7)
+    spec = jsdl.make_spec(activation="relu", n_latents=64, penalties={"l1": 0.3})
+    cfg = dataclasses.replace(CFG, steps=150, batch_size=128, learning_rate=1e-2, dead_window=20, log_every=10)
+    return b, spec, cfg
+
+
+def test_resampling_revives_dead_latents():
+    b, spec, cfg = _dead_setting()
+    s0, h0 = fit(jax.random.PRNGKey(0), spec, b, cfg)
+    s1, h1 = fit(jax.random.PRNGKey(0), spec, b, dataclasses.replace(cfg, resample_every=60, resample_scale=1.0))
+    assert h0["dead_frac"][5] > 0.3  # the setting has dead latents before any resampling
+    np.testing.assert_allclose(h0["dead_frac"][:5], h1["dead_frac"][:5])  # identical until the first resample
+    dead0 = jnp.mean(jsdl.train.dead_mask(s0.dead, cfg))
+    dead1 = jnp.mean(jsdl.train.dead_mask(s1.dead, cfg))
+    assert float(dead1) < float(dead0)
+
+
+def test_resample_dead_unit():
+    """Dead latents get new encoder rows/decoder columns from the batch and zeroed Adam moments;
+    alive latents are untouched."""
+    from jsdl.train import init_state, resample_dead
+
+    b = toy()
+    spec = jsdl.make_spec(activation="relu", n_latents=16)
+    cfg = dataclasses.replace(CFG, dead_window=5)
+    s = init_state(jax.random.PRNGKey(0), spec, cfg, 16)
+    dead = jnp.arange(16) < 4
+    s = s.replace(dead=s.dead.replace(since_fired=jnp.where(dead, 10, 0)),
+                  opt_state=jax.tree.map(lambda x: jnp.ones_like(x) if x.ndim else x, s.opt_state))
+    batch = b.sample(jax.random.PRNGKey(1), 64)
+    r = resample_dead(jax.random.PRNGKey(2), s, batch, spec, cfg)
+    np.testing.assert_array_equal(r.params.W_E[4:], s.params.W_E[4:])
+    assert float(jnp.min(jnp.abs(r.params.W_E[:4] - s.params.W_E[:4]).sum(1))) > 0
+    np.testing.assert_allclose(jnp.linalg.norm(r.params.W_D[:, :4], axis=0), 1.0, rtol=1e-5)
+    mu = r.opt_state[0].mu
+    assert float(jnp.abs(mu.W_E[:4]).max()) == 0.0 and float(jnp.abs(mu.W_E[4:]).min()) == 1.0
+    assert int(r.dead.since_fired[:4].max()) == 0
+
+
+@pytest.mark.parametrize("ghost", [False, True])
+def test_auxk_and_ghost_grads_act_on_dead_latents(ghost):
+    b, spec, cfg = _dead_setting()
+    if ghost:
+        cfg = dataclasses.replace(cfg, ghost_grads=True, steps=60)
+        key = "ghost"
+    else:
+        spec = jsdl.make_spec(activation="topk", n_latents=64, k=1, aux_k=16, aux_coef=1.0)
+        cfg = dataclasses.replace(cfg, steps=60)
+        key = "auxk"
+    _, h = fit(jax.random.PRNGKey(0), spec, b, cfg)
+    assert max(h[key]) > 0 and all(np.isfinite(h[key]))
+
+
+def test_anchoring_pulls_anchored_rows_to_anchors():
+    b = toy(n=24, d=16)
+    spec = jsdl.make_spec(activation="topk", n_latents=32, k=3)
+    cfg = dataclasses.replace(CFG, steps=150, anchors=4, anchor_coef=1.0)
+    s1, h1 = fit(jax.random.PRNGKey(0), spec, b, cfg)
+    s0, _ = fit(jax.random.PRNGKey(0), spec, b, dataclasses.replace(cfg, anchors=0))
+    feats = np.asarray(h1["summary"]["anchor_features"])
+    target = (b.W_p[:, feats] / jnp.linalg.norm(b.W_p[:, feats], axis=0)).T
+    d1 = float(jnp.linalg.norm(s1.params.W_E[:4] - target))
+    d0 = float(jnp.linalg.norm(s0.params.W_E[:4] - target))
+    assert d1 < 0.1 and d1 < 0.1 * d0
+    assert h1["anchor"][-1] < h1["anchor"][0]
+
+
+def test_anchors_from_class_means():
+    x = jnp.asarray([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    a = anchors_from_class_means(x, [0, 0, 1], coef=0.5)
+    np.testing.assert_allclose(a.w_p, [[1.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_array_equal(a.latents, [0, 1])
+    with pytest.raises(ValueError, match="labels"):
+        anchors_from_class_means(x, [0, 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# config and data errors (before compiling)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_config_type_and_value_errors():
+    with pytest.raises(TypeError, match=r"train.steps must be of type int"):
+        TrainConfig(steps="100")
+    with pytest.raises(TypeError, match=r"train.ghost_grads"):
+        TrainConfig(ghost_grads="yes")
+    with pytest.raises(ValueError, match="decoder_norm must be one of none, unit"):
+        TrainConfig(decoder_norm="l2")
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        TrainConfig(learning_rate=0.0)
+    assert TrainConfig(learning_rate=1).learning_rate == 1.0 and isinstance(TrainConfig(learning_rate=1).learning_rate, float)
+
+
+def test_fit_argument_errors():
+    spec = jsdl.make_spec(n_latents=8)
+    b = toy()
+    with pytest.raises(TypeError, match="single jsdl.Batch"):
+        fit(jax.random.PRNGKey(0), spec, b.sample(jax.random.PRNGKey(0), 64), CFG)
+    with pytest.raises(TypeError, match="TrainConfig"):
+        fit(jax.random.PRNGKey(0), spec, b, {"steps": 3})
+    with pytest.raises(ValueError, match="batch_size=64"):
+        fit(jax.random.PRNGKey(0), spec, [b.sample(jax.random.PRNGKey(0), 32)], CFG)
+    with pytest.raises(ValueError, match="input width"):
+        fit(jax.random.PRNGKey(0), jsdl.make_spec(method="transcoder", n_latents=8), [jsdl.Batch(jnp.zeros((64, 4)))],
+            CFG)
+
+
+def test_yaml_config_errors(tmp_path):
+    from jsdl.train.cli import config_from_dict, load_config
+
+    with pytest.raises(ValueError, match=r"unknown key\(s\) train.stepz; valid keys of 'train': steps, batch_size"):
+        config_from_dict({"train": {"stepz": 3}})
+    with pytest.raises(ValueError, match="valid keys: seed, out_dir, spec, data, train, population"):
+        config_from_dict({"trian": {}})
+    with pytest.raises(TypeError, match="spec.n_latents must be of type int"):
+        config_from_dict({"spec": {"n_latents": "many"}})
+    with pytest.raises(TypeError, match="train.batch_size"):
+        config_from_dict({}, ["train.batch_size=big"])
+    cfg = config_from_dict({"spec": {"activation": "topk", "k": 4}}, ["train.steps=7", "seed=3"])
+    assert cfg.train.steps == 7 and cfg.seed == 3 and cfg.spec.build().activation.hyper_dict()["k"] == 4
+    p = tmp_path / "c.yaml"
+    p.write_text("spec: [1, 2]\n")
+    with pytest.raises(TypeError, match="section 'spec' must be a mapping"):
+        load_config(str(p))
+
+
+def test_example_config_parses():
+    from jsdl.train.cli import load_config
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "train_topk.yaml")
+    cfg = load_config(path)
+    spec = cfg.spec.build()
+    assert spec.activation.name == "topk" and cfg.train.steps > 0
+
+
+@pytest.mark.slow
+def test_topk_recovery_issue_setting():
+    """The issue's check: TopK SAE, n=100, d=64, S=0.99, M=0.1, n_q=400 reaches M_GT(0.9) >= 0.9."""
+    from jsdl.data import make_bench
+    from jsdl.metrics import feature_recovery
+
+    b = make_bench(jax.random.PRNGKey(0), n_features=100, d_input=64, max_interference=0.1, sparsity=0.99)
+    spec = jsdl.make_spec(activation="topk", n_latents=400, k=4)
+    cfg = TrainConfig(steps=3000, batch_size=1024, learning_rate=3e-3, log_every=500, progress=False, plots=False)
+    state, hist = fit(jax.random.PRNGKey(0), spec, b, cfg)
+    rec = feature_recovery(state.params, b, threshold=0.9)
+    assert rec["m_gt"] >= 0.9, rec
