@@ -639,7 +639,7 @@ class ActivationFiles:
                 step = max(1, (1 << 24) // max(1, sh.d * sh.dtype.itemsize))  # ~16 MB reads
                 for a in range(0, sh.n_rows, step):
                     x = sh.read(a, min(a + step, sh.n_rows))
-                    rows = np.nonzero(~np.isfinite(x.astype(np.float32, copy=False)).all(axis=1))[0]
+                    rows = np.nonzero(~np.isfinite(x.astype(self.dtype, copy=False)).all(axis=1))[0]  # as emitted
                     if rows.size:
                         self.nonfinite_report[sh.name] = self.nonfinite_report.get(sh.name, 0) + int(rows.size)
                         bad.append(rows + a + int(s.starts[i]))
