@@ -396,7 +396,7 @@ def test_fit_from_shards_equals_fit_from_memory(tmp_path):
 
     import jsdl
     from jsdl.objective import Batch
-    from jsdl.train import TrainConfig, fit, fit_population
+    from jsdl.train import TrainConfig, fit
 
     x = _x(n=2400, d=10)
     F.write_shards(tmp_path, x, rows_per_shard=700, format="safetensors")
@@ -412,7 +412,24 @@ def test_fit_from_shards_equals_fit_from_memory(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert h1["loss"] == h2["loss"]
     assert not np.array_equal(np.asarray(s1.params.W_E), np.asarray(jsdl.init_params(jax.random.PRNGKey(9), spec, 10).W_E))
-    # fit_population takes the same stream
-    grid = jsdl.train.Grid(spec, seeds=[0, 1])
-    states, hists = fit_population(key, grid, disk.batches(48, seed=11), cfg)
+
+
+@pytest.mark.slow
+def test_fit_population_from_shards(tmp_path):
+    import jax
+
+    import jsdl
+    from jsdl.train import TrainConfig, fit, fit_population, member
+
+    x = _x(n=2400, d=10)
+    F.write_shards(tmp_path, x, rows_per_shard=700)
+    disk = F.ActivationFiles(tmp_path, **OPTS)
+    spec = jsdl.make_spec("sae", "topk", n_latents=24, k=3)
+    cfg = TrainConfig(steps=12, batch_size=48, learning_rate=3e-3, log_every=4, plots=False, progress=False)
+    key = jax.random.PRNGKey(0)
+    states, hists = fit_population(key, jsdl.train.Grid(spec, seeds=[0, 1]), disk.batches(48, seed=11), cfg)
     assert states.params.W_E.shape == (2, 24, 10) and len(hists) == 2
+    # member i equals a single fit on the same stream with the member's key
+    mk = jax.numpy.asarray(hists[1]["member"]["key"], jax.numpy.uint32)
+    s1, _ = fit(mk, spec, disk.batches(48, seed=11), cfg, data_key=jsdl.train.population_data_key(key))
+    np.testing.assert_allclose(np.asarray(member(states, 1).params.W_E), np.asarray(s1.params.W_E), rtol=1e-5, atol=1e-6)
