@@ -314,26 +314,47 @@ def run(config: dict, out_dir: str, *, key) -> dict:
 
     t0 = time.time()
     seed = int(config.get("seed", 0))
-    texts, available = gather_texts(int(config["texts_per_class"]), seed)
-    try:
-        acts, text_id, pos, tokens, model_info = extract_minilm(texts, int(config["layer"]), int(config["max_tokens"]))
-    except RuntimeError:
-        if not config.get("allow_standin", False):
-            raise
-        acts, text_id, pos, tokens, model_info = standin_activations(texts, seed)
-    labels = np.array([texts[t][0] for t in text_id], np.int32)
-    t_extract = time.time() - t0
-
     shard_dir = os.path.join(out_dir, "activations")
-    if os.path.isdir(shard_dir):
-        for f in glob.glob(os.path.join(shard_dir, "*")):
-            os.remove(f)
-    write_shards(shard_dir, acts, rows_per_shard=int(config["rows_per_shard"]), format=config.get("shard_format", "npy"),
-                 dtype=config.get("shard_dtype"))
-    np.savez(os.path.join(out_dir, "rows.npz"), labels=labels, text_id=text_id, pos=pos)
-    with open(os.path.join(out_dir, "texts.json"), "w") as f:
-        json.dump([{"label": CLASSES[c], "source": s, "tokens": tk} for (c, s, _), tk in zip(texts, tokens)], f)
-    del acts
+    # Extraction is the slow part: reuse the shards of an earlier run with the same settings.
+    fingerprint = {k: config.get(k) for k in ("seed", "texts_per_class", "layer", "max_tokens", "rows_per_shard",
+                                              "shard_format", "shard_dtype", "allow_standin")}
+    cache = os.path.join(out_dir, "extraction.json")
+    cached = None
+    if os.path.isfile(cache) and os.path.isfile(os.path.join(out_dir, "rows.npz")):
+        with open(cache) as f:
+            cached = json.load(f)
+        if cached.get("fingerprint") != fingerprint:
+            cached = None
+    if cached is not None:
+        rows = np.load(os.path.join(out_dir, "rows.npz"))
+        labels, text_id, pos = rows["labels"], rows["text_id"], rows["pos"]
+        with open(os.path.join(out_dir, "texts.json")) as f:
+            tokens = [t["tokens"] for t in json.load(f)]
+        model_info, available, n_texts = cached["model"], cached["paragraphs_available"], cached["texts"]
+        t_extract = cached["extract_seconds"]
+    else:
+        texts, available = gather_texts(int(config["texts_per_class"]), seed)
+        try:
+            acts, text_id, pos, tokens, model_info = extract_minilm(texts, int(config["layer"]), int(config["max_tokens"]))
+        except RuntimeError:
+            if not config.get("allow_standin", False):
+                raise
+            acts, text_id, pos, tokens, model_info = standin_activations(texts, seed)
+        labels = np.array([texts[t][0] for t in text_id], np.int32)
+        t_extract = round(time.time() - t0, 1)
+        if os.path.isdir(shard_dir):
+            for f in glob.glob(os.path.join(shard_dir, "*")):
+                os.remove(f)
+        write_shards(shard_dir, acts, rows_per_shard=int(config["rows_per_shard"]),
+                     format=config.get("shard_format", "npy"), dtype=config.get("shard_dtype"))
+        np.savez(os.path.join(out_dir, "rows.npz"), labels=labels, text_id=text_id, pos=pos)
+        with open(os.path.join(out_dir, "texts.json"), "w") as f:
+            json.dump([{"label": CLASSES[c], "source": s, "tokens": tk} for (c, s, _), tk in zip(texts, tokens)], f)
+        n_texts = {c: int(sum(1 for t in texts if t[0] == i)) for i, c in enumerate(CLASSES)}
+        with open(cache, "w") as f:
+            json.dump({"fingerprint": fingerprint, "model": model_info, "paragraphs_available": available,
+                       "texts": n_texts, "extract_seconds": t_extract}, f)
+        del acts
 
     src = ActivationFiles(shard_dir, holdout=float(config["holdout"]), chunk_rows=int(config["chunk_rows"]),
                           shuffle_buffer=int(config["shuffle_buffer"]), normalize=True, seed=seed)
@@ -394,12 +415,12 @@ def run(config: dict, out_dir: str, *, key) -> dict:
 
     summary = {
         "model": model_info,
-        "texts": {c: int(sum(1 for t in texts if t[0] == i)) for i, c in enumerate(CLASSES)},
+        "texts": n_texts,
         "paragraphs_available": available,
         "tokens": int(labels.size),
         "tokens_per_class": {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)},
         "data": {k: v for k, v in src.info().items() if k not in ("streams",)},
-        "extract_seconds": round(t_extract, 1),
+        "extract_seconds": t_extract,
         "results": results,
     }
     with open(os.path.join(out_dir, "results.json"), "w") as f:
