@@ -273,6 +273,18 @@ def _run(params, spec, batch, inference):
     return codes, x_r, x_hat
 
 
+def _stats(params, b, spec, inference):
+    codes, x_r, x_hat = _run(params, spec, b, inference)
+    return (
+        jnp.sum((x_r - x_hat) ** 2), jnp.sum(x_r, axis=0), jnp.sum(x_r**2),
+        jnp.sum(codes != 0, axis=0), x_r.shape[0],
+    )
+
+
+# Module-level jits with the (hashable) spec static: repeated evaluations reuse one compilation.
+_stats_jit = jax.jit(_stats, static_argnums=(2, 3))
+
+
 def code_statistics(
     params: SDLParams,
     spec: SDLSpec,
@@ -290,20 +302,11 @@ def code_statistics(
     ``dead_fraction`` (fraction of latents, excluding ``exclude_latents``, that never fire in the
     sample) and ``n_samples``. ``data``: a bench (needs ``key``), a Batch, or an x_p array."""
 
-    @jax.jit
-    def stats(b):
-        codes, x_r, x_hat = _run(params, spec, b, inference)
-        x_r = x_r.astype(jnp.float32)
-        return (
-            jnp.sum((x_r - x_hat) ** 2), jnp.sum(x_r, axis=0), jnp.sum(x_r**2),
-            jnp.sum(codes != 0, axis=0), x_r.shape[0],
-        )
-
     sse = sx2 = 0.0
     sx = fire = None
     N = 0
     for b in _batches(data, key, n_samples, batch_size):
-        e, s1, s2, f, m = stats(b)
+        e, s1, s2, f, m = _stats_jit(params, b, spec, inference)
         sse, sx2 = sse + float(e), sx2 + float(s2)
         sx = np.asarray(s1, np.float64) if sx is None else sx + np.asarray(s1, np.float64)
         fire = np.asarray(f, np.int64) if fire is None else fire + np.asarray(f, np.int64)
@@ -356,6 +359,17 @@ def match_latents(params: SDLParams, bench: Any, *, which: str = "encoder") -> n
     return np.asarray(jnp.argmax(similarity(_directions(params, which), true, signed=True), axis=0))
 
 
+def _shrink_sums(params, b, j, proj, wr_norm, spec, inference):
+    codes, _, _ = _run(params, spec, b, inference)
+    on = b.features > 0
+    num = jnp.sum(jnp.where(on, codes[:, j] * proj, 0.0), axis=0)
+    den = jnp.sum(jnp.where(on, b.features * wr_norm, 0.0), axis=0)
+    return num, den
+
+
+_shrink_jit = jax.jit(_shrink_sums, static_argnums=(5, 6))
+
+
 def shrinkage(
     params: SDLParams,
     spec: SDLSpec,
@@ -380,24 +394,29 @@ def shrinkage(
     wr_norm = jnp.linalg.norm(W_r, axis=0)
     proj = jnp.sum(params.decoder[:, j] * (W_r / wr_norm), axis=0)  # <w_D^j(d), w_r^d/||w_r^d||> [n]
 
-    @jax.jit
-    def sums(b):
-        codes, _, _ = _run(params, spec, b, inference)
-        on = b.features > 0
-        num = jnp.sum(jnp.where(on, codes[:, j] * proj, 0.0), axis=0)
-        den = jnp.sum(jnp.where(on, b.features * wr_norm, 0.0), axis=0)
-        return num, den
-
     num = np.zeros(n)
     den = np.zeros(n)
     for b in _batches(bench, key, n_samples, batch_size):
-        a, c = sums(b)
+        a, c = _shrink_jit(params, b, j, proj, wr_norm, spec, inference)
         num += np.asarray(a)
         den += np.asarray(c)
     keep = _keep_mask(exclude, n, "exclude") & (den > 0)
     r = np.full(n, np.nan)
     r[keep] = num[keep] / den[keep]
     return {"mean": float(np.mean(r[keep])) if keep.any() else float("nan"), "per_feature": r}
+
+
+def _absorb_counts(params, b, child, j_par, carries, spec, inference):
+    codes, _, _ = _run(params, spec, b, inference)
+    active = codes != 0
+    ev = (b.features > 0) & child
+    parent_silent = ~active[:, j_par]
+    carried = (active.astype(jnp.float32) @ carries) > 0  # j(p) is silent, so it is not counted
+    absorbed = ev & parent_silent & carried
+    return jnp.sum(ev, axis=0), jnp.sum(absorbed, axis=0)
+
+
+_absorb_jit = jax.jit(_absorb_counts, static_argnums=(5, 6))
 
 
 def absorption_score(
@@ -409,6 +428,7 @@ def absorption_score(
     n_samples: int = 16384,
     batch_size: int = 4096,
     carry_threshold: float = 0.5,
+    parent_threshold: float = 0.2,
     exclude: Any = None,
     inference: bool = False,
     return_per_child: bool = False,
@@ -417,10 +437,13 @@ def absorption_score(
 
     Definition. Let ``parent_of`` come from the bench (-1 for roots) and let ``j(f)`` be the latent
     matched to GT feature ``f`` (:func:`match_latents`: best signed cosine of encoder rows with
-    ``w_p^f``). A latent ``k`` *carries* feature ``c`` if its normalised decoder column has cosine
-    >= ``carry_threshold`` with ``w_r^c``. For a child ``c`` with parent ``p``, an event is a sample
-    with ``x_c > 0`` (so the parent is active too, Definition 3.2); the event is *absorbed* if the
-    parent's latent is silent (``x_q,j(p) = 0``) while some other active latent carries ``c``. The
+    ``w_p^f``). For a child ``c`` with parent ``p``, a latent ``k`` *absorbs* ``c`` if its normalised
+    decoder column has cosine >= ``carry_threshold`` with ``w_r^c`` and >= ``parent_threshold`` with
+    ``w_r^p`` (it writes the child and part of the parent, as the absorbing latent of Fig. 5 does;
+    the parent condition keeps a faithful child latent from counting when the parent latent is
+    silenced by a *sibling's* absorption). An event is a sample with ``x_c > 0`` (so the parent is
+    active too, Definition 3.2); the event is *absorbed* if the parent's latent is silent
+    (``x_q,j(p) = 0``) while some active latent absorbs ``c``. The
     score is (number of absorbed events) / (number of events), pooled over all children not in
     ``exclude``: 0 for a faithful dictionary (the parent latent fires whenever a child does), near 1
     when every child has its own latent that has taken the parent's firing (Fig. 5).
@@ -437,23 +460,14 @@ def absorption_score(
     is_child = (parent_of >= 0) & _keep_mask(exclude, n, "exclude")
     j = match_latents(params, bench)
     j_par = jnp.asarray(j[np.maximum(parent_of, 0)])  # parent's latent per feature [n]
-    carries = (similarity(params.decoder.T, W_r, signed=True) >= carry_threshold).astype(jnp.float32)  # [n_q, n]
+    cos = similarity(params.decoder.T, W_r, signed=True)  # [n_q, n]
+    carries = ((cos >= carry_threshold) & (cos[:, np.maximum(parent_of, 0)] >= parent_threshold)).astype(jnp.float32)
     child = jnp.asarray(is_child)
-
-    @jax.jit
-    def counts(b):
-        codes, _, _ = _run(params, spec, b, inference)
-        active = codes != 0
-        ev = (b.features > 0) & child
-        parent_silent = ~active[:, j_par]
-        carried = (active.astype(jnp.float32) @ carries) > 0  # j(p) is silent, so it is not counted
-        absorbed = ev & parent_silent & carried
-        return jnp.sum(ev, axis=0), jnp.sum(absorbed, axis=0)
 
     n_ev = np.zeros(n, np.int64)
     n_ab = np.zeros(n, np.int64)
     for b in _batches(bench, key, n_samples, batch_size):
-        e, a = counts(b)
+        e, a = _absorb_jit(params, b, child, j_par, carries, spec, inference)
         n_ev += np.asarray(e)
         n_ab += np.asarray(a)
     score = float(n_ab.sum() / n_ev.sum()) if n_ev.sum() else float("nan")
