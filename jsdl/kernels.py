@@ -103,12 +103,14 @@ def select_batchtopk(z: jax.Array, k: int, *, cap: Optional[int] = None, method:
     of value, laid out row-major in ``[B, k]`` (so an entry's slot position is unrelated to its
     sample; ``rows`` says which sample it is in).
 
-    Exact two-stage selection: every row first keeps its ``cap`` largest entries (default
-    ``min(n, 4k)``), then the ``k B`` largest candidates are taken. This is exact unless some
-    row has all ``cap`` candidates at or above the resulting threshold (it might have had more);
-    that is detected and then the one-stage top-k over the flat ``B n`` array is used
-    (``lax.cond``: on CPU only one branch runs). The one-stage selection over 16M entries costs
-    ~3.5x the per-row top-k it replaces."""
+    Default (``cap=None``): one ``top_k`` over the flat ``B n`` array, as the dense activation does.
+    ``cap=c`` selects in two stages, exactly: every row first keeps its ``c`` largest entries, then
+    the ``k B`` largest candidates are taken; if some row has all ``c`` candidates at or above the
+    resulting threshold (it might hold more), the one-stage selection is used instead
+    (``lax.cond``). Measured on CPU (B=4096, n=16384, k=32): one-stage 4.5 s; two-stage with
+    c=4k 2.4 s (row top-128) + 0.5 s, but the fallback fired on N(0, 1) data at d=64 (row norms
+    spread), costing both. XLA's CPU ``top_k`` cost grows with k, so the selection, not the
+    matmuls, dominates a BatchTopK step on CPU (see benchmarks/RESULTS.md)."""
     B, n = z.shape
     K = k * B
     flat_idx_dtype = jnp.int32
@@ -117,7 +119,7 @@ def select_batchtopk(z: jax.Array, k: int, *, cap: Optional[int] = None, method:
         v, i = select_topk(z.reshape(-1), K, method=method)
         return v, (i // n).astype(flat_idx_dtype), (i % n).astype(flat_idx_dtype)
 
-    cap = min(n, 4 * k) if cap is None else min(int(cap), n)
+    cap = n if cap is None else min(int(cap), n)
     if cap >= n:
         v, r, c = full(None)
         return v.reshape(B, k), r.reshape(B, k), c.reshape(B, k)

@@ -148,15 +148,16 @@ def _flat_topk_set(z, k):
 
 @pytest.mark.parametrize("skewed", [False, True])
 def test_batchtopk_selection_is_exact(skewed):
-    """The two-stage selection equals the one-stage top-(kB) of the flat batch, including when one
-    row holds far more than its share (the fallback branch)."""
+    """The one- and two-stage selections equal the top-(kB) of the flat batch, including when one
+    row holds far more than its share (the two-stage fallback branch)."""
     B, n, k = 16, 128, 3
     z = jax.random.normal(jax.random.PRNGKey(10), (B, n))
     if skewed:
         z = z.at[0].add(100.0)  # row 0 owns all kB = 48 entries > cap = 4k = 12
-    vals, rows, cols = jax.jit(lambda z: K.select_batchtopk(z, k))(z)
-    got = set((np.asarray(rows) * n + np.asarray(cols)).reshape(-1).tolist())
-    assert got == _flat_topk_set(z, k)
+    for cap in (None, 4 * k):
+        vals, rows, cols = jax.jit(lambda z: K.select_batchtopk(z, k, cap=cap))(z)
+        got = set((np.asarray(rows) * n + np.asarray(cols)).reshape(-1).tolist())
+        assert got == _flat_topk_set(z, k)
     np.testing.assert_array_equal(vals, z[rows, cols])
     if skewed:
         assert np.all(np.asarray(rows) == 0)

@@ -1,0 +1,335 @@
+"""Training-step throughput: jsdl vs SAELens on the same data and shapes (issue 6).
+
+For each architecture (ReLU+L1, TopK, BatchTopK, JumpReLU) and shape (d, n_q, k, B) it times, in
+one process and alternating round-robin:
+
+* ``jsdl``: the real compiled training step of :mod:`jsdl.train` (``Stepper.step``: loss, grads,
+  Adam, grad-norm clipping, dead-latent statistics, on-device metrics), sparse path where the spec
+  allows it (``sparse="auto"``); for TopK/BatchTopK also ``jsdl dense`` (``sparse=False``);
+* ``saelens``: SAELens's own training SAE ``training_forward_pass`` + backward + Adam step with the
+  same bookkeeping its trainer does per step (firing statistics, ``clip_grad_norm_(1.0)``); for TopK
+  also with ``use_sparse_activations=True`` (SAELens's sparse decode);
+* the dense matmul ``[B, d] x [d, n_q]`` in JAX and in torch, to turn step times into achieved
+  FLOP/s: a dense SAE step is 5 such products (encoder forward, decoder forward, decoder weight
+  gradient, code gradient, encoder weight gradient) = 10 B d n_q flops.
+
+Peak memory: XLA's compiled memory analysis of the jsdl step (arguments + temporaries, exact), and
+for the TopK rows the peak RSS of a child process that runs 2 steps of one variant.
+
+Usage: python benchmarks/bench_step.py [--shapes small,medium,large] [--reps 3] [--archs ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+SHAPES = {
+    "small": (64, 512, 8, 1024),
+    "medium": (512, 4096, 32, 4096),
+    "large": (768, 16384, 32, 4096),
+}
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+LR = 1e-4
+L1 = 1e-3  # coefficients only change the loss value, not the work
+L0 = 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# jsdl
+# ----------------------------------------------------------------------------------------------
+
+
+def jsdl_spec(arch, n_q, k, sparse="auto"):
+    import jsdl
+
+    if arch == "relu":
+        # SAELens's "standard" SAE penalises sum_i |f_i| ||W_dec,i||: jsdl's weighted_l1.
+        return jsdl.make_spec("sae", "relu", n_q, penalties={"weighted_l1": L1})
+    if arch in ("topk", "batchtopk"):
+        return jsdl.make_spec("sae", arch, n_q, k=k, sparse=sparse)
+    if arch == "jumprelu":
+        return jsdl.make_spec("sae", "jumprelu", n_q, penalties={"l0": L0}, threshold=0.01, bandwidth=0.05)
+    raise ValueError(arch)
+
+
+def jsdl_step(arch, x, n_q, k, sparse="auto"):
+    """(run_once, memory_bytes, info) for the real jsdl.train step on the fixed batch x."""
+    import jax
+
+    import jsdl
+    from jsdl.train import Stepper, TrainConfig, init_state
+
+    B, d = x.shape
+    spec = jsdl_spec(arch, n_q, k, sparse)
+    config = TrainConfig(steps=10**9, batch_size=B, learning_rate=LR, grad_clip=1.0, log_every=10**9, progress=False)
+    stepper = Stepper(spec, config, data_mode="batch", devices=jax.devices()[:1])
+    state = stepper.place_state(init_state(jax.random.PRNGKey(0), spec, config, d))
+    data = stepper.place_data(jsdl.Batch(x_p=x))
+    compiled = stepper.step.lower(state, data, None).compile()
+    mem = compiled.memory_analysis()
+    mem_bytes = None
+    if mem is not None:
+        mem_bytes = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                        - mem.alias_size_in_bytes)
+    box = {"state": state}
+
+    def run():
+        box["state"] = compiled(box["state"], data, None)
+        jax.block_until_ready(box["state"])
+
+    use_sparse = jsdl.kernels.use_sparse(spec, state.params.W_E.dtype)
+    return run, mem_bytes, {"sparse": use_sparse, "compiled": compiled, "box": box}
+
+
+def jsdl_matmul(x, n_q):
+    import jax
+    import jax.numpy as jnp
+
+    W = jax.random.normal(jax.random.PRNGKey(1), (n_q, x.shape[1]), jnp.float32)
+    xj = jnp.asarray(x)
+    f = jax.jit(lambda a, w: a @ w.T).lower(xj, W).compile()
+    return lambda: jax.block_until_ready(f(xj, W))
+
+
+# ----------------------------------------------------------------------------------------------
+# SAELens
+# ----------------------------------------------------------------------------------------------
+
+
+def saelens_step(arch, x, n_q, k, sparse_acts=False):
+    import torch
+    from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
+
+    B, d = x.shape
+    common_kw = dict(d_in=d, d_sae=n_q, dtype="float32", device="cpu")
+    if arch == "relu":
+        from sae_lens.saes.standard_sae import StandardTrainingSAE as C, StandardTrainingSAEConfig as Cfg
+
+        cfg = Cfg(l1_coefficient=L1, **common_kw)
+    elif arch == "topk":
+        from sae_lens.saes.topk_sae import TopKTrainingSAE as C, TopKTrainingSAEConfig as Cfg
+
+        cfg = Cfg(k=k, use_sparse_activations=sparse_acts, **common_kw)
+    elif arch == "batchtopk":
+        from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE as C, BatchTopKTrainingSAEConfig as Cfg
+
+        cfg = Cfg(k=k, **common_kw)
+    elif arch == "jumprelu":
+        from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE as C, JumpReLUTrainingSAEConfig as Cfg
+
+        cfg = Cfg(l0_coefficient=L0, **common_kw)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(0)
+    sae = C(cfg)
+    sae.train()
+    opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.9, 0.999))
+    coefs = {n: (v.value if isinstance(v, TrainCoefficientConfig) else v) for n, v in sae.get_coefficients().items()}
+    xt = torch.from_numpy(x)
+    act_freq = torch.zeros(n_q)
+    since_fired = torch.zeros(n_q)
+
+    def run():
+        out = sae.training_forward_pass(TrainStepInput(sae_in=xt, coefficients=coefs, dead_neuron_mask=None,
+                                                       n_training_steps=0, is_logging_step=False))
+        with torch.no_grad():  # the per-step bookkeeping of SAELens's SAETrainer._train_step
+            fire = out.feature_acts.bool().float()
+            did = fire.sum(-2).bool()
+            if did.is_sparse:
+                did = did.to_dense()
+            since_fired.add_(1)
+            since_fired[did] = 0
+            s = fire.sum(0)
+            act_freq.add_(s.to_dense() if s.is_sparse else s)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    return run
+
+
+def torch_matmul(x, n_q):
+    import torch
+
+    W = torch.randn(n_q, x.shape[1])
+    xt = torch.from_numpy(x)
+    return lambda: xt @ W.T
+
+
+# ----------------------------------------------------------------------------------------------
+# child process: peak RSS of one variant
+# ----------------------------------------------------------------------------------------------
+
+
+def child(variant, arch, shape):
+    d, n_q, k, B = SHAPES[shape]
+    x = np.random.default_rng(0).standard_normal((B, d), dtype=np.float32)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if variant.startswith("jsdl"):
+        run, _, _ = jsdl_step(arch, x, n_q, k, sparse=False if variant == "jsdl-dense" else "auto")
+    else:
+        run = saelens_step(arch, x, n_q, k, sparse_acts=variant == "saelens-sparse")
+    for _ in range(2):
+        run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mb": peak / 1024, "base_rss_mb": base / 1024}))
+
+
+def peak_rss(variant, arch, shape, python=sys.executable):
+    out = subprocess.run([python, __file__, "--child", variant, arch, shape], capture_output=True, text=True,
+                         timeout=1800)
+    if out.returncode != 0:
+        common.log(out.stderr[-2000:])
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+
+def bench_shape(shape, archs, reps, have_saelens):
+    d, n_q, k, B = SHAPES[shape]
+    x = np.random.default_rng(0).standard_normal((B, d), dtype=np.float32)
+    flops_mm = 2.0 * B * d * n_q
+    mm = {"jax matmul": jsdl_matmul(x, n_q)}
+    if have_saelens:
+        mm["torch matmul"] = torch_matmul(x, n_q)
+    rows = []
+    for arch in archs:
+        common.log(f"[bench_step] {shape} {arch}: compiling")
+        fns = dict(mm)
+        mems = {}
+        run, mem, info = jsdl_step(arch, x, n_q, k)
+        name = "jsdl" + (" (sparse)" if info["sparse"] else "")
+        fns[name] = run
+        mems[name] = mem
+        if arch in ("topk", "batchtopk"):
+            run_d, mem_d, _ = jsdl_step(arch, x, n_q, k, sparse=False)
+            fns["jsdl dense"] = run_d
+            mems["jsdl dense"] = mem_d
+        if have_saelens:
+            fns["saelens"] = saelens_step(arch, x, n_q, k)
+            if arch == "topk":
+                fns["saelens sparse"] = saelens_step(arch, x, n_q, k, sparse_acts=True)
+        failed = {}
+        for n in list(fns):  # warm-up (compilation, allocators); a variant that cannot train is reported
+            try:
+                fns[n]()
+            except Exception as e:  # noqa: BLE001
+                failed[n] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                del fns[n]
+                common.log(f"[bench_step] {shape} {arch}: {n} failed: {failed[n]}")
+        common.log(f"[bench_step] {shape} {arch}: timing {list(fns)} x {reps}")
+        times = common.alternate(fns, reps, warmup=0)
+        rows.append({"shape": shape, "arch": arch, "dims": (d, n_q, k, B), "times": times, "mem": mems,
+                     "jsdl": name, "flops_mm": flops_mm, "failed": failed})
+        common.log(f"[bench_step] {shape} {arch}: " + ", ".join(f"{n}={common.med(t):.3f}s" for n, t in times.items()))
+    return rows
+
+
+def format_rows(rows) -> str:
+    out = []
+    out.append("| shape (d, n_q, k, B) | arch | jsdl step | SAELens step | speed-up vs SAELens | "
+               "jsdl dense step | jsdl FLOP/s (dense-equivalent) | matmul FLOP/s jax / torch | jsdl XLA memory |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["times"]
+        js = r["jsdl"]
+        tj = common.med(t[js])
+        sl = [n for n in ("saelens", "saelens sparse") if n in t]
+        best_sl = min(sl, key=lambda n: common.med(t[n])) if sl else None
+        sl_txt = "; ".join(f"{n.replace('saelens', 'SAELens')}: {common.spread(t[n])}" for n in sl) or "n/a"
+        ratio = f"**{common.med(t[best_sl]) / tj:.2f}x** (vs {best_sl.replace('saelens', 'SAELens')})" if best_sl else "n/a"
+        if best_sl and len(sl) > 1:
+            ratio += "; " + ", ".join(f"{common.med(t[n]) / tj:.2f}x vs {n.replace('saelens', 'SAELens')}" for n in sl)
+        dense = common.spread(t["jsdl dense"]) + f" ({common.med(t['jsdl dense']) / tj:.2f}x slower)" if "jsdl dense" in t else "-"
+        fmm = r["flops_mm"]
+        jmm = fmm / common.med(t["jax matmul"])
+        tmm = fmm / common.med(t["torch matmul"]) if "torch matmul" in t else float("nan")
+        ach = 5 * fmm / tj
+        mem = r["mem"].get(js)
+        memd = r["mem"].get("jsdl dense")
+        mem_txt = f"{mem / 2**20:.0f} MiB" if mem else "?"
+        if memd:
+            mem_txt += f" (dense {memd / 2**20:.0f} MiB)"
+        out.append(
+            f"| {r['dims']} | {r['arch']} | {common.spread(t[js])} | {sl_txt} | {ratio} | {dense} | "
+            f"{ach / 1e9:.1f} GFLOP/s = {100 * ach / jmm:.0f}% of jax matmul | {jmm / 1e9:.1f} / {tmm / 1e9:.1f} GFLOP/s | {mem_txt} |"
+        )
+    fails = sorted({(n, msg) for r in rows for n, msg in r.get("failed", {}).items()})
+    for n, msg in fails:
+        out.append(f"\n{n} could not train on this stack and was left out: `{msg}`")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="small,medium,large")
+    ap.add_argument("--archs", default=",".join(ARCHS))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    ap.add_argument("--no-write", action="store_true", help="print the table instead of updating RESULTS.md")
+    ap.add_argument("--child", nargs=3, metavar=("VARIANT", "ARCH", "SHAPE"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(*args.child)
+        return 0
+    try:
+        import sae_lens  # noqa: F401
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        have_saelens = True
+    except ImportError:
+        common.log("[bench_step] sae_lens/torch not installed: jsdl only (make bench installs them in .venv-bench)")
+        have_saelens = False
+    rows = []
+    shapes = [s for s in args.shapes.split(",") if s]
+    archs = [a for a in args.archs.split(",") if a]
+    for shape in shapes:
+        rows += bench_shape(shape, archs, args.reps, have_saelens)
+    table = format_rows(rows)
+    mem_lines = []
+    if not args.no_memory and "topk" in archs:
+        shape = shapes[-1]
+        variants = ["jsdl", "jsdl-dense"] + (["saelens"] if have_saelens else [])
+        for v in variants:
+            common.log(f"[bench_step] peak RSS {v} topk {shape}")
+            r = peak_rss(v, "topk", shape)
+            if r:
+                mem_lines.append(f"- {v}: peak RSS {r['peak_rss_mb']:.0f} MB (process after imports: "
+                                 f"{r['base_rss_mb']:.0f} MB)")
+    body = (
+        f"Command: `python benchmarks/bench_step.py --shapes {args.shapes} --reps {args.reps}` "
+        "(part of `make bench`). Each cell: median (min-max) over the repetitions, all variants of a "
+        "row alternating in one process on the same data x ~ N(0, 1). jsdl = the real `jsdl.train` "
+        "step (Adam, grad clip 1.0, dead-latent statistics, metrics on device); SAELens = its "
+        "`training_forward_pass` + backward + `clip_grad_norm_` + Adam + the trainer's firing "
+        "statistics. FLOP/s counts a dense SAE step as 5 matmuls (10 B d n_q flops) for every "
+        "variant, so for the sparse path it is the *dense-equivalent* rate. XLA memory = arguments + "
+        "temporaries + outputs of the compiled step.\n\n" + table
+    )
+    if mem_lines:
+        body += f"\n\nPeak RSS, TopK at {SHAPES[shapes[-1]]} (child process, 2 steps):\n" + "\n".join(mem_lines)
+    if args.no_write:
+        print(body)
+    else:
+        common.write_section("Training step: jsdl vs SAELens", body)
+        print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

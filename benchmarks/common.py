@@ -1,0 +1,137 @@
+"""Shared helpers for the benchmarks: timing, machine/version info, RESULTS.md sections.
+
+RESULTS.md layout: a header (machine, versions, command, date) written by ``run.py``, then one
+``## `` section per benchmark. :func:`write_section` replaces a section by its title and keeps every
+other section as it is, so each benchmark script (ours and other engineers') owns its own section.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "RESULTS.md")
+
+
+def timeit(fn: Callable[[], object], reps: int) -> list[float]:
+    """Wall-clock seconds of ``reps`` calls of ``fn`` (which must block until its work is done)."""
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def alternate(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time several callables round-robin (A B C A B C ...) so slow drifts of a shared machine hit
+    all of them alike. Each is called ``warmup`` times first (compilation, allocator warm-up)."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, f in fns.items():
+            times[name].extend(timeit(f, 1))
+    return times
+
+
+def med(ts) -> float:
+    return float(np.median(ts))
+
+
+def spread(ts) -> str:
+    """``median (min-max)`` in seconds or milliseconds."""
+    m, lo, hi = med(ts), float(np.min(ts)), float(np.max(ts))
+    if m < 1.0:
+        return f"{m * 1e3:.1f} ms ({lo * 1e3:.0f}-{hi * 1e3:.0f})"
+    return f"{m:.2f} s ({lo:.2f}-{hi:.2f})"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> str:
+    lines = [f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"]
+    try:
+        load = os.getloadavg()
+        lines.append(f"- load average at start: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+                     "(the machine is shared with other jobs: timings are noisy, ratios are measured alternating)")
+    except OSError:
+        pass
+    lines.append(f"- python {platform.python_version()}")
+    vers = []
+    for mod in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "sae_lens"):
+        try:
+            m = __import__(mod)
+            vers.append(f"{mod} {getattr(m, '__version__', '?')}")
+        except Exception:  # noqa: BLE001 - optional packages
+            vers.append(f"{mod} (not installed)")
+    lines.append("- " + ", ".join(vers))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+        if rev:
+            lines.append(f"- jsdl commit {rev}")
+    except OSError:
+        pass
+    return "\n".join(lines)
+
+
+def read_sections(path: str = RESULTS) -> tuple[str, list[tuple[str, str]]]:
+    """(header, [(title, body)]) of a RESULTS.md; a section runs from its ``## `` line to the next."""
+    if not os.path.exists(path):
+        return "", []
+    text = open(path).read()
+    parts = re.split(r"(?m)^## ", text)
+    header = parts[0]
+    secs = []
+    for p in parts[1:]:
+        title, _, body = p.partition("\n")
+        secs.append((title.strip(), body))
+    return header, secs
+
+
+def write_sections(header: str, secs: list[tuple[str, str]], path: str = RESULTS) -> None:
+    out = header.rstrip() + "\n\n"
+    for title, body in secs:
+        out += f"## {title}\n{body.strip()}\n\n"
+    with open(path, "w") as f:
+        f.write(out.rstrip() + "\n")
+
+
+def write_section(title: str, body: str, path: str = RESULTS) -> None:
+    """Replace (or append) the section ``## title`` of RESULTS.md, keeping all others."""
+    header, secs = read_sections(path)
+    if not header.strip():
+        header = "# jsdl benchmark results\n"
+    for i, (t, _) in enumerate(secs):
+        if t == title:
+            secs[i] = (title, body)
+            break
+    else:
+        secs.append((title, body))
+    write_sections(header, secs, path)
+
+
+def write_header(header: str, path: str = RESULTS) -> None:
+    _, secs = read_sections(path)
+    write_sections(header, secs, path)
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
