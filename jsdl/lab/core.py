@@ -107,16 +107,17 @@ def make_benches(key, scale: Scale):
 
 
 def _make_hier(fn, key, scale):
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    kw = {}
-    for nm, val in (("n_features", scale.n), ("d_input", scale.d), ("max_interference", scale.M),
-                    ("sparsity", scale.S), ("children_per_parent", scale.hier_children),
-                    ("n_children", scale.hier_children)):
-        if nm in params:
-            kw[nm] = val
-    return fn(key, **kw)
+    """A hierarchical bench with about ``n`` features: ``n / (1 + children)`` roots with
+    ``hier_children`` children each (depth 1); leaves fire at a rate giving about as many active
+    features per sample as the plain bench, a parent fires whenever one of its children does."""
+    b = scale.hier_children
+    n_roots = max(2, scale.n // (1 + b))
+    n_leaves = n_roots * b
+    target = (1 - scale.S) * scale.n  # active features per sample on the plain bench
+    # E[active] ~ n_leaves r + n_roots (1 - (1 - r)^b) ~ 2 n_leaves r for small r
+    rate = float(min(0.5, target / (2 * n_leaves)))
+    return fn(key, n_roots=n_roots, branching=b, depth=1, d_input=scale.d, max_interference=scale.M,
+              child_rate=rate)
 
 
 def auto_coefs(name: str, hyper: dict, bench, n_coefs: int, *, lo: float = 3e-3, hi: float = 1.0,
@@ -263,14 +264,16 @@ class _Twin:
 def run_lab(name: str, *, hyper: Optional[dict] = None, coefs: Optional[Sequence[float]] = None,
             scale: str | Scale = "small", seed: int = 0, seeds: Optional[int] = None,
             out_dir: Optional[str] = None, log: Callable[[str], None] = _log_default,
-            parts: Sequence[str] = ("frontier", "hierarchy", "critical", "retrain")) -> dict:
+            parts: Sequence[str] = ("frontier", "hierarchy", "critical", "retrain"),
+            baselines: Sequence[str] = BASELINES) -> dict:
     """Run the penalty lab for the registered penalty ``name`` (bound to ``hyper``).
 
     coefs: the coefficient grid (default :func:`auto_coefs`). scale: ``tiny`` | ``small`` |
     ``paper`` or a :class:`Scale`. seed: the PRNG seed of benches, data and initialisations.
     seeds: models per grid point (default the scale's). out_dir: write ``report.md``,
     ``report.json`` and plots there. parts: which of ``frontier``, ``hierarchy``, ``critical``,
-    ``retrain`` to run (the mechanical checks always run).
+    ``retrain`` to run (the mechanical checks always run). baselines: a subset of ``l1``,
+    ``weighted_l1``, ``topk``.
 
     Returns the report as a dict (what ``report.json`` holds)."""
     t_start = time.perf_counter()
@@ -291,7 +294,11 @@ def run_lab(name: str, *, hyper: Optional[dict] = None, coefs: Optional[Sequence
         coefs = [float(c) for c in coefs]
         if not coefs or any(not (c >= 0 and math.isfinite(c)) for c in coefs):
             raise ValueError(f"coefs must be a non-empty list of finite numbers >= 0, got {coefs!r}")
+    if set(baselines) - set(BASELINES):
+        raise ValueError(f"unknown baselines {sorted(set(baselines) - set(BASELINES))}; choose from {', '.join(BASELINES)}")
     n_seeds = sc.seeds if seeds is None else int(seeds)
+    if n_seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds!r}")
     key = jax.random.PRNGKey(seed)
     k_bench, k_train, k_eval, k_gt, k_twin = jax.random.split(key, 5)
     report: dict[str, Any] = {"penalty": name, "hyper": hyper, "scale": dataclasses.asdict(sc),
@@ -334,7 +341,7 @@ def run_lab(name: str, *, hyper: Optional[dict] = None, coefs: Optional[Sequence
         t0 = time.perf_counter()
         log(f"frontier on the bench ({sc.n} features in {sc.d} dims, S={sc.S}, M={sc.M}); coefs {coefs}")
         report["frontier"] = _frontier_runs(k_train, name, hyper, coefs, bench, sc, checks, n_seeds, log,
-                                            eval_batch=eval_batch)
+                                            eval_batch=eval_batch, baselines=tuple(baselines))
         report["timings"]["frontier"] = time.perf_counter() - t0
     if "hierarchy" in parts and hier is not None:
         t0 = time.perf_counter()
@@ -346,7 +353,7 @@ def run_lab(name: str, *, hyper: Optional[dict] = None, coefs: Optional[Sequence
         hcoefs = coefs if coefs else []
         report["hierarchy"] = _frontier_runs(k_train, name, hyper, hcoefs, hier, sc, checks, n_seeds, log,
                                              steps=sc.hier_steps, hierarchy=parent, eval_batch=hb,
-                                             label="hierarchical", topk_k=hk)
+                                             label="hierarchical", topk_k=hk, baselines=tuple(baselines))
         report["timings"]["hierarchy"] = time.perf_counter() - t0
     if "critical" in parts and checks.can_train and coefs:
         t0 = time.perf_counter()

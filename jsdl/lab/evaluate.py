@@ -11,14 +11,16 @@ Definitions (paper section 5.1 and the lab's own):
   those best cosines.
 * ``mcc``: mean Pearson correlation of latent activations with GT feature activations under the
   optimal one-to-one matching (Hungarian).
-* ``shrinkage``: for each GT feature d matched (decoder cosine > 0.9) to latent i, the
-  least-squares slope of the decoded magnitude ``x_q,i ||w_D^i||`` on the true coefficient ``x_d``
-  over the samples where ``x_d > 0``; the median over matched features (1 = no shrinkage, < 1 =
-  codes biased towards 0, as L1's soft threshold predicts).
+* ``shrinkage``: :func:`jsdl.metrics.shrinkage` (mean over GT features of the matched latent's
+  reconstructed magnitude along the feature over the true one; 1 = none, < 1 = codes biased towards
+  0, as L1's soft threshold predicts). ``shrinkage_matched``: for each GT feature d matched
+  (decoder cosine > 0.9) to latent i, the least-squares slope of ``x_q,i ||w_D^i||`` on ``x_d`` over
+  the samples where ``x_d > 0``; the median over matched features.
 * ``dead_fraction``: latents that never fire on the evaluation sample.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -80,6 +82,12 @@ def _lib_call(mod, name, *args, **kw):
         return None
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _forward(params, x_p, spec):
+    codes = _obj.encode(params, x_p, spec, inference=True)
+    return codes, _obj.decode(params, codes, spec)
+
+
 def evaluate(params: _obj.SDLParams, spec: _obj.SDLSpec, bench, batch: _obj.Batch, *, hierarchy=None) -> dict:
     """All per-model numbers of the lab on the fixed evaluation ``batch`` (with ``features``).
 
@@ -89,8 +97,7 @@ def evaluate(params: _obj.SDLParams, spec: _obj.SDLSpec, bench, batch: _obj.Batc
     x_p = batch.x_p
     x_r = x_p if batch.x_r is None else batch.x_r
     feats = np.asarray(batch.features, np.float64)
-    codes = jax.jit(lambda p, x: _obj.encode(p, x, spec, inference=True))(params, x_p)
-    x_hat = jax.jit(lambda p, c: _obj.decode(p, c, spec))(params, codes)
+    codes, x_hat = _forward(params, x_p, spec)
     codes_np = np.asarray(codes, np.float64)
     sq = np.sum((np.asarray(x_r, np.float64) - np.asarray(x_hat, np.float64)) ** 2, axis=-1)
     var = np.sum((np.asarray(x_r, np.float64) - np.asarray(x_r, np.float64).mean(0)) ** 2)
@@ -116,7 +123,7 @@ def evaluate(params: _obj.SDLParams, spec: _obj.SDLSpec, bench, batch: _obj.Batc
         out["recovery_source"] = "lab"
     out["m_gt_curve"] = [float(np.mean(enc_cos > t)) for t in TAUS]
     out["m_gt_dec_curve"] = [float(np.mean(dec_cos > t)) for t in TAUS]
-    m = _lib_call(mod, "mcc", codes_np, feats)
+    m = _lib_call(mod, "mcc", codes_np, feats, center=True)
     out["mcc"] = float(m) if m is not None and np.ndim(m) == 0 else _mcc(codes_np, feats)
 
     # shrinkage: decoded magnitude of the matched latent over the true coefficient
@@ -133,8 +140,25 @@ def evaluate(params: _obj.SDLParams, spec: _obj.SDLSpec, bench, batch: _obj.Batc
         y = sign * codes_np[on, i] * norms[i]
         xd = feats[on, d]
         slopes.append(float(np.sum(y * xd) / np.sum(xd * xd)))
-    out["shrinkage"] = float(np.median(slopes)) if slopes else float("nan")
-    out["shrinkage_matched"] = len(slopes)
+    out["shrinkage_matched"] = float(np.median(slopes)) if slopes else float("nan")
+    out["n_matched"] = len(slopes)
+    match = _lib_call(mod, "match_latents", params, bench)
+    if match is not None:
+        # jsdl.metrics.shrinkage's definition, evaluated on the lab's fixed sample (the library
+        # helper samples its own data and compiles per call, which dominates the lab's run time):
+        # r_d = sum_{x_d > 0} x_q,j(d) <w_D^j(d), w_r^d/||w_r^d||> / sum_{x_d > 0} x_d ||w_r^d||
+        j = np.asarray(match)
+        wr = np.linalg.norm(W_r, axis=0)
+        proj = np.sum(W_D[:, j] * (W_r / wr), axis=0)
+        on = feats > 0
+        num = np.sum(np.where(on, codes_np[:, j] * proj, 0.0), axis=0)
+        den = np.sum(np.where(on, feats * wr, 0.0), axis=0)
+        ok = den > 0
+        out["shrinkage"] = float(np.mean(num[ok] / den[ok])) if ok.any() else float("nan")
+        out["shrinkage_source"] = "jsdl.metrics.shrinkage definition (mean over features)"
+    else:
+        out["shrinkage"] = out["shrinkage_matched"]
+        out["shrinkage_source"] = "lab (median over matched features)"
 
     dead = np.mean(np.all(codes_np == 0, axis=0))
     out["dead_fraction"] = float(dead)
@@ -147,9 +171,9 @@ def _absorption(mod, params, spec, bench, batch, codes, feats, parent_of) -> flo
     """Absorption score on a hierarchical bench: ``jsdl.metrics.absorption_score`` when available;
     otherwise the fraction of (child-active) samples in which the latent matched to the parent
     feature is silent although the parent is active (the child's latent absorbed it)."""
-    lib = _lib_call(mod, "absorption_score", params, bench, batch) if mod is not None else None
-    if lib is None and mod is not None:
-        lib = _lib_call(mod, "absorption_score", params, bench)
+    n_eval = int(feats.shape[0])
+    lib = _lib_call(mod, "absorption_score", params, spec, bench, key=jax.random.PRNGKey(19), n_samples=n_eval,
+                    batch_size=n_eval)
     if isinstance(lib, dict):
         for k in ("score", "absorption", "mean"):
             if k in lib and np.ndim(lib[k]) == 0:
