@@ -389,7 +389,7 @@ def test_auxk_and_ghost_grads_act_on_dead_latents(ghost):
 def test_anchoring_pulls_anchored_rows_to_anchors():
     b = toy(n=24, d=16)
     spec = jsdl.make_spec(activation="topk", n_latents=32, k=3)
-    cfg = dataclasses.replace(CFG, steps=150, anchors=4, anchor_coef=1.0)
+    cfg = dataclasses.replace(CFG, steps=150, learning_rate=1e-2, anchors=4, anchor_coef=1.0)
     s1, h1 = fit(jax.random.PRNGKey(0), spec, b, cfg)
     s0, _ = fit(jax.random.PRNGKey(0), spec, b, dataclasses.replace(cfg, anchors=0))
     feats = np.asarray(h1["summary"]["anchor_features"])
@@ -435,7 +435,10 @@ def test_fit_argument_errors():
         fit(jax.random.PRNGKey(0), spec, b, {"steps": 3})
     with pytest.raises(ValueError, match="batch_size=64"):
         fit(jax.random.PRNGKey(0), spec, [b.sample(jax.random.PRNGKey(0), 32)], CFG)
-    with pytest.raises(ValueError, match="input width"):
+    with pytest.raises(ValueError, match="not divisible by n_sources=2"):
+        fit(jax.random.PRNGKey(0), jsdl.make_spec(method="crosscoder", n_latents=8, n_sources=2),
+            [jsdl.Batch(jnp.zeros((64, 15)))], CFG)
+    with pytest.raises(ValueError, match="needs a target x_r"):
         fit(jax.random.PRNGKey(0), jsdl.make_spec(method="transcoder", n_latents=8), [jsdl.Batch(jnp.zeros((64, 4)))],
             CFG)
 

@@ -9,6 +9,7 @@ after a non-finite step).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -27,7 +28,7 @@ from jsdl.train.anchors import anchors_from_ground_truth
 from jsdl.train.checkpoint import CheckpointError, Checkpointer, read_run_record, to_jsonable
 from jsdl.train.config import TrainConfig, to_dict
 from jsdl.train.state import METRIC_NAMES, TrainState, init_state, lr_multiplier, raw_key, spec_from_dict, spec_to_dict
-from jsdl.train.step import Stepper
+from jsdl.train.step import Stepper, get_stepper, step_config, step_spec
 
 __all__ = ["fit", "fit_population", "Grid", "load_run", "member", "NonFiniteLossError"]
 
@@ -424,6 +425,23 @@ def _truncate_metrics(out_dir, step):
         f.writelines(keep)
 
 
+@functools.lru_cache(maxsize=32)
+def _jit_init_cached(spec, config, d_in, d_t, dtype, population):
+    def one(k, data_key, lr, coefs, kv):
+        return init_state(k, spec, config, d_in, d_t, data_key=data_key, learning_rate=lr, coefs=coefs, k=kv,
+                          dtype=dtype)
+
+    if population:
+        return jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0, 0)))
+    return jax.jit(one)
+
+
+def _jit_init(spec, config, d_in, d_t, dtype, population):
+    """A cached, jitted ``init_state`` (one compile instead of many small eager ones; repeated fits
+    with the same static setting reuse it)."""
+    return _jit_init_cached(step_spec(spec), step_config(config), d_in, d_t, dtype, population)
+
+
 def fit(
     key: jax.Array,
     spec: SDLSpec,
@@ -474,15 +492,17 @@ def fit(
                "record": record or {}}
     out_dir, ckpt = _prepare_run_dir(out_dir, resume, run_rec)
 
-    make = lambda: init_state(key, spec, config, d_in, d_t, data_key=data_key, dtype=dtype)  # noqa: E731
+    init = _jit_init(spec, config, d_in, d_t, dtype, False)
+    coefs = {n: jnp.asarray(c) for n, c in spec.penalty_coefs.items()}
+    make = lambda: init(raw_key(key), data_key, jnp.asarray(config.learning_rate), coefs, None)  # noqa: E731
     history = _new_history()
     if resume:
         state, meta = _restore(ckpt, jax.eval_shape(make), spec_rec)
         history = {k: list(v) for k, v in meta["history"][0].items()}
         _truncate_metrics(out_dir, int(meta["step"]))
     else:
-        state = jax.jit(make)()  # one compile instead of many small eager ones
-    stepper = Stepper(spec, config, data_mode=mode, devices=devices, bench=data if mode == "bench" else None)
+        state = make()
+    stepper = get_stepper(spec, config, data_mode=mode, devices=devices, bench=data if mode == "bench" else None)
     state = stepper.place_state(state)
     meta = {"spec": spec_rec, "config": to_dict(config)}
     state, timing, _ = _loop(stepper, state, data, mode, anchors, config, histories=[history], out_dir=out_dir,
@@ -656,12 +676,8 @@ def fit_population(
     coef_arrays = {n: jnp.asarray([s.penalty_coefs[n] for s in specs]) for n in run_spec.penalty_coefs}
     kk = jnp.asarray([m["k"] for m in ms], jnp.int32) if vary_k else None
 
-    def make():
-        def one(k, lr, coefs, kv):
-            return init_state(k, run_spec, config, d_in, d_t, data_key=dkey, learning_rate=lr, coefs=coefs,
-                              k=kv, dtype=dtype)
-
-        return jax.vmap(one)(keys, lrs, coef_arrays, kk)
+    init = _jit_init(run_spec, config, d_in, d_t, dtype, True)
+    make = lambda: init(keys, dkey, lrs, coef_arrays, kk)  # noqa: E731
 
     histories = [_new_history() for _ in ms]
     if resume:
@@ -669,9 +685,9 @@ def fit_population(
         histories = [{k: list(v) for k, v in h.items()} for h in meta["history"]]
         _truncate_metrics(out_dir, int(meta["step"]))
     else:
-        state = jax.jit(make)()
-    stepper = Stepper(run_spec, config, data_mode=mode, n_members=P, devices=devices,
-                      bench=data if mode == "bench" else None)
+        state = make()
+    stepper = get_stepper(run_spec, config, data_mode=mode, n_members=P, devices=devices,
+                          bench=data if mode == "bench" else None)
     state = stepper.place_state(state)
     meta = {"spec": spec_rec, "config": to_dict(config)}
     state, timing, diverged = _loop(stepper, state, data, mode, anchors, config, histories=histories,

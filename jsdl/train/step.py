@@ -42,7 +42,7 @@ from jsdl.train.config import TrainConfig
 from jsdl.train.dead import dead_mask, ghost_grads_loss, resample_dead, update_dead
 from jsdl.train.state import METRIC_NAMES, TrainState, coef_multiplier, lr_multiplier, make_optimizer
 
-__all__ = ["DynamicKActivation", "with_dynamic_k", "model_step", "make_mesh", "Stepper"]
+__all__ = ["DynamicKActivation", "with_dynamic_k", "model_step", "make_mesh", "Stepper", "get_stepper"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -267,3 +267,44 @@ class Stepper:
 def zero_metrics(metrics: dict) -> dict:
     """Metric sums reset after a log (``bad_step`` back to -1)."""
     return {k: (jnp.full_like(v, -1) if k == "bad_step" else jnp.zeros_like(v)) for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# compiled-stepper cache: repeated fits with the same static setting reuse one compiled program
+# ----------------------------------------------------------------------------------------------
+
+_CACHE: dict = {}
+_CACHE_MAX = 32
+
+
+def step_config(config: TrainConfig) -> TrainConfig:
+    """``config`` with the fields the compiled step never reads set to fixed values (the learning
+    rate is read from ``state.hyper``; logging, checkpointing, anchors and the resampling schedule
+    are host-side), so runs that differ only in those share one compiled step."""
+    return dataclasses.replace(config, learning_rate=1.0, log_every=1, checkpoint_every=0, keep_checkpoints=1,
+                               progress=False, plots=False, anchors=0, anchor_coef=0.0,
+                               anchor_source="ground_truth", resample_every=0, resample_until=0)
+
+
+def step_spec(spec: SDLSpec) -> SDLSpec:
+    """``spec`` with penalty coefficients zeroed: the step reads them from ``state.hyper``."""
+    return dataclasses.replace(spec, penalties=tuple((p, 0.0) for p, _ in spec.penalties))
+
+
+def get_stepper(spec: SDLSpec, config: TrainConfig, *, data_mode: str, n_members: Optional[int] = None,
+                devices=None, bench=None) -> Stepper:
+    """A (cached) :class:`Stepper`. Entries are keyed on everything the compiled step depends on;
+    a bench that is not an array pytree is closed over, so it is keyed by identity."""
+    spec, config = step_spec(spec), step_config(config)
+    devs = tuple(jax.devices() if devices is None else devices)
+    bench_key = None
+    if data_mode == "bench":
+        bench_key = ("arg", type(bench)) if _is_array_pytree(bench) else ("static", id(bench))
+    key = (spec, config, data_mode, n_members, devs, bench_key)
+    st = _CACHE.get(key)
+    if st is None or (bench_key is not None and bench_key[0] == "static" and st._bench_static is not bench):
+        st = Stepper(spec, config, data_mode=data_mode, n_members=n_members, devices=devs, bench=bench)
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = st
+    return st
