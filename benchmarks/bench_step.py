@@ -158,6 +158,25 @@ def saelens_step(arch, x, n_q, k, sparse_acts=False):
     return run
 
 
+def calibrate_torch_threads(run, reps=2):
+    """The torch intra-op thread count (1 or all cores) that runs ``run`` fastest, and set it.
+
+    On this shared 2-core machine, 2 OpenMP threads made SAELens's small step 14x *slower* than 1
+    thread (spin-waiting under oversubscription), so SAELens gets whichever is faster here."""
+    import torch
+
+    best = None
+    for n in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(n)
+        run()
+        t = common.med(common.timeit(run, reps))
+        common.log(f"[bench_step] torch threads={n}: {t:.3f} s")
+        if best is None or t < best[1]:
+            best = (n, t)
+    torch.set_num_threads(best[0])
+    return best[0]
+
+
 def torch_matmul(x, n_q):
     import torch
 
@@ -178,6 +197,9 @@ def child(variant, arch, shape):
     if variant.startswith("jsdl"):
         run, _, _ = jsdl_step(arch, x, n_q, k, sparse=False if variant == "jsdl-dense" else "auto")
     else:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("JSDL_BENCH_TORCH_THREADS", "1")))
         run = saelens_step(arch, x, n_q, k, sparse_acts=variant == "saelens-sparse")
     for _ in range(2):
         run()
@@ -207,6 +229,7 @@ def bench_shape(shape, archs, reps, have_saelens):
     if have_saelens:
         mm["torch matmul"] = torch_matmul(x, n_q)
     rows = []
+    threads = None
     for arch in archs:
         common.log(f"[bench_step] {shape} {arch}: compiling")
         fns = dict(mm)
@@ -221,6 +244,8 @@ def bench_shape(shape, archs, reps, have_saelens):
             mems["jsdl dense"] = mem_d
         if have_saelens:
             fns["saelens"] = saelens_step(arch, x, n_q, k)
+            if threads is None:
+                threads = calibrate_torch_threads(fns["saelens"])
             if arch == "topk":
                 fns["saelens sparse"] = saelens_step(arch, x, n_q, k, sparse_acts=True)
         failed = {}
@@ -234,7 +259,7 @@ def bench_shape(shape, archs, reps, have_saelens):
         common.log(f"[bench_step] {shape} {arch}: timing {list(fns)} x {reps}")
         times = common.alternate(fns, reps, warmup=0)
         rows.append({"shape": shape, "arch": arch, "dims": (d, n_q, k, B), "times": times, "mem": mems,
-                     "jsdl": name, "flops_mm": flops_mm, "failed": failed})
+                     "jsdl": name, "flops_mm": flops_mm, "failed": failed, "torch_threads": threads})
         common.log(f"[bench_step] {shape} {arch}: " + ", ".join(f"{n}={common.med(t):.3f}s" for n, t in times.items()))
     return rows
 
@@ -266,7 +291,8 @@ def format_rows(rows) -> str:
             mem_txt += f" (dense {memd / 2**20:.0f} MiB)"
         out.append(
             f"| {r['dims']} | {r['arch']} | {common.spread(t[js])} | {sl_txt} | {ratio} | {dense} | "
-            f"{ach / 1e9:.1f} GFLOP/s = {100 * ach / jmm:.0f}% of jax matmul | {jmm / 1e9:.1f} / {tmm / 1e9:.1f} GFLOP/s | {mem_txt} |"
+            f"{ach / 1e9:.1f} GFLOP/s = {100 * ach / jmm:.0f}% of jax matmul | {jmm / 1e9:.1f} / {tmm / 1e9:.1f} GFLOP/s"
+            f" (torch threads {r.get('torch_threads')}) | {mem_txt} |"
         )
     fails = sorted({(n, msg) for r in rows for n, msg in r.get("failed", {}).items()})
     for n, msg in fails:

@@ -223,3 +223,50 @@ def test_dynamic_k_population_activation_matches_dense(activation):
         np.testing.assert_allclose(ls, ld, rtol=1e-5)
         np.testing.assert_allclose(auxs["l0"], auxd["l0"], rtol=1e-6)
         _assert_close(gs, gd, rtol=1e-4, atol=1e-5)
+
+
+def test_train_step_compiles_once_and_shares_the_encoder():
+    """Lean step (issue 6): the jsdl.train step compiles once however many steps and log intervals
+    run (jax.monitoring compile events counted over two fits of different lengths), data is
+    sampled inside the compiled step, and the sparse step holds a single dictionary-size matmul and
+    a single top_k (the statistics share the loss's selection through CSE)."""
+    import jax.monitoring
+
+    from jsdl.data import make_bench
+    from jsdl.train import Stepper, TrainConfig, fit, init_state
+
+    d, n_q, k = 16, 128, 4
+    spec = jsdl.make_spec("sae", "topk", n_q, k=k)
+    assert K.use_sparse(spec, jnp.float32)
+    bench = make_bench(jax.random.PRNGKey(0), n_features=32, d_input=d)
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        counts = []
+        for steps in (4, 12):
+            compiles.clear()
+            cfg = TrainConfig(steps=steps, batch_size=32, log_every=2, progress=False, plots=False)
+            state, hist = fit(jax.random.PRNGKey(1), spec, bench, cfg)
+            counts.append(len(compiles))
+        assert int(state.step) == 12
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # The second, 3x longer fit with 3x the log intervals compiles no more than the first.
+    assert counts[1] <= counts[0], counts
+
+    cfg = TrainConfig(steps=5, batch_size=32, log_every=5, progress=False, plots=False)
+    st = Stepper(spec, cfg, data_mode="bench", devices=jax.devices()[:1], bench=bench)
+    state = st.place_state(init_state(jax.random.PRNGKey(2), spec, cfg, d))
+    data = st.place_data(bench)
+    for _ in range(3):
+        state = st.step(state, data, None)
+    assert st.step._cache_size() == 1
+    hlo = st.step.lower(state, data, None).compile().as_text()
+    assert hlo.count('custom_call_target="TopK"') == 1
+    dots = [l for l in hlo.splitlines() if " dot(" in l and str(n_q) in l.split(" dot(")[0]]
+    assert len(dots) == 1, dots
