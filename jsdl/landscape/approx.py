@@ -26,6 +26,7 @@ Monte Carlo when ``1-S`` is small.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Optional
 
 import jax
@@ -327,6 +328,19 @@ def spec_for(problem: FeatureProblem, n_latents: int, *, tied: bool = False) -> 
     )
 
 
+@partial(jax.jit, static_argnames=("spec", "batch_size"))
+def _mc_batch(k, params, data, spec, batch_size):
+    # module-level and jitted with the data source as an operand, so repeated calls reuse one compile
+    batch = data.sample(k, batch_size)
+    x_p, x_r = batch.x_p, batch.x_r
+    x_r = x_p if x_r is None else x_r
+    _, aux = sdl_loss(params, Batch(x_p, x_r), spec)
+    # per-sample squared errors, for the standard error
+    x_hat = decode(params, encode(params, x_p, spec), spec, x_p)
+    err = jnp.sum((x_r.reshape(x_hat.shape) - x_hat) ** 2, axis=-1)
+    return aux["mse"], jnp.mean(err * err)
+
+
 def mc_loss(
     key: jax.Array,
     params: SDLParams,
@@ -341,17 +355,10 @@ def mc_loss(
     if n_samples < batch_size:
         batch_size = n_samples
     n_batches = max(1, n_samples // batch_size)
-
-    @jax.jit
-    def one(k):
-        batch = data.sample(k, batch_size)
-        x_p, x_r = batch.x_p, batch.x_r
-        x_r = x_p if x_r is None else x_r
-        _, aux = sdl_loss(params, Batch(x_p, x_r), spec)
-        # per-sample squared errors, for the standard error
-        x_hat = decode(params, encode(params, x_p, spec), spec, x_p)
-        err = jnp.sum((x_r.reshape(x_hat.shape) - x_hat) ** 2, axis=-1)
-        return aux["mse"], jnp.mean(err * err)
+    if all(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in jax.tree.leaves(data)):
+        one = lambda k: _mc_batch(k, params, data, spec, batch_size)  # noqa: E731
+    else:  # not a pytree of arrays (e.g. a plain object with .sample): close over it
+        one = jax.jit(lambda k: _mc_batch.__wrapped__(k, params, data, spec, batch_size))
 
     keys = jax.random.split(key, n_batches)
     means, sq = [], []
@@ -368,6 +375,23 @@ def _binom_pmf(m: np.ndarray, n: int, p: float) -> np.ndarray:
     logc = np.array([math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) for k in m])
     with np.errstate(divide="ignore"):
         return np.exp(logc + m * np.log(p) + (n - m) * np.log1p(-p))
+
+
+@partial(jax.jit, static_argnames=("n_per_m",))
+def _gap_stats(k, m, params, problem, law, n_per_m):
+    """Mean, standard error and max of the per-sample loss given exactly ``m`` active features."""
+    n = problem.n_features
+    k1, k2 = jax.random.split(k)
+    # a uniform m-subset per row: the m smallest of n uniforms
+    u = jax.random.uniform(k1, (n_per_m, n), problem.W_p.dtype)
+    kth = jnp.sort(u, axis=1)[jnp.arange(n_per_m), m - 1][:, None]
+    active = u <= kth
+    x = jnp.where(active, law.sample_magnitudes(k2, (n_per_m, n), u.dtype), 0.0)
+    xp = x @ problem.W_p.T
+    xr = x @ problem.W_r.T
+    codes = problem.activation(xp @ params.W_E.T, params)
+    e = jnp.sum((xr - codes @ params.decoder.T) ** 2, axis=-1)
+    return jnp.mean(e), jnp.std(e) / math.sqrt(n_per_m), jnp.max(e)
 
 
 def multi_feature_gap(
@@ -402,22 +426,8 @@ def multi_feature_gap(
     Z = codes_per_feature(params, problem)
     per_feature = np.asarray(jnp.sum((problem.W_r - params.decoder @ Z) ** 2, axis=0), dtype=np.float64)
 
-    def loss_of(x):  # x [B, n] -> per-sample squared error
-        xp = x @ problem.W_p.T
-        xr = x @ problem.W_r.T
-        codes = problem.activation(xp @ params.W_E.T, params)
-        return jnp.sum((xr - codes @ params.decoder.T) ** 2, axis=-1)
-
-    @jax.jit
     def stats(k, m):
-        k1, k2 = jax.random.split(k)
-        # a uniform m-subset per row: the m smallest of n uniforms
-        u = jax.random.uniform(k1, (n_per_m, n))
-        kth = jnp.sort(u, axis=1)[:, m - 1][:, None]
-        active = u <= kth
-        x = jnp.where(active, law.sample_magnitudes(k2, (n_per_m, n), u.dtype), 0.0)
-        e = loss_of(x)
-        return jnp.mean(e), jnp.std(e) / math.sqrt(n_per_m), jnp.max(e)
+        return _gap_stats(k, m, params, problem, law, n_per_m)
 
     ms = np.arange(2, m_max + 1)
     e_m, se_m, mx = [], [], []
