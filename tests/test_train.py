@@ -115,9 +115,16 @@ def test_relu_l1_trains_and_reconstruction_falls():
     ("transcoder", {}, {"d_target": 12}),
     ("skip_transcoder", {}, {"d_target": 12}),
     ("crosscoder", {"n_sources": 2}, {"n_sources": 2}),
+    ("crosscoder", {"n_sources": 2}, "make_bench"),
 ])
 def test_transcoder_and_crosscoder_train_through_fit(method, kw, bench_kw):
-    b = toy(**bench_kw)
+    if bench_kw == "make_bench":  # the real Linear Representation Bench (crosscoder PGD is fast)
+        from jsdl.data import make_bench
+
+        b = make_bench(jax.random.PRNGKey(0), n_features=24, d_input=16, max_interference=0.4, sparsity=0.9,
+                       method="crosscoder", n_sources=2)
+    else:
+        b = toy(**bench_kw)
     spec = jsdl.make_spec(method=method, activation="topk", n_latents=32, k=4, **kw)
     state, hist = fit(jax.random.PRNGKey(0), spec, b, dataclasses.replace(CFG, steps=80))
     assert hist["mse"][-1] < 0.7 * hist["mse"][0]
@@ -473,13 +480,19 @@ def test_example_config_parses():
 
 @pytest.mark.slow
 def test_topk_recovery_issue_setting():
-    """The issue's check: TopK SAE, n=100, d=64, S=0.99, M=0.1, n_q=400 reaches M_GT(0.9) >= 0.9."""
+    """The issue's check: TopK SAE, n=100, d=64, S=0.99, M=0.1, n_q=400 reaches M_GT(0.9) >= 0.9.
+
+    Measured on decoder columns (vs W_r): they reach M_GT(0.9) = 1.0 within 1000 steps. Encoder
+    rows do not, and should not be expected to: with n > d the reconstruction-optimal encoder row
+    moves from the feature direction towards the dual basis (rows of pinv(W_p), cosine 0.77 on
+    average with their feature on this bench), so encoder M_GT(0.9) falls as training converges."""
     from jsdl.data import make_bench
     from jsdl.metrics import feature_recovery
 
     b = make_bench(jax.random.PRNGKey(0), n_features=100, d_input=64, max_interference=0.1, sparsity=0.99)
-    spec = jsdl.make_spec(activation="topk", n_latents=400, k=4)
-    cfg = TrainConfig(steps=3000, batch_size=1024, learning_rate=3e-3, log_every=500, progress=False, plots=False)
+    spec = jsdl.make_spec(activation="topk", n_latents=400, k=2)
+    cfg = TrainConfig(steps=1000, batch_size=512, learning_rate=3e-3, log_every=200, progress=False, plots=False)
     state, hist = fit(jax.random.PRNGKey(0), spec, b, cfg)
     rec = feature_recovery(state.params, b, threshold=0.9)
-    assert rec["m_gt"] >= 0.9, rec
+    assert rec["m_gt_dec"] >= 0.9, rec
+    assert hist["summary"]["recovery"]["m_gt_dec@0.9"] == rec["m_gt_dec"]

@@ -36,7 +36,7 @@ one = jax.devices()[:1]
 out = {}
 
 def diff(a, b):
-    return max(float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y)))) for x, y in
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in
                zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 # the step's batch really is sharded over 8 devices and the state replicated

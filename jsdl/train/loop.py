@@ -241,7 +241,16 @@ def _loop(stepper: Stepper, state: TrainState, data, data_mode: str, anchors, co
     return state, timing, diverged
 
 
+def _exclude_kw(exclude):
+    # Anchored runs: leave the anchored features and the anchored latents (0..k-1) out of the metrics.
+    if exclude is None:
+        return {}
+    return {"exclude": np.asarray(exclude), "exclude_latents": np.arange(len(exclude))}
+
+
 def _recovery(params, data, exclude=None) -> Optional[dict]:
+    """``jsdl.metrics.feature_recovery`` at tau = 0.95 (keys m_gt, m_ip, m_gt_dec, m_ip_dec) plus
+    M_GT at tau = 0.9 (``m_gt@0.9``, ``m_gt_dec@0.9``), when the data has ground truth."""
     if not (hasattr(data, "W_p") and hasattr(data, "W_r")):
         return None
     try:
@@ -252,9 +261,11 @@ def _recovery(params, data, exclude=None) -> Optional[dict]:
     if fr is None:
         return None
     try:
-        kw = {} if exclude is None else {"exclude": exclude}
-        out = fr(params, data, **kw)
-        return {k: float(v) for k, v in out.items() if np.ndim(v) == 0}
+        out = fr(params, data, **_exclude_kw(exclude))
+        out = {k: float(v) for k, v in out.items() if np.ndim(v) == 0}
+        r9 = fr(params, data, threshold=0.9, **_exclude_kw(exclude))
+        out["m_gt@0.9"], out["m_gt_dec@0.9"] = float(r9["m_gt"]), float(r9["m_gt_dec"])
+        return out
     except Exception as e:  # metrics are a report, not a reason to lose a trained run
         warnings.warn(f"feature_recovery failed: {type(e).__name__}: {e}")
         return None
@@ -267,9 +278,7 @@ def _recovery_curve(params, data, exclude=None):
         fn = getattr(_metrics, "m_gt_curve", None)
         if fn is None or not hasattr(data, "W_p"):
             return None
-        kw = {} if exclude is None else {"exclude": exclude}
-        out = fn(params, data, **kw)
-        return out
+        return fn(params, data, **_exclude_kw(exclude))
     except Exception:
         return None
 
