@@ -53,6 +53,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
         tcfg = TrainConfig(
             steps=cfg["steps"], batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
             log_every=cfg["log_every"], dead_window=cfg["dead_window"], progress=False, plots=False,
+            decay=cfg["decay"], decay_start=cfg["decay_start"],
             resample_every=every if "resample" in name else 0,
             resample_until=resample_at[-1] if ("resample" in name and resample_at) else 0,
         )
@@ -76,7 +77,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
     _plot(results, out_dir)
     summary = {"seconds": results["seconds"], "resample_at": resample_at,
                "setting": {k: cfg[k] for k in ("n_features", "d_input", "sparsity", "k", "learning_rate", "steps",
-                                                "dead_window", "aux_coef")} | {"n_latents": n_q}}
+                                                "dead_window", "aux_coef", "decay")} | {"n_latents": n_q}}
     for name, r in results["runs"].items():
         h = r["history"]
         summary[name] = {
@@ -131,7 +132,7 @@ def results_row(summary: dict) -> str:
     s = summary["setting"]
     lines = [
         f"TopK SAE, n={s['n_features']} features in d={s['d_input']}, n_q={s['n_latents']}, k={s['k']}, "
-        f"S={s['sparsity']}, lr={s['learning_rate']} (large on purpose), {s['steps']} steps, dead = no firing for "
+        f"S={s['sparsity']}, lr={s['learning_rate']} (large on purpose, schedule {s.get('decay', 'constant')}), {s['steps']} steps, dead = no firing for "
         f"{s['dead_window']} steps; resampling at steps {summary['resample_at']}; AuxK coef {s['aux_coef']}.",
         "",
         "| treatment | max dead frac | final dead frac (train) | dead frac (fresh sample) | FVU plateau before 1st resample | final FVU | M_GT dec |",
