@@ -451,7 +451,7 @@ def _plot(out_dir, histories, results):
         axes[2].imshow(share, vmin=0, vmax=1, cmap="viridis")
         axes[2].set_xticks(range(len(CLASSES)), CLASSES, rotation=30)
         axes[2].set_yticks(range(len(lat)), [f"latent {x['latent']} <- {x['anchored_to']}" for x in lat])
-        axes[2].set_title("anchored latents: held-out activation mass by source")
+        axes[2].set_title("anchored latents: mass by source")
         for i in range(share.shape[0]):
             for j in range(share.shape[1]):
                 axes[2].text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", color="w" if share[i, j] < 0.5 else "k")
