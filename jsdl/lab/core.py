@@ -252,13 +252,16 @@ class _Twin:
 
     def __init__(self, bench, key):
         n = bench.W_p.shape[1]
-        q, _ = jnp.linalg.qr(jax.random.normal(key, (n, n), bench.W_p.dtype))
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key) if jnp.issubdtype(
+            key.dtype, jax.dtypes.prng_key) else key).astype(np.uint32))
+        q, _ = np.linalg.qr(rng.normal(size=(n, n)))  # float64: orthonormal to ~1e-16
         self.W_p = self.W_r = q
         self._bench = bench
 
     def sample(self, key, batch_size):
         x = self._bench.sample_features(key, batch_size)
-        return jsdl.Batch(x_p=x @ self.W_p.T, x_r=x @ self.W_r.T, features=x)
+        W = jnp.asarray(self.W_p, x.dtype)
+        return jsdl.Batch(x_p=x @ W.T, x_r=x @ W.T, features=x)
 
 
 def run_lab(name: str, *, hyper: Optional[dict] = None, coefs: Optional[Sequence[float]] = None,
