@@ -496,3 +496,28 @@ def test_topk_recovery_issue_setting():
     rec = feature_recovery(state.params, b, threshold=0.9)
     assert rec["m_gt_dec"] >= 0.9, rec
     assert hist["summary"]["recovery"]["m_gt_dec@0.9"] == rec["m_gt_dec"]
+
+
+def test_cli_train_and_resume(tmp_path, capsys):
+    from jsdl.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "seed: 1\n"
+        "spec: {method: sae, activation: topk, n_latents: 32, k: 2}\n"
+        "data: {n_features: 24, d_input: 16, max_interference: 0.4, sparsity: 0.9}\n"
+        "train: {steps: 20, batch_size: 64, log_every: 10, checkpoint_every: 10, plots: true}\n"
+    )
+    out = str(tmp_path / "run")
+    assert main(["train", str(cfg), "--out", out, "--no-progress", "--set", "train.learning_rate=0.01"]) == 0
+    assert "M_GT" in capsys.readouterr().out
+    for f in ("run.json", "metrics.jsonl", "summary.json", "training.png", "recovery.png"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    assert main(["train", "--resume", out, "--no-progress", "--set", "train.steps=30"]) == 0
+    params, spec, info = load_run(out)
+    assert info["step"] == 30 and spec.n_latents == 32 and info["config"].learning_rate == 0.01
+    # errors are one clear line and exit code 2, before anything compiles
+    cfg.write_text("train: {steps: ten}\n")
+    assert main(["train", str(cfg)]) == 2
+    assert "train.steps must be of type int" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "missing")]) == 2

@@ -52,7 +52,6 @@ for name, sp in {
     "topk_auxk": spec,
     "relu_l1": jsdl.make_spec(activation="relu", n_latents=32, penalties={"l1": 1e-2}),
     "batchtopk": jsdl.make_spec(activation="batchtopk", n_latents=32, k=3),
-    "jumprelu_l0": jsdl.make_spec(activation="jumprelu", n_latents=32, penalties={"l0": 0.1}, bandwidth=0.05),
 }.items():
     s8, h8 = fit(key, sp, b, cfg)
     s1, h1 = fit(key, sp, b, cfg, devices=one)
@@ -82,9 +81,10 @@ def test_eight_devices_equal_one_device():
     stdout = run_multidevice(CODE, n_devices=8, timeout=1200)
     line = [l for l in stdout.splitlines() if l.startswith("RESULT")][-1]
     out = json.loads(line[len("RESULT"):])
-    assert out["mesh"] == 8 and out["batch_spec"] == "PartitionSpec('data',)"
+    print(out)
+    assert out["mesh"] == 8 and out["batch_spec"] in ("PartitionSpec('data',)", "P('data',)")
     assert out["state_sharding_replicated"]
-    for name in ("topk_auxk", "relu_l1", "batchtopk", "jumprelu_l0"):
+    for name in ("topk_auxk", "relu_l1", "batchtopk"):
         r = out[name]
         assert r["n_devices"] == [8, 1]
         assert r["moved"] > 1e-2, (name, r)  # training happened, so equality is not vacuous

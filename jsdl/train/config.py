@@ -42,7 +42,9 @@ class TrainConfig:
     Decoder norm
         decoder_norm: ``none`` or ``unit``: before the update the gradient component parallel to each
             decoder column is removed; after it the columns are projected back to unit norm
-            (``ConstrainedAdam`` of dictionary_learning; sparsify/openai do the same).
+            (``ConstrainedAdam`` of dictionary_learning; sparsify/openai do the same). For a
+            crosscoder the whole stacked column (all sources) is normalised; tied models
+            normalise the rows of W_E.
     Thresholds
         min_threshold: JumpReLU thresholds are clipped to ``>= min_threshold`` (> 0) after each step.
         threshold_rate: BatchTopK inference threshold running average rate

@@ -360,8 +360,6 @@ def _check_common(spec, config):
         config = TrainConfig()
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a jsdl.train.TrainConfig, got {type(config).__name__}")
-    if config.decoder_norm == "unit" and spec.method == "crosscoder":
-        pass  # whole stacked column normalised; documented in TrainConfig
     return config
 
 
@@ -668,7 +666,9 @@ def fit_population(
     (:func:`member` extracts one), ``histories[i]`` the history of member i (with ``member`` info and
     ``summary``). A member whose loss becomes non-finite is reported in its summary (``diverged_at``)
     and frozen at its last finite parameters; the others keep training."""
-    config = _check_common(_members_from(key, specs_or_grid, config or TrainConfig())[2], config)
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a jsdl.train.TrainConfig, got {type(config).__name__}")
     specs, ms, run_spec, vary_k = _members_from(key, specs_or_grid, config)
     mode, data, d_in, d_t, data_rec = _prepare_data(run_spec, data, config)
     anchors, anchor_feats = _setup_anchors(key, data, config, anchors)
