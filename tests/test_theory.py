@@ -26,6 +26,7 @@ def _assert_serialisable(records):
         assert r.claim and r.id
 
 
+@pytest.mark.slow  # ~30 s; its parts are covered fast by test_landscape's gap tests
 def test_p1_loss_approximation(x64):
     recs = _by_id(th.check_loss_approximation(KEY, n=6, n_p=5, n_q=8, sparsity=0.9, n_per_m=1024, mc_samples=32768))
     _assert_serialisable(recs.values())
@@ -88,6 +89,7 @@ def test_theorem_3_3_loss_is_exactly_the_leak_of_positive_overlaps(x64):
         th.theorem_3_3_solution(W_p, W_r, 5)
 
 
+@pytest.mark.slow  # ~30 s; the construction is covered fast by test_zero_loss_solution_reproduces_every_feature
 def test_p5_non_identifiability(x64):
     recs = _by_id(th.check_non_identifiability(KEY, n_solutions=3, n_per_m=1024, mc_samples=16384))
     assert recs["P5"].verdict == th.HOLDS, recs["P5"].measured
