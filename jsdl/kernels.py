@@ -193,23 +193,27 @@ def _decode_rows(vals, Wr, cols, rows, B, impl):
 # ----------------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _gather_preact(x, W, b, cols, rows, impl):
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _gather_preact(x, W, b, cols, rows, zsel, impl):
+    # zsel: the same values already read off the gradient-free z (saves k row dots per sample).
+    if zsel is not None:
+        return zsel
     return _gather_dot(x, W, cols, rows, impl) + (0.0 if b is None else b[cols])
 
 
-def _gather_preact_fwd(x, W, b, cols, rows, impl):
-    return _gather_preact(x, W, b, cols, rows, impl), (x, W, b, cols, rows)
+def _gather_preact_fwd(x, W, b, cols, rows, zsel, impl):
+    return _gather_preact(x, W, b, cols, rows, zsel, impl), (x, W, b, cols, rows, zsel)
 
 
 def _gather_preact_bwd(impl, res, g):
-    x, W, b, cols, rows = res
+    x, W, b, cols, rows, zsel = res
     B = x.shape[0]
     dW = _scatter_rows(g, x, cols, rows, W.shape[0], impl)
     # dx is dead code when x is data (removed under jit); kept for correctness of the VJP.
     dx = _decode_rows(g, W, cols, rows, B, impl)
     db = None if b is None else jnp.zeros_like(b).at[cols.reshape(-1)].add(g.reshape(-1))
-    return dx, dW, db, _int_zero(cols), _int_zero(rows)
+    dz = None if zsel is None else jnp.zeros_like(zsel)
+    return dx, dW, db, _int_zero(cols), _int_zero(rows), dz
 
 
 def _int_zero(a):
@@ -223,13 +227,19 @@ def _int_zero(a):
 _gather_preact.defvjp(_gather_preact_fwd, _gather_preact_bwd)
 
 
-def gather_preact(x, W, b, cols, rows=None, *, impl: str = "auto"):
+def gather_preact(x, W, b, cols, rows=None, *, z=None, impl: str = "auto"):
     """Selected pre-activations ``z[rows, cols]`` of ``z = x W^T + b`` (``x [B, n_p]``,
-    ``W [n_q, n_p]``, ``b [n_q]`` or None) computed as ``k`` row dot products per sample.
+    ``W [n_q, n_p]``, ``b [n_q]`` or None), computed as ``k`` row dot products per sample, or read
+    off ``z`` when the caller already has it (``z [B, n_q]``, treated as gradient-free: it must
+    equal ``x W^T + b``).
 
     Its VJP is sparse: ``dW[c] += g x[r]``, ``db[c] += g``, ``dx[r] += g W[c]`` (scatter-adds of
     ``B k`` rows) instead of the dense ``dz^T x`` that autodiff of ``z[rows, cols]`` produces."""
-    return _gather_preact(x, W, b, cols, rows, resolve_impl(impl))
+    zsel = None
+    if z is not None:
+        z = jax.lax.stop_gradient(z)
+        zsel = jnp.take_along_axis(z, cols, axis=1) if rows is None else z[rows, cols]
+    return _gather_preact(x, W, b, cols, rows, zsel, resolve_impl(impl))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +316,7 @@ def topk_codes(x, W_E, b_E, k: int, *, relu: bool = True, select: str = "lax", i
         z = jax.lax.stop_gradient(_preacts(x, W_E, b_E))
     _, cols = select_topk(z, k, method=select)
     cols = cols.astype(jnp.int32)
-    vals = gather_preact(x, W_E, b_E, cols, None, impl=impl)
+    vals = gather_preact(x, W_E, b_E, cols, None, z=z, impl=impl)
     if relu:
         vals = jax.nn.relu(vals)
     if k_active is not None:
@@ -321,7 +331,7 @@ def batchtopk_codes(x, W_E, b_E, k: int, *, relu: bool = True, select: str = "la
     if z is None:
         z = jax.lax.stop_gradient(_preacts(x, W_E, b_E))
     _, rows, cols = select_batchtopk(z, k, method=select)
-    vals = gather_preact(x, W_E, b_E, cols, rows, impl=impl)
+    vals = gather_preact(x, W_E, b_E, cols, rows, z=z, impl=impl)
     if relu:
         vals = jax.nn.relu(vals)
     if k_active is not None:
@@ -407,7 +417,7 @@ def sparse_auxk_loss(x_p, params, z, residual, dead_mask, k_aux: int, *, impl: s
     masked = jnp.where(dead_mask[None, :], jax.nn.relu(z), 0.0)
     _, cols = select_topk(masked, k_aux)
     cols = cols.astype(jnp.int32)
-    vals = jax.nn.relu(gather_preact(x_p, params.W_E, params.b_E, cols, None, impl=impl))
+    vals = jax.nn.relu(gather_preact(x_p, params.W_E, params.b_E, cols, None, z=z, impl=impl))
     vals = vals * dead_mask[cols].astype(vals.dtype)
     rec = sparse_decode(SparseCodes(vals, cols, None, z.shape[-1]), decoder_rows(params), None, impl=impl)
     num = jnp.sum((residual - rec) ** 2)
