@@ -22,9 +22,12 @@ handling used in training:
 
 The best gain is found by a 1-D search (a log grid, then golden section) on a fixed sample. The
 gradient norm is compared with the *interference floor*: the same quantity for the reconstruction
-term alone (lambda = 0) at its own best gain. Verdicts: ``stationary`` when ``||grad L_lambda|| <=
-floor_factor * floor``, then ``local minimum`` when the smallest Hessian eigenvalue (Lanczos on HVPs,
-symmetries out) is >= ``-eig_tol * lambda_max``, else ``saddle``; otherwise ``not stationary``.
+term alone (lambda = 0) at its own best gain. Verdicts: ``not stationary`` when ``||grad L_lambda||
+> max(floor_factor * floor, 1e-6 * scale)`` (``scale``: the gradient norm of the reconstruction term
+at gain 1/2). Otherwise, where W* is an exact critical point of the reconstruction term (floor <=
+1e-6 scale, e.g. without interference), ``local minimum`` when the smallest Hessian eigenvalue
+(Lanczos on HVPs, symmetries out) is >= ``-eig_tol * lambda_max``, else ``saddle``; with
+interference, ``at the interference floor`` (with or without negative curvature).
 The smallest eigenvalues are reported at every coefficient (curvature along the frontier).
 """
 from __future__ import annotations
@@ -316,14 +319,17 @@ def critical_point_analysis(key, spec: _obj.SDLSpec, penalty: str, bench, coefs:
             r = at(float(c))
             r["grad_ratio"] = r["grad_norm"] / max(floor["grad_norm"], 1e-30)
             h = r.get("hessian", {})
+            exact = floor["grad_norm"] <= 1e-6 * scale  # W* is a critical point of the reconstruction term
+            convex = "min" in h and h["min"] >= -eig_tol * max(abs(h["max"]), 1e-30)
             if r["grad_norm"] > tol:
                 r["verdict"] = "not stationary"
             elif "min" not in h:
-                r["verdict"] = "stationary (Hessian unavailable)"
-            elif h["min"] >= -eig_tol * max(abs(h["max"]), 1e-30):
-                r["verdict"] = "local minimum"
+                r["verdict"] = "stationary (Hessian unavailable)" if exact else "at the interference floor"
+            elif exact:
+                r["verdict"] = "local minimum" if convex else "saddle"
             else:
-                r["verdict"] = "saddle"
+                r["verdict"] = ("at the interference floor, no negative curvature" if convex else
+                                "at the interference floor, negative curvature")
             pts.append(r)
     return {"floor": floor, "points": pts, "grad_scale": scale, "tolerance": tol,
             "settings": {"decoder_norm": decoder_norm, "n_samples": n_samples, "lanczos_iters": lanczos_iters,
@@ -342,7 +348,8 @@ def retrain_from_ground_truth(key, spec: _obj.SDLSpec, penalty: str, bench, coef
                               config, *, decoder_norm: str = "unit") -> dict:
     """Train from the ground-truth point (each coefficient at its own best gain, all coefficients as
     one vmapped population on one data stream) for ``config.steps`` steps and measure how far
-    training moves: relative distance of encoder and decoder from their start, mean cosine between
+    training moves: distance of encoder and decoder from their start relative to ``||W_p||`` and
+    ``||W_r||`` (the gain-1 norms), mean cosine between
     latent i and feature i (encoder rows vs ``w_p^i``, decoder columns vs ``w_r^i``), and the final
     loss terms. Returns ``{"points": [...]}`` in the order of ``coefs``."""
     from jsdl.train import Stepper, init_state
@@ -374,8 +381,8 @@ def retrain_from_ground_truth(key, spec: _obj.SDLSpec, penalty: str, bench, coef
         p0 = starts[i]
         p = jax.tree.map(lambda x: x[i], final)
 
-        def rel(a, b):
-            return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+        def rel(a, b, ref):
+            return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
 
         def diag_cos(L, T):
             Ln = L / jnp.maximum(jnp.linalg.norm(L, axis=0, keepdims=True), 1e-30)
@@ -384,8 +391,8 @@ def retrain_from_ground_truth(key, spec: _obj.SDLSpec, penalty: str, bench, coef
         cnt = max(int(np.atleast_1d(metrics["count"])[i]), 1)
         out.append({
             "coef": c,
-            "rel_dist_W_E": rel(p.W_E, p0.W_E),
-            "rel_dist_W_D": rel(p.decoder, p0.decoder),
+            "rel_dist_W_E": rel(p.W_E, p0.W_E, W_p),
+            "rel_dist_W_D": rel(p.decoder, p0.decoder, W_r),
             "cos_encoder": diag_cos(p.W_E.T, W_p),
             "cos_decoder": diag_cos(p.decoder, W_r),
             "fvu_mean": float(np.atleast_1d(metrics["fvu"])[i]) / cnt,

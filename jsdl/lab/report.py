@@ -98,8 +98,8 @@ def _markdown(r: dict) -> str:
         L.append("")
         L.append("One population per penalty (vmapped, coefficients traced), same data stream and seeds; TopK at the "
                  "L0 the penalty reached. M_GT at tau = 0.95 on encoder rows (decoder columns in brackets), M_IP the "
-                 "mean best cosine, MCC the matched code-feature correlation, shrinkage the decoded magnitude over the "
-                 "true coefficient of matched latents (1 = none).")
+                 "mean best cosine of encoder rows, MCC the matched code-feature correlation; shrinkage: "
+                 "jsdl.metrics.shrinkage's mean ratio (matched-latent median slope in brackets; 1 = none).")
         L.append("")
         L.extend(_run_table(fr))
         L.append("")
@@ -152,7 +152,8 @@ def _markdown(r: dict) -> str:
             L.append(f"failed: {rt['error']}")
         else:
             L.append(f"{rt['steps']} steps from W* at each coefficient's best gain (lambda = 0: interference alone). "
-                     "Distance = relative Frobenius distance from the start; cos = mean cosine of latent i with feature i.")
+                     "Moved = Frobenius distance from the start over ||W_p|| (encoder) or ||W_r|| (decoder); cos = mean cosine "
+                     "of latent i with feature i.")
             L.append("")
             L.append("| lambda | moved (enc) | moved (dec) | cos enc | cos dec | L0 | FVU | M_GT | shrinkage |")
             L.append("|---|---|---|---|---|---|---|---|---|")
@@ -198,7 +199,8 @@ def _findings(r):
         vals = ", ".join(f"{k}: {_f(v)}" for k, v in s["shrinkage_by_coef"].items())
         trend = ("below 1 and growing with the coefficient" if s.get("shrinkage_below_1") and s.get("shrinkage_grows_with_coef")
                  else "below 1" if s.get("shrinkage_below_1") else "not uniformly below 1")
-        out.append(f"- Shrinkage (decoded magnitude / true coefficient, by lambda): {vals}; {trend}.")
+        out.append(f"- Shrinkage of matched latents (median slope of decoded magnitude on the true coefficient, "
+                   f"at the coefficients where at least half the features are matched): {vals}; {trend}.")
     if "ground_truth_twin" in s:
         v = s["ground_truth_twin"]
         out.append("- Ground truth on the interference-free twin: " + ", ".join(f"lambda {k}: {x}" for k, x in v.items())
@@ -208,9 +210,10 @@ def _findings(r):
         out.append("- Ground truth on the bench (relative to the interference floor): "
                    + ", ".join(f"lambda {k}: {x}" for k, x in v.items()) + ".")
     if "vs_topk_at_matched_l0" in s:
-        out.append(f"- Recovery against TopK at matched L0: mean M_GT difference {_f(s['mean_m_gt_minus_topk'], '+.3f')}, "
-                   f"mean MCC difference {_f(s['mean_mcc_minus_topk'], '+.3f')} "
-                   f"({'lower' if s.get('recovery_below_topk') else 'not lower'} than TopK).")
+        out.append(f"- Recovery against TopK at matched L0 (TopK interpolated in L0; mean over the grid, penalty minus "
+                   f"TopK): M_GT encoder {_f(s['mean_m_gt_minus_topk'], '+.3f')}, M_GT decoder "
+                   f"{_f(s['mean_m_gt_dec_minus_topk'], '+.3f')}, MCC {_f(s['mean_mcc_minus_topk'], '+.3f')}: "
+                   f"{'lower than TopK' if s.get('recovery_below_topk') else 'not lower than TopK'}.")
     if "pathologies_hierarchical" in s:
         out.append("- Hierarchical bench: " + "; ".join(
             f"{k}: dead {_f(v['dead_fraction'], '.2f')}, absorption {_f(v['absorption'], '.2f')}"
@@ -229,6 +232,7 @@ def _run_table(runs, hierarchy=False):
         for p in v["points"]:
             row = (f"| {nm} | {_label(nm, p)} | {_f(p['l0'])} | {_f(p['fvu'])} | {_f(p['m_gt'], '.2f')} "
                    f"({_f(p['m_gt_dec'], '.2f')}) | {_f(p['m_ip'])} | {_f(p['mcc'])} | {_f(p['shrinkage'])} "
+                   f"({_f(p.get('shrinkage_matched'))}) "
                    f"| {_f(p['dead_fraction'], '.2f')} |")
             if hierarchy:
                 row += f" {_f(p.get('absorption'), '.2f')} |"
