@@ -193,7 +193,7 @@ def torch_matmul(x, n_q):
 def child(variant, arch, shape):
     d, n_q, k, B = SHAPES[shape]
     x = np.random.default_rng(0).standard_normal((B, d), dtype=np.float32)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _vm_hwm_mb()
     if variant.startswith("jsdl"):
         run, _, _ = jsdl_step(arch, x, n_q, k, sparse=False if variant == "jsdl-dense" else "auto")
     else:
@@ -203,8 +203,17 @@ def child(variant, arch, shape):
         run = saelens_step(arch, x, n_q, k, sparse_acts=variant == "saelens-sparse")
     for _ in range(2):
         run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_mb": peak / 1024, "base_rss_mb": base / 1024}))
+    print(json.dumps({"peak_rss_mb": _vm_hwm_mb(), "base_rss_mb": base}))
+
+
+def _vm_hwm_mb() -> float:
+    """Peak resident set of this process (VmHWM, MB). Not ru_maxrss: Linux carries that across
+    fork/exec, so a child reports its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
 def peak_rss(variant, arch, shape, python=sys.executable):
