@@ -114,8 +114,34 @@ def write_sections(header: str, secs: list[tuple[str, str]], path: str = RESULTS
         f.write(out.rstrip() + "\n")
 
 
+class _Lock:
+    """An exclusive ``flock`` on ``RESULTS.md.lock``: benchmark scripts run concurrently (several
+    engineers) and a read-modify-write without it dropped a section once."""
+
+    def __init__(self, path: str):
+        self.path = path + ".lock"
+
+    def __enter__(self):
+        import fcntl
+
+        self.f = open(self.path, "w")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
 def write_section(title: str, body: str, path: str = RESULTS) -> None:
     """Replace (or append) the section ``## title`` of RESULTS.md, keeping all others."""
+    with _Lock(path):
+        _write_section(title, body, path)
+
+
+def _write_section(title: str, body: str, path: str) -> None:
     header, secs = read_sections(path)
     if not header.strip():
         header = "# jsdl benchmark results\n"
@@ -129,9 +155,30 @@ def write_section(title: str, body: str, path: str = RESULTS) -> None:
 
 
 def write_header(header: str, path: str = RESULTS) -> None:
-    _, secs = read_sections(path)
-    write_sections(header, secs, path)
+    with _Lock(path):
+        _, secs = read_sections(path)
+        write_sections(header, secs, path)
 
 
 def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
+
+
+# Section order of RESULTS.md: ours (by title prefix) first, then every other section as found.
+ORDER = ("Training step: jsdl vs SAELens (small", "Training step: jsdl vs SAELens (medium",
+         "Training step: jsdl vs SAELens (large", "Training step", "Sparse TopK path", "Top-k selection",
+         "Training: population", "Landscape", "Data")
+
+
+def order_sections(path: str = RESULTS) -> None:
+    """Sort the sections of RESULTS.md by :data:`ORDER` (stable for the rest)."""
+    def rank(title):
+        for i, p in enumerate(ORDER):
+            if title.startswith(p):
+                return i
+        return len(ORDER)
+
+    with _Lock(path):
+        header, secs = read_sections(path)
+        secs = sorted(secs, key=lambda s: rank(s[0]))
+        write_sections(header, secs, path)

@@ -63,6 +63,7 @@ def main(argv=None) -> int:
         key = name[len("bench_"):-len(".py")]
         if key in only:
             rc |= run_script(name, [], args.quick)
+    common.order_sections()
     common.log(f"[run] wrote {common.RESULTS}")
     return rc
 
