@@ -316,7 +316,8 @@ def approx_loss_frozen(params: SDLParams, problem: FeatureProblem, mask=None) ->
 
 def spec_for(problem: FeatureProblem, n_latents: int, *, tied: bool = False) -> SDLSpec:
     """A bias-free :class:`jsdl.SDLSpec` with the problem's activation: ``'sae'`` when
-    ``W_r is W_p`` (same shape and values), ``'transcoder'`` otherwise."""
+    ``W_r is W_p`` (same shape and values), ``'transcoder'`` otherwise. Always the dense objective
+    (``sparse=False``), which forward-mode autodiff (Hessians) can differentiate."""
     same = problem.W_r.shape == problem.W_p.shape and bool(jnp.all(problem.W_r == problem.W_p))
     return make_spec(
         "sae" if same else "transcoder",
@@ -324,6 +325,7 @@ def spec_for(problem: FeatureProblem, n_latents: int, *, tied: bool = False) -> 
         n_latents,
         tied=tied,
         bias=False,
+        sparse=False,  # Hessians/HVPs need forward-mode autodiff; the sparse kernels' custom VJP has none
         **problem.activation.hyper_dict(),
     )
 
