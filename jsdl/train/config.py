@@ -67,6 +67,10 @@ class TrainConfig:
         keep_checkpoints: keep the last N checkpoints.
         progress: show a tqdm progress bar (None = only when stderr is a terminal).
         plots: write matplotlib plots at the end when ``out_dir`` is given.
+    Performance
+        donate: donate the training state's buffers to the jitted step (params and optimiser state
+            are updated in place, no second copy). A ``fit`` callback that keeps the state beyond
+            the call must copy it (``jax.device_get``); set ``donate=False`` to keep references.
     """
 
     steps: int = 1000
@@ -101,6 +105,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     progress: Optional[bool] = None
     plots: bool = True
+    donate: bool = True
 
     def __post_init__(self):
         check_types(self, "train")

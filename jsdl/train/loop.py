@@ -482,7 +482,8 @@ def fit(
     data_key: override the data-stream key (a population shares one; see :func:`fit_population`).
     stop_at: stop after this many steps (schedules still use ``config.steps``); with ``out_dir`` a
         checkpoint is written there, so ``resume=True`` continues the same run.
-    callback: ``callback(step, state, row)`` at every log.
+    callback: ``callback(step, state, row)`` at every log (copy what you keep: the state is donated to the
+        next step unless ``config.donate`` is False).
     record: extra JSON-able information stored in ``run.json`` (the CLI stores its whole config).
 
     ``history`` maps ``step, loss, mse, fvu, l0, dead_frac, auxk, anchor, ghost, lr, time`` to lists

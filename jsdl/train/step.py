@@ -227,9 +227,12 @@ class Stepper:
         self._one = jax.vmap(one, in_axes=(0, None, None)) if self.population else one
         self._res = jax.vmap(res, in_axes=(0, 0, None)) if self.population else res
         # Fixed output shardings equal to the input ones: the step is compiled exactly once.
-        self.step = jax.jit(self._step_fn, out_shardings=self.state_sharding)
-        self.resample = jax.jit(self._resample_fn, out_shardings=self.state_sharding)
-        self.reset_metrics = jax.jit(zero_metrics, out_shardings=self.state_sharding)
+        # Donated state: the step updates params and Adam moments in place (no second copy of the
+        # dictionary); the loop never reuses a state it has passed to the step.
+        donate = (0,) if config.donate else ()
+        self.step = jax.jit(self._step_fn, out_shardings=self.state_sharding, donate_argnums=donate)
+        self.resample = jax.jit(self._resample_fn, out_shardings=self.state_sharding, donate_argnums=donate)
+        self.reset_metrics = jax.jit(zero_metrics, out_shardings=self.state_sharding, donate_argnums=donate)
 
     # state helpers -------------------------------------------------------------------------
     def place_state(self, state: TrainState) -> TrainState:
