@@ -433,3 +433,28 @@ def test_fit_population_from_shards(tmp_path):
     mk = jax.numpy.asarray(hists[1]["member"]["key"], jax.numpy.uint32)
     s1, _ = fit(mk, spec, disk.batches(48, seed=11), cfg, data_key=jsdl.train.population_data_key(key))
     np.testing.assert_allclose(np.asarray(member(states, 1).params.W_E), np.asarray(s1.params.W_E), rtol=1e-5, atol=1e-6)
+
+
+def test_train_cli_reads_files_from_yaml(tmp_path):
+    """`data: {files: ...}` in a `jsdl train` config trains from shards and records the normalisation."""
+    import json
+
+    import yaml
+
+    from jsdl.cli import main as jsdl_main
+    from jsdl.data.files import write_shards
+
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.normal(size=(512, 8))).astype(np.float32)
+    write_shards(str(tmp_path / "acts"), x, rows_per_shard=200)
+    cfg = {"spec": {"activation": "topk", "k": 2, "n_latents": 16},
+           "data": {"files": {"path": str(tmp_path / "acts"), "normalize": True, "shuffle_buffer": 64}},
+           "train": {"steps": 6, "batch_size": 32, "log_every": 3, "plots": False, "progress": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert jsdl_main(["train", str(tmp_path / "c.yaml"), "--out", str(out), "--no-progress"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["record"]["data"]["normalization"]["scales"]["x_p"] > 0
+    bad = dict(cfg, data={"files": {"path": str(tmp_path / "acts"), "bogus": 1}})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert jsdl_main(["train", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "r2")]) == 2

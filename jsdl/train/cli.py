@@ -8,6 +8,7 @@ anything is compiled::
     out_dir: runs/topk            # default runs/<config file name>
     spec:  {method: sae, activation: topk, n_latents: 400, k: 8}       # jsdl.make_spec arguments
     data:  {n_features: 100, d_input: 64, sparsity: 0.99, max_interference: 0.1}   # make_bench
+           or {files: {path: acts/, holdout: 0.05, normalize: true}}     # activation shards
     train: {steps: 2000, batch_size: 512, learning_rate: 0.003}         # jsdl.train.TrainConfig
     population: {seeds: [0, 1], coefs: {l1: [0.001, 0.01]}, k: [], learning_rate: []}  # optional
 
@@ -19,7 +20,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from jsdl.train.config import TrainConfig, check_types, from_dict, to_dict
 
@@ -64,7 +65,9 @@ class SpecConfig:
 class DataConfig:
     """Arguments of :func:`jsdl.data.make_bench` (``options`` holds any further keyword arguments,
     e.g. ``c_min``/``beta``). ``seed`` picks the bench (W_p, W_r); the stream comes from the run
-    seed."""
+    seed. With ``files`` (a shard directory, or a mapping of :func:`jsdl.data.files.from_config`
+    keys such as ``{path: acts/, holdout: 0.05, normalize: true}``) the data are real activations
+    streamed from disk instead, and the bench keys are ignored."""
 
     n_features: int = 1000
     d_input: int = 768
@@ -75,11 +78,19 @@ class DataConfig:
     n_sources: Optional[int] = None
     seed: int = 0
     options: dict = dataclasses.field(default_factory=dict)
+    files: Optional[Union[str, dict]] = None
 
     def __post_init__(self):
         check_types(self, "data")
 
+    def build_files(self):
+        """The :class:`jsdl.data.files.ActivationFiles` of ``files`` (validated, nothing read yet)."""
+        from jsdl.data import files as _files
+
+        return _files.from_config(self.files)
+
     def build(self, spec_method: str):
+        """The Linear Representation Bench of these settings (``files`` is built by ``build_files``)."""
         import jax
 
         try:
@@ -245,9 +256,14 @@ def run(args) -> int:
 
     from jsdl.train.loop import Grid, NonFiniteLossError, fit, fit_population
 
-    data = cfg.data.build(spec.method)
     key = jax.random.PRNGKey(cfg.seed)
     record = {"config": cfg.to_dict()}
+    if cfg.data.files is not None:
+        src = cfg.data.build_files()
+        data = src.batches(cfg.train.batch_size, seed=src.seed)
+        record["data"] = src.info()  # the normalisation scales travel with the run (jsdl export folds them)
+    else:
+        data = cfg.data.build(spec.method)
     progress = False if args.no_progress else None
     try:
         if cfg.population is not None:
