@@ -155,18 +155,21 @@ def _plot(path, params_of, hist_of, bench):
     from jsdl import metrics
 
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name, params in params_of.items():
+    for i, (name, params) in enumerate(params_of.items()):
+        color = f"C{i}"
         taus, curve = metrics.m_gt_curve(params, bench)
-        ax[0].plot(taus, curve, label=name)
+        ax[0].plot(taus, curve, color=color, label=f"{name} (encoder rows)")
+        taus, curve = metrics.m_gt_curve(params, bench, which="decoder")
+        ax[0].plot(taus, curve, color=color, linestyle="--", label=f"{name} (decoder columns)")
         h = hist_of[name]
-        ax[1].semilogy(h["step"], h["fvu"], label=name)
-        ax[2].plot(h["step"], h["l0"], label=name)
-    ax[0].set(xlabel="threshold tau", ylabel="M_GT(tau)", title="ground-truth recovery (encoder rows)")
+        ax[1].semilogy(h["step"], h["fvu"], color=color, label=name)
+        ax[2].plot(h["step"], h["l0"], color=color, label=name)
+    ax[0].set(xlabel="threshold tau", ylabel="M_GT(tau)", title="ground-truth recovery (solid: encoder, dashed: decoder)")
     ax[1].set(xlabel="step", ylabel="FVU", title="reconstruction")
     ax[2].set(xlabel="step", ylabel="L0", title="active latents per sample")
     for a in ax:
         a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+        a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
