@@ -19,6 +19,8 @@ from jsdl.objective import (
     param_count,
     pre_activations,
     sdl_loss,
+    spec_from_dict,
+    spec_to_dict,
 )
 
 __version__ = "0.1.0"
@@ -38,6 +40,8 @@ __all__ = [
     "penalties",
     "pre_activations",
     "sdl_loss",
+    "spec_from_dict",
+    "spec_to_dict",
 ]
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -80,57 +79,8 @@ _EXPORTABLE_METHODS = ("sae", "tied_sae", "matryoshka")
 # ------------------------------------------------------------------------------------------------
 
 
-def _jsonable(v):
-    if isinstance(v, (np.generic,)):
-        return v.item()
-    if isinstance(v, tuple):
-        return [_jsonable(x) for x in v]
-    return v
-
-
-def spec_to_dict(spec) -> dict:
-    """A JSON-able record of an :class:`jsdl.SDLSpec` that :func:`spec_from_dict` turns back into
-    an equal spec (``make_spec`` arguments)."""
-    return {
-        "method": spec.method,
-        "activation": spec.activation.name,
-        "activation_hyper": {k: _jsonable(v) for k, v in spec.activation.hyper},
-        "n_latents": spec.n_latents,
-        "penalties": {p.name: {"coef": c, **{k: _jsonable(v) for k, v in p.hyper}} for p, c in spec.penalties},
-        "tied": spec.tied,
-        "bias": spec.bias,
-        "n_sources": spec.n_sources,
-        "prefixes": list(spec.prefixes),
-        "prefix_weights": list(spec.prefix_weights),
-        "aux_k": spec.aux_k,
-        "aux_coef": spec.aux_coef,
-    }
-
-
-def spec_from_dict(d: Mapping[str, Any]):
-    """Inverse of :func:`spec_to_dict` (validated by :func:`jsdl.make_spec`)."""
-    from jsdl.methods import get as method_info
-    from jsdl.objective import make_spec
-
-    d = dict(d)
-    info = method_info(d["method"])
-    kw: dict[str, Any] = dict(
-        method=d["method"],
-        activation=d["activation"],
-        n_latents=int(d["n_latents"]),
-        penalties={k: dict(v) for k, v in d.get("penalties", {}).items()},
-        tied=bool(d.get("tied", False)),
-        bias=bool(d.get("bias", True)),
-        aux_k=int(d.get("aux_k", 0)),
-        aux_coef=float(d.get("aux_coef", 0.0)),
-        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.get("activation_hyper", {}).items()},
-    )
-    if info.multi_source:
-        kw["n_sources"] = int(d["n_sources"])
-    if info.nested:
-        kw["prefixes"] = tuple(int(p) for p in d["prefixes"])
-        kw["prefix_weights"] = tuple(float(w) for w in d["prefix_weights"])
-    return make_spec(**kw)
+# spec <-> JSON lives with the spec (jsdl.objective); re-exported here for callers of jsdl.export.
+from jsdl.objective import spec_from_dict, spec_to_dict  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------

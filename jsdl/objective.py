@@ -13,7 +13,6 @@ pytree, so ``jax.vmap`` over a stack of params trains a population.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Optional
 
 import jax
@@ -37,6 +36,8 @@ __all__ = [
     "decode",
     "sdl_loss",
     "param_count",
+    "spec_to_dict",
+    "spec_from_dict",
 ]
 
 
@@ -459,3 +460,57 @@ def sdl_loss(
         total = total + anchors.coef * a
     aux["loss"] = total
     return total, aux
+
+
+def _plain(v):
+    """JSON-able Python value (numpy scalars -> Python, tuples -> lists)."""
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        return v.item()
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def spec_to_dict(spec: SDLSpec) -> dict:
+    """A JSON-able record of ``spec`` (the arguments of :func:`make_spec`); checkpoints and exported
+    files store it so a model loads without the code that made it. :func:`spec_from_dict` inverts it."""
+    return {
+        "method": spec.method,
+        "activation": spec.activation.name,
+        "activation_hyper": {k: _plain(v) for k, v in spec.activation.hyper},
+        "n_latents": spec.n_latents,
+        "penalties": {p.name: {"coef": c, **{k: _plain(v) for k, v in p.hyper}} for p, c in spec.penalties},
+        "tied": spec.tied,
+        "bias": spec.bias,
+        "n_sources": spec.n_sources,
+        "prefixes": list(spec.prefixes),
+        "prefix_weights": list(spec.prefix_weights),
+        "aux_k": spec.aux_k,
+        "aux_coef": spec.aux_coef,
+        "sparse": spec.sparse,
+    }
+
+
+def spec_from_dict(d: Mapping[str, Any]) -> SDLSpec:
+    """Inverse of :func:`spec_to_dict`, validated by :func:`make_spec` (records without the newer
+    keys get their defaults)."""
+    d = dict(d)
+    info = _methods.get(d["method"])
+    kw: dict[str, Any] = dict(
+        method=d["method"],
+        activation=d["activation"],
+        n_latents=int(d["n_latents"]),
+        penalties={k: dict(v) if isinstance(v, Mapping) else v for k, v in (d.get("penalties") or {}).items()},
+        tied=bool(d.get("tied", False)),
+        bias=bool(d.get("bias", True)),
+        aux_k=int(d.get("aux_k", 0)),
+        aux_coef=float(d.get("aux_coef", 0.0)),
+        sparse=d.get("sparse", "auto"),
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in (d.get("activation_hyper") or {}).items()},
+    )
+    if info.multi_source:
+        kw["n_sources"] = int(d["n_sources"])
+    if info.nested:
+        kw["prefixes"] = tuple(int(x) for x in d["prefixes"])
+        kw["prefix_weights"] = tuple(float(w) for w in d["prefix_weights"])
+    return make_spec(**kw)

@@ -433,3 +433,18 @@ def test_spec_is_hashable_and_static(key):
     f(params, jsdl.Batch(jnp.ones((2, 4))), s1)
     f(params, jsdl.Batch(jnp.ones((2, 4))), s2)
     assert f._cache_size() == 1
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(method="matryoshka", activation="topk", k=3, n_latents=64, penalties={"lp": (0.1, {"p": 0.5})}, sparse=False),
+        dict(method="crosscoder", n_sources=3, activation="jumprelu", penalties={"l0": 0.1}, threshold=0.2),
+        dict(method="tied_sae", activation="relu|topk", k=1, n_latents=8, bias=False, aux_coef=0.5),
+    ],
+)
+def test_spec_json_round_trip(kw):
+    import json
+
+    spec = jsdl.make_spec(**kw)
+    assert jsdl.spec_from_dict(json.loads(json.dumps(jsdl.spec_to_dict(spec)))) == spec

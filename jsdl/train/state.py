@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jsdl.objective import SDLParams, SDLSpec, init_params, make_spec
+from jsdl.objective import SDLParams, SDLSpec, init_params
 from jsdl.train.config import TrainConfig
 
 __all__ = [
@@ -193,40 +193,5 @@ def init_state(
 # ----------------------------------------------------------------------------------------------
 
 
-def spec_to_dict(spec: SDLSpec) -> dict:
-    """A JSON-able record of ``spec`` that :func:`spec_from_dict` turns back into an equal spec."""
-    d = {
-        "method": spec.method,
-        "activation": spec.activation.name,
-        "activation_hyper": {k: v for k, v in spec.activation.hyper},
-        "n_latents": spec.n_latents,
-        "penalties": {p.name: {"coef": c, **dict(p.hyper)} for p, c in spec.penalties},
-        "tied": spec.tied,
-        "bias": spec.bias,
-        "n_sources": spec.n_sources,
-        "prefixes": list(spec.prefixes),
-        "prefix_weights": list(spec.prefix_weights),
-        "aux_k": spec.aux_k,
-        "aux_coef": spec.aux_coef,
-    }
-    return d
-
-
-def spec_from_dict(d: dict) -> SDLSpec:
-    kw = dict(
-        method=d["method"],
-        activation=d["activation"],
-        n_latents=int(d["n_latents"]),
-        penalties=d.get("penalties") or {},
-        tied=bool(d.get("tied", False)),
-        bias=bool(d.get("bias", True)),
-        aux_k=int(d.get("aux_k", 0)),
-        aux_coef=float(d.get("aux_coef", 0.0)),
-        **dict(d.get("activation_hyper") or {}),
-    )
-    if int(d.get("n_sources", 1)) > 1:
-        kw["n_sources"] = int(d["n_sources"])
-    if d.get("prefixes"):
-        kw["prefixes"] = tuple(d["prefixes"])
-        kw["prefix_weights"] = tuple(d["prefix_weights"])
-    return make_spec(**kw)
+# spec <-> JSON lives with the spec (jsdl.objective); re-exported as jsdl.train.spec_to_dict/spec_from_dict.
+from jsdl.objective import spec_from_dict, spec_to_dict  # noqa: E402,F401
