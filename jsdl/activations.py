@@ -18,32 +18,35 @@ Register a new one with::
     def my_act(z, params=None, *, inference=False, alpha=1.0):
         return jnp.where(z > alpha, z, 0.0)
 
-Hyperparameters are keyword-only arguments with defaults; ``jsdl.activations.get("my_act",
-alpha=2.0)`` binds them and rejects unknown names. Names joined by ``"|"`` compose left to right:
+Hyperparameters are keyword arguments with defaults (their types come from the defaults; ranges
+are declared with ``register(name, hyper={"alpha": "> 0"})``); ``jsdl.activations.get("my_act",
+alpha=2.0)`` binds and validates them and rejects unknown names. Registering a taken name raises
+unless ``overwrite=True`` (the registry is a :class:`jsdl.registry.Registry`). Names joined by ``"|"`` compose left to right:
 ``get("relu|topk", k=1)`` is Top-1 o ReLU (paper Example 3.5).
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from jsdl.registry import Registry, bind_hyper
+
 __all__ = [
     "Activation",
+    "ActivationInfo",
+    "REGISTRY",
     "register",
     "get",
     "names",
     "info",
+    "hyper_names",
     "heaviside_ste",
     "jumprelu_ste",
     "topk_mask_values",
 ]
-
-# name -> (fn, ActivationInfo)
-_REGISTRY: dict[str, tuple[Callable, "ActivationInfo"]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,48 +69,42 @@ class ActivationInfo:
     uses_k: bool = False
 
 
-def register(name: str, **info: Any) -> Callable[[Callable], Callable]:
+#: The activation registry (a :class:`jsdl.registry.Registry`).
+REGISTRY: Registry[ActivationInfo] = Registry(
+    "activation",
+    positional=("z", "params"),
+    required=("inference",),
+    info_type=ActivationInfo,
+    forbidden="|",
+    hint=" (compose with '|', e.g. 'relu|topk')",
+)
+
+
+def register(name: str, *, overwrite: bool = False, hyper: Mapping[str, Any] | None = None,
+             **info: Any) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn(z, params=None, *, inference=False, **hyper)`` under ``name``.
 
-    ``info`` fields (see :class:`ActivationInfo`) describe the activation. Re-registering a name
-    replaces it (useful in notebooks)."""
-    if not isinstance(name, str) or not name or "|" in name:
-        raise ValueError(f"activation name must be a non-empty string without '|', got {name!r}")
-    meta = ActivationInfo(**info)
-
-    def deco(fn: Callable) -> Callable:
-        _REGISTRY[name] = (fn, meta)
-        return fn
-
-    return deco
+    Hyperparameters are the keyword arguments with defaults; their types come from the defaults
+    and ``hyper`` declares ranges, e.g. ``hyper={"k": ">= 1"}``. ``info`` fields (see
+    :class:`ActivationInfo`) describe the activation. A taken name raises ValueError unless
+    ``overwrite=True``; a wrong signature raises TypeError."""
+    return REGISTRY.register(name, overwrite=overwrite, hyper=hyper, **info)
 
 
 def names() -> list[str]:
     """Registered activation names, sorted."""
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
-def _hyper_defaults(fn: Callable) -> dict[str, Any]:
-    sig = inspect.signature(fn)
-    return {
-        p.name: p.default
-        for p in sig.parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "inference"
-    }
-
-
-def _lookup(name: str):
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown activation {name!r}; known activations: {', '.join(names())} "
-            "(compose with '|', e.g. 'relu|topk')"
-        )
-    return _REGISTRY[name]
+def _parts(name: str):
+    if not isinstance(name, str):
+        raise TypeError(f"activation must be a name (str), got {type(name).__name__}")
+    return [REGISTRY.entry(p) for p in name.split("|")]
 
 
 def info(name: str) -> ActivationInfo:
     """Combined :class:`ActivationInfo` of a (possibly composed) activation name."""
-    parts = [_lookup(p)[1] for p in name.split("|")]
+    parts = [e.info for e in _parts(name)]
     return ActivationInfo(
         needs_threshold=any(p.needs_threshold for p in parts),
         inference_threshold=any(p.inference_threshold for p in parts),
@@ -119,10 +116,7 @@ def info(name: str) -> ActivationInfo:
 
 def hyper_names(name: str) -> set[str]:
     """Names of the hyperparameters accepted by a (possibly composed) activation."""
-    out: set[str] = set()
-    for p in name.split("|"):
-        out |= set(_hyper_defaults(_lookup(p)[0]))
-    return out
+    return {h.name for e in _parts(name) for h in e.hyper}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +136,9 @@ class Activation:
     def __call__(self, z: jax.Array, params: Any = None, *, inference: bool = False) -> jax.Array:
         hyper = dict(self.hyper)
         out = z
-        for part in self.name.split("|"):
-            fn, _ = _REGISTRY[part]
-            accepted = _hyper_defaults(fn)
-            out = fn(out, params, inference=inference, **{k: v for k, v in hyper.items() if k in accepted})
+        for e in _parts(self.name):
+            own = {h.name: hyper[h.name] for h in e.hyper if h.name in hyper}
+            out = e.fn(out, params, inference=inference, **own)
         return out
 
 
@@ -153,33 +146,9 @@ def get(name: str, **hyper: Any) -> Activation:
     """The activation registered as ``name`` (or a ``'|'``-composition) bound to ``hyper``.
 
     Raises ValueError for an unknown name (listing the known ones), an unknown hyperparameter
-    (listing the accepted ones) or an out-of-range value."""
-    if not isinstance(name, str):
-        raise TypeError(f"activation must be a name (str), got {type(name).__name__}")
-    accepted = hyper_names(name)
-    unknown = set(hyper) - accepted
-    if unknown:
-        raise ValueError(
-            f"activation {name!r} does not take {sorted(unknown)}; it accepts {sorted(accepted) or 'no hyperparameters'}"
-        )
-    _validate_hyper(name, hyper)
-    full = {}
-    for part in name.split("|"):
-        full.update(_hyper_defaults(_lookup(part)[0]))
-    full.update(hyper)
+    (listing the accepted ones) or an out-of-range value, TypeError for a value of the wrong type."""
+    full = bind_hyper(_parts(name), hyper, f"activation {name!r}")
     return Activation(name=name, hyper=tuple(sorted(full.items())))
-
-
-def _validate_hyper(name: str, hyper: dict[str, Any]) -> None:
-    if "k" in hyper:
-        k = hyper["k"]
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"activation {name!r}: k must be a positive int, got {k!r}")
-    for key in ("bandwidth",):
-        if key in hyper and not (float(hyper[key]) > 0):
-            raise ValueError(f"activation {name!r}: {key} must be > 0, got {hyper[key]!r}")
-    if "threshold" in hyper and float(hyper["threshold"]) < 0:
-        raise ValueError(f"activation {name!r}: threshold must be >= 0, got {hyper['threshold']!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +238,7 @@ def relu(z, params=None, *, inference=False):
     return jax.nn.relu(z)
 
 
-@register("jumprelu", needs_threshold=True, homogeneous=False)
+@register("jumprelu", needs_threshold=True, homogeneous=False, hyper={"threshold": ">= 0", "bandwidth": "> 0"})
 def jumprelu(z, params=None, *, inference=False, threshold=0.001, bandwidth=0.001):
     """JumpReLU (eq. 6): sigma(z)_i = z_i H(z_i - theta_i), theta_i = params.threshold[i] (learned,
     initialised to ``threshold``). Straight-through gradient for theta with a rectangle kernel of
@@ -293,7 +262,7 @@ def _scatter_topk(z, vals, idx):
     return out.reshape(z.shape)
 
 
-@register("topk", uses_k=True)
+@register("topk", uses_k=True, hyper={"k": ">= 1"})
 def topk(z, params=None, *, inference=False, k=32, relu=True):
     """Top-k (eq. 7): keep the k largest z_i per sample, zero the rest; with ``relu`` (default, as
     SAELens/sparsify do) negative survivors are zeroed too. Both satisfy eq. 10."""
@@ -305,7 +274,7 @@ def topk(z, params=None, *, inference=False, k=32, relu=True):
     return _scatter_topk(z, vals, idx)
 
 
-@register("batchtopk", uses_k=True, inference_threshold=True, batch_coupled=True)
+@register("batchtopk", uses_k=True, inference_threshold=True, batch_coupled=True, hyper={"k": ">= 1"})
 def batchtopk(z, params=None, *, inference=False, k=32, relu=True):
     """BatchTopK (Bussmann et al. 2024): at training time keep the k*B largest entries of the whole
     batch ``z [B, n_q]`` (a sample may keep more or fewer than k). At inference time

@@ -11,8 +11,11 @@ Define and register a new one in a few lines::
     def sqrt_penalty(codes, params, *, eps=1e-6):
         return jnp.sum(jnp.sqrt(jnp.abs(codes) + eps), axis=-1).mean()
 
-Optional keyword-only arguments are hyperparameters. Two names are *injected* by the objective when
-the function declares them, rather than set by the user:
+Keyword arguments with defaults are hyperparameters: their types come from the defaults and their
+ranges are declared at registration (``register("sqrt", hyper={"eps": "> 0"})``), so
+``penalties.get(name, **hyper)`` validates them before anything compiles. A taken name raises
+unless ``overwrite=True``. Two names are *injected* by the objective when the function declares
+them, rather than set by the user:
 
 * ``pre_acts``: the pre-activations ``z = W_E x_p + b_E`` ``[B, n_q]`` (the L0 straight-through
   penalty needs them: a code just below its threshold is 0 but still carries gradient);
@@ -26,73 +29,65 @@ learned per-latent threshold (a JumpReLU activation).
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from jsdl.activations import heaviside_ste
+from jsdl.registry import Registry
 
-__all__ = ["register", "get", "names", "info", "Penalty", "decoder_norms", "auxk_loss", "anchor_loss"]
+__all__ = ["register", "get", "names", "info", "hyper_defaults", "wants", "Penalty", "PenaltyInfo", "REGISTRY",
+           "decoder_norms", "auxk_loss", "anchor_loss"]
 
 INJECTED = ("pre_acts", "n_sources")
-
-_REGISTRY: dict[str, tuple[Callable, "PenaltyInfo"]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
 class PenaltyInfo:
+    """Registration facts: ``straight_through`` (the gradient is a pseudo-gradient),
+    ``needs_threshold`` (needs a learned per-latent threshold), ``doc`` (first docstring line)."""
+
     straight_through: bool = False
     needs_threshold: bool = False
     doc: str = ""
 
 
-def register(name: str, *, straight_through: bool = False, needs_threshold: bool = False):
-    """Decorator registering ``fn(codes, params, **hyper) -> scalar`` under ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"penalty name must be a non-empty string, got {name!r}")
+#: The penalty registry (a :class:`jsdl.registry.Registry`).
+REGISTRY: Registry[PenaltyInfo] = Registry(
+    "penalty", positional=("codes", "params"), injected=INJECTED, info_type=PenaltyInfo, plural="penalties"
+)
 
-    def deco(fn: Callable) -> Callable:
-        params = list(inspect.signature(fn).parameters.values())
-        if len(params) < 2 or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
-            raise TypeError(
-                f"penalty {name!r}: signature must be fn(codes, params, **hyper), got {inspect.signature(fn)}"
-            )
-        doc = (fn.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = (fn, PenaltyInfo(straight_through, needs_threshold, doc))
-        return fn
 
-    return deco
+def register(name: str, *, overwrite: bool = False, hyper: Mapping[str, Any] | None = None,
+             straight_through: bool = False, needs_threshold: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator registering ``fn(codes, params, **hyper) -> scalar`` under ``name``.
+
+    Hyperparameters are the keyword arguments with defaults (types from the defaults); ``hyper``
+    declares their ranges, e.g. ``hyper={"p": "(0, 1]", "eps": "> 0"}``. A taken name raises
+    ValueError unless ``overwrite=True``; a wrong signature raises TypeError."""
+    return REGISTRY.register(name, overwrite=overwrite, hyper=hyper, straight_through=straight_through,
+                             needs_threshold=needs_threshold)
 
 
 def names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def _lookup(name: str):
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown penalty {name!r}; known penalties: {', '.join(names())}")
-    return _REGISTRY[name]
+    """Registered penalty names, sorted."""
+    return REGISTRY.names()
 
 
 def info(name: str) -> PenaltyInfo:
-    return _lookup(name)[1]
+    """The :class:`PenaltyInfo` of ``name``."""
+    return REGISTRY.entry(name).info
 
 
 def hyper_defaults(name: str) -> dict[str, Any]:
-    fn, _ = _lookup(name)
-    return {
-        p.name: p.default
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in INJECTED
-    }
+    """The hyperparameters of ``name`` and their defaults (injected arguments excluded)."""
+    return REGISTRY.entry(name).defaults()
 
 
 def wants(name: str) -> set[str]:
     """Which injected arguments (``pre_acts``, ``n_sources``) the penalty declares."""
-    fn, _ = _lookup(name)
-    return {p for p in inspect.signature(fn).parameters if p in INJECTED}
+    return set(REGISTRY.entry(name).injected)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,29 +98,16 @@ class Penalty:
     hyper: tuple[tuple[str, Any], ...] = ()
 
     def __call__(self, codes, params, **injected):
-        fn, _ = _REGISTRY[self.name]
-        want = wants(self.name)
-        extra = {k: v for k, v in injected.items() if k in want}
-        return fn(codes, params, **dict(self.hyper), **extra)
+        e = REGISTRY.entry(self.name)
+        extra = {k: v for k, v in injected.items() if k in e.injected}
+        return e.fn(codes, params, **dict(self.hyper), **extra)
 
 
 def get(name: str, **hyper: Any) -> Penalty:
-    """The penalty registered as ``name`` bound to ``hyper``; unknown names and hyperparameters
-    raise ValueError listing what is allowed."""
-    if not isinstance(name, str):
-        raise TypeError(f"penalty must be a name (str), got {type(name).__name__}")
-    defaults = hyper_defaults(name)
-    unknown = set(hyper) - set(defaults)
-    if unknown:
-        raise ValueError(
-            f"penalty {name!r} does not take {sorted(unknown)}; it accepts {sorted(defaults) or 'no hyperparameters'}"
-        )
-    full = {**defaults, **hyper}
-    if name == "lp" and not (0 < float(full["p"]) <= 1):
-        raise ValueError(f"penalty 'lp': p must be in (0, 1], got {full['p']!r}")
-    for key in ("eps", "bandwidth", "scale"):
-        if key in full and not float(full[key]) > 0:
-            raise ValueError(f"penalty {name!r}: {key} must be > 0, got {full[key]!r}")
+    """The penalty registered as ``name`` bound to ``hyper``, validated against its signature and
+    declared ranges: an unknown name or hyperparameter, or an out-of-range value, raises ValueError
+    listing what is allowed; a value of the wrong type raises TypeError."""
+    full = REGISTRY.bind(name, hyper)
     return Penalty(name=name, hyper=tuple(sorted(full.items())))
 
 
@@ -165,7 +147,7 @@ def weighted_l1(codes, params, *, n_sources=1):
     return _per_sample_mean(jnp.abs(codes) * decoder_norms(params, n_sources))
 
 
-@register("l0", straight_through=True, needs_threshold=True)
+@register("l0", straight_through=True, needs_threshold=True, hyper={"bandwidth": "> 0"})
 def l0(codes, params, *, pre_acts=None, bandwidth=0.001):
     """L0 via the JumpReLU straight-through estimator: E sum_i H(z_i - theta_i); the threshold
     receives the rectangle-kernel pseudo-gradient -(1/bandwidth) K((z - theta)/bandwidth)."""
@@ -175,13 +157,13 @@ def l0(codes, params, *, pre_acts=None, bandwidth=0.001):
     return _per_sample_mean(heaviside_ste(pre_acts, th.astype(pre_acts.dtype), jnp.asarray(bandwidth, pre_acts.dtype)))
 
 
-@register("tanh")
+@register("tanh", hyper={"scale": "> 0"})
 def tanh(codes, params, *, scale=1.0, n_sources=1):
     """tanh penalty (Anthropic 2024): E sum_i tanh(scale |x_q,i| ||w_D^i||)."""
     return _per_sample_mean(jnp.tanh(scale * jnp.abs(codes) * decoder_norms(params, n_sources)))
 
 
-@register("lp")
+@register("lp", hyper={"p": "(0, 1]", "eps": "> 0"})
 def lp(codes, params, *, p=0.5, eps=1e-8):
     """L_p quasi-norm, 0 < p <= 1: E sum_i (|x_q,i| + eps)^p - eps^p (eps keeps the gradient finite
     at 0 for p < 1; the offset makes the penalty 0 at 0)."""
@@ -189,7 +171,7 @@ def lp(codes, params, *, p=0.5, eps=1e-8):
     return _per_sample_mean((a + eps) ** p - eps**p)
 
 
-@register("log")
+@register("log", hyper={"eps": "> 0"})
 def log_penalty(codes, params, *, eps=1e-2):
     """Log penalty (reweighted-L1 surrogate): E sum_i log(1 + |x_q,i| / eps)."""
     return _per_sample_mean(jnp.log1p(jnp.abs(codes) / eps))
