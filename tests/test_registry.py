@@ -164,3 +164,40 @@ def test_penalty_info_records_doc_and_flags():
     assert P.info("l1").doc.startswith("L1")
     with pytest.raises(TypeError, match="unknown registration option"):
         P.REGISTRY.register("_reg_x", homogeneous=True)
+
+
+# -- activation hyperparameters from a YAML config ----------------------------------------------
+
+
+def test_yaml_spec_passes_any_declared_activation_hyperparameter(cleanup):
+    from jsdl.train.cli import config_from_dict
+
+    cleanup.append((A.REGISTRY, "_reg_yaml_gate"))
+
+    @A.register("_reg_yaml_gate", hyper={"cut": ">= 0"})
+    def gate(z, params=None, *, inference=False, cut=1.0):
+        return jnp.where(z > cut, z, 0.0)
+
+    cfg = config_from_dict({"spec": {"activation": "_reg_yaml_gate", "n_latents": 8}}, ["spec.cut=0.25"])
+    assert cfg.spec.build().activation.hyper_dict() == {"cut": 0.25}
+    # The run record (to_dict) loads back to the same spec (what resume does).
+    again = config_from_dict(cfg.to_dict())
+    assert again.spec == cfg.spec and again.spec.build() == cfg.spec.build()
+    with pytest.raises(ValueError, match=r"spec.k; .*hyperparameters of activation '_reg_yaml_gate': cut"):
+        config_from_dict({"spec": {"activation": "_reg_yaml_gate", "k": 3}})
+    with pytest.raises(ValueError, match=r"spec: activation '_reg_yaml_gate': cut must be >= 0"):
+        config_from_dict({"spec": {"activation": "_reg_yaml_gate", "cut": -1.0}})
+
+
+def test_yaml_spec_builtin_hyperparameters():
+    from jsdl.train.cli import config_from_dict
+
+    spec = config_from_dict({"spec": {"activation": "jumprelu", "threshold": 0.2, "bandwidth": 0.01,
+                                      "penalties": {"l0": 0.1}}}).spec.build()
+    assert spec.activation.hyper_dict() == {"threshold": 0.2, "bandwidth": 0.01}
+    with pytest.raises(TypeError, match="spec: activation 'topk': k must be int"):
+        config_from_dict({"spec": {"activation": "topk", "k": 2.5}})
+    # A record written before hyperparameters moved to `hyper` (k/threshold/bandwidth/relu at the
+    # top level, None = default) still loads.
+    old = {"activation": "topk", "n_latents": 16, "k": 4, "threshold": None, "bandwidth": None, "relu": None}
+    assert config_from_dict({"spec": old}).spec.build().activation.hyper_dict() == {"k": 4, "relu": True}

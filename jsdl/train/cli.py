@@ -29,8 +29,10 @@ __all__ = ["SpecConfig", "DataConfig", "PopulationConfig", "RunConfig", "load_co
 
 @dataclasses.dataclass
 class SpecConfig:
-    """Arguments of :func:`jsdl.make_spec` (activation hyperparameters ``k``, ``threshold``,
-    ``bandwidth``, ``relu`` as top-level keys; ``None`` = the activation's default)."""
+    """Arguments of :func:`jsdl.make_spec`. Keys that are not fields below are hyperparameters of
+    the chosen activation (``k: 8`` for topk, ``threshold``/``bandwidth`` for jumprelu, or whatever
+    a registered activation declares), validated by the activation registry; they are kept in
+    ``hyper``. A ``None`` value means the activation's default."""
 
     method: str = "sae"
     activation: str = "topk"
@@ -43,22 +45,54 @@ class SpecConfig:
     prefix_weights: Optional[list] = None
     aux_k: int = 0
     aux_coef: float = 0.0
-    k: Optional[int] = None
-    threshold: Optional[float] = None
-    bandwidth: Optional[float] = None
-    relu: Optional[bool] = None
+    hyper: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         check_types(self, "spec")
+        from jsdl import activations
+
+        self.hyper = {k: v for k, v in self.hyper.items() if v is not None}
+        try:
+            activations.get(self.activation, **self.hyper)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"spec: {e}") from None
+
+    @classmethod
+    def from_dict(cls, d: Any, section: str = "spec") -> "SpecConfig":
+        """Build from a mapping: keys that are not fields go to ``hyper`` when the activation
+        declares them; any other key fails naming the valid ones."""
+        from jsdl import activations
+
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise TypeError(f"config section {section!r} must be a mapping of keys to values, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        d = dict(d)
+        extra = {k: d.pop(k) for k in list(d) if k not in names}
+        extra = {k: v for k, v in extra.items() if v is not None}  # None = the activation's default
+        act = d.get("activation", cls.activation)
+        accepted = activations.hyper_names(act) if isinstance(act, str) else set()
+        unknown = sorted(set(extra) - accepted)
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) {', '.join(section + '.' + str(u) for u in unknown)}; valid keys of {section!r}: "
+                f"{', '.join(n for n in names if n != 'hyper')}, and the hyperparameters of activation {act!r}: "
+                f"{', '.join(sorted(accepted)) or 'none'}"
+            )
+        hyper = d.pop("hyper", None) or {}
+        if not isinstance(hyper, dict):
+            raise TypeError(f"{section}.hyper must be a mapping, got {hyper!r}")
+        return cls(**d, hyper={**hyper, **extra})
 
     def build(self):
         import jsdl
 
-        kw = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        kw = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "hyper"}
         for k in ("prefixes", "prefix_weights"):
             if k in kw:
                 kw[k] = tuple(kw[k])
-        return jsdl.make_spec(**kw)
+        return jsdl.make_spec(**kw, **self.hyper)
 
 
 @dataclasses.dataclass

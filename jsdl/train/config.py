@@ -193,6 +193,8 @@ def check_types(obj: Any, section: str) -> None:
 
 def from_dict(cls, d: Any, section: str):
     """Build the dataclass ``cls`` from the mapping ``d``; unknown keys fail naming the valid ones."""
+    if "from_dict" in vars(cls):  # a section with open keys (spec: activation hyperparameters)
+        return cls.from_dict(d, section)
     if d is None:
         d = {}
     if not isinstance(d, dict):
