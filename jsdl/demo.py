@@ -147,14 +147,13 @@ def run(args) -> int:
 
 
 def _plot(path, params_of, hist_of, bench):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The Figure API draws without pyplot, so the caller's matplotlib backend is left alone.
+    from matplotlib.figure import Figure
 
     from jsdl import metrics
 
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig = Figure(figsize=(15, 4.2))
+    ax = fig.subplots(1, 3)
     for i, (name, params) in enumerate(params_of.items()):
         color = f"C{i}"
         taus, curve = metrics.m_gt_curve(params, bench)
@@ -172,4 +171,3 @@ def _plot(path, params_of, hist_of, bench):
         a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,0 +1,124 @@
+"""The `jsdl` shell: lazy subcommands (no JAX for --help), `python -m jsdl`, documented exit codes,
+every command wired, and library plots that leave the matplotlib backend alone."""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jsdl import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120, **kw)
+
+
+def test_help_imports_no_subcommand_and_no_jax():
+    code = (
+        "import sys\n"
+        "from jsdl.cli import COMMANDS, main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "heavy = [m for m in ('jax', 'numpy', 'matplotlib', 'yaml') if m in sys.modules]\n"
+        "subs = [m for m, _ in COMMANDS.values() if m in sys.modules]\n"
+        "print('LOADED', heavy, subs)\n"
+    )
+    r = _python("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert "LOADED [] []" in r.stdout, r.stdout
+
+
+def test_python_m_jsdl_version_and_help():
+    import jsdl
+
+    r = _python("-m", "jsdl", "--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"jsdl {jsdl.__version__}", (r.stdout, r.stderr)
+    r = _python("-m", "jsdl", "--help")
+    assert r.returncode == 0 and "usage: jsdl" in r.stdout and "exit codes:" in r.stdout
+
+
+def test_version_is_the_package_metadata():
+    from importlib.metadata import version
+
+    import jsdl
+
+    assert jsdl.__version__ == version("jsdl")
+
+
+def test_help_documents_every_exit_code(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for code in cli.EXIT_CODES:
+        assert f"  {code} " in out
+    for name in cli.COMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_every_command_module_defines_add_arguments_and_run(name, capsys):
+    mod = importlib.import_module(cli.COMMANDS[name][0])
+    assert callable(mod.add_arguments) and callable(mod.run)
+    with pytest.raises(SystemExit) as e:
+        cli.main([name, "--help"])
+    assert e.value.code == 0
+    assert f"usage: jsdl {name}" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["no-such-command"])
+    assert e.value.code == cli.EXIT_USAGE
+    assert cli.main([]) == cli.EXIT_USAGE  # no command: the help, as a usage error
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "jsdl train: error: config file" in err and "Traceback" not in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec: {activation: topk, kk: 3}\n")
+    assert cli.main(["train", str(bad)]) == cli.EXIT_USAGE
+    assert "spec.kk" in capsys.readouterr().err
+
+
+def test_debug_env_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("JSDL_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        cli.main(["train", str(tmp_path / "missing.yaml")])
+
+
+def test_import_jsdl_is_lazy_but_complete():
+    r = _python("-c", "import sys, jsdl; assert 'jax' not in sys.modules; s = jsdl.make_spec(n_latents=4); "
+                      "from jsdl import Batch, penalties; print(type(s).__name__, sorted(jsdl.__all__) == jsdl.__all__)")
+    assert r.returncode == 0 and r.stdout.split() == ["SDLSpec", "True"], r.stderr
+    import jsdl
+
+    for name in jsdl.__all__:
+        assert getattr(jsdl, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        jsdl.nope  # noqa: B018
+
+
+def test_demo_plot_leaves_the_backend_alone(tmp_path):
+    import jax
+    import matplotlib
+    import numpy as np
+
+    import jsdl
+    from jsdl import demo
+    from jsdl.data import make_bench
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend no library code would pick, so switching it is visible
+    bench = make_bench(jax.random.PRNGKey(0), n_features=6, d_input=4, sparsity=0.5, max_interference=0.5)
+    spec = jsdl.make_spec(activation="relu", n_latents=8)
+    params = jsdl.init_params(jax.random.PRNGKey(1), spec, 4)
+    hist = {"step": np.arange(3), "fvu": np.ones(3), "l0": np.ones(3)}
+    try:
+        demo._plot(str(tmp_path / "p.png"), {"relu": params}, {"relu": hist}, bench)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
