@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.jsdl-installed
 NPROC ?= 2
 
-.PHONY: demo test test-slow test-multidevice bench theory-check install clean lock real-minilm
+.PHONY: demo test lint docs docs-serve test-slow test-multidevice bench theory-check install clean lock real-minilm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,8 +20,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/jsdl demo --out runs/demo
 
-test: $(STAMP)
+# Lint first (ruff, configured in pyproject.toml), then the default test suite.
+test: lint
 	$(BIN)/python -m pytest -q -n $(NPROC) --dist loadfile
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# The documentation site (mkdocs-material + mkdocstrings): --strict fails on a broken reference.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP)
+	$(BIN)/mkdocs serve
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
@@ -62,4 +73,4 @@ lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

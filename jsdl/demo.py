@@ -73,7 +73,6 @@ def _landscape_check(params, bench, k, key):
 
 def run(args) -> int:
     import jax
-    import numpy as np
 
     import jsdl
     from jsdl import metrics

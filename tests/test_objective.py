@@ -1,7 +1,5 @@
 """Core objective: sigma property, loss vs numpy, gradients vs finite differences, jit/vmap/eager
-equality, methods, and clear errors (issue 2)."""
-import itertools
-
+equality, methods, and clear errors."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -229,7 +227,10 @@ def test_jit_vmap_eager_agree(act, kw, key):
     stack = jax.vmap(lambda k: jsdl.init_params(k, spec, 8))(keys)
     x = jax.random.normal(key, (16, 8))
     batch = jsdl.Batch(x)
-    f = lambda p: jsdl.sdl_loss(p, batch, spec)
+
+    def f(p):
+        return jsdl.sdl_loss(p, batch, spec)
+
     eager = [f(jax.tree.map(lambda a: a[i], stack)) for i in range(4)]
     jitted = [jax.jit(f)(jax.tree.map(lambda a: a[i], stack)) for i in range(4)]
     vm_loss, vm_aux = jax.jit(jax.vmap(f))(stack)
