@@ -11,6 +11,7 @@ Every name loads on first use (PEP 562), so ``import jsdl`` and ``jsdl --help`` 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # static analysers see the eager imports
@@ -69,8 +70,8 @@ def __getattr__(name: str):
         value = _version()
     elif name in _OBJECTIVE:
         value = getattr(importlib.import_module("jsdl.objective"), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"jsdl.{name}")
+    elif name in _SUBMODULES or (not name.startswith("_") and importlib.util.find_spec(f"jsdl.{name}")):
+        value = importlib.import_module(f"jsdl.{name}")  # any subpackage, e.g. jsdl.experiments
     else:
         raise AttributeError(f"module 'jsdl' has no attribute {name!r}")
     globals()[name] = value  # later lookups skip __getattr__
