@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("jsdl.export", "export a trained run (e.g. --format saelens RUN_DIR OUT_DIR)"),
     "penalty-lab": ("jsdl.lab", "report what a sparsity penalty does (frontier, recovery, landscape)"),
 }
+"""The subcommands: name -> (module defining ``add_arguments(parser)`` and ``run(args) -> int``,
+one-line help). The module is imported only when its command is parsed."""
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_CODES: dict[int, str] = {
@@ -39,6 +41,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_USAGE: "usage or configuration error (bad argument, invalid config, unknown name, missing file)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
+"""Exit code -> meaning, as printed in ``jsdl --help``."""
 
 # Errors a user can act on: one line, no traceback.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
