@@ -109,7 +109,10 @@ class HyperParam:
     range: Range | None = None
 
     def check(self, value: Any, where: str) -> Any:
-        """``value`` validated (ints are accepted, and converted, for a float hyperparameter)."""
+        """``value`` validated (ints are accepted, and converted, for a float hyperparameter; a list,
+        as YAML gives, becomes a tuple so the bound plug-in stays hashable, i.e. jit-static)."""
+        if isinstance(value, list):
+            value = tuple(value)
         tp = self.type
         if tp is not None:
             ok = (

@@ -201,3 +201,15 @@ def test_yaml_spec_builtin_hyperparameters():
     # top level, None = default) still loads.
     old = {"activation": "topk", "n_latents": 16, "k": 4, "threshold": None, "bandwidth": None, "relu": None}
     assert config_from_dict({"spec": old}).spec.build().activation.hyper_dict() == {"k": 4, "relu": True}
+
+
+def test_list_hyperparameters_become_tuples_so_specs_stay_hashable(cleanup):
+    cleanup.append((P.REGISTRY, "_reg_weights"))
+
+    @P.register("_reg_weights")
+    def weighted(codes, params, *, weights=(1.0,)):
+        return jnp.sum(jnp.abs(codes), -1).mean() * weights[0]
+
+    spec = jsdl.make_spec(activation="relu", n_latents=4, penalties={"_reg_weights": (0.1, {"weights": [2.0, 3.0]})})
+    hash(spec)
+    assert dict(P.get("_reg_weights", weights=[2.0]).hyper)["weights"] == (2.0,)
