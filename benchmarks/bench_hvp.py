@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jsdl.records import write_section
 
 
 def _timeit(fn, *args, reps=10):
@@ -117,12 +118,8 @@ def main(argv=None) -> int:
     say()
     if args.write:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-        block = "\n".join(lines).rstrip() + "\n"
-        pat = re.compile(r"## Landscape: HVP and Lanczos\n.*?(?=\n## |\Z)", re.S)
-        text = pat.sub(block.rstrip("\n"), text) if pat.search(text) else text.rstrip("\n") + "\n\n" + block
-        with open(path, "w") as fh:
-            fh.write(text if text.endswith("\n") else text + "\n")
+        title, _, body = "\n".join(lines).partition("\n")
+        write_section(path, title.removeprefix("## ").strip(), body, header="# jsdl benchmark results\n")
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

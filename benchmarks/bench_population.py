@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import time
 
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 import jsdl
+from jsdl.records import write_section
 from jsdl.train import Grid, TrainConfig, fit, fit_population
 
 
@@ -109,11 +109,8 @@ def main():
     print(text)
     if a.write:
         path = os.path.join(os.path.dirname(__file__), "RESULTS.md")
-        old = open(path).read() if os.path.isfile(path) else "# Benchmark results\n\n"
-        pat = re.compile(r"## Training: population vs sequential\n.*?(?=\n## |\Z)", re.S)
-        new = pat.sub(text.rstrip("\n") + "\n", old) if pat.search(old) else old.rstrip("\n") + "\n\n" + text
-        with open(path, "w") as f:
-            f.write(new)
+        title, _, body = text.partition("\n")
+        write_section(path, title.removeprefix("## ").strip(), body, header="# jsdl benchmark results\n")
         print(f"wrote {path}")
 
 

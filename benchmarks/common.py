@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 from typing import Callable
 
 import numpy as np
+
+from jsdl import records
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
@@ -93,69 +94,21 @@ def machine_info() -> str:
 
 
 def read_sections(path: str = RESULTS) -> tuple[str, list[tuple[str, str]]]:
-    """(header, [(title, body)]) of a RESULTS.md; a section runs from its ``## `` line to the next."""
-    if not os.path.exists(path):
-        return "", []
-    text = open(path).read()
-    parts = re.split(r"(?m)^## ", text)
-    header = parts[0]
-    secs = []
-    for p in parts[1:]:
-        title, _, body = p.partition("\n")
-        secs.append((title.strip(), body))
-    return header, secs
+    """(header, [(title, body)]) of a RESULTS.md (:func:`jsdl.records.read_sections`)."""
+    return records.read_sections(path)
 
 
 def write_sections(header: str, secs: list[tuple[str, str]], path: str = RESULTS) -> None:
-    out = header.rstrip() + "\n\n"
-    for title, body in secs:
-        out += f"## {title}\n{body.strip()}\n\n"
-    with open(path, "w") as f:
-        f.write(out.rstrip() + "\n")
-
-
-class _Lock:
-    """An exclusive ``flock`` on ``RESULTS.md.lock``: benchmark scripts run concurrently (several
-    engineers) and a read-modify-write without it dropped a section once."""
-
-    def __init__(self, path: str):
-        self.path = path + ".lock"
-
-    def __enter__(self):
-        import fcntl
-
-        self.f = open(self.path, "w")
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        import fcntl
-
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
+    records.write_sections(header, secs, path)
 
 
 def write_section(title: str, body: str, path: str = RESULTS) -> None:
-    """Replace (or append) the section ``## title`` of RESULTS.md, keeping all others."""
-    with _Lock(path):
-        _write_section(title, body, path)
-
-
-def _write_section(title: str, body: str, path: str) -> None:
-    header, secs = read_sections(path)
-    if not header.strip():
-        header = "# jsdl benchmark results\n"
-    for i, (t, _) in enumerate(secs):
-        if t == title:
-            secs[i] = (title, body)
-            break
-    else:
-        secs.append((title, body))
-    write_sections(header, secs, path)
+    """Replace (or append) the section ``## title`` of RESULTS.md, keeping all others (locked)."""
+    records.write_section(path, title, body, header="# jsdl benchmark results\n")
 
 
 def write_header(header: str, path: str = RESULTS) -> None:
-    with _Lock(path):
+    with records.locked(path):
         _, secs = read_sections(path)
         write_sections(header, secs, path)
 
@@ -178,7 +131,7 @@ def order_sections(path: str = RESULTS) -> None:
                 return i
         return len(ORDER)
 
-    with _Lock(path):
+    with records.locked(path):
         header, secs = read_sections(path)
         secs = sorted(secs, key=lambda s: rank(s[0]))
         write_sections(header, secs, path)

@@ -14,7 +14,6 @@ models are trained with :func:`jsdl.train.fit` / :func:`jsdl.train.fit_populatio
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Optional
@@ -25,6 +24,7 @@ import numpy as np
 import jsdl
 from jsdl import metrics as _metrics
 from jsdl.data import make_bench
+from jsdl.records import dump_json
 from jsdl.train import TrainConfig, fit
 
 __all__ = [
@@ -133,10 +133,7 @@ def train_and_score(key: jax.Array, spec, bench, config: TrainConfig, *, anchors
 
 
 def write_json(out_dir: str, name: str, obj: Any) -> str:
-    path = os.path.join(out_dir, name)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    return path
+    return dump_json(obj, os.path.join(out_dir, name), indent=1)
 
 
 def fmt_pct(x: Optional[float]) -> str:

@@ -16,11 +16,11 @@ the experiment's row in ``experiments/RESULTS.md``.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import re
 import time
 from pathlib import Path
+
+from jsdl.records import dump_json, dumps, write_section
 
 SCALES = ("tiny", "small", "paper")
 
@@ -91,41 +91,22 @@ def run_experiment(name: str, scale: str = "small", out_dir: str | None = None, 
     summary = mod.run(config, out_dir, key=jax.random.PRNGKey(seed))
     summary = dict(summary or {})
     summary["_seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, default=str)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=_json_default)
+    dump_json(config, os.path.join(out_dir, "config.json"))
+    dump_json(summary, os.path.join(out_dir, "summary.json"))
     if record:
-        row = mod.results_row(summary) if hasattr(mod, "results_row") else json.dumps(summary, default=_json_default)[:300]
+        row = mod.results_row(summary) if hasattr(mod, "results_row") else dumps(summary, indent=None)[:300]
         record_result(name, scale, row, summary["_seconds"])
     return summary
 
 
-def _json_default(o):
-    try:
-        import numpy as np
-
-        if isinstance(o, np.ndarray) or hasattr(o, "tolist"):
-            return o.tolist()
-        if isinstance(o, np.generic):
-            return o.item()
-    except Exception:  # pragma: no cover
-        pass
-    return str(o)
+RESULTS_HEADER = "# Experiment results\n\nRegenerate a section with `jsdl experiment NAME --scale small --record`.\n"
 
 
 def record_result(name: str, scale: str, row: str, seconds: float) -> None:
-    """Replace (or add) the experiment's section in ``experiments/RESULTS.md``."""
-    path = experiments_dir() / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Experiment results\n\nRegenerate a section with `jsdl experiment NAME --scale small --record`.\n"
-    header = f"## {name} ({scale})"
-    block = f"{header}\n\nCommand: `jsdl experiment {name} --scale {scale} --record` ({seconds:.0f} s on this machine)\n\n{row.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(name)} \({re.escape(scale)}\)\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(block + "\n", text)
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.write_text(text)
+    """Replace (or add) the experiment's section ``## NAME (SCALE)`` in ``experiments/RESULTS.md``
+    (:func:`jsdl.records.write_section`, locked)."""
+    body = f"Command: `jsdl experiment {name} --scale {scale} --record` ({seconds:.0f} s on this machine)\n\n{row.strip()}\n"
+    write_section(str(experiments_dir() / "RESULTS.md"), f"{name} ({scale})", body, header=RESULTS_HEADER)
 
 
 def add_arguments(p):
@@ -143,5 +124,5 @@ def run(args) -> int:
         return 0
     overrides = dict(_parse_override(s) for s in args.set)
     summary = run_experiment(args.name, args.scale, args.out, overrides=overrides, seed=args.seed, record=args.record)
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}, indent=2, default=_json_default))
+    print(dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
     return 0

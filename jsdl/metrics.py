@@ -53,7 +53,12 @@ __all__ = [
     "shrinkage",
     "absorption_score",
     "match_latents",
+    "shrinkage_matched",
+    "evaluate",
+    "TAUS",
 ]
+
+TAUS = np.round(np.linspace(0.5, 0.99, 50), 4)  # thresholds of the M_GT(tau) curves of evaluate()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,7 +380,8 @@ def shrinkage(
     spec: SDLSpec,
     bench: Any,
     *,
-    key: jax.Array,
+    key: Optional[jax.Array] = None,
+    data: Optional[Batch] = None,
     n_samples: int = 16384,
     batch_size: int = 4096,
     exclude: Any = None,
@@ -386,8 +392,10 @@ def shrinkage(
         r_d = sum_{s: x_d(s) > 0} x_q,j(s) <w_D^j, w_r^d / ||w_r^d||>  /  sum_{s: x_d(s) > 0} x_d(s) ||w_r^d||
 
     the latent's reconstructed magnitude along the feature over the true one (1 = no shrinkage, < 1
-    = shrunk, as an L1 penalty does). Invariant to rescaling latents. Returns ``{"mean": mean of
-    r_d over evaluated features, "per_feature": r [n] (nan for excluded or never-active features)}``."""
+    = shrunk, as an L1 penalty does). Invariant to rescaling latents. The sums run over ``data`` (a
+    fixed evaluation :class:`jsdl.Batch` with ``features``) when given, else over ``n_samples`` rows
+    drawn from ``bench`` with ``key``. Returns ``{"mean": mean of r_d over evaluated features,
+    "per_feature": r [n] (nan for excluded or never-active features)}``."""
     W_p, W_r = _gt(bench)
     n = W_p.shape[1]
     j = jnp.asarray(match_latents(params, bench))
@@ -396,7 +404,7 @@ def shrinkage(
 
     num = np.zeros(n)
     den = np.zeros(n)
-    for b in _batches(bench, key, n_samples, batch_size):
+    for b in _batches(bench if data is None else data, key, n_samples, batch_size):
         a, c = _shrink_jit(params, b, j, proj, wr_norm, spec, inference)
         num += np.asarray(a)
         den += np.asarray(c)
@@ -424,7 +432,8 @@ def absorption_score(
     spec: SDLSpec,
     bench: Any,
     *,
-    key: jax.Array,
+    key: Optional[jax.Array] = None,
+    data: Optional[Batch] = None,
     n_samples: int = 16384,
     batch_size: int = 4096,
     carry_threshold: float = 0.5,
@@ -448,7 +457,9 @@ def absorption_score(
     ``exclude``: 0 for a faithful dictionary (the parent latent fires whenever a child does), near 1
     when every child has its own latent that has taken the parent's firing (Fig. 5).
 
-    A silent parent latent with nothing carrying the child is a plain miss, not absorption. Returns
+    A silent parent latent with nothing carrying the child is a plain miss, not absorption. Events
+    are counted on ``data`` (a fixed :class:`jsdl.Batch` with ``features``) when given, else on
+    ``n_samples`` rows drawn from ``bench`` with ``key``. Returns
     the score (nan if no child fired), or ``(score, per_child [n])`` with ``return_per_child`` (nan
     for roots, excluded and never-active children)."""
     parent_of = getattr(bench, "parent_of", None)
@@ -466,7 +477,7 @@ def absorption_score(
 
     n_ev = np.zeros(n, np.int64)
     n_ab = np.zeros(n, np.int64)
-    for b in _batches(bench, key, n_samples, batch_size):
+    for b in _batches(bench if data is None else data, key, n_samples, batch_size):
         e, a = _absorb_jit(params, b, child, j_par, carries, spec, inference)
         n_ev += np.asarray(e)
         n_ab += np.asarray(a)
@@ -477,3 +488,69 @@ def absorption_score(
     ok = n_ev > 0
     per[ok] = n_ab[ok] / n_ev[ok]
     return score, per
+
+
+# --------------------------------------------------------------------------------------------------
+# Everything on one fixed evaluation batch
+# --------------------------------------------------------------------------------------------------
+
+
+def shrinkage_matched(params: SDLParams, spec: SDLSpec, bench: Any, data: Batch, *, cos_threshold: float = 0.9,
+                      min_active: int = 5, inference: bool = True) -> tuple[float, int]:
+    """Median shrinkage slope over confidently matched features: for each GT feature ``d`` whose
+    best decoder column ``i`` (``|cos(w_D^i, w_r^d)| > cos_threshold``) exists and that is active in
+    at least ``min_active`` rows of ``data``, the least-squares slope of
+    ``sign(cos) x_q,i ||w_D^i||`` on ``x_d`` over the rows with ``x_d > 0``. Returns
+    ``(median slope, number of features used)``; ``(nan, 0)`` when none qualifies. Unlike
+    :func:`shrinkage` it ignores poorly matched features instead of averaging them in."""
+    W_p, W_r = _gt(bench)
+    codes = np.asarray(_run(params, spec, data, inference)[0], np.float64)
+    feats = np.asarray(data.features, np.float64)
+    W_D = np.asarray(params.decoder, np.float64)
+    S = np.asarray(similarity(W_D.T, W_r, signed=True), np.float64)  # [n_q, n]
+    best = np.abs(S).argmax(0)
+    cos = S[best, np.arange(S.shape[1])]
+    norms = np.linalg.norm(W_D, axis=0)
+    slopes = []
+    for d in np.flatnonzero(np.abs(cos) > cos_threshold):
+        on = feats[:, d] > 0
+        if on.sum() < min_active:
+            continue
+        i = best[d]
+        y = np.sign(cos[d]) * codes[on, i] * norms[i]
+        slopes.append(float(np.sum(y * feats[on, d]) / np.sum(feats[on, d] ** 2)))
+    return (float(np.median(slopes)) if slopes else float("nan")), len(slopes)
+
+
+def evaluate(params: SDLParams, spec: SDLSpec, bench: Any, data: Batch, *, threshold: float = 0.95,
+             taus: Any = None, absorption: bool = False, inference: bool = True) -> dict:
+    """Every per-model number of the penalty lab and the experiments on ONE fixed evaluation batch
+    ``data`` (a :class:`jsdl.Batch` with ``features``), so that all models are scored on the same
+    rows:
+
+    * ``l0``, ``mse``, ``fvu``, ``dead_fraction`` (:func:`code_statistics` on ``data``);
+    * ``m_gt``, ``m_ip``, ``m_gt_dec``, ``m_ip_dec`` (:func:`feature_recovery` at ``threshold``)
+      and ``m_gt_curve`` / ``m_gt_dec_curve`` (:func:`m_gt_curve` over ``taus``, default
+      :data:`TAUS`);
+    * ``mcc``: :func:`mcc` of the codes and the true features (centred: Pearson, Hungarian);
+    * ``shrinkage`` (:func:`shrinkage`, mean over features), ``shrinkage_matched`` and
+      ``n_matched`` (:func:`shrinkage_matched`);
+    * with ``absorption``: ``absorption`` (:func:`absorption_score`; ``bench`` must be
+      hierarchical).
+
+    ``inference=True`` encodes as at inference time (e.g. BatchTopK's learned threshold)."""
+    if data.features is None:
+        raise ValueError("evaluate needs a Batch with ground-truth features (data.features is None)")
+    taus = TAUS if taus is None else np.asarray(taus, float)
+    st = code_statistics(params, spec, data, inference=inference)
+    out = {k: float(st[k]) for k in ("l0", "fvu", "mse", "dead_fraction")}
+    out.update({k: v for k, v in feature_recovery(params, bench, threshold).items() if k != "n_evaluated"})
+    out["m_gt_curve"] = [float(v) for v in m_gt_curve(params, bench, taus)[1]]
+    out["m_gt_dec_curve"] = [float(v) for v in m_gt_curve(params, bench, taus, which="decoder")[1]]
+    codes = np.asarray(_run(params, spec, data, inference)[0], np.float64)
+    out["mcc"] = mcc(codes, np.asarray(data.features, np.float64), center=True)
+    out["shrinkage"] = shrinkage(params, spec, bench, data=data, inference=inference)["mean"]
+    out["shrinkage_matched"], out["n_matched"] = shrinkage_matched(params, spec, bench, data, inference=inference)
+    if absorption:
+        out["absorption"] = absorption_score(params, spec, bench, data=data, inference=inference)
+    return out

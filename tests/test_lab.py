@@ -134,10 +134,11 @@ def test_unknown_penalty_and_hyper_raise():
 
 def _ortho_bench(key, n=8, sparsity=0.8):
     """Orthonormal features (no interference): W* is an exact minimiser of the reconstruction."""
-    from jsdl.lab.core import _Twin
-    from jsdl.landscape.theory import small_bench
+    from jsdl.data import make_bench
+    from jsdl.lab.core import orthonormal_twin
 
-    return _Twin(small_bench(key, n, n, 0.3, sparsity, prefer_library=False), jax.random.fold_in(key, 1))
+    bench = make_bench(key, n_features=n, d_input=n, max_interference=0.3, sparsity=sparsity)
+    return orthonormal_twin(bench, jax.random.fold_in(key, 1))
 
 
 def test_ground_truth_stationary_without_penalty_not_with_l1():

@@ -13,7 +13,6 @@ pinned to the first latents, eq. 26; those features are excluded from the score 
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsdl
+from jsdl.records import dump_json
 from jsdl.train import Grid, TrainConfig, anchors_from_ground_truth, fit, fit_population
 
 
@@ -120,8 +120,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
                           **_score(jax.device_get(st.params), spec, bench, k_eval, excl, cfg)})
         results["sweeps"].setdefault("width", {})[mode] = wrows
     results["seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    dump_json(results, os.path.join(out_dir, "results.json"))
     _plot(results, out_dir)
     return {
         "seconds": results["seconds"],

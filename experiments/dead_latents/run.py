@@ -18,7 +18,6 @@ Recorded: the training-time dead fraction (not fired for ``dead_window`` steps),
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -26,6 +25,7 @@ import jax
 import numpy as np
 
 import jsdl
+from jsdl.records import dump_json
 from jsdl.train import TrainConfig, fit
 
 
@@ -72,8 +72,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
             "seconds": round(time.time() - ts, 1),
         }
     results["seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    dump_json(results, os.path.join(out_dir, "results.json"))
     _plot(results, out_dir)
     summary = {"seconds": results["seconds"], "resample_at": resample_at,
                "setting": {k: cfg[k] for k in ("n_features", "d_input", "sparsity", "k", "learning_rate", "steps",

@@ -17,7 +17,6 @@ Everything landscape-related runs in float64 (``jax.enable_x64``); training runs
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 
@@ -27,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsdl
+from jsdl.records import dump_json
 from jsdl import landscape as L
 from jsdl.landscape import stationary as LS
+from jsdl.metrics import feature_recovery
 from jsdl.train import TrainConfig, fit, init_state
 
 
@@ -150,17 +151,8 @@ def _analyse(params32, problem, batch64, spec_mse, cfg, key):
 
 
 def _recovery(params, bench):
-    try:
-        from jsdl.metrics import feature_recovery
-
-        r = feature_recovery(params, bench)
-        return {k: float(v) for k, v in r.items() if np.ndim(v) == 0}
-    except Exception:  # metrics not available: report the plain cosine matching instead
-        W = np.asarray(params.W_E)
-        W = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
-        G = np.asarray(bench.W_p)
-        cos = W @ G
-        return {"m_gt": float(np.mean(cos.max(0) >= 0.95))}
+    r = feature_recovery(params, bench)
+    return {k: float(v) for k, v in r.items() if np.ndim(v) == 0}
 
 
 def run(config: dict, out_dir: str, *, key) -> dict:
@@ -213,8 +205,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
             "analysis_s": round(time.time() - ta, 1),
         }
     results["seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=float)
+    dump_json(results, os.path.join(out_dir, "results.json"))
     _plot(results, out_dir)
     summary = {"seconds": results["seconds"]}
     for name, r in results["runs"].items():

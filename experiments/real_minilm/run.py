@@ -423,8 +423,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
         "extract_seconds": t_extract,
         "results": results,
     }
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    dump_json(summary, os.path.join(out_dir, "results.json"))
     _plot(out_dir, histories, results)
     return summary
 

@@ -10,6 +10,7 @@ Every data source exposes ``sample(key, batch_size) -> jsdl.Batch`` and ``W_p`` 
 from jsdl.data.bench import (
     Bench,
     InfeasibleInterferenceError,
+    SparseLaw,
     generate_feature_matrix,
     interference_lower_bound_check,
     make_bench,
@@ -29,6 +30,7 @@ from jsdl.data.structured import (
 __all__ = [
     "Bench",
     "InfeasibleInterferenceError",
+    "SparseLaw",
     "StructuredBench",
     "ToyModel",
     "build_hierarchy",

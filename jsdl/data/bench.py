@@ -54,6 +54,7 @@ from jsdl.objective import Batch
 __all__ = [
     "Bench",
     "InfeasibleInterferenceError",
+    "SparseLaw",
     "make_bench",
     "generate_feature_matrix",
     "interference_lower_bound_check",
@@ -258,6 +259,61 @@ def generate_feature_matrix(
 
 
 # --------------------------------------------------------------------------------------------------
+# The feature law (eqs. 30-31): the one sampler of x used by Bench, the landscape code and the lab
+# --------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class SparseLaw:
+    """Independent features ``x_d = m_d (c_min + Exp(beta))``, ``m_d ~ Bernoulli(1 - S)`` (eqs.
+    30-31), the law of :class:`Bench`; ``Exp(beta)`` has mean ``beta``. Everything that samples or
+    integrates this law (:meth:`Bench.sample_features`, :meth:`Bench.feature_weights`, the
+    Monte-Carlo gap of :func:`jsdl.landscape.multi_feature_gap`) goes through this type."""
+
+    sparsity: float = struct.field(pytree_node=False, default=0.99)
+    c_min: float = struct.field(pytree_node=False, default=DEFAULT_C_MIN)
+    beta: float = struct.field(pytree_node=False, default=DEFAULT_BETA)
+
+    @property
+    def second_moment(self) -> float:
+        """``E[x_d^2 | x_d > 0] = c_min^2 + 2 c_min beta + 2 beta^2``."""
+        c, b = self.c_min, self.beta
+        return c * c + 2 * c * b + 2 * b * b
+
+    @property
+    def active_mean(self) -> float:
+        """``E[x_d | x_d > 0] = c_min + beta``."""
+        return self.c_min + self.beta
+
+    def weights(self, n: int) -> np.ndarray:
+        """``M_d [n]`` of Thm 3.1: P(only feature d active) E[x_d^2 | x_d > 0]
+        = (1-S) S^(n-1) (c_min^2 + 2 c_min beta + 2 beta^2), float64 numpy."""
+        S = self.sparsity
+        return np.full((n,), (1 - S) * S ** (n - 1) * self.second_moment)
+
+    def sample_magnitudes(self, key: jax.Array, shape: tuple, dtype: Any = None) -> jax.Array:
+        """``c_min + Exp(beta)`` of the given shape (eq. 31)."""
+        dtype = dtype or jnp.zeros(()).dtype
+        return self.c_min + self.beta * jax.random.exponential(key, shape, dtype)
+
+    def sample_features(self, key: jax.Array, batch_size: int, n: int, dtype: Any = None) -> jax.Array:
+        """``x [batch_size, n]`` drawn from the law (the mask from the first half of ``key``, the
+        magnitudes from the second). Jit-able with ``batch_size`` and ``n`` static."""
+        dtype = dtype or jnp.zeros(()).dtype
+        k_m, k_e = jax.random.split(key)
+        mask = jax.random.bernoulli(k_m, 1.0 - self.sparsity, (batch_size, n))
+        return jnp.where(mask, self.sample_magnitudes(k_e, (batch_size, n), dtype), jnp.zeros((), dtype))
+
+    @classmethod
+    def from_bench(cls, bench: Any) -> "SparseLaw":
+        """The law of a bench-like object with ``sparsity``, ``c_min`` and ``beta``."""
+        for f in ("sparsity", "c_min", "beta"):
+            if not hasattr(bench, f):
+                raise TypeError(f"bench of type {type(bench).__name__} has no field {f!r}; pass a SparseLaw")
+        return cls(float(bench.sparsity), float(bench.c_min), float(bench.beta))
+
+
+# --------------------------------------------------------------------------------------------------
 # Sampling (eqs. 30-32) shared by Bench and the structured benches
 # --------------------------------------------------------------------------------------------------
 
@@ -354,15 +410,15 @@ class Bench(SamplingMixin):
     skip_scale: float = struct.field(pytree_node=False, default=0.0)
     generation: tuple = struct.field(pytree_node=False, default=())
 
+    @property
+    def law(self) -> SparseLaw:
+        """The feature law (eqs. 30-31) this bench samples."""
+        return SparseLaw(self.sparsity, self.c_min, self.beta)
+
     def sample_features(self, key: jax.Array, batch_size: int) -> jax.Array:
         """Coefficients ``x [B, n]``: ``x_d = Bernoulli(1-S) * (c_min + Exp(beta))`` (eqs. 30-31),
-        independent over features and samples. Jit-able."""
-        k_m, k_e = jax.random.split(key)
-        shape = (batch_size, self.n_features)
-        dtype = self.W_p.dtype
-        mask = jax.random.bernoulli(k_m, 1.0 - self.sparsity, shape)
-        mag = self.c_min + self.beta * jax.random.exponential(k_e, shape, dtype)
-        return jnp.where(mask, mag, jnp.zeros((), dtype))
+        independent over features and samples (:meth:`SparseLaw.sample_features`). Jit-able."""
+        return self.law.sample_features(key, batch_size, self.n_features, self.W_p.dtype)
 
     def observe(self, x: jax.Array, key: Optional[jax.Array] = None) -> Batch:
         """``Batch(x_p = x W_p^T, x_r = x W_r^T (+ x_p W_skip^T), features = x)`` (eq. 32); the
@@ -377,16 +433,10 @@ class Bench(SamplingMixin):
         return Batch(x_p=x_p, x_r=x_r, features=x)
 
     # -- moments (paper Thm 3.1) -----------------------------------------------------------------
-    def _m2_active(self) -> float:
-        c, b = self.c_min, self.beta
-        return c * c + 2 * c * b + 2 * b * b
-
     def feature_weights(self) -> jax.Array:
-        """``M_d [n]`` of Thm 3.1: P(only feature d active) * E[x_d^2 | x_d > 0]
-        = (1-S) S^(n-1) (c_min^2 + 2 c_min beta + 2 beta^2)."""
-        S, n = self.sparsity, self.n_features
-        val = (1 - S) * S ** (n - 1) * self._m2_active()
-        return jnp.full((n,), val, self.W_p.dtype)
+        """``M_d [n]`` of Thm 3.1 (:meth:`SparseLaw.weights`): P(only feature d active) *
+        E[x_d^2 | x_d > 0] = (1-S) S^(n-1) (c_min^2 + 2 c_min beta + 2 beta^2)."""
+        return jnp.asarray(self.law.weights(self.n_features), self.W_p.dtype)
 
     def mean(self) -> jax.Array:
         """``E[x] [n]`` = (1-S)(c_min + beta)."""
@@ -396,7 +446,7 @@ class Bench(SamplingMixin):
         """``E[x_d^2] [n]`` = (1-S) E[x_d^2 | x_d > 0]; with ``full=True`` the matrix ``E[x x^T]
         [n, n]`` (off-diagonal (1-S)^2 (c_min + beta)^2, features being independent)."""
         p, n = 1 - self.sparsity, self.n_features
-        diag = p * self._m2_active()
+        diag = p * self.law.second_moment
         if not full:
             return jnp.full((n,), diag, self.W_p.dtype)
         off = (p * (self.c_min + self.beta)) ** 2

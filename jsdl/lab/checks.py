@@ -44,6 +44,7 @@ import numpy as np
 
 from jsdl import objective as _obj
 from jsdl import penalties as _pen
+from jsdl.records import to_jsonable
 
 __all__ = ["Check", "PenaltyChecks", "check_penalty", "activation_for"]
 
@@ -63,7 +64,7 @@ class Check:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "ok": self.ok, "message": self.message, "fatal": self.fatal,
-                "values": {k: _jsonable(v) for k, v in self.values.items()}}
+                "values": {k: to_jsonable(v) for k, v in self.values.items()}}
 
 
 @dataclasses.dataclass
@@ -103,7 +104,7 @@ class PenaltyChecks:
         return c.values.get("symmetry_invariant")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "hyper": {k: _jsonable(v) for k, v in self.hyper.items()},
+        return {"name": self.name, "hyper": {k: to_jsonable(v) for k, v in self.hyper.items()},
                 "straight_through": self.straight_through, "can_train": self.can_train,
                 "can_vmap": self.can_vmap, "rescale_invariant": self.rescale_invariant,
                 "checks": [c.to_dict() for c in self.checks]}
@@ -115,21 +116,6 @@ class PenaltyChecks:
             res = sym[c.ok] + (" (fatal)" if c.fatal and c.ok is False else "")
             lines.append(f"| {c.name} | {res} | {c.message.replace('|', '/')} |")
         return "\n".join(lines)
-
-
-def _jsonable(v):
-    if isinstance(v, (np.ndarray, jax.Array)):
-        v = np.asarray(v)
-        return v.item() if v.ndim == 0 else v.tolist()
-    if isinstance(v, (np.floating, np.integer, np.bool_)):
-        return v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
 
 
 def _err(e: BaseException) -> str:

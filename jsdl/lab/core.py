@@ -32,11 +32,12 @@ import numpy as np
 
 import jsdl
 from jsdl import penalties as _pen
+from jsdl.data import make_bench, make_hierarchical_bench
 from jsdl.lab import checks as _checks
 from jsdl.lab import critical as _crit
-from jsdl.lab.evaluate import evaluate
+from jsdl.metrics import evaluate
 
-__all__ = ["Scale", "SCALES", "run_lab", "auto_coefs", "make_benches"]
+__all__ = ["Scale", "SCALES", "run_lab", "auto_coefs", "make_benches", "orthonormal_twin"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,29 +82,19 @@ def _log_default(msg):
 
 
 def make_benches(key, scale: Scale):
-    """``(bench, hierarchical_bench_or_None, parent_of_or_None, source)`` for ``scale``: the Linear
-    Representation Bench of :mod:`jsdl.data` (or the landscape module's local stand-in when the
-    data module is not importable) and its hierarchical variant."""
+    """``(bench, hierarchical_bench, parent_of, source)`` for ``scale``: the Linear Representation
+    Bench (:func:`jsdl.data.make_bench`) and its hierarchical variant
+    (:func:`jsdl.data.make_hierarchical_bench`, :func:`_make_hier`). When the hierarchical bench is
+    infeasible at this size, ``hierarchical_bench`` is None and ``parent_of`` the reason (a str):
+    absorption is then left out of the report instead of failing the whole lab."""
     k_b, k_h = jax.random.split(key)
-    bench, hier, parent, source = None, None, None, ""
+    bench = make_bench(k_b, n_features=scale.n, d_input=scale.d, max_interference=scale.M, sparsity=scale.S)
     try:
-        from jsdl.data import make_bench
-
-        bench = make_bench(k_b, n_features=scale.n, d_input=scale.d, max_interference=scale.M, sparsity=scale.S)
-        source = "jsdl.data.make_bench"
-    except ImportError:
-        from jsdl.landscape.theory import small_bench
-
-        bench = small_bench(k_b, scale.n, scale.d, scale.M, scale.S, prefer_library=False)
-        source = "jsdl.landscape.theory.LocalBench (jsdl.data not importable)"
-    try:
-        from jsdl.data import make_hierarchical_bench
-
         hier = _make_hier(make_hierarchical_bench, k_h, scale)
-        parent = np.asarray(getattr(hier, "parent_of"))
-    except Exception as e:  # noqa: BLE001 - optional part of the report
+        parent = np.asarray(hier.parent_of)
+    except ValueError as e:  # infeasible interference for the hierarchy's feature count
         hier, parent = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    return bench, hier, parent, source
+    return bench, hier, parent, "jsdl.data.make_bench"
 
 
 def _make_hier(fn, key, scale):
@@ -215,7 +206,7 @@ def _frontier_runs(key, name, hyper, coefs, bench, scale, checks, seeds, log, *,
             continue
         pts = []
         for m, p in members:
-            ev = evaluate(p, spec, bench, eval_batch, hierarchy=hierarchy)
+            ev = evaluate(p, spec, bench, eval_batch, absorption=hierarchy is not None)
             pts.append({"coef": m["coefs"][pname], "seed": m["seed"], "diverged_at": m.get("diverged_at"), **ev})
         runs[pname] = {"decoder_norm": dn, "activation": pact, "coefs": list(cs), "points": pts,
                        "seconds": time.perf_counter() - t0, "population": len(members),
@@ -234,7 +225,7 @@ def _frontier_runs(key, name, hyper, coefs, bench, scale, checks, seeds, log, *,
             pts = []
             for m, p in members:
                 s_k = jsdl.make_spec("sae", "topk", n_latents=n, k=int(m["k"]))
-                ev = evaluate(p, s_k, bench, eval_batch, hierarchy=hierarchy)
+                ev = evaluate(p, s_k, bench, eval_batch, absorption=hierarchy is not None)
                 pts.append({"k": int(m["k"]), "seed": m["seed"], "diverged_at": m.get("diverged_at"), **ev})
             runs["topk"] = {"decoder_norm": "unit", "activation": "topk", "k": list(topk_k), "points": pts,
                             "seconds": time.perf_counter() - t0, "population": len(members), "vmapped": True}
@@ -245,23 +236,17 @@ def _frontier_runs(key, name, hyper, coefs, bench, scale, checks, seeds, log, *,
     return runs
 
 
-class _Twin:
-    """The interference-free twin of a bench: the same feature law (``sample_features``) on
-    orthonormal feature directions in ``R^n`` (``W_p = W_r = Q``, ``Q^T Q = I``), so Thm 3.3's W* is
-    an exact zero of the reconstruction loss and every gradient there comes from the penalty."""
-
-    def __init__(self, bench, key):
-        n = bench.W_p.shape[1]
-        rng = np.random.default_rng(np.asarray(jax.random.key_data(key) if jnp.issubdtype(
-            key.dtype, jax.dtypes.prng_key) else key).astype(np.uint32))
-        q, _ = np.linalg.qr(rng.normal(size=(n, n)))  # float64: orthonormal to ~1e-16
-        self.W_p = self.W_r = q
-        self._bench = bench
-
-    def sample(self, key, batch_size):
-        x = self._bench.sample_features(key, batch_size)
-        W = jnp.asarray(self.W_p, x.dtype)
-        return jsdl.Batch(x_p=x @ W.T, x_r=x @ W.T, features=x)
+def orthonormal_twin(bench, key):
+    """The interference-free twin of a :class:`jsdl.data.Bench`: the same bench (feature law,
+    method) with orthonormal feature directions in ``R^n`` (``W_p = W_r = Q``, ``Q^T Q = I``, float64
+    numpy so float64 analyses see it exactly), so Thm 3.3's W* is an exact zero of the
+    reconstruction loss and every gradient there comes from the penalty."""
+    n = bench.W_p.shape[1]
+    seed = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key)
+    q, _ = np.linalg.qr(np.random.default_rng(seed.astype(np.uint32)).normal(size=(n, n)))
+    G = q.T @ q - np.eye(n)
+    return bench.replace(W_p=q, W_r=q, W_skip=None, method="sae", n_sources=1, max_interference=0.0,
+                         realized_interference=float(np.abs(G).max()), realized_interference_r=float(np.abs(G).max()))
 
 
 def run_lab(name: str, *, hyper: Optional[dict] = None, coefs: Optional[Sequence[float]] = None,
@@ -363,7 +348,7 @@ def run_lab(name: str, *, hyper: Optional[dict] = None, coefs: Optional[Sequence
         log("ground truth as a critical point (Thm 3.3's W* at its best gain)")
         spec = jsdl.make_spec("sae", _checks.activation_for(name), n_latents=sc.n, penalties={name: (1.0, hyper)})
         crit = {}
-        for label, b in (("bench", bench), ("twin", _Twin(bench, k_twin))):
+        for label, b in (("bench", bench), ("twin", orthonormal_twin(bench, k_twin))):
             try:
                 crit[label] = _crit.critical_point_analysis(k_gt, spec, name, b, coefs, decoder_norm=dn,
                                                             n_samples=sc.gt_samples, lanczos_iters=sc.lanczos)

@@ -2,35 +2,17 @@
 reads) and PNG plots (frontier, recovery, shrinkage, ground-truth curvature, pathologies)."""
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import numpy as np
 
-from jsdl.lab.evaluate import TAUS
+from jsdl.metrics import TAUS
+from jsdl.records import dump_json
 
-__all__ = ["write_report", "to_jsonable"]
+__all__ = ["write_report"]
 
 COLORS = {"l1": "tab:blue", "weighted_l1": "tab:orange", "topk": "tab:green"}
-
-
-def to_jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): to_jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [to_jsonable(v) for v in o]
-    if hasattr(o, "tolist") and not isinstance(o, (str, bytes)):
-        return to_jsonable(o.tolist())
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, (bool, int, str)) or o is None:
-        return o
-    if isinstance(o, (np.floating,)):
-        return to_jsonable(float(o))
-    if isinstance(o, (np.integer, np.bool_)):
-        return o.item()
-    return str(o)
 
 
 def _f(v, fmt=".3g"):
@@ -51,8 +33,7 @@ def write_report(report: dict, out_dir: str) -> dict:
     plots = _plots(report, out_dir)
     report["plots"] = plots
     jpath = os.path.join(out_dir, "report.json")
-    with open(jpath, "w") as f:
-        json.dump(to_jsonable(report), f, indent=2)
+    dump_json(report, jpath)
     mpath = os.path.join(out_dir, "report.md")
     with open(mpath, "w") as f:
         f.write(_markdown(report))

@@ -35,6 +35,7 @@ import numpy as np
 from flax import struct
 
 from jsdl import activations as _act
+from jsdl.data.bench import SparseLaw
 from jsdl.objective import Batch, SDLParams, SDLSpec, decode, encode, make_spec, sdl_loss
 
 __all__ = [
@@ -55,51 +56,6 @@ __all__ = [
     "multi_feature_gap",
     "theorem_3_1_bound",
 ]
-
-
-# ------------------------------------------------------------------------------------------------
-# The sampling law of the Linear Representation Bench (App. C.2), as far as Thm 3.1 needs it
-# ------------------------------------------------------------------------------------------------
-
-
-@struct.dataclass
-class SparseLaw:
-    """Independent features: ``x_d = 1{active} * (c_min + Exp(beta))`` with ``P(active) = 1 - S``.
-
-    This is the law the reference notes derive ``M_d`` for; a Bench exposes the same three numbers
-    (``sparsity``, ``c_min``, ``beta``)."""
-
-    sparsity: float = struct.field(pytree_node=False, default=0.99)
-    c_min: float = struct.field(pytree_node=False, default=0.0)
-    beta: float = struct.field(pytree_node=False, default=1.0)
-
-    @property
-    def second_moment(self) -> float:
-        """E[x_d^2 | x_d > 0] = c_min^2 + 2 c_min beta + 2 beta^2."""
-        c, b = self.c_min, self.beta
-        return c * c + 2 * c * b + 2 * b * b
-
-    def weights(self, n: int) -> np.ndarray:
-        """M_d = (1-S) S^(n-1) E[x^2 | x > 0] for every d (float64 numpy, ``[n]``)."""
-        S = self.sparsity
-        return np.full((n,), (1 - S) * S ** (n - 1) * self.second_moment)
-
-    def sample_magnitudes(self, key, shape, dtype=None):
-        dtype = dtype or jnp.zeros(()).dtype
-        return self.c_min + self.beta * jax.random.exponential(key, shape, dtype)
-
-    def sample_features(self, key, batch_size: int, n: int, dtype=None):
-        """``x [B, n]`` drawn from the law."""
-        k1, k2 = jax.random.split(key)
-        active = jax.random.bernoulli(k1, 1 - self.sparsity, (batch_size, n))
-        return jnp.where(active, self.sample_magnitudes(k2, (batch_size, n), dtype), 0.0)
-
-    @classmethod
-    def from_bench(cls, bench) -> "SparseLaw":
-        for f in ("sparsity", "c_min", "beta"):
-            if not hasattr(bench, f):
-                raise TypeError(f"bench of type {type(bench).__name__} has no field {f!r}; pass a SparseLaw")
-        return cls(float(bench.sparsity), float(bench.c_min), float(bench.beta))
 
 
 # ------------------------------------------------------------------------------------------------

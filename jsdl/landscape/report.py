@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from jsdl.records import dump_json
+
 __all__ = ["add_arguments", "run", "hessian_spectra", "write_report"]
 
 
@@ -35,13 +37,14 @@ def hessian_spectra(key, *, n: int = 8, n_p: int = 6, n_q: int = 10) -> dict:
     import jax.numpy as jnp
 
     import jsdl
+    from jsdl.data import make_bench
     from jsdl.landscape import approx as ax
     from jsdl.landscape import hessian as hs
     from jsdl.landscape import stationary as st
     from jsdl.landscape import theory as th
 
     kb, kp, kz, kx = jax.random.split(key, 4)
-    bench = th.small_bench(kb, n, n_p, 0.3, 0.99)
+    bench = make_bench(kb, n_features=n, d_input=n_p, max_interference=0.3, sparsity=0.99)
     problem = ax.FeatureProblem.from_bench(bench)
     problem = problem.replace(M=problem.M / jnp.max(problem.M))
 
@@ -156,8 +159,7 @@ def table(records) -> str:
 
 def write_report(out: str, records, plots, *, elapsed: float, x64: bool) -> None:
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump([r.to_json() for r in records], f, indent=1)
+    dump_json([r.to_json() for r in records], os.path.join(out, "report.json"), indent=1)
     counts = {}
     for r in records:
         counts[r.verdict] = counts.get(r.verdict, 0) + 1

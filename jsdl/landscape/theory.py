@@ -38,7 +38,10 @@ from jsdl import activations as _act
 from jsdl.landscape import approx as _ax
 from jsdl.landscape import hessian as _hs
 from jsdl.landscape import stationary as _st
+from jsdl.data import make_bench
+from jsdl.metrics import feature_recovery
 from jsdl.objective import Batch, SDLParams
+from jsdl.records import to_jsonable
 
 __all__ = [
     "Record",
@@ -47,7 +50,6 @@ __all__ = [
     "CONDITIONAL",
     "DEFERRED",
     "small_bench",
-    "recovery",
     "theorem_3_3_solution",
     "theorem_3_3_bounds",
     "zero_loss_solution",
@@ -83,31 +85,13 @@ class Record:
         return {
             "id": self.id,
             "claim": self.claim,
-            "setting": _jsonable(self.setting),
-            "measured": _jsonable(self.measured),
+            "setting": to_jsonable(self.setting),
+            "measured": to_jsonable(self.measured),
             "tolerance": self.tolerance,
             "verdict": self.verdict,
             "condition": self.condition,
             "note": self.note,
         }
-
-
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, (np.ndarray, jax.Array)):
-        a = np.asarray(o)
-        return _jsonable(a.tolist()) if a.ndim else _jsonable(a.item())
-    if isinstance(o, (np.floating, float)):
-        f = float(o)
-        return f if math.isfinite(f) else str(f)
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.bool_,)):
-        return bool(o)
-    return o
 
 
 def _zero_tol(scale: float = 1.0) -> float:
@@ -126,78 +110,15 @@ def _f(x) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-@struct.dataclass
-class LocalBench:
-    """A minimal Linear Representation Bench (App. C) used when :mod:`jsdl.data` is not available:
-    unit columns pushed below ``max_interference`` by the paper's projected gradient descent
-    (eqs. 28-29), independent Bernoulli(1-S) masks and ``c_min + Exp(beta)`` magnitudes."""
-
-    W_p: jax.Array
-    W_r: jax.Array
-    sparsity: float = struct.field(pytree_node=False, default=0.99)
-    c_min: float = struct.field(pytree_node=False, default=0.0)
-    beta: float = struct.field(pytree_node=False, default=1.0)
-    method: str = struct.field(pytree_node=False, default="sae")
-
-    def sample_features(self, key, batch_size):
-        return _ax.SparseLaw(self.sparsity, self.c_min, self.beta).sample_features(
-            key, batch_size, self.W_p.shape[1], self.W_p.dtype
-        )
-
-    def sample(self, key, batch_size):
-        x = self.sample_features(key, batch_size)
-        return Batch(x_p=x @ self.W_p.T, x_r=x @ self.W_r.T, features=x)
-
-    def feature_weights(self):
-        return jnp.asarray(_ax.SparseLaw(self.sparsity, self.c_min, self.beta).weights(self.W_p.shape[1]), self.W_p.dtype)
-
-
-def _low_interference_columns(rng: np.random.Generator, d: int, n: int, M: float, iters: Optional[int] = None) -> np.ndarray:
-    iters = (3000 if d * n * n < 1e6 else 100) if iters is None else iters
-    W = rng.normal(size=(d, n))
-    W /= np.linalg.norm(W, axis=0)
-    for _ in range(iters):
-        G = W.T @ W
-        np.fill_diagonal(G, -np.inf)
-        if G.max() <= M:
-            break
-        E = np.maximum(G - (M - 1e-3), 0.0) + 1e-3 * np.maximum(G, 0.0)
-        np.fill_diagonal(E, 0.0)
-        W = W - 0.05 * 4 * W @ E
-        W /= np.linalg.norm(W, axis=0)
-    return W
-
-
-def small_bench(
-    key: jax.Array,
-    n: int = 8,
-    n_p: int = 6,
-    max_interference: float = 0.3,
-    sparsity: float = 0.99,
-    method: str = "sae",
-    *,
-    prefer_library: bool = True,
-):
-    """A small bench: :func:`jsdl.data.make_bench` when it is importable (``prefer_library``),
-    otherwise a :class:`LocalBench` built the same way."""
-    if prefer_library:
-        try:
-            from jsdl.data import make_bench  # noqa: WPS433 (optional dependency on the data issue)
-
-            kw = {} if method == "sae" else {"method": method}
-            return make_bench(key, n_features=n, d_input=n_p, max_interference=max_interference, sparsity=sparsity, **kw)
-        except (ImportError, AttributeError):
-            pass
-    seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-    rng = np.random.default_rng(seed)
-    dtype = jnp.zeros(()).dtype
-    W_p = _low_interference_columns(rng, n_p, n, max_interference)
-    W_r = W_p if method == "sae" else _low_interference_columns(rng, n_p, n, max_interference)
-    return LocalBench(jnp.asarray(W_p, dtype), jnp.asarray(W_r, dtype), sparsity=sparsity, method=method)
+def _bench(key, n: int, n_p: int, max_interference: float, sparsity: float, method: str = "sae"):
+    """The Linear Representation Bench (:func:`jsdl.data.make_bench`) of a check: ``n`` features
+    in ``n_p`` dimensions."""
+    return make_bench(key, n_features=n, d_input=n_p, max_interference=max_interference, sparsity=sparsity,
+                      method=method)
 
 
 def _bench_source(bench) -> str:
-    return "local" if isinstance(bench, LocalBench) else type(bench).__module__ + "." + type(bench).__name__
+    return type(bench).__module__ + "." + type(bench).__name__
 
 
 def _interference(W_p) -> float:
@@ -206,21 +127,10 @@ def _interference(W_p) -> float:
     return float(G.max())
 
 
-def recovery(W_E, W_D, W_p, W_r, tau: float = 0.95) -> dict:
-    """GT recovery (paper section 5.1) on normalised encoder rows (``m_gt``, ``m_ip``) and decoder
-    columns (``m_gt_dec``, ``m_ip_dec``), with ``|cos|`` as in the paper."""
-
-    def one(L, T):
-        L = np.asarray(L, dtype=np.float64)
-        T = np.asarray(T, dtype=np.float64)
-        Ln = L / np.maximum(np.linalg.norm(L, axis=0, keepdims=True), 1e-30)
-        Tn = T / np.linalg.norm(T, axis=0, keepdims=True)
-        s = np.abs(Ln.T @ Tn).max(0)
-        return float((s > tau).mean()), float(s.mean())
-
-    a, b = one(np.asarray(W_E).T, W_p)
-    c, d = one(W_D, W_r)
-    return {"m_gt": a, "m_ip": b, "m_gt_dec": c, "m_ip_dec": d}
+def _recovery(params: SDLParams, bench, tau: float = 0.95) -> dict:
+    """:func:`jsdl.metrics.feature_recovery` (``|cos| > tau`` on encoder rows and decoder columns)."""
+    r = feature_recovery(params, bench, threshold=tau)
+    return {k: r[k] for k in ("m_gt", "m_ip", "m_gt_dec", "m_ip_dec")}
 
 
 def _random_params(key, n_q, n_p, n_r, scale=1.0):
@@ -410,7 +320,7 @@ def check_loss_approximation(
     """P1: Theorem 3.1's bound, the (1-S)^2 scaling of ``L - L~`` and a plain Monte-Carlo check of
     the stratified estimator on the bench's own samples."""
     kb, kp, kg, km = jax.random.split(key, 4)
-    bench = small_bench(kb, n, n_p, 0.3, sparsity)
+    bench = _bench(kb, n, n_p, 0.3, sparsity)
     law = _ax.SparseLaw.from_bench(bench)
     problem = _ax.FeatureProblem.from_bench(bench)
     params = _random_params(kp, n_q, n_p, n_p)
@@ -476,7 +386,7 @@ def check_loss_approximation(
 def check_default_regime(key, *, n: int = 1000, n_p: int = 768, sparsity: float = 0.99, samples: int = 8192):
     """P1 (second part): at the Bench default (n=1000, S=0.99) L~ is a poor proxy for L."""
     kb, km = jax.random.split(key)
-    bench = small_bench(kb, n, n_p, 0.1, sparsity)
+    bench = _bench(kb, n, n_p, 0.1, sparsity)
     problem = _ax.FeatureProblem.from_bench(bench)
     params = theorem_3_3_solution(bench.W_p, bench.W_r)
     Lt = _f(_ax.approx_loss(params, problem))
@@ -503,7 +413,7 @@ def check_decoder_block(key, *, n: int = 8, n_p: int = 6, n_q: int = 10, n_point
     """P2: the decoder block is PSD at any encoder and equals its closed form, for L~ and for the
     empirical L_SDL on a batch; the least-squares decoder is its exact minimiser."""
     kb, kp, kx = jax.random.split(key, 3)
-    bench = small_bench(kb, n, n_p, 0.3, 0.9)
+    bench = _bench(kb, n, n_p, 0.3, 0.9)
     problem = _ax.FeatureProblem.from_bench(bench)
     spec = _ax.spec_for(problem, n_q)
     xb = bench.sample(kx, batch)
@@ -574,7 +484,7 @@ def check_encoder_block(key, *, n: int = 8, n_p: int = 6, n_q: int = 10, n_point
     inside the region; the joint Hessian has negative eigenvalues; full Hessian, HVP and finite
     differences agree."""
     kb, kp, kd = jax.random.split(key, 3)
-    bench = small_bench(kb, n, n_p, 0.3, 0.99)
+    bench = _bench(kb, n, n_p, 0.3, 0.99)
     problem = _ax.FeatureProblem.from_bench(bench)
     problem = problem.replace(M=problem.M / jnp.max(problem.M))  # unit scale for readable eigenvalues
     err, min_eig, seg_min, joint_min, agree_hvp, agree_fd, joint_where = 0.0, np.inf, np.inf, np.inf, 0.0, 0.0, ""
@@ -649,7 +559,7 @@ def check_lanczos(key, *, n: int = 16, n_p: int = 12, n_q: int = 24, batch: int 
     """H2: Lanczos extremes (with and without the rescaling symmetry projected out) agree with a
     dense eigensolver on the empirical SAE loss."""
     kb, kp, kx = jax.random.split(key, 3)
-    bench = small_bench(kb, n, n_p, 0.3, 0.9)
+    bench = _bench(kb, n, n_p, 0.3, 0.9)
     problem = _ax.FeatureProblem.from_bench(bench)
     spec = _ax.spec_for(problem, n_q)
     params = _random_params(kp, n_q, n_p, n_p)
@@ -691,12 +601,12 @@ def check_theorem_3_3(key, *, n: int = 8, n_p: int = 6, n_q: int = 10):
     kb, kt = jax.random.split(key)
     recs = []
     for method in ("sae", "transcoder"):
-        bench = small_bench(jax.random.fold_in(kb, method == "sae"), n, n_p, 0.3, 0.99, method)
+        bench = _bench(jax.random.fold_in(kb, method == "sae"), n, n_p, 0.3, 0.99, method)
         problem = _ax.FeatureProblem.from_bench(bench)
         W = theorem_3_3_solution(bench.W_p, bench.W_r, n_q)
         Lt = _f(_ax.approx_loss(W, problem))
         b = theorem_3_3_bounds(problem)
-        rec = recovery(W.W_E, W.W_D, bench.W_p, bench.W_r)
+        rec = _recovery(W, bench)
         tied = bool(np.allclose(np.asarray(W.W_D), np.asarray(W.W_E).T)) if method == "sae" else None
         ok = Lt <= b["tight"] * (1 + 1e-9) + 1e-300 and b["tight"] <= b["paper"] and rec["m_gt"] == 1.0 and rec["m_gt_dec"] == 1.0
         ok = ok and (tied is not False)
@@ -740,13 +650,13 @@ def check_non_identifiability(
     """P5: random-encoder zero-loss solutions W_D = W_r Z^+ (non-identifiable, no recovery), and
     their true loss against the GT-recovering W*."""
     kb, ks, kg, km = jax.random.split(key, 4)
-    bench = small_bench(kb, n, n_p, 0.3, 0.999)
+    bench = _bench(kb, n, n_p, 0.3, 0.999)
     problem = _ax.FeatureProblem.from_bench(bench)
     law = _ax.SparseLaw.from_bench(bench)
     Wstar = theorem_3_3_solution(bench.W_p, bench.W_r, n_q)
     sols = [zero_loss_solution(jax.random.fold_in(ks, i), problem, n_q) for i in range(n_solutions)]
     losses = [_f(_ax.approx_loss(p, problem)) for p in sols]
-    recs_ = [recovery(p.W_E, p.W_D, bench.W_p, bench.W_r) for p in sols]
+    recs_ = [_recovery(p, bench) for p in sols]
     dist = min(float(jnp.linalg.norm(a.W_D - b.W_D)) for a, b in itertools.combinations(sols, 2))
     scale = float(jnp.sum(problem.M))
     ok1 = max(losses) <= _zero_tol() * scale and min(r["m_gt"] for r in recs_) == 0.0 and dist > 1e-3
@@ -975,7 +885,7 @@ def check_dead_latents(key, *, n: int = 8, n_p: int = 6, batch: int = 1024):
     ]
     # (b) a dead Top-1 latent: pre-activation positive but never selected
     kb, kx = jax.random.split(key)
-    bench = small_bench(kb, n, n_p, 0.3, 0.9)
+    bench = _bench(kb, n, n_p, 0.3, 0.9)
     n_q = n + 1
     W = theorem_3_3_solution(bench.W_p, bench.W_r, n_q)
     W = W.replace(W_E=W.W_E.at[n].set(0.5 * bench.W_p[:, 0]), W_D=W.W_D.at[:, n].set(bench.W_r[:, 1]))

@@ -20,30 +20,13 @@ import json
 import os
 from typing import Any, Optional
 
-import jax
-import numpy as np
+from jsdl.records import to_jsonable
 
-__all__ = ["CheckpointError", "Checkpointer", "read_run_record"]
+__all__ = ["CheckpointError", "Checkpointer", "read_run_record", "to_jsonable"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, empty or unreadable."""
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.ndarray, jax.Array)):
-        return np.asarray(o).tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def to_jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=_json_default))
 
 
 def read_run_record(run_dir: str) -> dict:

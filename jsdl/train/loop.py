@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsdl import metrics as _metrics
 from jsdl.objective import Anchors, Batch, SDLParams, SDLSpec
 from jsdl.train.anchors import anchors_from_ground_truth
 from jsdl.train.checkpoint import CheckpointError, Checkpointer, read_run_record, to_jsonable
@@ -253,22 +254,11 @@ def _recovery(params, data, exclude=None) -> Optional[dict]:
     M_GT at tau = 0.9 (``m_gt@0.9``, ``m_gt_dec@0.9``), when the data has ground truth."""
     if not (hasattr(data, "W_p") and hasattr(data, "W_r")):
         return None
-    try:
-        from jsdl import metrics as _metrics
-    except ImportError:
-        return None
-    fr = getattr(_metrics, "feature_recovery", None)
-    if fr is None:
-        return None
-    try:
-        out = fr(params, data, **_exclude_kw(exclude))
-        out = {k: float(v) for k, v in out.items() if np.ndim(v) == 0}
-        r9 = fr(params, data, threshold=0.9, **_exclude_kw(exclude))
-        out["m_gt@0.9"], out["m_gt_dec@0.9"] = float(r9["m_gt"]), float(r9["m_gt_dec"])
-        return out
-    except Exception as e:  # metrics are a report, not a reason to lose a trained run
-        warnings.warn(f"feature_recovery failed: {type(e).__name__}: {e}")
-        return None
+    out = _metrics.feature_recovery(params, data, **_exclude_kw(exclude))
+    out = {k: float(v) for k, v in out.items() if np.ndim(v) == 0}
+    r9 = _metrics.feature_recovery(params, data, threshold=0.9, **_exclude_kw(exclude))
+    out["m_gt@0.9"], out["m_gt_dec@0.9"] = float(r9["m_gt"]), float(r9["m_gt_dec"])
+    return out
 
 
 def _recovery_curve(params, data, exclude=None):
