@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from jsdl.records import dump_json
+
 CLASSES = ("license", "python-doc", "man-page", "changelog")
 
 STDLIB_MODULES = (

@@ -39,7 +39,6 @@ Choices where the paper is silent (recorded on every Bench, see :meth:`Bench.con
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Iterator, Optional
 

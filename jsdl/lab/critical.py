@@ -33,7 +33,7 @@ The smallest eigenvalues are reported at every coefficient (curvature along the 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -1,8 +1,10 @@
 """Landscape analysis of the SDL objective (paper section 3): the approximate per-feature loss and
 activation regions (:mod:`~jsdl.landscape.approx`), Hessians, HVPs, Lanczos and symmetry
-projection (:mod:`~jsdl.landscape.hessian`), stationary points (:mod:`~jsdl.landscape.stationary`)
-and the paper's constructions with numeric checks (:mod:`~jsdl.landscape.theory`); ``jsdl
-theory-check`` (:mod:`~jsdl.landscape.report`) runs them all."""
+projection (:mod:`~jsdl.landscape.hessian`), stationary points (:mod:`~jsdl.landscape.stationary`),
+the paper's constructions (:mod:`~jsdl.landscape.constructions`), the numeric checks of its claims
+(:mod:`~jsdl.landscape.checks`) and their record type and registry (:mod:`~jsdl.landscape.claims`;
+:mod:`~jsdl.landscape.theory` gathers all three); ``jsdl theory-check``
+(:mod:`~jsdl.landscape.report`) runs every registered check."""
 from jsdl.landscape.approx import (
     FeatureProblem,
     SparseLaw,
@@ -36,4 +38,23 @@ from jsdl.landscape.hessian import (
     project_out,
     rescaling_tangents,
     spectral_density,
+)
+from jsdl.landscape.theory import (
+    CHECKS,
+    CONDITIONAL,
+    DEFERRED,
+    FAILS,
+    HOLDS,
+    Record,
+    eigen_partial_optimum,
+    example_3_5,
+    point_with_margin,
+    random_params,
+    register,
+    run_all,
+    theorem_3_3_bounds,
+    theorem_3_3_solution,
+    theorem_3_6_literal,
+    theorem_3_8_absorption,
+    zero_loss_solution,
 )

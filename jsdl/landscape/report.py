@@ -53,7 +53,7 @@ def hessian_spectra(key, *, n: int = 8, n_p: int = 6, n_q: int = 10) -> dict:
         H = hs.full_hessian(ax.approx_loss_frozen, p, problem, mask)
         return hs.complement_eigvalsh(H.matrix, hs.rescaling_tangents(p, tol=1e-12))
 
-    start = th._point_with_margin(kp, problem, n_q, n_p, n_p)
+    start = th.point_with_margin(kp, problem, n_q, n_p, n_p)
     inside = {"random start": spec_of(start)}
     p = start
     for it in range(1, 31):
