@@ -1,4 +1,4 @@
-"""Linear Representation Bench (issue 3): constraints, sampling statistics, determinism, errors."""
+"""Linear Representation Bench: constraints, sampling statistics, determinism, errors."""
 import math
 
 import chex

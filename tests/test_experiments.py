@@ -1,4 +1,4 @@
-"""Every experiment runs at its ``tiny`` scale, so none of them rots (issue 7)."""
+"""Every experiment runs at its ``tiny`` scale, so none of them rots."""
 import json
 import os
 

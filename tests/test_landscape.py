@@ -1,4 +1,4 @@
-"""Landscape tooling (issue 5): approximate loss and regions, Hessians (closed forms, HVP, finite
+"""Landscape tooling: approximate loss and regions, Hessians (closed forms, HVP, finite
 differences, Lanczos, symmetry projection), stationary points. Everything runs under float64 via
 the ``x64`` fixture (conftest), which restores the flag afterwards."""
 import math

@@ -1,4 +1,4 @@
-"""Numeric checks of the paper's theory (issue 5): every check of jsdl.landscape.theory at small size,
+"""Numeric checks of the paper's theory: every check of jsdl.landscape.theory at small size,
 the constructions on their own, and the `jsdl theory-check` command."""
 import json
 import math

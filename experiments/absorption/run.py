@@ -1,4 +1,4 @@
-"""Feature absorption on hierarchical data (issue 7, experiment 4).
+"""Feature absorption on hierarchical data.
 
 The paper argues absorption from Theorem 3.8 (an absorbed pattern is realizable and, with Thm 3.6,
 a spurious partial minimum) but measures nothing. Here: a hierarchical bench (Definition 3.2;
@@ -138,13 +138,11 @@ _XKEY = {"k": ("k", "TopK k", "linear"), "l1": ("l1", "L1 coefficient (ReLU)", "
 
 
 def _plot(results, out_dir):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     sweeps = results["sweeps"]
-    fig, ax = plt.subplots(2, 3, figsize=(15, 8))
+    fig = Figure(figsize=(15, 8))
+    ax = fig.subplots(2, 3)
     for j, name in enumerate(("k", "l1", "width")):
         xk, lab, scale = _XKEY[name]
         for mode, rows in sweeps.get(name, {}).items():
@@ -162,7 +160,6 @@ def _plot(results, out_dir):
                  f"{min(results['children_per_parent'])}-{max(results['children_per_parent'])} children")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "absorption.png"), dpi=100)
-    plt.close(fig)
 
 
 def results_row(summary: dict) -> str:

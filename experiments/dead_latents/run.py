@@ -1,4 +1,4 @@
-"""Dead latents over training, with and without resampling and AuxK (issue 7, experiment 3; the
+"""Dead latents over training, with and without resampling and AuxK (the
 synthetic analogue of the paper's Fig. 7).
 
 A TopK SAE with as many latents as ground-truth features (n_q = n), trained at a deliberately large
@@ -102,12 +102,10 @@ def _window_mean(h, key, before, frac=0.25):
 
 
 def _plot(results, out_dir):
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig = Figure(figsize=(13, 4.5))
+    ax = fig.subplots(1, 2)
     for name, r in results["runs"].items():
         h = r["history"]
         ax[0].plot(h["step"], h["dead_frac"], label=name)
@@ -124,7 +122,6 @@ def _plot(results, out_dir):
     ax[1].set_title("reconstruction: plateau and change after resampling")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "dead_latents.png"), dpi=100)
-    plt.close(fig)
 
 
 def results_row(summary: dict) -> str:

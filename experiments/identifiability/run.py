@@ -1,4 +1,4 @@
-"""Identifiability (issue 7, experiment 5): do different seeds find the same dictionary, and does
+"""Identifiability: do different seeds find the same dictionary, and does
 the reconstruction loss prefer the ground truth?
 
 Part A, populations. For each method a population of ``seeds`` models is trained in one compiled

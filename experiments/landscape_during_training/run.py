@@ -1,4 +1,4 @@
-"""Landscape during training (issue 7, experiment 6).
+"""Landscape during training.
 
 At checkpoints of a TopK and a ReLU+L1 SAE trained on the Linear Representation Bench, look at the
 approximate loss L~ of Theorem 3.1 (eq. 11) around the current parameters:
@@ -235,13 +235,11 @@ def run(config: dict, out_dir: str, *, key) -> dict:
 
 
 def _plot(results, out_dir):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     names = list(results["runs"])
-    fig, ax = plt.subplots(2, len(names), figsize=(6 * len(names), 8), squeeze=False)
+    fig = Figure(figsize=(6 * len(names), 8))
+    ax = fig.subplots(2, len(names), squeeze=False)
     for j, name in enumerate(names):
         rows = results["runs"][name]["checkpoints"]
         st = [max(r["step"], 1) for r in rows]
@@ -269,7 +267,6 @@ def _plot(results, out_dir):
         b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "landscape_during_training.png"), dpi=100)
-    plt.close(fig)
 
 
 def results_row(summary: dict) -> str:

@@ -431,12 +431,10 @@ def run(config: dict, out_dir: str, *, key) -> dict:
 
 
 def _plot(out_dir, histories, results):
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig = Figure(figsize=(14, 3.8))
+    axes = fig.subplots(1, 3)
     for name, h in histories.items():
         if h.get("fvu"):
             axes[0].plot(h["step"], h["fvu"], label=name)
@@ -460,7 +458,6 @@ def _plot(out_dir, histories, results):
         axes[2].axis("off")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "real_minilm.png"), dpi=110)
-    plt.close(fig)
 
 
 def results_row(summary: dict) -> str:

@@ -70,7 +70,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
 
 
 def _checks(rows) -> dict:
-    """The orderings the theory predicts (issue 7): TopK family far above ReLU+L1, anchoring not
+    """The orderings the theory predicts: TopK family far above ReLU+L1, anchoring not
     lowering recovery. Reported on encoder rows (paper's metric) and decoder columns."""
     by = {r["method"]: r for r in rows}
     out = {}

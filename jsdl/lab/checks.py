@@ -179,6 +179,113 @@ def _setup(key, name, hyper, n_latents, d_input, batch):
     return spec, params, x
 
 
+def _eager_check(f, codes, params, z):
+    """``(Check, value, why)``: the value on real codes with exact zeros; ``value`` is None and
+    ``why`` says why when the check is fatal (raises, not a scalar, not finite)."""
+    try:
+        v_arr = np.asarray(f(codes, params, z))
+    except Exception as e:  # noqa: BLE001 - user code: report, never crash
+        return Check("eager", False, f"raises {_err(e)}", fatal=True), None, "the penalty raises when called"
+    if v_arr.shape != ():
+        return (Check("eager", False, f"must return a scalar, got an array of shape {v_arr.shape} "
+                      "(reduce with a batch mean of per-sample sums)", fatal=True), None,
+                "the penalty does not return a scalar")
+    value = float(v_arr)
+    if not math.isfinite(value):
+        return (Check("eager", False, f"returns {value} on ReLU codes with exact zeros (NaN/inf): "
+                      "guard logs, divisions and fractional powers at 0", fatal=True, values={"value": value}), None,
+                f"the value is {value}")
+    return Check("eager", True, f"finite scalar ({value:.4g}) on codes with {float(jnp.mean(codes == 0)):.0%} exact "
+                 "zeros", values={"value": value}), value, ""
+
+
+def _zero_codes_check(f, codes, params, z):
+    """``(Check, value at all-zero codes or None)``."""
+    try:
+        v0 = float(np.asarray(f(jnp.zeros_like(codes), params, jnp.minimum(z, 0.0) - 1.0)))
+    except Exception as e:  # noqa: BLE001 - user code
+        return Check("zero_codes", False, f"raises at all-zero codes: {_err(e)}", fatal=True), None
+    ok0 = math.isfinite(v0)
+    return Check("zero_codes", ok0, f"value {v0:.4g} at all-zero codes" if ok0 else
+                 f"returns {v0} at all-zero codes (a dead batch would turn the loss into NaN)",
+                 fatal=not ok0, values={"value": v0}), v0
+
+
+def _jit_check(f, args, eager) -> Check:
+    """``jax.jit(f)(*args)`` equals the eager value ``eager`` (a scalar or array)."""
+    try:
+        vj = np.asarray(jax.jit(f)(*args))
+    except Exception as e:  # noqa: BLE001 - user code
+        return Check("jit", False, f"not jit-compatible: {_err(e)}. Use jnp.where / lax.cond instead of "
+                     "Python if/float()/np.asarray on traced values", fatal=True)
+    if _close(vj, eager):
+        return Check("jit", True, "jit-compatible; equals the eager value")
+    return Check("jit", False, f"jit value {_short(vj)} differs from eager {_short(eager)}: the function has Python "
+                 "side effects or reads global state", values={"jit": vj, "eager": eager})
+
+
+def _short(v) -> str:
+    v = np.asarray(v)
+    return f"{float(v):.6g}" if v.ndim == 0 else f"array {v.shape} (max |diff| shown in values)"
+
+
+def _vmap_check(f, member_args) -> Check:
+    """``jax.vmap(f)`` over a stacked member axis equals a Python loop over ``member_args`` (a list
+    of argument tuples, one per member)."""
+    P = len(member_args)
+    try:
+        loop = np.stack([np.asarray(f(*a)) for a in member_args])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *member_args)
+        vm = np.asarray(jax.jit(jax.vmap(f))(*stacked))
+    except Exception as e:  # noqa: BLE001 - user code
+        return Check("vmap", False, f"not vmap-compatible: {_err(e)}; the population is trained member by member")
+    if vm.shape != loop.shape:
+        return Check("vmap", False, f"vmap over {P} members returned shape {vm.shape}, expected {loop.shape}")
+    if _close(vm, loop):
+        return Check("vmap", True, "vmap over a member axis equals a Python loop (trains as one population)")
+    return Check("vmap", False, f"vmap values differ from a loop (max |diff| {float(np.max(np.abs(vm - loop))):.3g}); "
+                 "the population is trained member by member", values={"vmap": vm, "loop": loop})
+
+
+def _permutation_check(f, codes, params, z, value, key, n_latents) -> Check:
+    try:
+        perm = jax.random.permutation(jax.random.fold_in(key, 11), n_latents)
+        vp = float(np.asarray(f(codes[:, perm], _permute(params, perm), z[:, perm])))
+    except Exception as e:  # noqa: BLE001 - user code
+        return Check("permutation", False, f"raises on permuted latents: {_err(e)}")
+    if _close(vp, value):
+        return Check("permutation", True, "invariant under a random permutation of the latents", values={"value": vp})
+    rel = abs(vp - value) / max(abs(value), 1e-12)
+    return Check("permutation", False, f"breaks permutation invariance: permuting the latents changes the value from "
+                 f"{value:.6g} to {vp:.6g} (relative {rel:.2g}); latents are not treated alike",
+                 values={"value": vp, "relative_change": rel})
+
+
+def _batch_mean_check(f, codes, params, z, value) -> Check:
+    try:
+        vb = float(np.asarray(f(jnp.concatenate([codes, codes]), params, jnp.concatenate([z, z]))))
+    except Exception as e:  # noqa: BLE001 - user code
+        return Check("batch_mean", None, f"could not evaluate on a doubled batch: {_err(e)}")
+    if _close(vb, value):
+        return Check("batch_mean", True, "a batch mean: value independent of the batch size")
+    return Check("batch_mean", False, f"the batch stacked twice gives {vb:.6g}, not {value:.6g}: not a batch mean, "
+                 "so the coefficient's meaning depends on the batch size", values={"doubled": vb})
+
+
+def _sign_check(v0, value) -> Check:
+    if v0 is None or not math.isfinite(v0):
+        return Check("sign", None, "skipped (no finite value at zero codes)")
+    nonneg = value >= -1e-7
+    zero_at_0 = abs(v0) <= 1e-6 * max(1.0, abs(value))
+    ok = nonneg and zero_at_0
+    msg = ("penalty(0) = 0 and penalty >= 0" if ok else
+           "; ".join(([] if zero_at_0 else [f"penalty(0) = {v0:.4g} != 0 (a constant offset: harmless for "
+                                            "gradients, shifts reported losses)"]) +
+                     ([] if nonneg else [f"negative value {value:.4g}: the objective is unbounded below "
+                                         "if codes can grow"])))
+    return Check("sign", ok, msg, values={"at_zero": v0, "value": value})
+
+
 def check_penalty(name: str, hyper: Optional[dict] = None, *, key: Optional[jax.Array] = None,
                   n_latents: int = 24, d_input: int = 12, batch: int = 32) -> PenaltyChecks:
     """Run the mechanical checks on the registered penalty ``name`` bound to ``hyper``.
@@ -186,7 +293,9 @@ def check_penalty(name: str, hyper: Optional[dict] = None, *, key: Optional[jax.
     Inputs are real codes of a small random SAE (``n_latents`` latents, ``d_input`` wide, ``batch``
     samples; ReLU, or JumpReLU when the penalty needs a threshold), so they contain exact zeros as
     training codes do. Unknown names and hyperparameters raise ValueError (a user error, not a
-    property of the penalty); everything else is reported in the returned :class:`PenaltyChecks`."""
+    property of the penalty); everything else is reported in the returned :class:`PenaltyChecks`:
+    eager value, all-zero codes, jit, vmap over members, gradients of the whole objective,
+    permutation invariance, batch-mean convention, rescaling degree and sign."""
     hyper = dict(hyper or {})
     pen = _pen.get(name, **hyper)  # raises ValueError on unknown name / hyperparameters
     pinfo = _pen.info(name)
@@ -194,127 +303,32 @@ def check_penalty(name: str, hyper: Optional[dict] = None, *, key: Optional[jax.
     spec, params, x = _setup(key, name, hyper, n_latents, d_input, batch)
     z = _obj.pre_activations(params, x, spec)
     codes = spec.activation(z, params)
-    zeros = jnp.zeros_like(codes)
 
     def f(c, p, zz):
         return pen(c, p, pre_acts=zz, n_sources=1)
 
     checks: list[Check] = []
     res = PenaltyChecks(name=name, hyper=dict(pen.hyper), straight_through=pinfo.straight_through, checks=checks)
-
-    # -- eager value --------------------------------------------------------------------------
-    try:
-        v = f(codes, params, z)
-        v_arr = np.asarray(v)
-        if v_arr.shape != ():
-            checks.append(Check("eager", False, f"must return a scalar, got an array of shape {v_arr.shape} "
-                                "(reduce with a batch mean of per-sample sums)", fatal=True))
-            return _skip_rest(res, "the penalty does not return a scalar")
-        value = float(v_arr)
-        if not math.isfinite(value):
-            checks.append(Check("eager", False, f"returns {value} on ReLU codes with exact zeros (NaN/inf): "
-                                "guard logs, divisions and fractional powers at 0", fatal=True,
-                                values={"value": value}))
-            return _skip_rest(res, f"the value is {value}")
-        else:
-            checks.append(Check("eager", True, f"finite scalar ({value:.4g}) on codes with "
-                                f"{float(jnp.mean(codes == 0)):.0%} exact zeros", values={"value": value}))
-    except Exception as e:  # user code: report, never crash
-        checks.append(Check("eager", False, f"raises {_err(e)}", fatal=True))
-        return _skip_rest(res, "the penalty raises when called")
-
-    # -- all-zero codes -----------------------------------------------------------------------
-    try:
-        v0 = float(np.asarray(f(zeros, params, jnp.minimum(z, 0.0) - 1.0)))
-        ok0 = math.isfinite(v0)
-        checks.append(Check("zero_codes", ok0, f"value {v0:.4g} at all-zero codes" if ok0 else
-                            f"returns {v0} at all-zero codes (a dead batch would turn the loss into NaN)",
-                            fatal=not ok0, values={"value": v0}))
-    except Exception as e:
-        checks.append(Check("zero_codes", False, f"raises at all-zero codes: {_err(e)}", fatal=True))
-        v0 = None
-
-    # -- jit ----------------------------------------------------------------------------------
-    try:
-        vj = float(np.asarray(jax.jit(f)(codes, params, z)))
-        if _close(vj, value):
-            checks.append(Check("jit", True, "jit-compatible; equals the eager value"))
-        else:
-            checks.append(Check("jit", False, f"jit value {vj:.6g} differs from eager {value:.6g}: the function "
-                                "has Python side effects or reads global state", values={"jit": vj, "eager": value}))
-    except Exception as e:
-        checks.append(Check("jit", False, f"not jit-compatible: {_err(e)}. Use jnp.where / lax.cond instead of "
-                            "Python if/float()/np.asarray on traced values", fatal=True))
-
-    # -- vmap ---------------------------------------------------------------------------------
-    try:
-        P = 3
-        keys = jax.random.split(jax.random.fold_in(key, 7), P)
-        members = [_setup(k, name, hyper, n_latents, d_input, batch) for k in keys]
-        ps = [m[1] for m in members]
-        zs = [_obj.pre_activations(p, m[2], spec) for p, m in zip(ps, members)]
-        cs = [spec.activation(zz, p) for zz, p in zip(zs, ps)]
-        loop = np.array([float(f(c, p, zz)) for c, p, zz in zip(cs, ps, zs)])
-        stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
-        vm = np.asarray(jax.jit(jax.vmap(f))(jnp.stack(cs), stack(ps), jnp.stack(zs)))
-        if vm.shape != (P,):
-            checks.append(Check("vmap", False, f"vmap over {P} members returned shape {vm.shape}, expected ({P},)"))
-        elif _close(vm, loop):
-            checks.append(Check("vmap", True, "vmap over a member axis equals a Python loop (trains as one population)"))
-        else:
-            checks.append(Check("vmap", False, f"vmap values {vm} differ from a loop {loop}; the population "
-                                "is trained member by member", values={"vmap": vm, "loop": loop}))
-    except Exception as e:
-        checks.append(Check("vmap", False, f"not vmap-compatible: {_err(e)}; the population is trained member by "
-                            "member"))
-
-    # -- gradients of the whole objective ------------------------------------------------------
-    checks.append(_gradient_check(spec, params, x, f, codes, z, pinfo.straight_through))
-
-    # -- permutation invariance ---------------------------------------------------------------
-    try:
-        perm = jax.random.permutation(jax.random.fold_in(key, 11), n_latents)
-        pp = _permute(params, perm)
-        vp = float(np.asarray(f(codes[:, perm], pp, z[:, perm])))
-        if _close(vp, value):
-            checks.append(Check("permutation", True, "invariant under a random permutation of the latents",
-                                values={"value": vp}))
-        else:
-            rel = abs(vp - value) / max(abs(value), 1e-12)
-            checks.append(Check("permutation", False, f"breaks permutation invariance: permuting the latents changes "
-                                f"the value from {value:.6g} to {vp:.6g} (relative {rel:.2g}); latents are not "
-                                "treated alike", values={"value": vp, "relative_change": rel}))
-    except Exception as e:
-        checks.append(Check("permutation", False, f"raises on permuted latents: {_err(e)}"))
-
-    # -- batch convention ----------------------------------------------------------------------
-    try:
-        vb = float(np.asarray(f(jnp.concatenate([codes, codes]), params, jnp.concatenate([z, z]))))
-        if _close(vb, value):
-            checks.append(Check("batch_mean", True, "a batch mean: value independent of the batch size"))
-        else:
-            checks.append(Check("batch_mean", False, f"the batch stacked twice gives {vb:.6g}, not {value:.6g}: "
-                                "not a batch mean, so the coefficient's meaning depends on the batch size",
-                                values={"doubled": vb}))
-    except Exception as e:
-        checks.append(Check("batch_mean", None, f"could not evaluate on a doubled batch: {_err(e)}"))
-
-    # -- rescaling -----------------------------------------------------------------------------
-    checks.append(_rescaling_check(f, codes, params, z, value))
-
-    # -- sign ----------------------------------------------------------------------------------
-    if v0 is not None and math.isfinite(v0):
-        nonneg = value >= -1e-7
-        zero_at_0 = abs(v0) <= 1e-6 * max(1.0, abs(value))
-        ok = nonneg and zero_at_0
-        msg = ("penalty(0) = 0 and penalty >= 0" if ok else
-               "; ".join(([] if zero_at_0 else [f"penalty(0) = {v0:.4g} != 0 (a constant offset: harmless for "
-                                                "gradients, shifts reported losses)"]) +
-                         ([] if nonneg else [f"negative value {value:.4g}: the objective is unbounded below "
-                                             "if codes can grow"])))
-        checks.append(Check("sign", ok, msg, values={"at_zero": v0, "value": value}))
-    else:
-        checks.append(Check("sign", None, "skipped (no finite value at zero codes)"))
+    eager, value, why = _eager_check(f, codes, params, z)
+    checks.append(eager)
+    if value is None:
+        return _skip_rest(res, why)
+    zero, v0 = _zero_codes_check(f, codes, params, z)
+    members = []
+    for k in jax.random.split(jax.random.fold_in(key, 7), 3):
+        _, p_m, x_m = _setup(k, name, hyper, n_latents, d_input, batch)
+        z_m = _obj.pre_activations(p_m, x_m, spec)
+        members.append((spec.activation(z_m, p_m), p_m, z_m))
+    checks.extend([
+        zero,
+        _jit_check(f, (codes, params, z), value),
+        _vmap_check(f, members),
+        _gradient_check(spec, params, x, f, codes, z, pinfo.straight_through),
+        _permutation_check(f, codes, params, z, value, key, n_latents),
+        _batch_mean_check(f, codes, params, z, value),
+        _rescaling_check(f, codes, params, z, value),
+        _sign_check(v0, value),
+    ])
     return res
 
 

@@ -75,6 +75,7 @@ SCALES = {
 }
 
 BASELINES = ("l1", "weighted_l1", "topk")
+PARTS = ("frontier", "hierarchy", "critical", "retrain")
 
 
 def _log_default(msg):
@@ -249,11 +250,115 @@ def orthonormal_twin(bench, key):
                          realized_interference=float(np.abs(G).max()), realized_interference_r=float(np.abs(G).max()))
 
 
+def _resolve_scale(scale) -> Scale:
+    if isinstance(scale, str):
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+        return SCALES[scale]
+    if isinstance(scale, Scale):
+        return scale
+    raise TypeError(f"scale must be a name ({', '.join(SCALES)}) or a jsdl.lab.Scale, got {type(scale).__name__}")
+
+
+def _validate(name, hyper, coefs, parts, baselines, seeds, sc):
+    """Check every argument of :func:`run_lab` before any work; returns ``(coefs, n_seeds)``."""
+    _pen.get(name, **hyper)  # unknown name / hyperparameter -> ValueError naming what is allowed
+    bad = set(parts) - set(PARTS)
+    if bad:
+        raise ValueError(f"unknown lab parts {sorted(bad)}; parts are {', '.join(PARTS)}")
+    if coefs is not None:
+        coefs = [float(c) for c in coefs]
+        if not coefs or any(not (c >= 0 and math.isfinite(c)) for c in coefs):
+            raise ValueError(f"coefs must be a non-empty list of finite numbers >= 0, got {coefs!r}")
+    if set(baselines) - set(BASELINES):
+        raise ValueError(f"unknown baselines {sorted(set(baselines) - set(BASELINES))}; choose from {', '.join(BASELINES)}")
+    n_seeds = sc.seeds if seeds is None else int(seeds)
+    if n_seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds!r}")
+    return coefs, n_seeds
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def _run_checks(report, name, hyper, log):
+    """Part 6: the mechanical checks (always run); sets the decoder-norm convention."""
+    t0 = time.perf_counter()
+    checks = _checks.check_penalty(name, hyper)
+    report["checks"] = checks.to_dict()
+    report["timings"]["checks"] = time.perf_counter() - t0
+    for c in checks.failures:
+        log(f"  check {c.name}: FAIL{' (fatal)' if c.fatal else ''}: {c.message}")
+    if not checks.can_train:
+        log("  the penalty cannot be trained (a fatal mechanical check failed): frontier, recovery and landscape "
+            "are skipped")
+    report["decoder_norm"] = "none" if checks.rescale_invariant else "unit"
+    return checks
+
+
+def _coef_grid(report, name, hyper, coefs, bench, sc, checks):
+    """The coefficient grid: the user's, or :func:`auto_coefs` (a fixed geometric grid when the
+    calibration itself fails on this penalty)."""
+    if coefs is not None:
+        report["coefs_source"] = "user"
+        return coefs
+    try:
+        coefs = auto_coefs(name, hyper, bench, sc.n_coefs) if checks.can_train else []
+        report["coefs_source"] = "auto: lambda_ref * geomspace(0.01, 0.5), lambda_ref = E||x||^2 / penalty(true codes)"
+    except Exception as e:  # noqa: BLE001 - a user's penalty may fail on the true codes; fall back, say so
+        coefs = list(np.geomspace(1e-3, 1.0, sc.n_coefs))
+        report["coefs_source"] = f"default grid (auto calibration failed: {type(e).__name__})"
+    return coefs
+
+
+def _critical_part(report, name, hyper, coefs, bench, sc, keys, log):
+    """Part 3: ground truth as a critical point on the bench and its interference-free twin."""
+    k_gt, k_twin = keys
+    t0 = time.perf_counter()
+    log("ground truth as a critical point (Thm 3.3's W* at its best gain)")
+    spec = jsdl.make_spec("sae", _checks.activation_for(name), n_latents=sc.n, penalties={name: (1.0, hyper)})
+    crit = {}
+    for label, b in (("bench", bench), ("twin", orthonormal_twin(bench, k_twin))):
+        try:
+            crit[label] = _crit.critical_point_analysis(k_gt, spec, name, b, coefs, decoder_norm=report["decoder_norm"],
+                                                        n_samples=sc.gt_samples, lanczos_iters=sc.lanczos)
+            log(f"  [{label}] " + "; ".join(f"{p['coef']:.3g}: {p['verdict']}" for p in crit[label]["points"]))
+        except Exception as e:  # noqa: BLE001 - report it, keep the rest of the lab
+            crit[label] = {"error": _error(e)}
+            log(f"  [{label}] critical-point analysis failed: {crit[label]['error']}")
+    report["critical"] = crit
+    report["timings"]["critical"] = time.perf_counter() - t0
+    return spec
+
+
+def _retrain_part(report, name, spec, coefs, bench, sc, eval_batch, key, log):
+    """Training started at W* (at each coefficient's best gain), scored on the evaluation batch."""
+    crit = report["critical"]
+    t0 = time.perf_counter()
+    dn = report["decoder_norm"]
+    try:
+        cs = [0.0] + list(coefs)
+        gains = [crit["bench"]["floor"]["gain"]] + [p["gain"] for p in crit["bench"]["points"]]
+        rr = _crit.retrain_from_ground_truth(key, spec, name, bench, cs, gains, _config(sc, dn, sc.retrain_steps),
+                                             decoder_norm=dn)
+        for p in rr["points"]:
+            ev = evaluate(p.pop("params"), spec, bench, eval_batch)
+            p.update({k: ev[k] for k in ("l0", "fvu", "m_gt", "m_gt_dec", "mcc", "shrinkage")})
+        report["retrain"] = rr
+        log("  training from W*: " + "; ".join(
+            f"{p['coef']:.3g}: moved {p['rel_dist_W_E']:.2f} (enc) / {p['rel_dist_W_D']:.2f} (dec)"
+            for p in rr["points"]))
+    except Exception as e:  # noqa: BLE001 - report it, keep the rest of the lab
+        report["retrain"] = {"error": _error(e)}
+        log(f"  training from W* failed: {report['retrain']['error']}")
+    report["timings"]["retrain"] = time.perf_counter() - t0
+
+
 def run_lab(name: str, *, hyper: Optional[dict] = None, coefs: Optional[Sequence[float]] = None,
             scale: str | Scale = "small", seed: int = 0, seeds: Optional[int] = None,
             out_dir: Optional[str] = None, log: Callable[[str], None] = _log_default,
-            parts: Sequence[str] = ("frontier", "hierarchy", "critical", "retrain"),
-            baselines: Sequence[str] = BASELINES) -> dict:
+            parts: Sequence[str] = PARTS, baselines: Sequence[str] = BASELINES) -> dict:
     """Run the penalty lab for the registered penalty ``name`` (bound to ``hyper``).
 
     coefs: the coefficient grid (default :func:`auto_coefs`). scale: ``tiny`` | ``small`` |
@@ -265,63 +370,24 @@ def run_lab(name: str, *, hyper: Optional[dict] = None, coefs: Optional[Sequence
 
     Returns the report as a dict (what ``report.json`` holds)."""
     t_start = time.perf_counter()
-    if isinstance(scale, str):
-        if scale not in SCALES:
-            raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
-        sc = SCALES[scale]
-    elif isinstance(scale, Scale):
-        sc = scale
-    else:
-        raise TypeError(f"scale must be a name ({', '.join(SCALES)}) or a jsdl.lab.Scale, got {type(scale).__name__}")
+    sc = _resolve_scale(scale)
     hyper = dict(hyper or {})
-    _pen.get(name, **hyper)  # unknown name / hyperparameter -> ValueError naming what is allowed
-    bad = set(parts) - {"frontier", "hierarchy", "critical", "retrain"}
-    if bad:
-        raise ValueError(f"unknown lab parts {sorted(bad)}; parts are frontier, hierarchy, critical, retrain")
-    if coefs is not None:
-        coefs = [float(c) for c in coefs]
-        if not coefs or any(not (c >= 0 and math.isfinite(c)) for c in coefs):
-            raise ValueError(f"coefs must be a non-empty list of finite numbers >= 0, got {coefs!r}")
-    if set(baselines) - set(BASELINES):
-        raise ValueError(f"unknown baselines {sorted(set(baselines) - set(BASELINES))}; choose from {', '.join(BASELINES)}")
-    n_seeds = sc.seeds if seeds is None else int(seeds)
-    if n_seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds!r}")
-    key = jax.random.PRNGKey(seed)
-    k_bench, k_train, k_eval, k_gt, k_twin = jax.random.split(key, 5)
+    coefs, n_seeds = _validate(name, hyper, coefs, parts, baselines, seeds, sc)
+    k_bench, k_train, k_eval, k_gt, k_twin = jax.random.split(jax.random.PRNGKey(seed), 5)
     report: dict[str, Any] = {"penalty": name, "hyper": hyper, "scale": dataclasses.asdict(sc),
                               "scale_name": scale if isinstance(scale, str) else "custom", "seed": seed,
                               "seeds": n_seeds, "timings": {}}
-
     log(f"penalty lab: {name!r} {hyper or ''} at scale {report['scale_name']}")
-    t0 = time.perf_counter()
-    checks = _checks.check_penalty(name, hyper)
-    report["checks"] = checks.to_dict()
-    report["timings"]["checks"] = time.perf_counter() - t0
-    for c in checks.failures:
-        log(f"  check {c.name}: FAIL{' (fatal)' if c.fatal else ''}: {c.message}")
-    if not checks.can_train:
-        log("  the penalty cannot be trained (a fatal mechanical check failed): frontier, recovery and landscape "
-            "are skipped")
-    dn = "none" if checks.rescale_invariant else "unit"
-    report["decoder_norm"] = dn
+    checks = _run_checks(report, name, hyper, log)
 
     t0 = time.perf_counter()
     bench, hier, parent, source = make_benches(k_bench, sc)
     report["bench"] = {"source": source, "n": sc.n, "d": sc.d, "max_interference": sc.M, "sparsity": sc.S,
-                       "realized_interference": _realized(bench)}
+                       "realized_interference": float(bench.realized_interference)}
     if hier is None:
         report["hierarchy_unavailable"] = parent
     report["timings"]["benches"] = time.perf_counter() - t0
-    if coefs is None:
-        try:
-            coefs = auto_coefs(name, hyper, bench, sc.n_coefs) if checks.can_train else []
-            report["coefs_source"] = "auto: lambda_ref * geomspace(0.01, 0.5), lambda_ref = E||x||^2 / penalty(true codes)"
-        except Exception as e:  # noqa: BLE001
-            coefs = list(np.geomspace(1e-3, 1.0, sc.n_coefs))
-            report["coefs_source"] = f"default grid (auto calibration failed: {type(e).__name__})"
-    else:
-        report["coefs_source"] = "user"
+    coefs = _coef_grid(report, name, hyper, coefs, bench, sc, checks)
     report["coefs"] = list(coefs)
     eval_batch = jax.jit(bench.sample, static_argnums=1)(k_eval, sc.eval_samples)
 
@@ -335,70 +401,24 @@ def run_lab(name: str, *, hyper: Optional[dict] = None, coefs: Optional[Sequence
         t0 = time.perf_counter()
         log("pathologies on the hierarchical bench")
         hb = jax.jit(hier.sample, static_argnums=1)(k_eval, sc.eval_samples)
-        hk = None
-        if "frontier" in report and "topk" in report["frontier"] and "k" in report["frontier"]["topk"]:
-            hk = report["frontier"]["topk"]["k"]
-        hcoefs = coefs if coefs else []
-        report["hierarchy"] = _frontier_runs(k_train, name, hyper, hcoefs, hier, sc, checks, n_seeds, log,
+        hk = report.get("frontier", {}).get("topk", {}).get("k")
+        report["hierarchy"] = _frontier_runs(k_train, name, hyper, coefs or [], hier, sc, checks, n_seeds, log,
                                              steps=sc.hier_steps, hierarchy=parent, eval_batch=hb,
                                              label="hierarchical", topk_k=hk, baselines=tuple(baselines))
         report["timings"]["hierarchy"] = time.perf_counter() - t0
     if "critical" in parts and checks.can_train and coefs:
-        t0 = time.perf_counter()
-        log("ground truth as a critical point (Thm 3.3's W* at its best gain)")
-        spec = jsdl.make_spec("sae", _checks.activation_for(name), n_latents=sc.n, penalties={name: (1.0, hyper)})
-        crit = {}
-        for label, b in (("bench", bench), ("twin", orthonormal_twin(bench, k_twin))):
-            try:
-                crit[label] = _crit.critical_point_analysis(k_gt, spec, name, b, coefs, decoder_norm=dn,
-                                                            n_samples=sc.gt_samples, lanczos_iters=sc.lanczos)
-                pts = crit[label]["points"]
-                log(f"  [{label}] " + "; ".join(f"{p['coef']:.3g}: {p['verdict']}" for p in pts))
-            except Exception as e:  # noqa: BLE001
-                crit[label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-                log(f"  [{label}] critical-point analysis failed: {crit[label]['error']}")
-        report["critical"] = crit
-        report["timings"]["critical"] = time.perf_counter() - t0
-        if "retrain" in parts and "points" in crit.get("bench", {}):
-            t0 = time.perf_counter()
-            try:
-                cs = [0.0] + list(coefs)
-                gains = [crit["bench"]["floor"]["gain"]] + [p["gain"] for p in crit["bench"]["points"]]
-                rr = _crit.retrain_from_ground_truth(k_train, spec, name, bench, cs, gains,
-                                                     _config(sc, dn, sc.retrain_steps), decoder_norm=dn)
-                for p in rr["points"]:
-                    params = p.pop("params")
-                    ev = evaluate(params, spec, bench, eval_batch)
-                    p.update({k: ev[k] for k in ("l0", "fvu", "m_gt", "m_gt_dec", "mcc", "shrinkage")})
-                report["retrain"] = rr
-                log("  training from W*: " + "; ".join(
-                    f"{p['coef']:.3g}: moved {p['rel_dist_W_E']:.2f} (enc) / {p['rel_dist_W_D']:.2f} (dec)"
-                    for p in rr["points"]))
-            except Exception as e:  # noqa: BLE001
-                report["retrain"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-                log(f"  training from W* failed: {report['retrain']['error']}")
-            report["timings"]["retrain"] = time.perf_counter() - t0
+        spec = _critical_part(report, name, hyper, coefs, bench, sc, (k_gt, k_twin), log)
+        if "retrain" in parts and "points" in report["critical"].get("bench", {}):
+            _retrain_part(report, name, spec, coefs, bench, sc, eval_batch, k_train, log)
 
     report["summary"] = summarize(report)
     report["timings"]["total"] = time.perf_counter() - t_start
     if out_dir is not None:
         from jsdl.lab.report import write_report
 
-        paths = write_report(report, out_dir)
-        report["files"] = paths
-        log(f"report: {paths['md']} ({report['timings']['total']:.0f}s)")
+        report["files"] = write_report(report, out_dir)
+        log(f"report: {report['files']['md']} ({report['timings']['total']:.0f}s)")
     return report
-
-
-def _realized(bench):
-    v = getattr(bench, "realized_interference", None)
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        W = np.asarray(bench.W_p, np.float64)
-        G = W.T @ W
-        np.fill_diagonal(G, -np.inf)
-        return float(G.max())
 
 
 def _interp(xs, ys, x):

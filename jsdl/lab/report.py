@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 import os
 
+import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
+from jsdl.lab.checks import Check, PenaltyChecks
 from jsdl.metrics import TAUS
 from jsdl.records import dump_json
 
@@ -45,9 +48,9 @@ def write_report(report: dict, out_dir: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def _markdown(r: dict) -> str:
+def _md_header(r: dict) -> list:
+    """Title, setting and findings."""
     name = r["penalty"]
-    s = r.get("summary", {})
     sc = r["scale"]
     L = [f"# Penalty lab: `{name}`" + (f" {r['hyper']}" if r.get("hyper") else ""), ""]
     L.append(f"Scale `{r['scale_name']}`: Linear Representation Bench with n = {sc['n']} features in d = {sc['d']} "
@@ -61,11 +64,15 @@ def _markdown(r: dict) -> str:
     L.append("")
     L.extend(_findings(r))
     L.append("")
+    return L
+
+
+def _md_checks(r: dict) -> list:
+    """Section 6: the mechanical checks."""
+    L = []
     L.append("## 6. Mechanical checks")
     L.append("")
-    from jsdl.lab.checks import Check, PenaltyChecks
-
-    pc = PenaltyChecks(name, r["hyper"], r["checks"]["straight_through"],
+    pc = PenaltyChecks(r["penalty"], r["hyper"], r["checks"]["straight_through"],
                        [Check(c["name"], c["ok"], c["message"], c["fatal"]) for c in r["checks"]["checks"]])
     L.append(pc.to_markdown())
     L.append("")
@@ -73,6 +80,12 @@ def _markdown(r: dict) -> str:
         L.append("**A fatal check failed: the penalty cannot be trained, so the frontier, recovery and landscape "
                  "sections were skipped.** Fix the failure above and run the lab again.")
         L.append("")
+    return L
+
+
+def _md_frontier(r: dict) -> list:
+    """Sections 1-2 (and 4): frontier, recovery, shrinkage."""
+    L = []
     fr = r.get("frontier")
     if fr:
         L.append("## 1-2. Sparsity-fidelity frontier and recovery")
@@ -91,6 +104,12 @@ def _markdown(r: dict) -> str:
             L.append("")
             L.append("![shrinkage](shrinkage.png)")
             L.append("")
+    return L
+
+
+def _md_critical(r: dict) -> list:
+    """Section 3: ground truth as a critical point."""
+    L = []
     crit = r.get("critical")
     if crit:
         L.append("## 3. Ground truth as a critical point")
@@ -125,6 +144,12 @@ def _markdown(r: dict) -> str:
         if "critical.png" in r.get("plots", []):
             L.append("![critical](critical.png)")
             L.append("")
+    return L
+
+
+def _md_retrain(r: dict) -> list:
+    """Training started at W*."""
+    L = []
     rt = r.get("retrain")
     if rt:
         L.append("### Training started at W*")
@@ -142,13 +167,18 @@ def _markdown(r: dict) -> str:
                 L.append(f"| {_f(p['coef'])} | {_f(p['rel_dist_W_E'])} | {_f(p['rel_dist_W_D'])} | {_f(p['cos_encoder'])} "
                          f"| {_f(p['cos_decoder'])} | {_f(p['l0'])} | {_f(p['fvu'])} | {_f(p['m_gt'])} | {_f(p['shrinkage'])} |")
         L.append("")
+    return L
+
+
+def _md_hierarchy(r: dict) -> list:
+    """Section 5: pathologies on the hierarchical bench."""
+    L = []
     hi = r.get("hierarchy")
     if hi:
         L.append("## 5. Pathologies (hierarchical bench)")
         L.append("")
         L.append("Dead fraction: latents that never fire on the evaluation sample. Absorption: how often a parent's "
-                 "latent is silent while parent and child are both active (jsdl.metrics.absorption_score when "
-                 "available).")
+                 "latent is silent while parent and child are both active (jsdl.metrics.absorption_score).")
         L.append("")
         L.extend(_run_table(hi, hierarchy=True))
         L.append("")
@@ -158,14 +188,26 @@ def _markdown(r: dict) -> str:
     elif r.get("hierarchy_unavailable"):
         L.append("## 5. Pathologies")
         L.append("")
-        L.append(f"The hierarchical bench is not available in this build ({r['hierarchy_unavailable']}); dead fractions "
-                 "on the plain bench are in the table of section 1-2.")
+        L.append(f"The hierarchical bench could not be built at this size ({r['hierarchy_unavailable']}); dead "
+                 "fractions on the plain bench are in the table of section 1-2.")
         L.append("")
+    return L
+
+
+def _md_timings(r: dict) -> list:
+    """Timings."""
+    L = []
     L.append("## Timings (s)")
     L.append("")
     L.append(", ".join(f"{k} {_f(v, '.1f')}" for k, v in r["timings"].items()))
     L.append("")
-    return "\n".join(L)
+    return L
+
+
+def _markdown(r: dict) -> str:
+    """``report.md``: every section of the report in reading order."""
+    parts = (_md_header, _md_checks, _md_frontier, _md_critical, _md_retrain, _md_hierarchy, _md_timings)
+    return "\n".join(line for part in parts for line in part(r))
 
 
 def _findings(r):
@@ -228,122 +270,138 @@ def _run_table(runs, hierarchy=False):
 # ------------------------------------------------------------------------------------------------
 
 
+def _color(nm: str, name: str) -> str:
+    return "tab:red" if nm == name else COLORS.get(nm, "tab:gray")
+
+
+def _plot_frontier(runs: dict, name: str, out_dir: str) -> str:
+    """FVU and recovery (M_GT, MCC) against L0 for every run."""
+    fig = Figure(figsize=(11, 4))
+    ax = fig.subplots(1, 2)
+    for nm, v in runs.items():
+        pts = sorted(v["points"], key=lambda p: p["l0"])
+        ax[0].plot([p["l0"] for p in pts], [p["fvu"] for p in pts], "o-", color=_color(nm, name), label=nm)
+        ax[1].plot([p["l0"] for p in pts], [p["m_gt"] for p in pts], "o-", color=_color(nm, name), label=f"{nm} M_GT")
+        ax[1].plot([p["l0"] for p in pts], [p["mcc"] for p in pts], "s--", color=_color(nm, name), alpha=0.6,
+                   label=f"{nm} MCC")
+    ax[0].set_xlabel("L0 (mean active latents)")
+    ax[0].set_ylabel("FVU")
+    ax[0].set_yscale("log")
+    ax[0].set_title("sparsity-fidelity frontier")
+    ax[1].set_xlabel("L0")
+    ax[1].set_ylabel("M_GT(0.95) / MCC")
+    ax[1].set_title("recovery along the frontier")
+    ax[0].legend(fontsize=8)
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "frontier.png"), dpi=100)
+    return "frontier.png"
+
+
+def _plot_recovery(runs: dict, name: str, out_dir: str) -> str:
+    """M_GT(tau) curves of every point."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis"]
+    for nm, v in runs.items():
+        pts = v["points"]
+        for j, p in enumerate(pts):
+            ls = "-" if nm == name else ":"
+            ax.plot(TAUS, p["m_gt_curve"], ls, color=cmap(j / max(len(pts) - 1, 1)) if nm == name else _color(nm, name),
+                    alpha=1.0 if nm == name else 0.5, label=f"{nm} {_label(nm, p)}" if nm == name or j == 0 else None)
+    ax.set_xlabel("cosine threshold tau")
+    ax.set_ylabel("M_GT(tau)")
+    ax.set_title("feature recovery M_GT(tau), every point")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "recovery.png"), dpi=100)
+    return "recovery.png"
+
+
+def _plot_shrinkage(runs: dict, name: str, out_dir: str) -> str:
+    """Shrinkage of matched latents against L0."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for nm, v in runs.items():
+        if nm == "topk":
+            pts = v["points"]
+            ax.plot([p["l0"] for p in pts], [p["shrinkage"] for p in pts], "o-", color=_color(nm, name), label=nm)
+        else:
+            pts = sorted(v["points"], key=lambda p: p["coef"])
+            ax.plot([p["l0"] for p in pts], [p["shrinkage"] for p in pts], "o-", color=_color(nm, name), label=nm)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("L0")
+    ax.set_ylabel("decoded magnitude / true coefficient")
+    ax.set_title("shrinkage of matched latents")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "shrinkage.png"), dpi=100)
+    return "shrinkage.png"
+
+
+def _plot_critical(crit: dict, out_dir: str) -> str:
+    """Gradient norm and smallest Hessian eigenvalue at W* against lambda."""
+    fig = Figure(figsize=(11, 4))
+    ax = fig.subplots(1, 2)
+    for label, mk in (("bench", "o-"), ("twin", "s--")):
+        c = crit.get(label, {})
+        if "points" not in c:
+            continue
+        pts = c["points"]
+        ax[0].plot([p["coef"] for p in pts], [p["grad_norm"] for p in pts], mk, label=f"{label}")
+        ax[0].axhline(c["floor"]["grad_norm"], ls=":", color="gray")
+        hs = [p.get("hessian", {}).get("min", np.nan) for p in pts]
+        ax[1].plot([p["coef"] for p in pts], hs, mk, label=label)
+    ax[0].set_xscale("log")
+    ax[0].set_xlabel("lambda")
+    ax[0].set_ylabel("||grad L|| at W*")
+    ax[0].set_title("gradient at ground truth (dotted: lambda = 0)")
+    ax[1].set_xscale("log")
+    ax[1].set_xlabel("lambda")
+    ax[1].set_ylabel("smallest Hessian eigenvalue")
+    ax[1].axhline(0.0, color="k", lw=0.8)
+    ax[1].set_title("curvature at ground truth")
+    ax[0].legend(fontsize=8)
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "critical.png"), dpi=100)
+    return "critical.png"
+
+
+def _plot_pathologies(hi: dict, name: str, out_dir: str) -> str:
+    """Dead fraction and absorption on the hierarchical bench."""
+    fig = Figure(figsize=(11, 4))
+    ax = fig.subplots(1, 2)
+    for nm, v in hi.items():
+        pts = sorted(v["points"], key=lambda p: p["l0"])
+        ax[0].plot([p["l0"] for p in pts], [p["dead_fraction"] for p in pts], "o-", color=_color(nm, name), label=nm)
+        ax[1].plot([p["l0"] for p in pts], [p.get("absorption", np.nan) for p in pts], "o-", color=_color(nm, name),
+                   label=nm)
+    ax[0].set_xlabel("L0")
+    ax[0].set_ylabel("dead fraction")
+    ax[1].set_xlabel("L0")
+    ax[1].set_ylabel("absorption")
+    ax[0].set_title("dead latents (hierarchical bench)")
+    ax[1].set_title("absorption (hierarchical bench)")
+    ax[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "pathologies.png"), dpi=100)
+    return "pathologies.png"
+
+
 def _plots(r: dict, out_dir: str) -> list:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Write the report's PNGs (matplotlib's Figure API: no pyplot state, no backend switch) and
+    return their file names."""
     name = r["penalty"]
     made = []
-
-    def color(nm):
-        return "tab:red" if nm == name else COLORS.get(nm, "tab:gray")
-
-    fr = r.get("frontier") or {}
-    runs = {k: v for k, v in fr.items() if "points" in v}
+    runs = {k: v for k, v in (r.get("frontier") or {}).items() if "points" in v}
     if runs:
-        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        for nm, v in runs.items():
-            pts = sorted(v["points"], key=lambda p: p["l0"])
-            ax[0].plot([p["l0"] for p in pts], [p["fvu"] for p in pts], "o-", color=color(nm), label=nm)
-            ax[1].plot([p["l0"] for p in pts], [p["m_gt"] for p in pts], "o-", color=color(nm), label=f"{nm} M_GT")
-            ax[1].plot([p["l0"] for p in pts], [p["mcc"] for p in pts], "s--", color=color(nm), alpha=0.6,
-                       label=f"{nm} MCC")
-        ax[0].set_xlabel("L0 (mean active latents)")
-        ax[0].set_ylabel("FVU")
-        ax[0].set_yscale("log")
-        ax[0].set_title("sparsity-fidelity frontier")
-        ax[1].set_xlabel("L0")
-        ax[1].set_ylabel("M_GT(0.95) / MCC")
-        ax[1].set_title("recovery along the frontier")
-        ax[0].legend(fontsize=8)
-        ax[1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "frontier.png"), dpi=100)
-        plt.close(fig)
-        made.append("frontier.png")
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        cmap = plt.get_cmap("viridis")
-        for nm, v in runs.items():
-            pts = v["points"]
-            for j, p in enumerate(pts):
-                ls = "-" if nm == name else ":"
-                ax.plot(TAUS, p["m_gt_curve"], ls, color=cmap(j / max(len(pts) - 1, 1)) if nm == name else color(nm),
-                        alpha=1.0 if nm == name else 0.5, label=f"{nm} {_label(nm, p)}" if nm == name or j == 0 else None)
-        ax.set_xlabel("cosine threshold tau")
-        ax.set_ylabel("M_GT(tau)")
-        ax.set_title("feature recovery M_GT(tau), every point")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "recovery.png"), dpi=100)
-        plt.close(fig)
-        made.append("recovery.png")
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for nm, v in runs.items():
-            if nm == "topk":
-                pts = v["points"]
-                ax.plot([p["l0"] for p in pts], [p["shrinkage"] for p in pts], "o-", color=color(nm), label=nm)
-            else:
-                pts = sorted(v["points"], key=lambda p: p["coef"])
-                ax.plot([p["l0"] for p in pts], [p["shrinkage"] for p in pts], "o-", color=color(nm), label=nm)
-        ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xlabel("L0")
-        ax.set_ylabel("decoded magnitude / true coefficient")
-        ax.set_title("shrinkage of matched latents")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "shrinkage.png"), dpi=100)
-        plt.close(fig)
-        made.append("shrinkage.png")
-
+        made += [_plot_frontier(runs, name, out_dir), _plot_recovery(runs, name, out_dir),
+                 _plot_shrinkage(runs, name, out_dir)]
     crit = r.get("critical") or {}
     if any("points" in c for c in crit.values()):
-        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        for label, mk in (("bench", "o-"), ("twin", "s--")):
-            c = crit.get(label, {})
-            if "points" not in c:
-                continue
-            pts = c["points"]
-            ax[0].plot([p["coef"] for p in pts], [p["grad_norm"] for p in pts], mk, label=f"{label}")
-            ax[0].axhline(c["floor"]["grad_norm"], ls=":", color="gray")
-            hs = [p.get("hessian", {}).get("min", np.nan) for p in pts]
-            ax[1].plot([p["coef"] for p in pts], hs, mk, label=label)
-        ax[0].set_xscale("log")
-        ax[0].set_xlabel("lambda")
-        ax[0].set_ylabel("||grad L|| at W*")
-        ax[0].set_title("gradient at ground truth (dotted: lambda = 0)")
-        ax[1].set_xscale("log")
-        ax[1].set_xlabel("lambda")
-        ax[1].set_ylabel("smallest Hessian eigenvalue")
-        ax[1].axhline(0.0, color="k", lw=0.8)
-        ax[1].set_title("curvature at ground truth")
-        ax[0].legend(fontsize=8)
-        ax[1].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "critical.png"), dpi=100)
-        plt.close(fig)
-        made.append("critical.png")
-
+        made.append(_plot_critical(crit, out_dir))
     hi = {k: v for k, v in (r.get("hierarchy") or {}).items() if "points" in v}
     if hi:
-        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        for nm, v in hi.items():
-            pts = sorted(v["points"], key=lambda p: p["l0"])
-            ax[0].plot([p["l0"] for p in pts], [p["dead_fraction"] for p in pts], "o-", color=color(nm), label=nm)
-            ax[1].plot([p["l0"] for p in pts], [p.get("absorption", np.nan) for p in pts], "o-", color=color(nm),
-                       label=nm)
-        ax[0].set_xlabel("L0")
-        ax[0].set_ylabel("dead fraction")
-        ax[1].set_xlabel("L0")
-        ax[1].set_ylabel("absorption")
-        ax[0].set_title("dead latents (hierarchical bench)")
-        ax[1].set_title("absorption (hierarchical bench)")
-        ax[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "pathologies.png"), dpi=100)
-        plt.close(fig)
-        made.append("pathologies.png")
+        made.append(_plot_pathologies(hi, name, out_dir))
     return made

@@ -494,13 +494,9 @@ def check_example_3_5(key=None):
     ]
 
 
-@register("P7")
-def check_theorem_3_6(key):
-    """P7: the literal proof construction of Thm 3.6 (fails with unequal M_d and with non-orthogonal
-    w_r), the corrected eigenvector characterisation (holds), and ACS converging to it."""
-    dtype = jnp.zeros(()).dtype
-    tol = zero_tol()
-    recs = []
+def _theorem_3_6_literal(dtype, tol):
+    """P7.literal: the proof's construction (eq. 55) on (a) orthonormal features with unequal M_d and
+    (b) equal M_d with w_r at 60 degrees. Returns ``(record, problem of case a, stationary?)``."""
     # (a) orthonormal features, unequal M_d
     prob = _ax.make_problem(jnp.eye(3, dtype=dtype), None, jnp.array([1.0, 2.0, 1.5], dtype))
     sets = [[0, 1], [2]]
@@ -516,21 +512,25 @@ def check_theorem_3_6(key):
     mb = _ax.activation_pattern(pb, prob_b)
     gb = jax.grad(_ax.approx_loss_frozen)(pb, prob_b, mb)
     gE_b, gD_b = float(jnp.linalg.norm(gb.W_E)), float(jnp.linalg.norm(gb.W_D))
-    recs.append(
-        Record(
-            "P7.literal",
-            "Thm 3.6 proof: a realising encoder with the per-neuron weighted least-squares decoder (eq. 55) is a "
-            "partial minimum (both gradients vanish)",
-            {"case_a": "W_p = W_r = I_3, M = (1, 2, 1.5), pattern F = ({0,1}, {2}, {}) (polysemantic partition, 1 dead)",
-             "case_b": "w_r at 60 degrees, M = (1, 1), encoder values (1, 2) on the polysemantic neuron"},
-            {"case_a": {"grad_W_D": gD_a, "grad_W_E": gE_a, "pattern": summ["sets"], "is_partition": summ["is_partition"]},
-             "case_b": {"grad_W_D": gD_b, "grad_W_E": gE_b}},
-            f"gradient norms <= {tol:.0e}",
-            FAILS if (gE_a > tol or gE_b > tol) else HOLDS,
-            note="the decoder gradient vanishes (eq. 55 is the decoder's normal equation) but the encoder gradient does "
-                 "not: the normal equation gives sum_d M_d z_d r_d = 0, not sum_d M_d (w_D^T r_d) w_p^d = 0",
-        )
+    rec = Record(
+        "P7.literal",
+        "Thm 3.6 proof: a realising encoder with the per-neuron weighted least-squares decoder (eq. 55) is a "
+        "partial minimum (both gradients vanish)",
+        {"case_a": "W_p = W_r = I_3, M = (1, 2, 1.5), pattern F = ({0,1}, {2}, {}) (polysemantic partition, 1 dead)",
+         "case_b": "w_r at 60 degrees, M = (1, 1), encoder values (1, 2) on the polysemantic neuron"},
+        {"case_a": {"grad_W_D": gD_a, "grad_W_E": gE_a, "pattern": summ["sets"], "is_partition": summ["is_partition"]},
+         "case_b": {"grad_W_D": gD_b, "grad_W_E": gE_b}},
+        f"gradient norms <= {tol:.0e}",
+        FAILS if (gE_a > tol or gE_b > tol) else HOLDS,
+        note="the decoder gradient vanishes (eq. 55 is the decoder's normal equation) but the encoder gradient does "
+             "not: the normal equation gives sum_d M_d z_d r_d = 0, not sum_d M_d (w_D^T r_d) w_p^d = 0",
     )
+    return rec, prob, not (gE_a > tol or gE_b > tol)
+
+
+def _theorem_3_6_corrected(dtype, tol):
+    """P7.corrected: the top-eigenvector characterisation on two features at 50 degrees plus one
+    orthogonal. Returns ``(record, problem, partial optimum, its info, holds?)``."""
     # (c) corrected characterisation: top eigenvector of G_i, non-orthogonal w_r with positive overlap
     th = math.radians(50)
     W3 = jnp.array([[1.0, math.cos(th), 0.0], [0.0, math.sin(th), 0.0], [0.0, 0.0, 1.0]], dtype)
@@ -545,20 +545,24 @@ def check_theorem_3_6(key):
     second_inside = bool(np.all(info2["sets"][0]["z"] > 0))
     gnorm_c = float(jnp.sqrt(jnp.sum(gc.W_E**2) + jnp.sum(gc.W_D**2)))
     ok_c = gnorm_c <= tol and abs(Lc - info["predicted_loss"]) <= tol and region_ok and Lc > 0
-    recs.append(
-        Record(
-            "P7.corrected",
-            "[derived] interior partial optima of a partition pattern: each polysemantic decoder column is an "
-            "eigenvector u of G_i = sum_{d in F_i} M_d w_r^d w_r^dT, z_d = <u, w_r^d>/||u||^2 > 0, neuron loss "
-            "sum M_d ||w_r^d||^2 - lambda",
-            {"w_r": "two features at 50 degrees + one orthogonal, M = (1, 2.5, 1)", "pattern": "({0,1}, {2}, {})"},
-            {"grad_norm": gnorm_c, "L_approx": Lc, "predicted": info["predicted_loss"], "z_top": info["sets"][0]["z"],
-             "second_eigenvector_z": info2["sets"][0]["z"], "second_eigenvector_inside_region": second_inside,
-             "classification": cls["kind"], "hessian_lambda_min": cls["lambda_min"], "n_zero_eigs": cls["n_zero"]},
-            f"gradient norm and |L~ - predicted| <= {tol:.0e}; pattern preserved; L~ > 0",
-            HOLDS if ok_c else FAILS,
-        )
+    rec = Record(
+        "P7.corrected",
+        "[derived] interior partial optima of a partition pattern: each polysemantic decoder column is an "
+        "eigenvector u of G_i = sum_{d in F_i} M_d w_r^d w_r^dT, z_d = <u, w_r^d>/||u||^2 > 0, neuron loss "
+        "sum M_d ||w_r^d||^2 - lambda",
+        {"w_r": "two features at 50 degrees + one orthogonal, M = (1, 2.5, 1)", "pattern": "({0,1}, {2}, {})"},
+        {"grad_norm": gnorm_c, "L_approx": Lc, "predicted": info["predicted_loss"], "z_top": info["sets"][0]["z"],
+         "second_eigenvector_z": info2["sets"][0]["z"], "second_eigenvector_inside_region": second_inside,
+         "classification": cls["kind"], "hessian_lambda_min": cls["lambda_min"], "n_zero_eigs": cls["n_zero"]},
+        f"gradient norm and |L~ - predicted| <= {tol:.0e}; pattern preserved; L~ > 0",
+        HOLDS if ok_c else FAILS,
     )
+    return rec, prob_c, pc, info, ok_c
+
+
+def _theorem_3_6_acs(key, dtype, prob, prob_c, pc, info):
+    """P7.acs: alternating convex search from polysemantic starts on the problems of the two records
+    above."""
     # (d) ACS from a polysemantic start: converges to the top eigenvector (positive overlaps) or drifts to the
     # boundary (orthonormal, distinct M_d)
     k1, k2 = jax.random.split(key)
@@ -580,45 +584,50 @@ def check_theorem_3_6(key):
     Lo = hist_o["final_loss"]
     expect_o = 1.0  # boundary value: the lighter feature is dropped: M_0 ||w_r^0||^2
     ok_d = cosine >= 1 - 1e-6 and abs(hist["final_loss"] - info["predicted_loss"]) <= 1e-6 and light_act < 1e-2 and abs(Lo - expect_o) < 1e-2
-    recs.append(
-        Record(
-            "P7.acs",
-            "[derived] alternating convex search from a polysemantic start converges to the top-eigenvector solution "
-            "(positive overlaps), or drifts to the region boundary where the lighter feature stops firing "
-            "(orthonormal w_r, distinct M_d)",
-            {"start_pattern": pat0, "iters": 300},
-            {"cos_to_top_eigenvector": cosine, "loss": hist["final_loss"], "predicted": info["predicted_loss"],
-             "rounds": int(hist["loss"].size),
-             "orthonormal_case": {"light_feature_activation": light_act, "loss": Lo, "boundary_loss": expect_o,
-                                  "rounds": int(hist_o["loss"].size)}},
-            "cosine >= 1 - 1e-6 and |loss - predicted| <= 1e-6; orthonormal case: light activation < 1e-2, "
-            "loss within 1e-2 of the boundary value",
-            HOLDS if ok_d else FAILS,
-            data={"acs_loss": hist["loss"], "acs_loss_orthonormal": hist_o["loss"]},
-        )
+    rec = Record(
+        "P7.acs",
+        "[derived] alternating convex search from a polysemantic start converges to the top-eigenvector solution "
+        "(positive overlaps), or drifts to the region boundary where the lighter feature stops firing "
+        "(orthonormal w_r, distinct M_d)",
+        {"start_pattern": pat0, "iters": 300},
+        {"cos_to_top_eigenvector": cosine, "loss": hist["final_loss"], "predicted": info["predicted_loss"],
+         "rounds": int(hist["loss"].size),
+         "orthonormal_case": {"light_feature_activation": light_act, "loss": Lo, "boundary_loss": expect_o,
+                              "rounds": int(hist_o["loss"].size)}},
+        "cosine >= 1 - 1e-6 and |loss - predicted| <= 1e-6; orthonormal case: light activation < 1e-2, "
+        "loss within 1e-2 of the boundary value",
+        HOLDS if ok_d else FAILS,
+        data={"acs_loss": hist["loss"], "acs_loss_orthonormal": hist_o["loss"]},
     )
-    recs.append(
-        Record(
-            "P7.theorem",
-            "Thm 3.6: every realizable polysemantic partition pattern has a partial minimum with positive loss",
-            {"from": "P7.literal, P7.corrected, P7.acs"},
-            {"literal_construction_stationary": not (gE_a > tol or gE_b > tol), "eigen_construction_stationary": ok_c,
-             "orthonormal_distinct_M_interior_optimum": False},
-            "see the component records",
-            CONDITIONAL,
-            condition="the top eigenvector u of G_i has <u, w_r^d> > 0 for all d in F_i (e.g. equal M_d, or positively "
-                      "overlapping w_r) and the codes z_d = <u, w_r^d>/||u||^2 are realisable; with orthonormal w_r and "
-                      "distinct M_d no interior partial optimum of that pattern exists",
-        )
-    )
-    return recs
+    return rec
 
 
-@register("P8")
-def check_dead_latents(key, *, n: int = 8, n_p: int = 6, batch: int = 1024):
-    """P8: pigeonhole (polysemantic partitions with n_q >= n have a dead latent), zero gradients of
-    dead latents under pure MSE but not under AuxK, and escape by resampling."""
-    # (a) exhaustive: every polysemantic partition of 4 features over n_q in {4, 5} latents
+@register("P7")
+def check_theorem_3_6(key):
+    """P7: the literal proof construction of Thm 3.6 (fails with unequal M_d and with non-orthogonal
+    w_r), the corrected eigenvector characterisation (holds), and ACS converging to it."""
+    dtype = jnp.zeros(()).dtype
+    tol = zero_tol()
+    rec_lit, prob, literal_ok = _theorem_3_6_literal(dtype, tol)
+    rec_cor, prob_c, pc, info, ok_c = _theorem_3_6_corrected(dtype, tol)
+    rec_acs = _theorem_3_6_acs(key, dtype, prob, prob_c, pc, info)
+    rec = Record(
+        "P7.theorem",
+        "Thm 3.6: every realizable polysemantic partition pattern has a partial minimum with positive loss",
+        {"from": "P7.literal, P7.corrected, P7.acs"},
+        {"literal_construction_stationary": literal_ok, "eigen_construction_stationary": ok_c,
+         "orthonormal_distinct_M_interior_optimum": False},
+        "see the component records",
+        CONDITIONAL,
+        condition="the top eigenvector u of G_i has <u, w_r^d> > 0 for all d in F_i (e.g. equal M_d, or positively "
+                  "overlapping w_r) and the codes z_d = <u, w_r^d>/||u||^2 are realisable; with orthonormal w_r and "
+                  "distinct M_d no interior partial optimum of that pattern exists",
+    )
+    return [rec_lit, rec_cor, rec_acs, rec]
+
+
+def _dead_latents_pigeonhole():
+    """P8.pigeonhole: enumerate every polysemantic partition of 4 features over 4 or 5 latents."""
     worst = None
     count = 0
     for nq in (4, 5):
@@ -629,16 +638,18 @@ def check_dead_latents(key, *, n: int = 8, n_p: int = 6, batch: int = 1024):
             if s["is_polysemantic"] and s["is_partition"]:
                 count += 1
                 worst = s["n_dead"] if worst is None else min(worst, s["n_dead"])
-    recs = [
-        Record(
-            "P8.pigeonhole",
-            "[derived] every polysemantic partition pattern with n_q >= n has at least one dead latent",
-            {"n": 4, "n_q": [4, 5], "enumeration": "all assignments"},
-            {"patterns_checked": count, "min_dead": worst},
-            "min_dead >= 1",
-            HOLDS if worst is not None and worst >= 1 else FAILS,
-        )
-    ]
+    return Record(
+        "P8.pigeonhole",
+        "[derived] every polysemantic partition pattern with n_q >= n has at least one dead latent",
+        {"n": 4, "n_q": [4, 5], "enumeration": "all assignments"},
+        {"patterns_checked": count, "min_dead": worst},
+        "min_dead >= 1",
+        HOLDS if worst is not None and worst >= 1 else FAILS,
+    )
+
+
+def _dead_latents_gradient(key, n, n_p, batch):
+    """P8.gradient: a dead Top-1 latent under pure MSE and under AuxK."""
     # (b) a dead Top-1 latent: pre-activation positive but never selected
     kb, kx = jax.random.split(key)
     bench = _bench(kb, n, n_p, 0.3, 0.9)
@@ -657,21 +668,23 @@ def check_dead_latents(key, *, n: int = 8, n_p: int = 6, batch: int = 1024):
     ga = jax.grad(lambda p: jsdl.sdl_loss(p, xb, spec_aux, dead_mask=dead)[0])(W)
     g0 = float(jnp.linalg.norm(g.W_E[n]) + jnp.linalg.norm(g.W_D[:, n]))
     gaux_E, gaux_D = float(jnp.linalg.norm(ga.W_E[n])), float(jnp.linalg.norm(ga.W_D[:, n]))
-    recs.append(
-        Record(
-            "P8.gradient",
-            "[derived] dead latents get exactly zero gradient in their W_E row and W_D column under pure MSE, but not "
-            "under Gao's AuxK loss",
-            {"bench": _bench_source(bench), "activation": "topk k=1", "dead_latent": "0.5 w_p^0 (positive pre-activation, never "
-             "selected)", "batch": batch, "aux": "aux_k=1, aux_coef=1"},
-            {"max_code_of_dead_latent": fired, "fraction_positive_preactivation": pre_pos, "grad_norm_mse": g0,
-             "grad_norm_auxk_W_E_row": gaux_E, "grad_norm_auxk_W_D_col": gaux_D},
-            "MSE gradient exactly 0; AuxK gradient > 1e-6",
-            HOLDS if g0 == 0.0 and fired == 0.0 and (gaux_E > 1e-6 or gaux_D > 1e-6) else FAILS,
-            note="with ReLU dead latents whose pre-activations are all negative, AuxK (ReLU of pre-activations) gives "
-                 "zero gradient too",
-        )
+    return Record(
+        "P8.gradient",
+        "[derived] dead latents get exactly zero gradient in their W_E row and W_D column under pure MSE, but not "
+        "under Gao's AuxK loss",
+        {"bench": _bench_source(bench), "activation": "topk k=1", "dead_latent": "0.5 w_p^0 (positive pre-activation, never "
+         "selected)", "batch": batch, "aux": "aux_k=1, aux_coef=1"},
+        {"max_code_of_dead_latent": fired, "fraction_positive_preactivation": pre_pos, "grad_norm_mse": g0,
+         "grad_norm_auxk_W_E_row": gaux_E, "grad_norm_auxk_W_D_col": gaux_D},
+        "MSE gradient exactly 0; AuxK gradient > 1e-6",
+        HOLDS if g0 == 0.0 and fired == 0.0 and (gaux_E > 1e-6 or gaux_D > 1e-6) else FAILS,
+        note="with ReLU dead latents whose pre-activations are all negative, AuxK (ReLU of pre-activations) gives "
+             "zero gradient too",
     )
+
+
+def _dead_latents_resampling():
+    """P8.resampling: resample the dead latent of Example 3.5's partial optimum, then ACS."""
     # (c) resampling at Example 3.5's partial optimum
     params, problem = example_3_5()
     L0 = _f(_ax.approx_loss(params, problem))
@@ -684,21 +697,25 @@ def check_dead_latents(key, *, n: int = 8, n_p: int = 6, batch: int = 1024):
     L_res = _f(_ax.approx_loss(res, problem))
     out, hist = _st.alternating_convex_search(res, problem, iters=50)
     L1 = hist["final_loss"]
-    recs.append(
-        Record(
-            "P8.resampling",
-            "resampling a dead latent changes the activation region and the loss then drops below the plateau of the "
-            "polysemantic partial optimum",
-            {"start": "Example 3.5 (loss 1, latent 2 dead)", "resample": "w_E^2 = 1.5 w_p^d for the worst-reconstructed d, "
-             "w_D^2 = 0, then alternating convex search"},
-            {"plateau_loss": L0, "loss_right_after_resampling": L_res, "loss_after_acs": L1,
-             "pattern_after": _ax.pattern_summary(_ax.activation_pattern(out, problem))["sets"]},
-            "loss after < plateau - 0.1",
-            HOLDS if L1 < L0 - 0.1 else FAILS,
-            note="checks the mechanism on the toy; the paper's evidence (Fig. 7, Llama 3.1 8B) is not reproduced here",
-        )
+    return Record(
+        "P8.resampling",
+        "resampling a dead latent changes the activation region and the loss then drops below the plateau of the "
+        "polysemantic partial optimum",
+        {"start": "Example 3.5 (loss 1, latent 2 dead)", "resample": "w_E^2 = 1.5 w_p^d for the worst-reconstructed d, "
+         "w_D^2 = 0, then alternating convex search"},
+        {"plateau_loss": L0, "loss_right_after_resampling": L_res, "loss_after_acs": L1,
+         "pattern_after": _ax.pattern_summary(_ax.activation_pattern(out, problem))["sets"]},
+        "loss after < plateau - 0.1",
+        HOLDS if L1 < L0 - 0.1 else FAILS,
+        note="checks the mechanism on the toy; the paper's evidence (Fig. 7, Llama 3.1 8B) is not reproduced here",
     )
-    return recs
+
+
+@register("P8")
+def check_dead_latents(key, *, n: int = 8, n_p: int = 6, batch: int = 1024):
+    """P8: pigeonhole (polysemantic partitions with n_q >= n have a dead latent), zero gradients of
+    dead latents under pure MSE but not under AuxK, and escape by resampling."""
+    return [_dead_latents_pigeonhole(), _dead_latents_gradient(key, n, n_p, batch), _dead_latents_resampling()]
 
 
 @register("P9")

@@ -76,15 +76,13 @@ def hessian_spectra(key, *, n: int = 8, n_p: int = 6, n_q: int = 10) -> dict:
 
 
 def _plots(out: str, records, spectra) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     made = []
     by_id = {r.id: r for r in records}
     if spectra:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=False)
+        fig = Figure(figsize=(12, 4.2))
+        axes = fig.subplots(1, 2, sharey=False)
         for ax_, (title, d) in zip(axes, (("inside one region", spectra["inside"]), ("across regions", spectra["across"]))):
             for i, (lab, ev) in enumerate(d.items()):
                 ev = np.asarray(ev)
@@ -96,12 +94,12 @@ def _plots(out: str, records, spectra) -> list[str]:
             ax_.set_title(f"Hessian eigenvalues of L~ ({title}), rescaling symmetry projected out", fontsize=9)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "hessian_spectra.png"), dpi=110)
-        plt.close(fig)
         made.append("hessian_spectra.png")
     r = by_id.get("P1")
     if r is not None and r.data:
         d = r.data
-        fig, ax_ = plt.subplots(figsize=(6, 4.2))
+        fig = Figure(figsize=(6, 4.2))
+        ax_ = fig.subplots()
         x = d["one_minus_S"]
         ax_.loglog(x, d["mean_loss"], "o-", label="L_SDL (stratified MC)")
         ax_.loglog(x, d["approx"], "s-", label="L~ (eq. 11)")
@@ -114,12 +112,12 @@ def _plots(out: str, records, spectra) -> list[str]:
         ax_.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "loss_vs_sparsity.png"), dpi=110)
-        plt.close(fig)
         made.append("loss_vs_sparsity.png")
     r = by_id.get("P5.true_loss")
     if r is not None and r.data:
         d = r.data
-        fig, ax_ = plt.subplots(figsize=(6, 4.2))
+        fig = Figure(figsize=(6, 4.2))
+        ax_ = fig.subplots()
         x = d["one_minus_S"]
         ax_.loglog(x, d["L_star"], "o-", color="k", label="W* (recovers 100%)")
         for i, Lr in enumerate(d["L_rand"]):
@@ -130,7 +128,6 @@ def _plots(out: str, records, spectra) -> list[str]:
         ax_.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "zero_loss_solutions.png"), dpi=110)
-        plt.close(fig)
         made.append("zero_loss_solutions.png")
     return made
 
