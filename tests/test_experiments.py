@@ -30,3 +30,24 @@ def test_unknown_experiment_and_setting():
     if NAMES:
         with pytest.raises(ValueError, match="has no setting"):
             E.run_experiment(NAMES[0], "tiny", overrides={"definitely_not_a_key": 1})
+        with pytest.raises(ValueError, match="unknown train settings"):
+            E.run_experiment(NAMES[0], "tiny", overrides={"train.stepz": 1})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_config_dialect(name):
+    """Every experiment, at every scale, speaks the dialect of `jsdl train`: a data section of
+    make_bench arguments and a train section of TrainConfig fields, both checked; n_latents, not
+    n_q; no bench or training key outside its section."""
+    for scale in E.SCALES:
+        cfg = E.load_config(name, scale)
+        assert set(cfg["data"]) <= E.section_keys("data") and set(cfg["train"]) <= E.section_keys("train")
+        stray = {"n", "d", "n_q", "n_features", "d_input", "sparsity", "max_interference", "steps", "batch_size",
+                 "learning_rate", "log_every"} & set(cfg)
+        assert not stray, f"{name} ({scale}): {sorted(stray)} outside the data/train sections"
+
+
+def test_dotted_overrides():
+    cfg = E.apply_overrides({"data": {"n_features": 4}, "train": {}, "k": 1},
+                            {"data.n_features": 8, "train.steps": 3, "k": 2})
+    assert cfg == {"data": {"n_features": 8}, "train": {"steps": 3}, "k": 2}

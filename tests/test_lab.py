@@ -216,3 +216,49 @@ def test_cli_import_user_file_checks_only(tmp_path, capsys):
     assert "hoyer" in jsdl.penalties.names()
     assert main(["penalty-lab", "hoyer", "--import", str(tmp_path / "missing.py"), "--checks-only"]) == 2
     assert main(["penalty-lab", "l1", "--coefs", "1e-3,abc", "--out", str(tmp_path)]) == 2
+
+
+# -- activations ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_builtin_activations_pass(name):
+    r = lab_checks.check_activation(name)
+    assert r.ok, r.to_markdown()
+    assert r["key_property"].ok and r["jit"].ok and r["vmap"].ok and r["gradient"].ok
+
+
+def test_activation_violations_are_reported():
+    import jsdl.activations as acts
+
+    @acts.register("_lab_scaled")
+    def scaled(z, params=None, *, inference=False, a=2.0):  # breaks sigma(z)_i in {0, z_i}
+        return jnp.where(z > 0, a * z, 0.0)
+
+    @acts.register("_lab_coupled")
+    def coupled(z, params=None, *, inference=False):  # batch-coupled, not declared
+        return jnp.where(z > jnp.mean(z), z, 0.0)
+
+    @acts.register("_lab_shifted")
+    def shifted(z, params=None, *, inference=False, shift=0.2):  # not homogeneous, not declared
+        return jnp.where(z > shift, z, 0.0)
+
+    s = lab_checks.check_activation("_lab_scaled")
+    assert s["key_property"].ok is False and s["key_property"].fatal and s["gradient"].ok is False
+    assert lab_checks.check_activation("_lab_scaled", {"a": 1.0}).ok
+    c = lab_checks.check_activation("_lab_coupled")
+    assert c["per_sample"].ok is False and c["key_property"].ok
+    h = lab_checks.check_activation("_lab_shifted")
+    assert h["homogeneous"].ok is False and h["key_property"].ok
+    with pytest.raises(ValueError):
+        lab_checks.check_activation("no_such_activation")
+
+
+def test_cli_activation_checks(tmp_path, capsys):
+    from jsdl.cli import main
+
+    path = tmp_path / "my_act.py"
+    path.write_text("import jax.numpy as jnp\nimport jsdl\n\n@jsdl.activations.register('_lab_cli_act')\n"
+                    "def act(z, params=None, *, inference=False, shift=0.0):\n    return jnp.where(z > shift, z, 0.0)\n")
+    assert main(["penalty-lab", "_lab_cli_act", "--activation", "--import", str(path)]) == 0
+    assert "key_property | pass" in capsys.readouterr().out
+    assert main(["penalty-lab", "_lab_cli_act", "--activation", "--hyper", "shift=0.3"]) == 1  # not homogeneous

@@ -201,3 +201,37 @@ def test_invariance_to_permutation_and_rescaling():
         assert sp[k] == pytest.approx(sq[k], rel=1e-4, abs=1e-6), k
     assert metrics.shrinkage(p, spec, b, **kw)["mean"] == pytest.approx(metrics.shrinkage(q, spec, b, **kw)["mean"], rel=1e-4)
     assert metrics.absorption_score(p, spec, b, **kw) == pytest.approx(metrics.absorption_score(q, spec, b, **kw))
+
+
+def test_evaluate_on_a_fixed_batch_agrees_with_the_parts(bench):
+    """metrics.evaluate is the one path the lab, training and experiments share: on a fixed batch
+    it equals the individual metrics on that batch, and shrinkage_matched halves with the decoder."""
+    spec = _spec(70, bias=True)
+    p = _noisy_dictionary(bench, jax.random.PRNGKey(11))
+    batch = bench.sample(jax.random.PRNGKey(12), 3000)
+    ev = metrics.evaluate(p, spec, bench, batch)
+    st = metrics.code_statistics(p, spec, batch, inference=True)
+    for k in ("l0", "fvu", "mse", "dead_fraction"):
+        assert ev[k] == pytest.approx(st[k], rel=1e-6), k
+    fr = metrics.feature_recovery(p, bench)
+    for k in ("m_gt", "m_ip", "m_gt_dec", "m_ip_dec"):
+        assert ev[k] == pytest.approx(fr[k]), k
+    taus, curve = metrics.m_gt_curve(p, bench, metrics.TAUS)
+    np.testing.assert_allclose(ev["m_gt_curve"], curve)
+    assert ev["shrinkage"] == pytest.approx(metrics.shrinkage(p, spec, bench, data=batch, inference=True)["mean"])
+    half = p.replace(W_D=0.5 * p.W_D)
+    ev2 = metrics.evaluate(half, spec, bench, batch)
+    assert ev2["n_matched"] == ev["n_matched"] > 0
+    assert ev2["shrinkage_matched"] == pytest.approx(0.5 * ev["shrinkage_matched"], rel=1e-5)
+    with pytest.raises(ValueError, match="features"):
+        metrics.evaluate(p, spec, bench, jsdl.Batch(batch.x_p))
+
+
+def test_absorption_on_a_fixed_batch_equals_sampling_the_same_rows():
+    b = _orthonormal_hierarchy()
+    spec = _spec(b.n_features, bias=True)
+    params = _absorbed(b, np.flatnonzero(np.asarray(b.parent_of) >= 0)[::2])
+    key = jax.random.PRNGKey(8)
+    sampled = metrics.absorption_score(params, spec, b, key=key, n_samples=3000, batch_size=3000)
+    rows = jax.jit(b.sample, static_argnums=1)(jax.random.fold_in(key, 0), 3000)  # the rows _batches draws
+    assert metrics.absorption_score(params, spec, b, data=rows) == pytest.approx(sampled)

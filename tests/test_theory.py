@@ -183,6 +183,32 @@ def test_every_prediction_has_a_check():
     assert "P10-13" in ids
 
 
+def test_register_a_check_with_one_line():
+    """A new check registers with one line, runs after the others with its own key (the others'
+    numbers do not move), and a duplicate name is refused unless replace=True."""
+    from jsdl.landscape import claims
+
+    def check_extra(key):
+        return [th.Record("X1", "a claim", {}, {"u": float(jax.random.uniform(key))}, "", th.HOLDS)]
+
+    before = dict(claims.CHECKS)
+    try:
+        th.register("X1", check_extra)
+        assert list(th.CHECKS)[-1] == "X1"
+        key = jax.random.PRNGKey(3)
+        recs = th.run_all(key, only={"P6", "X1"})
+        assert [r.id for r in recs][-1] == "X1"
+        assert [r.to_json() for r in th.run_all(key, only={"P6"})] == [r.to_json() for r in recs[:-1]]
+        with pytest.raises(ValueError, match="already registered"):
+            th.register("X1", check_extra)
+        th.register("X1", check_extra, replace=True)
+        with pytest.raises(TypeError, match="callable"):
+            th.register("X2", 3)
+    finally:
+        claims.CHECKS.clear()
+        claims.CHECKS.update(before)
+
+
 def test_theory_check_cli_writes_report(tmp_path):
     from jsdl import cli
 

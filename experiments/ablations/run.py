@@ -4,7 +4,7 @@ curves: superposition ratio n/d, maximum interference M, activation probability 
 Every point trains a TopK SAE twice from the same key, plain and with GT feature anchoring
 (``anchors`` random bench features; anchored features excluded from the metrics), and reports
 M_GT(0.95) / M_IP on encoder rows (the paper's metric) and on decoder columns. The base point
-(``n``, ``max_interference``, ``sparsity``, ``k`` of the config) is shared by all four sweeps; the
+(the ``data`` section, ``n_latents`` and ``k`` of the config) is shared by all four sweeps; the
 k sweep is one :func:`jsdl.train.fit_population` program per anchoring setting (members differ
 only in k). The paper's numbers are drawn beside where it has them (Table 4 is a ReLU SAE in the
 paper; its +FA column is the one that is not 0).
@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import bench_for, plt, score, spec_for, train_and_score, train_config, write_json  # noqa: E402
-
-from jsdl.data import InfeasibleInterferenceError  # noqa: E402
-from jsdl.train import Grid, anchors_from_ground_truth, fit_population  # noqa: E402
+from jsdl.data import InfeasibleInterferenceError
+from jsdl.experiments.common import bench_for, figure, score, spec_for, train_and_score, train_config, write_json
+from jsdl.train import Grid, anchors_from_ground_truth, fit_population
 
 # Paper Appendix G, as (x, M_GT, M_IP, +FA M_GT, +FA M_IP). Table 4: ReLU SAE, n/d; Tables 5-7: TopK SAE.
 PAPER = {
@@ -47,17 +43,18 @@ PAPER_NOTE = {
 KEYS = ("m_gt", "m_ip", "m_gt_dec", "m_ip_dec", "l0", "fvu")
 
 
-def _point(key, config, tcfg, **over):
-    """Base and +FA TopK SAE on a bench with ``over`` settings; None where the bench is infeasible."""
-    c = {**config, **over}
+def _point(key, config, tcfg, data=None, n_latents=None):
+    """Base and +FA TopK SAE on a bench with the ``data`` settings overridden (and ``n_latents``
+    latents); ``{"infeasible": why}`` where the bench is infeasible."""
     try:
-        bench = bench_for(jax.random.fold_in(key, 1), "topk", c)
+        bench = bench_for(jax.random.fold_in(key, 1), "topk", config["data"], **(data or {}))
     except InfeasibleInterferenceError as e:
         return {"infeasible": str(e)}
-    spec = spec_for("topk", int(c["n_q"]), c)
+    spec = spec_for("topk", int(n_latents or config["n_latents"]), config)
     out = {"realized_interference": float(bench.realized_interference)}
-    for tag, k in (("base", 0), ("fa", int(c["anchors"]))):
-        r = train_and_score(jax.random.fold_in(key, 2), spec, bench, tcfg, anchors=k, anchor_coef=float(c["anchor_coef"]))
+    for tag, k in (("base", 0), ("fa", int(config["anchors"]))):
+        r = train_and_score(jax.random.fold_in(key, 2), spec, bench, tcfg, anchors=k,
+                            anchor_coef=float(config["anchor_coef"]))
         out[tag] = {m: r[m] for m in KEYS} | {"seconds": r["seconds"]}
     return out
 
@@ -73,7 +70,8 @@ def _log(name, x, pt):
 
 def run(config: dict, out_dir: str, *, key) -> dict:
     tcfg = train_config(config["train"])
-    n_q_ratio = float(config["n_q"]) / float(config["n"])  # n_q scales with n in the ratio sweep
+    data = config["data"]
+    n_q_ratio = float(config["n_latents"]) / float(data["n_features"])  # n_q scales with n in the ratio sweep
     sweeps: dict = {}
     t0 = time.time()
     base = _point(key, config, tcfg)
@@ -90,16 +88,19 @@ def run(config: dict, out_dir: str, *, key) -> dict:
             pts.append({"x": float(x), **pt})
         sweeps[name] = sorted(pts, key=lambda p: p["x"])
 
-    d = int(config["d"])
+    d = int(data["d_input"])
     sweep("ratio", config["ratios"],
-          lambda r: {"n": int(round(r * d)), "n_q": int(round(n_q_ratio * round(r * d)))}, config["n"] / d)
-    sweep("max_interference", config["interferences"], lambda m: {"max_interference": m}, config["max_interference"])
-    sweep("activation_prob", config["activation_probs"], lambda p: {"sparsity": 1.0 - p}, 1.0 - config["sparsity"])
+          lambda r: {"data": {"n_features": int(round(r * d))}, "n_latents": int(round(n_q_ratio * round(r * d)))},
+          data["n_features"] / d)
+    sweep("max_interference", config["interferences"], lambda m: {"data": {"max_interference": m}},
+          data["max_interference"])
+    sweep("activation_prob", config["activation_probs"], lambda p: {"data": {"sparsity": 1.0 - p}},
+          1.0 - data["sparsity"])
 
     # k: one population per anchoring setting, members differ only in k.
-    bench = bench_for(jax.random.fold_in(key, 1), "topk", config)
+    bench = bench_for(jax.random.fold_in(key, 1), "topk", data)
     ks = [int(k) for k in config["ks"]]
-    spec = spec_for("topk", int(config["n_q"]), config, k=max(ks))
+    spec = spec_for("topk", int(config["n_latents"]), config, k=max(ks))
     pts = {k: {"x": float(k)} for k in ks}
     for tag, n_anchor in (("base", 0), ("fa", int(config["anchors"]))):
         # Explicit anchors, so the anchored features are known and excluded from the metrics.
@@ -126,16 +127,15 @@ def run(config: dict, out_dir: str, *, key) -> dict:
     compact = {name: [{"x": p["x"], **({"infeasible": True} if "infeasible" in p else
                                         {f"{t}_{m}": p[t][m] for t in ("base", "fa") for m in ("m_gt", "m_ip", "m_gt_dec")})}
                       for p in pts_] for name, pts_ in sweeps.items()}
-    return {"sweeps": compact, "n": config["n"], "d": d, "n_q": config["n_q"], "k": config["k"],
-            "sparsity": config["sparsity"], "anchors": config["anchors"], "steps": tcfg.steps,
+    return {"sweeps": compact, "n": data["n_features"], "d": d, "n_q": config["n_latents"], "k": config["k"],
+            "sparsity": data["sparsity"], "anchors": config["anchors"], "steps": tcfg.steps,
             "train_seconds": round(time.time() - t0, 1)}
 
 
 def _plot(sweeps, config, path):
-    p = plt()
     names = [("ratio", "superposition ratio n/d (Table 4)"), ("max_interference", "max interference M (Table 5)"),
              ("activation_prob", "activation probability 1-S (Table 6)"), ("k", "TopK k (Table 7)")]
-    fig, axes = p.subplots(2, 4, figsize=(18, 8))
+    fig, axes = figure(2, 4, figsize=(18, 8))
     for j, (name, title) in enumerate(names):
         pts = [q for q in sweeps[name] if "infeasible" not in q]
         x = [q["x"] for q in pts]
@@ -162,11 +162,11 @@ def _plot(sweeps, config, path):
             else:
                 ax.set_xlabel(PAPER_NOTE[name][:60], fontsize=7)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"TopK SAE ablations (n={config['n']}, d={config['d']}, n_q={config['n_q']}, k={config['k']}, "
+    fig.suptitle(f"TopK SAE ablations (n={config['data']['n_features']}, d={config['data']['d_input']}, "
+                 f"n_q={config['n_latents']}, k={config['k']}, "
                  f"{config['anchors']} anchors); paper numbers at n=1000, d=768, n_q=16000")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    p.close(fig)
 
 
 def results_row(summary: dict) -> str:

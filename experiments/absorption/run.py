@@ -22,7 +22,8 @@ import numpy as np
 
 import jsdl
 from jsdl.records import dump_json
-from jsdl.train import Grid, TrainConfig, anchors_from_ground_truth, fit, fit_population
+from jsdl.experiments.common import train_config
+from jsdl.train import Grid, anchors_from_ground_truth, fit, fit_population
 
 
 def _hierarchy(seed: int, n_parents: int, lo: int, hi: int) -> dict:
@@ -45,8 +46,8 @@ def make_data(key, cfg):
     n = cfg["n_parents"] + sum(len(c) for c in h.values())
     rates = np.full(n, cfg["child_rate"])
     rates[: cfg["n_parents"]] = cfg["parent_alone_rate"]
-    bench = make_structured_bench(key, n, cfg["d_input"], cfg["max_interference"], firing_rates=rates,
-                                  hierarchy=h)
+    bench = make_structured_bench(key, n, cfg["data"]["d_input"], cfg["data"]["max_interference"],
+                                  firing_rates=rates, hierarchy=h)
     return bench, h, n
 
 
@@ -82,8 +83,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
     bench, h, n = make_data(k_data, cfg)
     parents = list(range(cfg["n_parents"]))
     n_children = [len(c) for c in h.values()]
-    tcfg = TrainConfig(steps=cfg["steps"], batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
-                       log_every=max(cfg["steps"] // 4, 1), progress=False, plots=False)
+    tcfg = train_config({"log_every": max(cfg["train"]["steps"] // 4, 1), **cfg["train"]})
     n_q = int(round(cfg["width_base"] * n))
     results = {"n_features": n, "n_parents": cfg["n_parents"], "children_per_parent": n_children,
                "realized_interference": float(bench.realized_interference), "sweeps": {}}
@@ -128,7 +128,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
         "n_parents": cfg["n_parents"],
         "children_per_parent": n_children,
         "n_latents_base": n_q,
-        "steps": cfg["steps"],
+        "steps": cfg["train"]["steps"],
         "sweeps": results["sweeps"],
     }
 

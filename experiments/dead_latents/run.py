@@ -25,23 +25,23 @@ import jax
 import numpy as np
 
 import jsdl
+from jsdl import metrics
+from jsdl.data import make_bench
+from jsdl.experiments.common import train_config
 from jsdl.records import dump_json
-from jsdl.train import TrainConfig, fit
+from jsdl.train import fit
 
 
 TREATMENTS = ("baseline", "resample", "auxk", "resample+auxk")
 
 
 def run(config: dict, out_dir: str, *, key) -> dict:
-    from jsdl import metrics
-    from jsdl.data import make_bench
-
     cfg = config
+    data, train = cfg["data"], cfg["train"]
     t0 = time.time()
     k_bench, k_train, k_eval = jax.random.split(key, 3)
-    bench = make_bench(k_bench, n_features=cfg["n_features"], d_input=cfg["d_input"],
-                       max_interference=cfg["max_interference"], sparsity=cfg["sparsity"])
-    n_q = int(round(cfg["width"] * cfg["n_features"]))
+    bench = make_bench(k_bench, **data)
+    n_q = int(round(cfg["width"] * data["n_features"]))
     resample_at = [int(s) for s in cfg["resample_at"]]
     every = resample_at[0] if resample_at else 0
     results = {"runs": {}, "resample_at": resample_at}
@@ -50,11 +50,8 @@ def run(config: dict, out_dir: str, *, key) -> dict:
             raise ValueError(f"treatment must be one of {TREATMENTS}, got {name!r}")
         aux = cfg["aux_coef"] if "auxk" in name else 0.0
         spec = jsdl.make_spec("sae", "topk", n_q, k=cfg["k"], aux_coef=aux)
-        tcfg = TrainConfig(
-            steps=cfg["steps"], batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
-            log_every=cfg["log_every"], dead_window=cfg["dead_window"], progress=False, plots=False,
-            decay=cfg["decay"], decay_start=cfg["decay_start"],
-            resample_every=every if "resample" in name else 0,
+        tcfg = train_config(
+            train, resample_every=every if "resample" in name else 0,
             resample_until=resample_at[-1] if ("resample" in name and resample_at) else 0,
         )
         ts = time.time()
@@ -75,15 +72,16 @@ def run(config: dict, out_dir: str, *, key) -> dict:
     dump_json(results, os.path.join(out_dir, "results.json"))
     _plot(results, out_dir)
     summary = {"seconds": results["seconds"], "resample_at": resample_at,
-               "setting": {k: cfg[k] for k in ("n_features", "d_input", "sparsity", "k", "learning_rate", "steps",
-                                                "dead_window", "aux_coef", "decay")} | {"n_latents": n_q}}
+               "setting": {k: data[k] for k in ("n_features", "d_input", "sparsity")}
+               | {k: cfg[k] for k in ("k", "aux_coef")}
+               | {k: train[k] for k in ("learning_rate", "steps", "dead_window", "decay")} | {"n_latents": n_q}}
     for name, r in results["runs"].items():
         h = r["history"]
         summary[name] = {
             "max_dead_frac": float(np.max(h["dead_frac"])),
             "final_dead_frac": float(h["dead_frac"][-1]),
             "final_dead_sample": r["final_dead_sample"],
-            "plateau_fvu": _window_mean(h, "fvu", resample_at[0] if resample_at else cfg["steps"]),
+            "plateau_fvu": _window_mean(h, "fvu", resample_at[0] if resample_at else train["steps"]),
             "final_fvu": r["final_fvu"],
             "m_gt_dec": r["m_gt_dec"],
         }

@@ -19,20 +19,16 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import LABELS, bench_for, plt, spec_for, train_config, write_json  # noqa: E402
-
-from jsdl import landscape as L  # noqa: E402
-from jsdl import metrics as M  # noqa: E402
-from jsdl.landscape import theory as T  # noqa: E402
-from jsdl.train import Grid, fit_population  # noqa: E402
+from jsdl import landscape as L
+from jsdl import metrics as M
+from jsdl.experiments.common import LABELS, bench_for, figure, spec_for, train_config, write_json
+from jsdl.landscape import theory as T
+from jsdl.train import Grid, fit_population
 
 
 def _pairwise_mcc(dicts):
@@ -47,8 +43,8 @@ def _stats(xs):
 
 def run(config: dict, out_dir: str, *, key) -> dict:
     k_bench, k_pop, k_zero = jax.random.split(key, 3)
-    bench = bench_for(k_bench, "topk", config)
-    n_q, seeds = int(config["n_q"]), int(config["seeds"])
+    bench = bench_for(k_bench, "topk", config["data"])
+    n_q, seeds = int(config["n_latents"]), int(config["seeds"])
     tcfg = train_config(config["train"])
 
     # ---- Part A: populations -------------------------------------------------------------------
@@ -95,7 +91,8 @@ def run(config: dict, out_dir: str, *, key) -> dict:
                                          "realized_interference": float(bench.realized_interference)})
     _plot(pops, zero, bench, os.path.join(out_dir, "identifiability.png"))
     return {
-        "n": config["n"], "d": config["d"], "n_q": n_q, "seeds": seeds, "sparsity": config["sparsity"],
+        "n": config["data"]["n_features"], "d": config["data"]["d_input"], "n_q": n_q, "seeds": seeds,
+        "sparsity": config["data"]["sparsity"],
         "steps": tcfg.steps, "populations": {m: p["summary"] | {"seconds": p["seconds"]} for m, p in pops.items()},
         "zero_loss": {k: v for k, v in zero.items() if k not in ("sweep",)},
     }
@@ -147,8 +144,7 @@ def _zero_loss(key, bench, n_q, config):
 
 
 def _plot(pops, zero, bench, path):
-    p = plt()
-    fig, ax = p.subplots(1, 3, figsize=(16, 4.5))
+    fig, ax = figure(1, 3, figsize=(16, 4.5))
     for method, r in pops.items():
         ax[0].hist(r["pairwise_mcc_dec"], bins=30, alpha=0.6, label=f"{method}: seed vs seed")
         ax[0].axvline(r["summary"]["mcc_gt_dec"]["mean"], ls="--", color=ax[0].patches[-1].get_facecolor(),
@@ -178,7 +174,6 @@ def _plot(pops, zero, bench, path):
     ax[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    p.close(fig)
 
 
 def results_row(summary: dict) -> str:

@@ -30,14 +30,13 @@ from jsdl.records import dump_json
 from jsdl import landscape as L
 from jsdl.landscape import stationary as LS
 from jsdl.metrics import feature_recovery
-from jsdl.train import TrainConfig, fit, init_state
+from jsdl.data import make_bench
+from jsdl.experiments.common import train_config
+from jsdl.train import fit, init_state
 
 
 def _bench(key, cfg):
-    from jsdl.data import make_bench
-
-    return make_bench(key, n_features=cfg["n_features"], d_input=cfg["d_input"],
-                      max_interference=cfg["max_interference"], sparsity=cfg["sparsity"])
+    return make_bench(key, **cfg["data"])
 
 
 def _specs(cfg):
@@ -48,7 +47,7 @@ def _specs(cfg):
 
 
 def _checkpoints(cfg):
-    steps = cfg["steps"]
+    steps = cfg["train"]["steps"]
     ck = sorted({int(s) for s in cfg["checkpoints"] if 0 <= s <= steps} | {steps})
     return ck
 
@@ -161,8 +160,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
     k_bench, k_train, k_lz, k_batch = jax.random.split(key, 4)
     bench = _bench(k_bench, cfg)
     ckpts = _checkpoints(cfg)
-    tcfg = TrainConfig(steps=cfg["steps"], batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
-                       log_every=cfg["log_every"], progress=False, plots=False)
+    tcfg = train_config(cfg["train"])
     results = {"checkpoints": ckpts, "runs": {}}
     with jax.enable_x64(True):
         W_p = jnp.asarray(np.asarray(bench.W_p), jnp.float64)
@@ -172,14 +170,14 @@ def run(config: dict, out_dir: str, *, key) -> dict:
         ts = time.time()
         snaps = {}
         if 0 in ckpts:
-            snaps[0] = jax.device_get(init_state(k_train, spec, tcfg, cfg["d_input"]).params)
+            snaps[0] = jax.device_get(init_state(k_train, spec, tcfg, cfg["data"]["d_input"]).params)
 
         def cb(step, state, row, snaps=snaps):
             if step in ckpts:
                 snaps[step] = jax.device_get(state.params)
 
         state, hist = fit(k_train, spec, bench, tcfg, callback=cb)
-        snaps[cfg["steps"]] = jax.device_get(state.params)
+        snaps[tcfg.steps] = jax.device_get(state.params)
         train_s = time.time() - ts
         rows = []
         ta = time.time()
@@ -195,7 +193,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
                 r = _analyse(snaps[s], problem, batch64, spec_mse, cfg, jax.random.fold_in(k_lz, s))
                 r["step"] = s
                 rows.append(r)
-        rec = _recovery(snaps[cfg["steps"]], bench)
+        rec = _recovery(snaps[tcfg.steps], bench)
         results["runs"][name] = {
             "spec": spec.describe(),
             "checkpoints": rows,
@@ -230,7 +228,8 @@ def run(config: dict, out_dir: str, *, key) -> dict:
             "m_gt": r["recovery_final"].get("m_gt"),
         }
     summary["checkpoints"] = results["checkpoints"]
-    summary["setting"] = {k: cfg[k] for k in ("n_features", "d_input", "n_latents", "sparsity", "k", "l1", "steps")}
+    summary["setting"] = ({k: cfg["data"][k] for k in ("n_features", "d_input", "sparsity")}
+                          | {k: cfg[k] for k in ("n_latents", "k", "l1")} | {"steps": cfg["train"]["steps"]})
     return summary
 
 

@@ -312,7 +312,8 @@ def run(config: dict, out_dir: str, *, key) -> dict:
     import jsdl
     from jsdl.data.files import ActivationFiles, write_shards
     from jsdl.export import export_run
-    from jsdl.train import TrainConfig, fit
+    from jsdl.experiments.common import train_config
+    from jsdl.train import fit
 
     t0 = time.time()
     seed = int(config.get("seed", 0))
@@ -361,18 +362,14 @@ def run(config: dict, out_dir: str, *, key) -> dict:
     src = ActivationFiles(shard_dir, holdout=float(config["holdout"]), chunk_rows=int(config["chunk_rows"]),
                           shuffle_buffer=int(config["shuffle_buffer"]), normalize=True, seed=seed)
     anchors, _ = class_mean_anchors(src, labels, len(CLASSES), float(config["anchor_coef"]))
-    B = int(config["batch_size"])
+    B = int(config["train"]["batch_size"])
     results, histories = {}, {}
     for sae in config["saes"]:
         name = sae["name"]
         hyper = {k: v for k, v in sae.items() if k not in ("name", "activation", "penalties", "anchors", "decoder_norm", "export")}
         spec = jsdl.make_spec("sae", sae["activation"], n_latents=int(config["n_latents"]),
                               penalties=sae.get("penalties"), **hyper)
-        tcfg = TrainConfig(steps=int(config["steps"]), batch_size=B, learning_rate=float(config["learning_rate"]),
-                           warmup_steps=int(config.get("warmup_steps", 0)), decay=config.get("decay", "constant"),
-                           coef_warmup_steps=int(config.get("coef_warmup_steps", 0)),
-                           decoder_norm=sae.get("decoder_norm", "none"), log_every=int(config["log_every"]),
-                           plots=False, progress=False)
+        tcfg = train_config(config["train"], decoder_norm=sae.get("decoder_norm", "none"))
         run_dir = os.path.join(out_dir, "runs", name)
         if os.path.isdir(run_dir):
             import shutil

@@ -9,14 +9,13 @@ normalised decoder columns vs W_r, with the M_GT(tau) curves of both (Fig. 6).
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
+import zlib
 
 import jax
+import matplotlib
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import LABELS, bench_for, fmt_pct, plt, spec_for, train_and_score, train_config, write_json  # noqa: E402
+from jsdl.experiments.common import LABELS, bench_for, figure, fmt_pct, spec_for, train_and_score, train_config, write_json
 
 # Paper Table 1 (n=1000, d=768, n_q=16000, S=0.99, M=0.1, tau=0.95): (M_GT, M_IP, +FA M_GT, +FA M_IP)
 PAPER = {
@@ -33,7 +32,7 @@ TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
 def run(config: dict, out_dir: str, *, key) -> dict:
     methods = list(config["methods"])
-    n_q = int(config["n_q"])
+    n_q = int(config["n_latents"])
     tcfg = train_config(config["train"])
     k_bench, k_train = jax.random.split(key)
     benches: dict = {}
@@ -41,7 +40,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
     for mi, method in enumerate(methods):
         kind = method if method in ("transcoder", "crosscoder") else "sae"
         if kind not in benches:
-            benches[kind] = bench_for(jax.random.fold_in(k_bench, hash(kind) % 1000), method, config)
+            benches[kind] = bench_for(jax.random.fold_in(k_bench, zlib.crc32(kind.encode()) % 1000), method, config["data"])
         bench = benches[kind]
         spec = spec_for(method, n_q, config)
         key_m = jax.random.fold_in(k_train, mi)
@@ -64,8 +63,9 @@ def run(config: dict, out_dir: str, *, key) -> dict:
     table = [{"method": r["method"], **{f"{t}_{m}": r[t][m] for t in ("base", "fa")
                                           for m in ("m_gt", "m_ip", "m_gt_dec", "m_ip_dec", "l0", "fvu")}}
              for r in rows]
-    return {"table": table, "checks": checks, "n": config["n"], "d": config["d"], "n_q": n_q,
-            "sparsity": config["sparsity"], "k": config["k"], "anchors": config["anchors"],
+    data = config["data"]
+    return {"table": table, "checks": checks, "n": data["n_features"], "d": data["d_input"], "n_q": n_q,
+            "sparsity": data["sparsity"], "k": config["k"], "anchors": config["anchors"],
             "steps": tcfg.steps, "batch_size": tcfg.batch_size}
 
 
@@ -94,9 +94,8 @@ def _checks(rows) -> dict:
 
 
 def _plot(rows, path):
-    p = plt()
-    fig, axes = p.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    colors = p.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = figure(1, 2, figsize=(12, 4.5), sharey=True)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, r in enumerate(rows):
         c = colors[i % len(colors)]
         for ax, which in zip(axes, ("curve_enc", "curve_dec")):
@@ -113,12 +112,10 @@ def _plot(rows, path):
     fig.suptitle("Fig. 6 analogue: M_GT over tau, solid = plain, dashed = feature anchoring")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    p.close(fig)
 
 
 def _plot_bars(rows, path):
-    p = plt()
-    fig, axes = p.subplots(1, 2, figsize=(12, 4))
+    fig, axes = figure(1, 2, figsize=(12, 4))
     x = np.arange(len(rows))
     w = 0.2
     for ax, (m, title) in zip(axes, (("m_gt", "M_GT(0.95)"), ("m_ip", "M_IP"))):
@@ -135,7 +132,6 @@ def _plot_bars(rows, path):
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    p.close(fig)
 
 
 def results_row(summary: dict) -> str:

@@ -13,7 +13,10 @@ Write a penalty, register it, run the lab, read the report::
     $ open runs/lab_sqrt/report.md
 
 From Python: ``jsdl.lab.run_lab("l1", scale="small", out_dir="runs/lab_l1")`` returns the report
-dict; ``jsdl.lab.check_penalty(name)`` runs only the mechanical checks. See :mod:`jsdl.lab.core`
+dict; ``jsdl.lab.check_penalty(name)`` runs only the mechanical checks. A custom activation gets
+its own mechanical checks (``jsdl.lab.check_activation(name)``, or ``jsdl penalty-lab NAME
+--activation --import my_act.py``): the key property ``sigma(z)_i in {0, z_i}`` (eq. 10), jit and
+vmap equality, gradients and the facts declared at registration. See :mod:`jsdl.lab.core`
 for what is measured and how.
 """
 from __future__ import annotations
@@ -23,10 +26,11 @@ import importlib.util
 import os
 import sys
 
-from jsdl.lab.checks import Check, PenaltyChecks, check_penalty
+from jsdl.lab.checks import ActivationChecks, Check, PenaltyChecks, check_activation, check_penalty
 from jsdl.lab.core import SCALES, Scale, auto_coefs, run_lab
 
-__all__ = ["Check", "PenaltyChecks", "SCALES", "Scale", "add_arguments", "auto_coefs", "check_penalty",
+__all__ = ["ActivationChecks", "Check", "PenaltyChecks", "SCALES", "Scale", "add_arguments", "auto_coefs",
+           "check_activation", "check_penalty",
            "import_user_module", "run", "run_lab"]
 
 
@@ -92,7 +96,8 @@ def _parse_hyper(items):
 
 
 def add_arguments(p):
-    p.add_argument("name", help="registered penalty name (built in, or registered by --import)")
+    p.add_argument("name", help="registered penalty name (built in, or registered by --import); with --activation "
+                   "a registered activation name")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                    help="a Python file or module that registers the penalty (repeatable)")
     p.add_argument("--coefs", default=None,
@@ -106,12 +111,19 @@ def add_arguments(p):
     p.add_argument("--parts", default="frontier,hierarchy,critical,retrain",
                    help="comma-separated subset of frontier,hierarchy,critical,retrain (checks always run)")
     p.add_argument("--checks-only", action="store_true", help="run only the mechanical checks and print them")
+    p.add_argument("--activation", action="store_true",
+                   help="NAME is an activation: run its mechanical checks (key property sigma(z)_i in {0, z_i}, "
+                        "jit, vmap, gradients, declared facts) and print them; --hyper binds its hyperparameters")
 
 
 def run(args) -> int:
     for spec in args.imports:
         import_user_module(spec)
     hyper = _parse_hyper(args.hyper)
+    if args.activation:
+        res = check_activation(args.name, hyper)
+        print(res.to_markdown())
+        return 0 if res.ok else 1
     if args.checks_only:
         res = check_penalty(args.name, hyper)
         print(res.to_markdown())

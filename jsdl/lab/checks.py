@@ -42,11 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsdl import activations as _act
 from jsdl import objective as _obj
 from jsdl import penalties as _pen
 from jsdl.records import to_jsonable
 
-__all__ = ["Check", "PenaltyChecks", "check_penalty", "activation_for"]
+__all__ = ["Check", "PenaltyChecks", "ActivationChecks", "check_penalty", "check_activation", "activation_for"]
 
 _RTOL = 1e-4  # float32 reductions over a few hundred terms, reordered by jit/vmap
 
@@ -110,12 +111,47 @@ class PenaltyChecks:
                 "checks": [c.to_dict() for c in self.checks]}
 
     def to_markdown(self) -> str:
-        sym = {True: "pass", False: "**FAIL**", None: "n/a"}
-        lines = ["| check | result | detail |", "|---|---|---|"]
+        return _markdown_table(self.checks)
+
+
+def _markdown_table(checks) -> str:
+    sym = {True: "pass", False: "**FAIL**", None: "n/a"}
+    lines = ["| check | result | detail |", "|---|---|---|"]
+    for c in checks:
+        res = sym[c.ok] + (" (fatal)" if c.fatal and c.ok is False else "")
+        lines.append(f"| {c.name} | {res} | {c.message.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class ActivationChecks:
+    """All mechanical checks of one activation (``checks`` in the order run)."""
+
+    name: str
+    hyper: dict
+    checks: list
+
+    def __getitem__(self, name: str) -> Check:
         for c in self.checks:
-            res = sym[c.ok] + (" (fatal)" if c.fatal and c.ok is False else "")
-            lines.append(f"| {c.name} | {res} | {c.message.replace('|', '/')} |")
-        return "\n".join(lines)
+            if c.name == name:
+                return c
+        raise KeyError(f"no check named {name!r}; checks are {[c.name for c in self.checks]}")
+
+    @property
+    def failures(self) -> list:
+        return [c for c in self.checks if c.ok is False]
+
+    @property
+    def ok(self) -> bool:
+        """True when no check failed: the activation can be used in a spec and trained."""
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "hyper": {k: to_jsonable(v) for k, v in self.hyper.items()}, "ok": self.ok,
+                "checks": [c.to_dict() for c in self.checks]}
+
+    def to_markdown(self) -> str:
+        return _markdown_table(self.checks)
 
 
 def _err(e: BaseException) -> str:
@@ -424,3 +460,131 @@ def _rescaling_check(f, codes, params, z, value) -> Check:
                f"degree {fmt(ds)}; {per}the penalty can be changed by rescaling latents against their decoder "
                "columns, so train with unit-norm decoder columns")
     return Check("rescaling", True, msg, values=vals)
+
+
+# ------------------------------------------------------------------------------------------------
+# Activations
+# ------------------------------------------------------------------------------------------------
+
+
+def _activation_setup(key, name, hyper, n_latents, d_input, batch):
+    """A random SAE with activation ``name`` and its pre-activations ``z [batch, n_latents]`` (half
+    negative), with random thresholds when the activation reads them from the parameters."""
+    spec = _obj.make_spec("sae", name, n_latents=n_latents, **hyper)
+    k_p, k_t, k_x = jax.random.split(key, 3)
+    params = _obj.init_params(k_p, spec, d_input)
+    if params.threshold is not None:
+        params = params.replace(threshold=jax.random.uniform(k_t, params.threshold.shape, minval=0.05, maxval=0.3))
+    z = _obj.pre_activations(params, jax.random.normal(k_x, (batch, d_input)), spec)
+    return spec, params, z
+
+
+def _key_property_check(sigma, z, params) -> Check:
+    """Eq. 10: ``sigma(z)_i in {0, z_i}`` for every entry, in training and inference mode."""
+    worst = 0.0
+    for inference in (False, True):
+        out = np.asarray(sigma(z, params, inference=inference), np.float64)
+        zz = np.asarray(z, np.float64)
+        dev = np.minimum(np.abs(out), np.abs(out - zz))  # 0 iff out is 0 or z
+        worst = max(worst, float(dev.max()))
+    scale = float(np.abs(np.asarray(z)).max())
+    if worst <= 1e-6 * max(scale, 1.0):
+        return Check("key_property", True, "sigma(z)_i in {0, z_i} for every entry (eq. 10), training and inference "
+                     "mode", values={"max_deviation": worst})
+    return Check("key_property", False, f"sigma(z)_i is neither 0 nor z_i (max deviation {worst:.3g}): the theory "
+                 "(eq. 10: a 0/1 mask on the pre-activations) and the landscape tools do not apply; scale the kept "
+                 "values outside the activation (e.g. in the decoder) instead", fatal=True,
+                 values={"max_deviation": worst})
+
+
+def _activation_gradient_check(sigma, z, params, key) -> Check:
+    """Finite gradients w.r.t. ``z`` and the parameters; where sigma keeps z_i the derivative is the
+    pass-through mask (``d sigma_i / d z_i = 1`` on kept entries, 0 on the rest for the loss's
+    purposes)."""
+    c = jax.random.normal(jax.random.fold_in(key, 3), z.shape)
+    try:
+        gz = np.asarray(jax.jit(jax.grad(lambda zz: jnp.sum(c * sigma(zz, params))))(z))
+        gp = jax.jit(jax.grad(lambda p: jnp.sum(c * sigma(z, p))))(params)
+    except Exception as e:  # noqa: BLE001 - user code
+        return Check("gradient", False, f"cannot be differentiated: {_err(e)}", fatal=True)
+    if not (np.all(np.isfinite(gz)) and _all_finite(gp)):
+        return Check("gradient", False, "non-finite gradient w.r.t. the pre-activations or the parameters", fatal=True)
+    kept = np.asarray(sigma(z, params)) != 0
+    cn = np.asarray(c)
+    on_kept = float(np.max(np.abs(gz[kept] - cn[kept]))) if kept.any() else 0.0
+    vals = {"grad_norm_z": float(np.linalg.norm(gz)), "grad_norm_params": _grad_norm(gp), "max_dev_on_kept": on_kept}
+    if not kept.any():
+        return Check("gradient", False, "every code is 0 on random pre-activations: no gradient reaches the encoder",
+                     values=vals)
+    if on_kept > 1e-5 * max(1.0, float(np.abs(cn).max())):
+        return Check("gradient", False, f"d sigma_i / d z_i != 1 on kept entries (max deviation {on_kept:.3g}): "
+                     "the kept codes are not z_i", values=vals)
+    return Check("gradient", True, "finite; d sigma_i / d z_i = 1 on kept entries", values=vals)
+
+
+def _declared_info_checks(sigma, z, params) -> list:
+    """What the registration declares: ``homogeneous`` (sigma(a z) = a sigma(z), a > 0) and not
+    ``batch_coupled`` (one sample's codes do not depend on the rest of the batch)."""
+    info = sigma.info
+    out = []
+    try:
+        a = 2.5
+        same = _close(np.asarray(sigma(a * z, params)), a * np.asarray(sigma(z, params)))
+        ok = same if info.homogeneous else None
+        msg = ("sigma(a z) = a sigma(z) (declared homogeneous)" if same else
+               "sigma(a z) != a sigma(z): register it with homogeneous=False (Thm 3.1 and the rescaling symmetry "
+               "need homogeneity)")
+        out.append(Check("homogeneous", ok if info.homogeneous else None,
+                         msg if info.homogeneous else "declared not homogeneous (not checked)"))
+    except Exception as e:  # noqa: BLE001 - user code
+        out.append(Check("homogeneous", False, f"raises on scaled inputs: {_err(e)}"))
+    if info.batch_coupled:
+        out.append(Check("per_sample", None, "declared batch-coupled (not checked)"))
+        return out
+    try:
+        alone = np.asarray(sigma(z[:3], params))
+        ok = _close(alone, np.asarray(sigma(z, params))[:3])
+        out.append(Check("per_sample", ok, "codes of a sample do not depend on the rest of the batch" if ok else
+                         "codes of a sample change with the rest of the batch: register it with batch_coupled=True"))
+    except Exception as e:  # noqa: BLE001 - user code
+        out.append(Check("per_sample", False, f"raises on a smaller batch: {_err(e)}"))
+    return out
+
+
+def check_activation(name: str, hyper: Optional[dict] = None, *, key: Optional[jax.Array] = None,
+                     n_latents: int = 64, d_input: int = 12, batch: int = 32) -> ActivationChecks:
+    """Run the mechanical checks on the registered activation ``name`` bound to ``hyper``, on the
+    pre-activations of a small random SAE (about half of them negative):
+
+    eager call (an array of z's shape, finite), the key property ``sigma(z)_i in {0, z_i}`` (eq. 10,
+    training and inference mode), jit and vmap equality with the eager / looped values, gradients
+    (finite, pass-through on kept entries) and the declared ``homogeneous`` / ``batch_coupled``
+    facts. Unknown names and hyperparameters raise ValueError; everything else is reported."""
+    hyper = dict(hyper or {})
+    sigma = _act.get(name, **hyper)  # raises ValueError on unknown name / hyperparameters
+    key = jax.random.PRNGKey(0) if key is None else key
+    spec, params, z = _activation_setup(key, name, hyper, n_latents, d_input, batch)
+    res = ActivationChecks(name=name, hyper=dict(sigma.hyper), checks=[])
+    try:
+        out = np.asarray(sigma(z, params))
+        ok = out.shape == z.shape and bool(np.all(np.isfinite(out)))
+        res.checks.append(Check("eager", ok, f"finite codes of shape {out.shape}, {np.mean(out == 0):.0%} zeros" if ok
+                                else f"returned shape {out.shape} (expected {z.shape}) or non-finite values",
+                                fatal=not ok))
+    except Exception as e:  # noqa: BLE001 - user code: report, never crash
+        res.checks.append(Check("eager", False, f"raises {_err(e)}", fatal=True))
+    if res.failures:
+        for nm in ("key_property", "jit", "vmap", "gradient", "homogeneous", "per_sample"):
+            res.checks.append(Check(nm, None, "skipped: the eager call failed"))
+        return res
+    members = [_activation_setup(k, name, hyper, n_latents, d_input, batch)[1:]
+               for k in jax.random.split(jax.random.fold_in(key, 7), 3)]
+    members = [(zz, p) for p, zz in members]
+    res.checks.extend([
+        _key_property_check(sigma, z, params),
+        _jit_check(lambda zz, p: sigma(zz, p), (z, params), out),
+        _vmap_check(lambda zz, p: sigma(zz, p), members),
+        _activation_gradient_check(sigma, z, params, key),
+        *_declared_info_checks(sigma, z, params),
+    ])
+    return res

@@ -1,4 +1,5 @@
-"""Shared helpers for the bench experiments (table1, ablations, identifiability, ...).
+"""The shared vocabulary of the experiments under ``experiments/`` (table1, ablations,
+identifiability, ...), imported as ``from jsdl.experiments.common import ...``.
 
 Everything here is a thin layer over the library: benches come from :func:`jsdl.data.make_bench`,
 models are trained with :func:`jsdl.train.fit` / :func:`jsdl.train.fit_population`, and scored with
@@ -6,11 +7,14 @@ models are trained with :func:`jsdl.train.fit` / :func:`jsdl.train.fit_populatio
 
 * ``METHODS``: the paper's Table-1 rows as (bench method, spec builder) pairs, so a config can say
   ``methods: [relu_l1, topk, ...]``;
-* :func:`train_config`: a :class:`jsdl.train.TrainConfig` from the ``train`` mapping of a config
+* :func:`bench_for`: the bench of a method from the config's ``data`` section
+  (:func:`jsdl.data.make_bench` arguments);
+* :func:`train_config`: a :class:`jsdl.train.TrainConfig` from the ``train`` section of a config
   (with progress bars and per-run plots off);
 * :func:`score`: encoder-row *and* decoder-column recovery with anchored features excluded, plus
   the M_GT-over-tau curves;
-* small plotting / markdown helpers.
+* :func:`write_json` (:func:`jsdl.records.dump_json`), :func:`figure` (matplotlib's Figure API, no
+  backend switch) and :func:`fmt_pct`.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ __all__ = [
     "train_and_score",
     "write_json",
     "fmt_pct",
-    "plt",
+    "figure",
 ]
 
 # method name -> (bench method, label). The spec is built by spec_for.
@@ -54,27 +58,20 @@ METHODS = tuple(LABELS)
 _BENCH_METHOD = {"transcoder": "transcoder", "crosscoder": "crosscoder"}
 
 
-def bench_for(key: jax.Array, method: str, cfg: dict, **over: Any):
+def bench_for(key: jax.Array, method: str, data: dict, **over: Any):
     """The bench a Table-1 method trains on: ``sae`` data for the SAE rows, an independent target
-    matrix for the transcoder, ``n_sources`` stacked sources for the crosscoder. ``cfg`` supplies
-    ``n``, ``d``, ``max_interference``, ``sparsity`` (the paper's S: P(x_d = 0)), ``n_sources``;
-    ``over`` overrides them."""
-    c = {**cfg, **over}
-    return make_bench(
-        key,
-        int(c["n"]),
-        int(c["d"]),
-        float(c["max_interference"]),
-        float(c["sparsity"]),
-        method=_BENCH_METHOD.get(method, "sae"),
-        n_sources=int(c.get("n_sources", 2)),
-    )
+    matrix for the transcoder, ``n_sources`` stacked sources for the crosscoder. ``data`` is the
+    config's ``data`` section (:func:`jsdl.data.make_bench` arguments: ``n_features``,
+    ``d_input``, ``max_interference``, ``sparsity`` = the paper's S = P(x_d = 0), ...); ``over``
+    overrides them."""
+    return make_bench(key, **{**data, **over, "method": _BENCH_METHOD.get(method, "sae")})
 
 
 def spec_for(method: str, n_q: int, cfg: dict, **over: Any) -> jsdl.SDLSpec:
-    """The SDL spec of a Table-1 row. TopK-family rows use ``k``; ReLU uses ``l1``; JumpReLU uses
-    ``l0`` with ``jump_threshold`` / ``jump_bandwidth``; the transcoder and crosscoder are TopK
-    (the paper does not say which activation they used)."""
+    """The SDL spec of a Table-1 row with ``n_q`` latents. TopK-family rows use ``k``; ReLU uses
+    ``l1``; JumpReLU uses ``l0`` with ``jump_threshold`` / ``jump_bandwidth``; the transcoder and
+    crosscoder are TopK (the paper does not say which activation they used); the crosscoder reads
+    ``n_sources`` from the ``data`` section."""
     c = {**cfg, **over}
     k = int(c["k"])
     if method == "relu_l1":
@@ -91,7 +88,7 @@ def spec_for(method: str, n_q: int, cfg: dict, **over: Any) -> jsdl.SDLSpec:
     if method == "transcoder":
         return jsdl.make_spec("transcoder", "topk", n_q, k=k)
     if method == "crosscoder":
-        return jsdl.make_spec("crosscoder", "topk", n_q, k=k, n_sources=int(c.get("n_sources", 2)))
+        return jsdl.make_spec("crosscoder", "topk", n_q, k=k, n_sources=int(c.get("data", {}).get("n_sources", 2)))
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
@@ -140,11 +137,10 @@ def fmt_pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def plt():
-    """matplotlib.pyplot with the Agg backend."""
-    import matplotlib
+def figure(*subplots: int, figsize=(6, 4), **kw: Any):
+    """``(fig, axes)``: a :class:`matplotlib.figure.Figure` and ``fig.subplots(*subplots, **kw)``;
+    save with ``fig.savefig(path)`` (no pyplot state, no backend switch)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as p
-
-    return p
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*subplots, **kw)

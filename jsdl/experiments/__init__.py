@@ -2,14 +2,28 @@
 
 An experiment is a folder ``experiments/NAME/`` with
 
-* ``config.yaml``: one mapping per scale (``tiny``: seconds, used by the tests; ``small``: minutes
-  on a 2-core CPU; ``paper``: the paper's sizes for a GPU/TPU), each a dict of settings;
+* ``config.yaml``: a ``common`` mapping and one mapping per scale (``tiny``: seconds, used by the
+  tests; ``small``: minutes on a 2-core CPU; ``paper``: the paper's sizes for a GPU/TPU), merged
+  (the scale wins). Every experiment speaks one dialect, the section names of ``jsdl train``:
+
+  - ``data``: the bench, in :func:`jsdl.data.make_bench`'s argument names (``n_features``,
+    ``d_input``, ``max_interference``, ``sparsity``, ``n_sources``, ...);
+  - ``train``: :class:`jsdl.train.TrainConfig` fields (``steps``, ``batch_size``,
+    ``learning_rate``, ``log_every``, ``decay``, ``dead_window``, ...);
+  - ``n_latents`` (the dictionary size), ``k``, penalty coefficients, and the experiment's own
+    settings at the top level.
+
+  ``data`` and ``train`` merge key by key; unknown keys in them are errors before anything runs;
 * ``run.py`` defining ``run(config: dict, out_dir: str, *, key) -> dict`` which writes its JSON and
   PNG outputs into ``out_dir`` and returns a summary dict; an optional ``results_row(summary) -> str``
   gives the one-line markdown summary recorded in ``experiments/RESULTS.md``;
 * ``README.md``: the question, the setting, the result and the plot.
 
-The runner loads the config for the scale, merges ``--set key=value`` overrides, calls ``run``,
+The shared vocabulary of the experiments (benches and specs per method, scoring, JSON and plot
+helpers) is :mod:`jsdl.experiments.common`.
+
+The runner loads the config for the scale, merges ``--set key=value`` overrides (``--set
+train.steps=100`` for a section key), calls ``run``,
 writes ``summary.json`` and ``config.json`` into the run directory and (for ``--record``) updates
 the experiment's row in ``experiments/RESULTS.md``.
 """
@@ -30,7 +44,7 @@ def experiments_dir() -> Path:
     env = os.environ.get("JSDL_EXPERIMENTS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1] / "experiments"
+    return Path(__file__).resolve().parents[2] / "experiments"
 
 
 def available() -> list[str]:
@@ -40,7 +54,36 @@ def available() -> list[str]:
     return sorted(p.name for p in d.iterdir() if (p / "run.py").is_file() and (p / "config.yaml").is_file())
 
 
+SECTIONS = ("data", "train")
+
+
+def section_keys(section: str) -> set:
+    """The keys allowed in config section ``section`` (``data``: make_bench arguments; ``train``:
+    TrainConfig fields)."""
+    import dataclasses
+    import inspect
+
+    from jsdl.data import make_bench
+    from jsdl.train import TrainConfig
+
+    if section == "train":
+        return {f.name for f in dataclasses.fields(TrainConfig)}
+    return set(inspect.signature(make_bench).parameters) - {"key"}
+
+
+def _check_sections(cfg: dict, where: str) -> None:
+    for sec in SECTIONS:
+        val = cfg.get(sec, {})
+        if not isinstance(val, dict):
+            raise ValueError(f"{where}: {sec!r} must be a mapping, got {type(val).__name__}")
+        unknown = set(val) - section_keys(sec)
+        if unknown:
+            raise ValueError(f"{where}: unknown {sec} settings {sorted(unknown)}; allowed: {sorted(section_keys(sec))}")
+
+
 def load_config(name: str, scale: str) -> dict:
+    """The merged config of experiment ``name`` at ``scale`` (module docstring): ``common`` updated by
+    the scale's mapping, the ``data`` and ``train`` sections merged key by key and checked."""
     import yaml
 
     if scale not in SCALES:
@@ -51,10 +94,30 @@ def load_config(name: str, scale: str) -> dict:
     cfg = yaml.safe_load(path.read_text()) or {}
     if scale not in cfg:
         raise ValueError(f"experiment {name!r} has no {scale!r} scale in {path}; it has {sorted(cfg)}")
-    base = dict(cfg.get("common", {}))
-    base.update(cfg[scale] or {})
+    common, own = dict(cfg.get("common") or {}), dict(cfg[scale] or {})
+    base = {**common, **own}
+    for sec in SECTIONS:
+        base[sec] = {**(common.get(sec) or {}), **(own.get(sec) or {})}
+    _check_sections(base, f"{path} ({scale})")
     base["scale"] = scale
     return base
+
+
+def apply_overrides(config: dict, overrides: dict, where: str = "config") -> dict:
+    """``config`` with ``{key: value}`` overrides applied; ``"data.KEY"`` / ``"train.KEY"`` set a
+    section key. A key the config does not have (outside the sections) is an error."""
+    config = {**config, **{sec: dict(config.get(sec, {})) for sec in SECTIONS}}
+    for k, v in (overrides or {}).items():
+        sec, dot, sub = k.partition(".")
+        if dot and sec in SECTIONS:
+            config[sec][sub] = v
+        elif k in config:
+            config[k] = v
+        else:
+            raise ValueError(f"{where} has no setting {k!r}; settings: {sorted(config)} "
+                             f"(section keys as {'/'.join(SECTIONS)}.KEY)")
+    _check_sections(config, where)
+    return config
 
 
 def _load_module(name: str):
@@ -79,11 +142,7 @@ def run_experiment(name: str, scale: str = "small", out_dir: str | None = None, 
     """Run experiment ``name`` at ``scale``; returns its summary (also written to out_dir)."""
     import jax
 
-    config = load_config(name, scale)
-    for k, v in (overrides or {}).items():
-        if k not in config:
-            raise ValueError(f"experiment {name!r} ({scale}) has no setting {k!r}; settings: {sorted(config)}")
-        config[k] = v
+    config = apply_overrides(load_config(name, scale), overrides, f"experiment {name!r} ({scale})")
     out_dir = out_dir or os.path.join("runs", "experiments", name, scale)
     os.makedirs(out_dir, exist_ok=True)
     mod = _load_module(name)
