@@ -76,13 +76,15 @@ class InfeasibleInterferenceError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def _pos_int(name: str, v: Any) -> int:
+def check_positive_int(name: str, v: Any) -> int:
+    """``v`` as an int >= 1 (ValueError naming ``name`` otherwise)."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
     return int(v)
 
 
-def _float_in(name: str, v: Any, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> float:
+def check_float_in(name: str, v: Any, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> float:
+    """``v`` as a float in the interval from ``lo`` to ``hi`` (open or closed at each end)."""
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -95,9 +97,10 @@ def _float_in(name: str, v: Any, lo: float, hi: float, *, lo_open: bool, hi_open
     return f
 
 
-def _check_magnitudes(c_min: Any, beta: Any) -> tuple[float, float]:
-    c_min = _float_in("c_min", c_min, 0.0, math.inf, lo_open=False, hi_open=True)
-    beta = _float_in("beta", beta, 0.0, math.inf, lo_open=True, hi_open=True)
+def check_magnitudes(c_min: Any, beta: Any) -> tuple[float, float]:
+    """``(c_min >= 0, beta > 0)`` of the magnitude law ``c_min + Exp(beta)``."""
+    c_min = check_float_in("c_min", c_min, 0.0, math.inf, lo_open=False, hi_open=True)
+    beta = check_float_in("beta", beta, 0.0, math.inf, lo_open=True, hi_open=True)
     return c_min, beta
 
 
@@ -215,15 +218,15 @@ def generate_feature_matrix(
     "step_size", "margin", "neg_weight", "max_iters"}``. Raises
     :class:`InfeasibleInterferenceError` (a ``ValueError``) if a bound rules the target out, or if
     PGD stalls or runs out of iterations; it never returns a matrix that violates the bound."""
-    n = _pos_int("n_features", n_features)
-    d = _pos_int("dim", dim)
-    M = _float_in("max_interference", max_interference, -1.0, 1.0, lo_open=True, hi_open=True)
-    max_iters = _pos_int("max_iters", max_iters)
-    step_size = _float_in("step_size", step_size, 0.0, math.inf, lo_open=True, hi_open=True)
-    neg_weight = _float_in("neg_weight", neg_weight, 0.0, math.inf, lo_open=False, hi_open=True)
+    n = check_positive_int("n_features", n_features)
+    d = check_positive_int("dim", dim)
+    M = check_float_in("max_interference", max_interference, -1.0, 1.0, lo_open=True, hi_open=True)
+    max_iters = check_positive_int("max_iters", max_iters)
+    step_size = check_float_in("step_size", step_size, 0.0, math.inf, lo_open=True, hi_open=True)
+    neg_weight = check_float_in("neg_weight", neg_weight, 0.0, math.inf, lo_open=False, hi_open=True)
     if margin is None:
         margin = max(0.1 * abs(M), 1e-3)
-    margin = _float_in("margin", margin, 0.0, 2.0, lo_open=False, hi_open=True)
+    margin = check_float_in("margin", margin, 0.0, 2.0, lo_open=False, hi_open=True)
     why = interference_lower_bound_check(n, d, M)
     if why is not None:
         raise InfeasibleInterferenceError(
@@ -373,7 +376,7 @@ class SamplingMixin:
 
     def stream(self, key: jax.Array, batch_size: int, n_batches: Optional[int] = None) -> Iterator[Batch]:
         """Endless (or ``n_batches``-long) iterator of jitted batches generated on device."""
-        _pos_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         fn = jax.jit(self.sample, static_argnums=1)
         i = 0
         while n_batches is None or i < n_batches:
@@ -469,7 +472,7 @@ _SELF = ("sae", "tied_sae", "matryoshka", "crosscoder")
 def _resolve_method(method: str, d_input: int, d_target: Optional[int], n_sources: int):
     info = _methods.get(method)  # ValueError naming the known methods
     if info.multi_source:
-        n_sources = _pos_int("n_sources", n_sources)
+        n_sources = check_positive_int("n_sources", n_sources)
         if n_sources < 2:
             raise ValueError(f"crosscoder needs n_sources >= 2, got {n_sources}")
     else:
@@ -479,12 +482,13 @@ def _resolve_method(method: str, d_input: int, d_target: Optional[int], n_source
             raise ValueError(f"method {method!r} reconstructs its input: d_target must be None or {d_input}, got {d_target}")
         d_target = d_input
     else:
-        d_target = d_input if d_target is None else _pos_int("d_target", d_target)
+        d_target = d_input if d_target is None else check_positive_int("d_target", d_target)
     return info, d_target, n_sources
 
 
-def _build_targets(key, method, n, d_input, d_target, n_sources, M, skip_scale, pgd_kw, dtype):
-    """W_p, W_r, W_skip and the generation record for ``method``."""
+def build_targets(key, method, n, d_input, d_target, n_sources, M, skip_scale, pgd_kw, dtype):
+    """W_p, W_r, W_skip, realised interferences, n_sources and the generation record for ``method``
+    (shared by :func:`make_bench` and the structured benches)."""
     info, d_target, n_sources = _resolve_method(method, d_input, d_target, n_sources)
     k_p, k_r, k_s = jax.random.split(key, 3)
     if info.multi_source:
@@ -515,13 +519,15 @@ def _build_targets(key, method, n, d_input, d_target, n_sources, M, skip_scale, 
     return W_p, W_r, W_skip, float(realized), float(realized_r), n_sources, record
 
 
-def _common_checks(n_features, d_input, max_interference, sparsity, c_min, beta, dataset_size):
-    n = _pos_int("n_features", n_features)
-    d = _pos_int("d_input", d_input)
-    M = _float_in("max_interference", max_interference, -1.0, 1.0, lo_open=True, hi_open=True)
-    S = _float_in("sparsity", sparsity, 0.0, 1.0, lo_open=False, hi_open=True)
-    c_min, beta = _check_magnitudes(c_min, beta)
-    N = 0 if dataset_size is None else _pos_int("dataset_size", dataset_size)
+def check_bench_args(n_features, d_input, max_interference, sparsity, c_min, beta, dataset_size):
+    """The validated ``(n, d, M, S, c_min, beta, N)`` shared by :func:`make_bench` and the structured
+    benches (ValueError/TypeError naming the argument otherwise)."""
+    n = check_positive_int("n_features", n_features)
+    d = check_positive_int("d_input", d_input)
+    M = check_float_in("max_interference", max_interference, -1.0, 1.0, lo_open=True, hi_open=True)
+    S = check_float_in("sparsity", sparsity, 0.0, 1.0, lo_open=False, hi_open=True)
+    c_min, beta = check_magnitudes(c_min, beta)
+    N = 0 if dataset_size is None else check_positive_int("dataset_size", dataset_size)
     return n, d, M, S, c_min, beta, N
 
 
@@ -566,10 +572,10 @@ def make_bench(
 
     Raises ValueError/TypeError on invalid settings and :class:`InfeasibleInterferenceError` (a
     ValueError) when M cannot be reached for n/d."""
-    n, d, M, S, c_min, beta, N = _common_checks(n_features, d_input, max_interference, sparsity, c_min, beta, dataset_size)
-    skip_scale = _float_in("skip_scale", skip_scale, 0.0, math.inf, lo_open=False, hi_open=True)
+    n, d, M, S, c_min, beta, N = check_bench_args(n_features, d_input, max_interference, sparsity, c_min, beta, dataset_size)
+    skip_scale = check_float_in("skip_scale", skip_scale, 0.0, math.inf, lo_open=False, hi_open=True)
     k_w, k_data = jax.random.split(key)
-    W_p, W_r, W_skip, realized, realized_r, L, record = _build_targets(
+    W_p, W_r, W_skip, realized, realized_r, L, record = build_targets(
         k_w, method, n, d, d_target, n_sources, M, skip_scale,
         dict(step_size=step_size, margin=margin, neg_weight=neg_weight, max_iters=max_iters), dtype,
     )

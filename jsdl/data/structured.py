@@ -119,9 +119,9 @@ def build_hierarchy(n_roots: int, branching: int, depth: int = 1) -> np.ndarray:
     """``parent_of`` of a forest of ``n_roots`` complete trees, each node with ``branching``
     children, ``depth`` levels below the roots; features are numbered level by level (roots first).
     n = n_roots * (1 + b + ... + b^depth)."""
-    n_roots = _bench._pos_int("n_roots", n_roots)
-    branching = _bench._pos_int("branching", branching)
-    depth = _bench._pos_int("depth", depth)
+    n_roots = _bench.check_positive_int("n_roots", n_roots)
+    branching = _bench.check_positive_int("branching", branching)
+    depth = _bench.check_positive_int("depth", depth)
     parent_of = [-1] * n_roots
     level = list(range(n_roots))
     for _ in range(depth):
@@ -440,19 +440,19 @@ def make_structured_bench(
         (default ``noise_std``).
       magnitude: ``"exponential"`` (c_min + Exp(beta)) or ``"uniform"`` (U(c_min, c_min + beta)).
     """
-    n, d, M, S, c_min, beta, N = _bench._common_checks(n_features, d_input, max_interference, sparsity, c_min, beta, dataset_size)
+    n, d, M, S, c_min, beta, N = _bench.check_bench_args(n_features, d_input, max_interference, sparsity, c_min, beta, dataset_size)
     if magnitude not in ("exponential", "uniform"):
         raise ValueError(f"magnitude must be 'exponential' or 'uniform', got {magnitude!r}")
     rates = _per_feature("firing_rates", firing_rates, n, 1.0 - S, 0.0, 1.0)
     if importance is not None and importance_decay is not None:
         raise ValueError("give importance or importance_decay, not both")
     if importance_decay is not None:
-        r = _bench._float_in("importance_decay", importance_decay, 0.0, 1.0, lo_open=True, hi_open=False)
+        r = _bench.check_float_in("importance_decay", importance_decay, 0.0, 1.0, lo_open=True, hi_open=False)
         imp = r ** np.arange(n, dtype=float)
     else:
         imp = _per_feature("importance", importance, n, 1.0, 0.0, math.inf, lo_open=True)
-    noise_std = _bench._float_in("noise_std", noise_std, 0.0, math.inf, lo_open=False, hi_open=True)
-    target_noise_std = noise_std if target_noise_std is None else _bench._float_in(
+    noise_std = _bench.check_float_in("noise_std", noise_std, 0.0, math.inf, lo_open=False, hi_open=True)
+    target_noise_std = noise_std if target_noise_std is None else _bench.check_float_in(
         "target_noise_std", target_noise_std, 0.0, math.inf, lo_open=False, hi_open=True)
     parent_of = np.full(n, -1, np.int64) if hierarchy is None else validate_hierarchy(hierarchy, n)
     depth = hierarchy_depth(parent_of)
@@ -468,9 +468,9 @@ def make_structured_bench(
         else:
             raise ValueError(f"correlation_kind must be 'mask' or 'gaussian', got {correlation_kind!r}")
         chol = np.linalg.cholesky(R + 1e-9 * np.eye(n))
-    skip_scale = _bench._float_in("skip_scale", skip_scale, 0.0, math.inf, lo_open=False, hi_open=True)
+    skip_scale = _bench.check_float_in("skip_scale", skip_scale, 0.0, math.inf, lo_open=False, hi_open=True)
     k_w, k_data = jax.random.split(key)
-    W_p, W_r, W_skip, realized, realized_r, L, record = _bench._build_targets(
+    W_p, W_r, W_skip, realized, realized_r, L, record = _bench.build_targets(
         k_w, method, n, d, d_target, n_sources, M, skip_scale,
         dict(step_size=step_size, margin=margin, neg_weight=neg_weight, max_iters=max_iters), dtype,
     )
@@ -507,8 +507,8 @@ def make_hierarchical_bench(
     its children does) and whenever a child fires. Other options as :func:`make_structured_bench`."""
     parent_of = build_hierarchy(n_roots, branching, depth)
     n = parent_of.shape[0]
-    child_rate = _bench._float_in("child_rate", child_rate, 0.0, 1.0, lo_open=False, hi_open=False)
-    parent_alone_rate = _bench._float_in("parent_alone_rate", parent_alone_rate, 0.0, 1.0, lo_open=False, hi_open=False)
+    child_rate = _bench.check_float_in("child_rate", child_rate, 0.0, 1.0, lo_open=False, hi_open=False)
+    parent_alone_rate = _bench.check_float_in("parent_alone_rate", parent_alone_rate, 0.0, 1.0, lo_open=False, hi_open=False)
     is_parent = np.zeros(n, bool)
     is_parent[parent_of[parent_of >= 0]] = True
     rates = np.where(is_parent, parent_alone_rate, child_rate)
@@ -538,13 +538,13 @@ def train_toy_model(
     ``m_i ~ Bernoulli(1 - S)``, ``u_i ~ U[0, 1]``; ``h = W x`` (``W [m, n]``, init N(0, 2/(n+m))
     as their Xavier-normal), ``x' = ReLU(W^T h + b)``; loss ``E sum_i I_i (x_i - x'_i)^2`` with
     ``I_i = importance_decay^i``; Adam (optax) for ``steps`` steps in one ``lax.scan``."""
-    n = _bench._pos_int("n_features", n_features)
-    m = _bench._pos_int("d_hidden", d_hidden)
-    S = _bench._float_in("sparsity", sparsity, 0.0, 1.0, lo_open=False, hi_open=True)
-    r = _bench._float_in("importance_decay", importance_decay, 0.0, 1.0, lo_open=True, hi_open=False)
-    steps = _bench._pos_int("steps", steps)
-    batch_size = _bench._pos_int("batch_size", batch_size)
-    lr = _bench._float_in("learning_rate", learning_rate, 0.0, math.inf, lo_open=True, hi_open=True)
+    n = _bench.check_positive_int("n_features", n_features)
+    m = _bench.check_positive_int("d_hidden", d_hidden)
+    S = _bench.check_float_in("sparsity", sparsity, 0.0, 1.0, lo_open=False, hi_open=True)
+    r = _bench.check_float_in("importance_decay", importance_decay, 0.0, 1.0, lo_open=True, hi_open=False)
+    steps = _bench.check_positive_int("steps", steps)
+    batch_size = _bench.check_positive_int("batch_size", batch_size)
+    lr = _bench.check_float_in("learning_rate", learning_rate, 0.0, math.inf, lo_open=True, hi_open=True)
     dtype = jnp.zeros(()).dtype
     imp = jnp.asarray(r ** np.arange(n), dtype)
     k_init, k_data = jax.random.split(key)
@@ -596,8 +596,8 @@ def make_toy_model_bench(
     k_train, k_data = jax.random.split(key)
     toy = train_toy_model(k_train, n_features, d_hidden, sparsity, importance_decay, steps=steps,
                           batch_size=batch_size, learning_rate=learning_rate)
-    N = 0 if dataset_size is None else _bench._pos_int("dataset_size", dataset_size)
-    noise_std = _bench._float_in("noise_std", noise_std, 0.0, math.inf, lo_open=False, hi_open=True)
+    N = 0 if dataset_size is None else _bench.check_positive_int("dataset_size", dataset_size)
+    noise_std = _bench.check_float_in("noise_std", noise_std, 0.0, math.inf, lo_open=False, hi_open=True)
     W = toy.W
     norms = np.linalg.norm(np.asarray(W), axis=0)
     rep = norms > represented_threshold

@@ -467,10 +467,27 @@ def _rescaling_check(f, codes, params, z, value) -> Check:
 # ------------------------------------------------------------------------------------------------
 
 
-def _activation_setup(key, name, hyper, n_latents, d_input, batch):
-    """A random SAE with activation ``name`` and its pre-activations ``z [batch, n_latents]`` (half
-    negative), with random thresholds when the activation reads them from the parameters."""
-    spec = _obj.make_spec("sae", name, n_latents=n_latents, **hyper)
+@dataclasses.dataclass(frozen=True)
+class _Unregistered:
+    """An activation function not (yet) in the registry, called like a bound
+    :class:`jsdl.activations.Activation`: ``fn(z, params, inference=..., **hyper)``."""
+
+    fn: Any
+    hyper: tuple
+    info: Any
+
+    def __call__(self, z, params=None, *, inference=False):
+        return self.fn(z, params, inference=inference, **dict(self.hyper))
+
+
+def _activation_setup(key, sigma, n_latents, d_input, batch):
+    """A random SAE for ``sigma`` and its pre-activations ``z [batch, n_latents]`` (half negative),
+    with random thresholds when the activation reads them from the parameters."""
+    if isinstance(sigma, _Unregistered):  # parameters with a threshold when it declares one
+        spec = _obj.make_spec("sae", "jumprelu" if sigma.info.needs_threshold or sigma.info.inference_threshold
+                              else "relu", n_latents=n_latents)
+    else:
+        spec = _obj.make_spec("sae", sigma.name, n_latents=n_latents, **sigma.hyper_dict())
     k_p, k_t, k_x = jax.random.split(key, 3)
     params = _obj.init_params(k_p, spec, d_input)
     if params.threshold is not None:
@@ -551,9 +568,11 @@ def _declared_info_checks(sigma, z, params) -> list:
     return out
 
 
-def check_activation(name: str, hyper: Optional[dict] = None, *, key: Optional[jax.Array] = None,
-                     n_latents: int = 64, d_input: int = 12, batch: int = 32) -> ActivationChecks:
-    """Run the mechanical checks on the registered activation ``name`` bound to ``hyper``, on the
+def check_activation(name, hyper: Optional[dict] = None, *, key: Optional[jax.Array] = None,
+                     n_latents: int = 64, d_input: int = 12, batch: int = 32, **info: Any) -> ActivationChecks:
+    """Run the mechanical checks on the registered activation ``name`` bound to ``hyper`` (or on an
+    activation function ``fn(z, params=None, *, inference=False, **hyper)`` not registered yet, with
+    the facts ``info`` it would be registered with, e.g. ``homogeneous=False``), on the
     pre-activations of a small random SAE (about half of them negative):
 
     eager call (an array of z's shape, finite), the key property ``sigma(z)_i in {0, z_i}`` (eq. 10,
@@ -561,9 +580,15 @@ def check_activation(name: str, hyper: Optional[dict] = None, *, key: Optional[j
     (finite, pass-through on kept entries) and the declared ``homogeneous`` / ``batch_coupled``
     facts. Unknown names and hyperparameters raise ValueError; everything else is reported."""
     hyper = dict(hyper or {})
-    sigma = _act.get(name, **hyper)  # raises ValueError on unknown name / hyperparameters
+    if callable(name) and not isinstance(name, str):
+        sigma = _Unregistered(name, tuple(sorted(hyper.items())), _act.ActivationInfo(**info))
+        name = getattr(name, "__name__", "activation")
+    elif info:
+        raise TypeError(f"info {sorted(info)} is only for an unregistered function; {name!r} is registered")
+    else:
+        sigma = _act.get(name, **hyper)  # raises ValueError on unknown name / hyperparameters
     key = jax.random.PRNGKey(0) if key is None else key
-    spec, params, z = _activation_setup(key, name, hyper, n_latents, d_input, batch)
+    spec, params, z = _activation_setup(key, sigma, n_latents, d_input, batch)
     res = ActivationChecks(name=name, hyper=dict(sigma.hyper), checks=[])
     try:
         out = np.asarray(sigma(z, params))
@@ -577,7 +602,7 @@ def check_activation(name: str, hyper: Optional[dict] = None, *, key: Optional[j
         for nm in ("key_property", "jit", "vmap", "gradient", "homogeneous", "per_sample"):
             res.checks.append(Check(nm, None, "skipped: the eager call failed"))
         return res
-    members = [_activation_setup(k, name, hyper, n_latents, d_input, batch)[1:]
+    members = [_activation_setup(k, sigma, n_latents, d_input, batch)[1:]
                for k in jax.random.split(jax.random.fold_in(key, 7), 3)]
     members = [(zz, p) for p, zz in members]
     res.checks.extend([

@@ -142,10 +142,10 @@ def _config(scale: Scale, decoder_norm: str, steps: Optional[int] = None):
                        plots=False, warmup_steps=min(100, steps // 10))
 
 
-def _train_population(key, spec, name, coefs, bench, config, seeds, can_vmap, *, k_values=None):
+def _train_population(key, spec, name, coefs, bench, config, seeds, can_vmap, *, k_values=None, spec_at=None):
     """Train the grid (``coefs`` of penalty ``name``, or TopK ``k_values``) x ``seeds``; one
-    vmapped population, or member by member when the penalty cannot be vmapped. Returns a list of
-    ``(member_info, params)``."""
+    vmapped population, or member by member when the penalty cannot be vmapped (then
+    ``spec_at(coef)`` builds each member's spec). Returns a list of ``(member_info, params)``."""
     from jsdl.train import Grid, fit, fit_population, member
     from jsdl.train.loop import population_data_key
     from jsdl.train.state import raw_key
@@ -166,10 +166,8 @@ def _train_population(key, spec, name, coefs, bench, config, seeds, can_vmap, *,
             return out
         out = []
         dkey = population_data_key(key)
-        from jsdl.train.loop import _member_spec
-
         for m in ms:
-            s = _member_spec(spec, m)
+            s = spec_at(m["coefs"][name])
             st, h = fit(jax.random.fold_in(raw_key(key), m["seed"]), s, bench, config, data_key=dkey,
                         devices=jax.devices()[:1], progress=False)
             out.append(({**m, "diverged_at": None}, jax.device_get(st.params)))
@@ -199,8 +197,10 @@ def _frontier_runs(key, name, hyper, coefs, bench, scale, checks, seeds, log, *,
         spec = jsdl.make_spec("sae", pact, n_latents=n, penalties={pname: (cs[0], phyper)})
         cfg = _config(scale, dn, steps)
         try:
-            members = _train_population(key, spec, pname, cs, bench, cfg, seeds,
-                                        checks.can_vmap if pname == name else True)
+            members = _train_population(
+                key, spec, pname, cs, bench, cfg, seeds, checks.can_vmap if pname == name else True,
+                spec_at=lambda c, pact=pact, pname=pname, phyper=phyper: jsdl.make_spec(
+                    "sae", pact, n_latents=n, penalties={pname: (c, phyper)}))
         except Exception as e:  # noqa: BLE001 - report it, keep the rest of the lab
             runs[pname] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
             log(f"  [{label}] {pname}: training failed: {runs[pname]['error']}")

@@ -36,6 +36,7 @@ from jsdl.objective import SDLParams
 
 __all__ = [
     "flatten",
+    "flat_fn",
     "Hessian",
     "full_hessian",
     "hvp",
@@ -66,7 +67,9 @@ def flatten(params):
     return x, unravel, blocks
 
 
-def _flat_fn(f, params, args):
+def flat_fn(f, params, args):
+    """``(fx, x, unravel, blocks)``: ``f(params, *args)`` as a function ``fx(x, *args)`` of the flat
+    parameter vector ``x`` (:func:`flatten`)."""
     x, unravel, blocks = flatten(params)
 
     def fx(xv, *a):
@@ -104,7 +107,7 @@ def full_hessian(f: Callable, params, *args, batch_size: int = 64) -> Hessian:
     """Dense Hessian of ``f(params, *args)`` by mapping forward-over-reverse HVPs over the basis
     vectors (``jax.lax.map`` in chunks of ``batch_size``), symmetrised. Cost: ``P`` HVPs and
     ``P^2`` memory; use it below a few thousand parameters."""
-    fx, x, unravel, blocks = _flat_fn(f, params, args)
+    fx, x, unravel, blocks = flat_fn(f, params, args)
     g = jax.grad(fx)
     P = x.size
 
@@ -129,7 +132,7 @@ def hvp(f: Callable, params, v, *args):
 def make_hvp(f: Callable, params, *args) -> tuple[Callable, int]:
     """``(matvec, P)``: a jitted flat HVP ``v [P] -> H v [P]`` at ``params`` (forward-over-reverse),
     for Lanczos. ``params`` and ``args`` are arguments of the compiled function, not constants."""
-    fx, x, _, _ = _flat_fn(f, params, args)
+    fx, x, _, _ = flat_fn(f, params, args)
     g = jax.grad(fx)
 
     @jax.jit
@@ -148,7 +151,7 @@ def make_hvp(f: Callable, params, *args) -> tuple[Callable, int]:
 def finite_difference_hvp(f: Callable, params, v, *args, eps: float = 1e-5):
     """Central difference of the gradient, ``(g(x + eps v) - g(x - eps v)) / (2 eps)``, flat ``[P]``
     (``v`` flat). A check of :func:`hvp` and :func:`full_hessian`, valid inside one region."""
-    fx, x, _, _ = _flat_fn(f, params, args)
+    fx, x, _, _ = flat_fn(f, params, args)
     g = jax.jit(jax.grad(fx))
     return (g(x + eps * v, *args) - g(x - eps * v, *args)) / (2 * eps)
 

@@ -148,7 +148,7 @@ def newton_stationary(
     ``mask``).
 
     Returns ``(params, info)`` with ``grad_norm`` (history), ``converged`` and ``iters``."""
-    fx, x, unravel, _ = _hs._flat_fn(f, params, args)
+    fx, x, unravel, _ = _hs.flat_fn(f, params, args)
     g_fn = jax.jit(jax.grad(fx))
     h_fn = jax.jit(jax.hessian(fx))
     mu = mu0
@@ -207,7 +207,7 @@ def classify(
       * ``'degenerate_saddle'``: PSD with zero eigenvalues but ``f`` decreases along one of them.
     """
     H = _hs.full_hessian(f, params, *args)
-    fx, x, unravel, _ = _hs._flat_fn(f, params, args)
+    fx, x, unravel, _ = _hs.flat_fn(f, params, args)
     g = jax.grad(fx)(x, *args)
     gn = float(jnp.linalg.norm(g))
     Hm = np.asarray(H.matrix, dtype=np.float64)
