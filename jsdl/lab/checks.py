@@ -68,13 +68,9 @@ class Check:
                 "values": {k: to_jsonable(v) for k, v in self.values.items()}}
 
 
-@dataclasses.dataclass
-class PenaltyChecks:
-    """All mechanical checks of one penalty (``checks`` in the order run)."""
+class _CheckList:
+    """Lookup by name, failures and the markdown table of a list of :class:`Check` s (``self.checks``)."""
 
-    name: str
-    hyper: dict
-    straight_through: bool
     checks: list
 
     def __getitem__(self, name: str) -> Check:
@@ -86,6 +82,24 @@ class PenaltyChecks:
     @property
     def failures(self) -> list:
         return [c for c in self.checks if c.ok is False]
+
+    def to_markdown(self) -> str:
+        sym = {True: "pass", False: "**FAIL**", None: "n/a"}
+        lines = ["| check | result | detail |", "|---|---|---|"]
+        for c in self.checks:
+            res = sym[c.ok] + (" (fatal)" if c.fatal and c.ok is False else "")
+            lines.append(f"| {c.name} | {res} | {c.message.replace('|', '/')} |")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class PenaltyChecks(_CheckList):
+    """All mechanical checks of one penalty (``checks`` in the order run)."""
+
+    name: str
+    hyper: dict
+    straight_through: bool
+    checks: list
 
     @property
     def can_train(self) -> bool:
@@ -110,36 +124,15 @@ class PenaltyChecks:
                 "can_vmap": self.can_vmap, "rescale_invariant": self.rescale_invariant,
                 "checks": [c.to_dict() for c in self.checks]}
 
-    def to_markdown(self) -> str:
-        return _markdown_table(self.checks)
-
-
-def _markdown_table(checks) -> str:
-    sym = {True: "pass", False: "**FAIL**", None: "n/a"}
-    lines = ["| check | result | detail |", "|---|---|---|"]
-    for c in checks:
-        res = sym[c.ok] + (" (fatal)" if c.fatal and c.ok is False else "")
-        lines.append(f"| {c.name} | {res} | {c.message.replace('|', '/')} |")
-    return "\n".join(lines)
 
 
 @dataclasses.dataclass
-class ActivationChecks:
+class ActivationChecks(_CheckList):
     """All mechanical checks of one activation (``checks`` in the order run)."""
 
     name: str
     hyper: dict
     checks: list
-
-    def __getitem__(self, name: str) -> Check:
-        for c in self.checks:
-            if c.name == name:
-                return c
-        raise KeyError(f"no check named {name!r}; checks are {[c.name for c in self.checks]}")
-
-    @property
-    def failures(self) -> list:
-        return [c for c in self.checks if c.ok is False]
 
     @property
     def ok(self) -> bool:
@@ -149,9 +142,6 @@ class ActivationChecks:
     def to_dict(self) -> dict:
         return {"name": self.name, "hyper": {k: to_jsonable(v) for k, v in self.hyper.items()}, "ok": self.ok,
                 "checks": [c.to_dict() for c in self.checks]}
-
-    def to_markdown(self) -> str:
-        return _markdown_table(self.checks)
 
 
 def _err(e: BaseException) -> str:
