@@ -306,19 +306,13 @@ def _context(row, text_id, pos, tokens, width=6):
     return f"{left} [[{toks[p]}]] {right}".strip()
 
 
-def run(config: dict, out_dir: str, *, key) -> dict:
-    import jax
+def _activations(config, out_dir, seed, t0):
+    """Extract (or reuse) the MiniLM activations as shards under ``out_dir/activations``. Returns
+    ``(shard_dir, labels, text_id, pos, tokens, model_info, paragraphs_available, texts, seconds)``.
+    Extraction is the slow part: the shards of an earlier run with the same settings are reused."""
+    from jsdl.data.files import write_shards
 
-    import jsdl
-    from jsdl.data.files import ActivationFiles, write_shards
-    from jsdl.export import export_run
-    from jsdl.experiments.common import train_config
-    from jsdl.train import fit
-
-    t0 = time.time()
-    seed = int(config.get("seed", 0))
     shard_dir = os.path.join(out_dir, "activations")
-    # Extraction is the slow part: reuse the shards of an earlier run with the same settings.
     fingerprint = {k: config.get(k) for k in ("seed", "texts_per_class", "layer", "max_tokens", "rows_per_shard",
                                               "shard_format", "shard_dtype", "allow_standin")}
     cache = os.path.join(out_dir, "extraction.json")
@@ -351,13 +345,47 @@ def run(config: dict, out_dir: str, *, key) -> dict:
         write_shards(shard_dir, acts, rows_per_shard=int(config["rows_per_shard"]),
                      format=config.get("shard_format", "npy"), dtype=config.get("shard_dtype"))
         np.savez(os.path.join(out_dir, "rows.npz"), labels=labels, text_id=text_id, pos=pos)
-        with open(os.path.join(out_dir, "texts.json"), "w") as f:
-            json.dump([{"label": CLASSES[c], "source": s, "tokens": tk} for (c, s, _), tk in zip(texts, tokens)], f)
+        dump_json([{"label": CLASSES[c], "source": s, "tokens": tk} for (c, s, _), tk in zip(texts, tokens)],
+                  os.path.join(out_dir, "texts.json"), indent=None)
         n_texts = {c: int(sum(1 for t in texts if t[0] == i)) for i, c in enumerate(CLASSES)}
-        with open(cache, "w") as f:
-            json.dump({"fingerprint": fingerprint, "model": model_info, "paragraphs_available": available,
-                       "texts": n_texts, "extract_seconds": t_extract}, f)
+        dump_json({"fingerprint": fingerprint, "model": model_info, "paragraphs_available": available,
+                   "texts": n_texts, "extract_seconds": t_extract}, cache, indent=None)
         del acts
+    return shard_dir, labels, text_id, pos, tokens, model_info, available, n_texts, t_extract
+
+
+def _shown_latents(ev, sae, n_show, labels, text_id, pos, tokens):
+    """The latents a report shows: the anchored ones, then the most frequent latents with the purest
+    class mass, each with its top-activating contexts."""
+    share = ev["class_mass"] / np.maximum(ev["class_mass"].sum(1, keepdims=True), 1e-12)
+    freq = ev["fired"] / ev["n_heldout_tokens"]
+    show = list(range(len(CLASSES))) if sae.get("anchors") else []
+    cand = np.argsort(-(share.max(1) * (freq > 0.002)))
+    show += [int(i) for i in cand if i not in show][: n_show]
+    out = []
+    for i in show:
+        tops = [
+            {"activation": float(v), "class": CLASSES[labels[r]], "context": _context(r, text_id, pos, tokens)}
+            for v, r in zip(ev["top_values"][i], ev["top_rows"][i]) if r >= 0 and v > 0
+        ]
+        out.append({"latent": i, "anchored_to": CLASSES[i] if sae.get("anchors") and i < len(CLASSES) else None,
+                    "freq": float(freq[i]), "class_share": dict(zip(CLASSES, map(float, share[i]))), "top": tops})
+    return out
+
+
+def run(config: dict, out_dir: str, *, key) -> dict:
+    import jax
+
+    import jsdl
+    from jsdl.data.files import ActivationFiles
+    from jsdl.export import export_run
+    from jsdl.experiments.common import train_config
+    from jsdl.train import fit
+
+    t0 = time.time()
+    seed = int(config.get("seed", 0))
+    shard_dir, labels, text_id, pos, tokens, model_info, available, n_texts, t_extract = _activations(
+        config, out_dir, seed, t0)
 
     src = ActivationFiles(shard_dir, holdout=float(config["holdout"]), chunk_rows=int(config["chunk_rows"]),
                           shuffle_buffer=int(config["shuffle_buffer"]), normalize=True, seed=seed)
@@ -385,21 +413,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
                "dead_fraction_heldout": ev["dead_fraction_heldout"],
                "dead_fraction_train": hist["dead_frac"][-1] if hist.get("dead_frac") else None,
                "final_train_fvu": hist["fvu"][-1] if hist.get("fvu") else None}
-        # latents to show: the anchored ones, then the most frequent latents with the purest class mass
-        share = ev["class_mass"] / np.maximum(ev["class_mass"].sum(1, keepdims=True), 1e-12)
-        freq = ev["fired"] / ev["n_heldout_tokens"]
-        show = list(range(len(CLASSES))) if sae.get("anchors") else []
-        cand = np.argsort(-(share.max(1) * (freq > 0.002)))
-        show += [int(i) for i in cand if i not in show][: int(config["n_show"])]
-        res["latents"] = []
-        for i in show:
-            tops = [
-                {"activation": float(v), "class": CLASSES[labels[r]], "context": _context(r, text_id, pos, tokens)}
-                for v, r in zip(ev["top_values"][i], ev["top_rows"][i]) if r >= 0 and v > 0
-            ]
-            res["latents"].append({"latent": i, "anchored_to": CLASSES[i] if sae.get("anchors") and i < len(CLASSES) else None,
-                                   "freq": float(freq[i]), "class_share": dict(zip(CLASSES, map(float, share[i]))),
-                                   "top": tops})
+        res["latents"] = _shown_latents(ev, sae, int(config["n_show"]), labels, text_id, pos, tokens)
         if sae.get("anchors"):
             W_E = np.asarray(params.W_E)
             cos = [float(W_E[c] @ np.asarray(anchors.w_p[:, c]) / np.linalg.norm(W_E[c])) for c in range(len(CLASSES))]

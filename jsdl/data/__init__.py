@@ -45,10 +45,10 @@ __all__ = [
     "validate_hierarchy",
 ]
 
-# Submodules (and their public names) loaded on first use, so `import jsdl.data` stays light and a
-# module that is not there yet (files.py) does not break the package. Add a name here to re-export it.
+# Submodules (and their public names) loaded on first use, so `import jsdl.data` stays light (files.py
+# pulls in the file formats). Add a name here to re-export it.
 _LAZY_SUBMODULES = ("files",)
-_LAZY_NAMES: dict[str, str] = {}  # e.g. {"ActivationFile": "files"} once jsdl.data.files exists
+_LAZY_NAMES: dict[str, str] = {}  # e.g. {"ActivationFiles": "files"}
 
 
 def __getattr__(name):
