@@ -261,3 +261,34 @@ def test_cli_activation_checks(tmp_path, capsys):
     assert main(["penalty-lab", "_lab_cli_act", "--activation", "--import", str(path)]) == 0
     assert "key_property | pass" in capsys.readouterr().out
     assert main(["penalty-lab", "_lab_cli_act", "--activation", "--hyper", "shift=0.3"]) == 1  # not homogeneous
+
+
+def test_penalty_that_cannot_vmap_trains_member_by_member_like_l1():
+    """A jittable penalty that vmap rejects (a host callback) trains member by member; with the L1
+    value and gradient it lands where the vmapped L1 population does."""
+    import numpy as np_
+
+    from jsdl.lab.core import Scale, run_lab
+
+    @jax.custom_jvp
+    def host_l1(codes):
+        return jax.pure_callback(lambda c: np_.asarray(np_.abs(c).sum(-1).mean(), np_.float32),
+                                 jax.ShapeDtypeStruct((), jnp.float32), codes)
+
+    @host_l1.defjvp
+    def _host_l1_jvp(primals, tangents):
+        (c,), (t,) = primals, tangents
+        return host_l1(c), jnp.mean(jnp.sum(jnp.sign(c) * t, axis=-1))
+
+    jsdl.penalties.register("_lab_host_l1")(lambda codes, params: host_l1(codes))
+    checks = lab_checks.check_penalty("_lab_host_l1")
+    assert checks.can_train and not checks.can_vmap
+    sc = Scale(n=8, d=6, M=0.3, S=0.85, steps=30, batch=64, lr=3e-3, n_coefs=2, seeds=1, eval_samples=512,
+               gt_samples=256, lanczos=6, retrain_steps=10, hier_steps=20, hier_children=3)
+    kw = dict(scale=sc, coefs=[0.01, 0.1], parts=("frontier",), baselines=(), log=lambda m: None)
+    host = run_lab("_lab_host_l1", **kw)["frontier"]["_lab_host_l1"]
+    ref = run_lab("l1", **kw)["frontier"]["l1"]
+    assert host["vmapped"] is False and ref["vmapped"] is True
+    for a, b in zip(host["points"], ref["points"]):
+        assert a["coef"] == b["coef"]
+        assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-3) and a["l0"] == pytest.approx(b["l0"], rel=1e-3)
