@@ -179,8 +179,8 @@ def test_tiny_lab_writes_report(tmp_path):
 
     sc = Scale(n=8, d=6, M=0.3, S=0.85, steps=40, batch=64, lr=3e-3, n_coefs=2, seeds=1, eval_samples=512,
                gt_samples=256, lanczos=6, retrain_steps=10, hier_steps=20, hier_children=3)
-    rep = run_lab("l1", scale=sc, out_dir=str(tmp_path), parts=("frontier", "critical"), baselines=("topk",),
-                  log=lambda m: None)
+    run_lab("l1", scale=sc, out_dir=str(tmp_path), parts=("frontier", "critical"), baselines=("topk",),
+             log=lambda m: None)
     for f in ("report.md", "report.json", "frontier.png", "recovery.png", "critical.png"):
         assert os.path.isfile(tmp_path / f), f
     j = json.loads((tmp_path / "report.json").read_text())

@@ -1,7 +1,6 @@
 """Numeric checks of the paper's theory: every check of jsdl.landscape.theory at small size,
 the constructions on their own, and the `jsdl theory-check` command."""
 import json
-import math
 import os
 
 import jax

@@ -25,7 +25,7 @@ Sampling of the coefficients ``x [B, n]``:
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp

@@ -212,7 +212,6 @@ def _markdown(r: dict) -> str:
 
 def _findings(r):
     s = r.get("summary", {})
-    name = r["penalty"]
     out = []
     if s.get("failed_checks"):
         out.append(f"- Mechanical checks failed: {', '.join(s['failed_checks'])} (details in section 6).")

@@ -8,7 +8,7 @@ algebra over ``n_q * n_p`` encoder entries) and run best under ``jax_enable_x64`
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
