@@ -263,6 +263,7 @@ def test_cli_activation_checks(tmp_path, capsys):
     assert main(["penalty-lab", "_lab_cli_act", "--activation", "--hyper", "shift=0.3"]) == 1  # not homogeneous
 
 
+@pytest.mark.slow  # two tiny lab runs, ~65 s on the loaded 2-core machine
 def test_penalty_that_cannot_vmap_trains_member_by_member_like_l1():
     """A jittable penalty that vmap rejects (a host callback) trains member by member; with the L1
     value and gradient it lands where the vmapped L1 population does."""
