@@ -16,8 +16,12 @@ NamedTuples (orbax without a target would turn them into lists).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
+import threading
 from typing import Any, Optional
 
 import jax
@@ -84,13 +88,34 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict) -> None:
+        """Save synchronously. Ctrl-C during the save is held until the save is complete (then
+        raised), so an interrupt never leaves orbax half-way through its threads."""
         ocp = self._ocp
-        self.manager.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(to_jsonable(meta))),
-            force=True,
-        )
-        self.manager.wait_until_finished()
+        with _sigint_deferred():
+            if int(step) in self.manager.all_steps():
+                self.manager.delete(int(step))
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(to_jsonable(meta))),
+                force=True,
+            )
+            self.manager.wait_until_finished()
+
+    def quarantine(self, steps) -> str:
+        """Move the step folders ``steps`` out of ``checkpoints/`` into ``corrupt_checkpoints/``
+        (kept for inspection, no longer seen by restores)."""
+        dest = os.path.join(self.run_dir, "corrupt_checkpoints")
+        os.makedirs(dest, exist_ok=True)
+        for s in steps:
+            src = os.path.join(self.dir, str(s))
+            if os.path.isdir(src):
+                target = os.path.join(dest, str(s))
+                if os.path.exists(target):
+                    shutil.rmtree(target)
+                os.replace(src, target)
+        self.manager.reload()
+        return dest
 
     def restore(self, abstract_state, step: Optional[int] = None):
         """``(state, meta)`` at ``step`` (default: the latest). ``abstract_state`` is a pytree of
@@ -109,8 +134,7 @@ class Checkpointer:
         except Exception as e:  # orbax raises many types for truncated / edited folders
             raise CheckpointError(
                 f"checkpoint {os.path.join(self.dir, str(step))!r} is unreadable or corrupt "
-                f"({type(e).__name__}: {str(e)[:300]}); delete it to fall back to an earlier step "
-                f"(available: {self.steps()})"
+                f"({type(e).__name__}: {str(e)[:300]}; available steps: {self.steps()})"
             ) from e
         return out["state"], out["meta"]
 
@@ -125,4 +149,21 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint metadata of step {step} in {self.dir!r} is unreadable: {e}") from e
 
     def close(self):
-        self.manager.close()
+        with _sigint_deferred():
+            self.manager.close()
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold SIGINT (Ctrl-C) for the duration of the block and raise KeyboardInterrupt after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    prev = signal.signal(signal.SIGINT, lambda *a: got.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, prev)
+    if got:
+        raise KeyboardInterrupt
