@@ -39,7 +39,14 @@ on raw activations: ``W_E <- s_p W_E``, ``W_D <- W_D / s_r``, ``b_D <- b_D / s_r
 hence thresholds, are unchanged).
 
 CLI: ``jsdl export --format saelens RUN_DIR OUT_DIR`` (a run directory written by
-``jsdl.train.fit(..., out_dir=...)`` / ``jsdl train``) or ``--from-saelens DIR`` to check a file.
+``jsdl.train.fit(..., out_dir=...)`` / ``jsdl train``) or ``jsdl export --check SAELENS_DIR`` to
+import a SAELens directory and print what it holds.
+
+Safety: the output directory must be new or empty (``--force`` / ``force=True`` to overwrite); a run
+that did not finish is refused unless a step is named (``--step N``) or ``--allow-unfinished`` is
+given; ``cfg["metadata"]["jsdl_run"]`` records the run directory, the exported step, whether the
+run had finished and the normalisation that was folded in. Plug-ins the run was trained with
+(``jsdl --import``) are imported again from run.json.
 """
 from __future__ import annotations
 
@@ -319,15 +326,27 @@ def from_saelens(state: Mapping[str, Any], cfg: Mapping[str, Any]):
     return params, spec
 
 
+def _check_out_dir(out_dir, force: bool) -> None:
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"output path {out_dir!r} is a file; give a directory to write (new or empty)")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        held = ", ".join(sorted(os.listdir(out_dir))[:4])
+        raise ValueError(f"output directory {out_dir!r} is not empty (it holds {held}); choose a new directory or "
+                         "pass --force (force=True) to overwrite")
+
+
 def export_saelens(params, spec, out_dir: str, *, input_scale: float | None = None,
                    target_scale: float | None = None, normalization: Mapping[str, Any] | None = None,
-                   metadata: Mapping[str, Any] | None = None, dtype: str | None = None) -> str:
+                   metadata: Mapping[str, Any] | None = None, dtype: str | None = None, force: bool = False) -> str:
     """Write ``out_dir/sae_weights.safetensors`` and ``out_dir/cfg.json`` (SAELens format).
 
     ``normalization`` may be the ``"normalization"`` record of
-    :meth:`jsdl.data.files.ActivationFiles.info` (its ``input_scale``/``target_scale`` are folded in)."""
+    :meth:`jsdl.data.files.ActivationFiles.info` (its ``input_scale``/``target_scale`` are folded in).
+    ``out_dir`` must be new or empty unless ``force``."""
     from jsdl.data.files import write_safetensors
 
+    _check_out_dir(out_dir, force)
     if normalization:
         input_scale = normalization.get("input_scale", input_scale)
         target_scale = normalization.get("target_scale", target_scale)
@@ -394,19 +413,28 @@ def _normalization_of(info: Mapping[str, Any]) -> dict | None:
 
 
 def export_run(run_dir: str, out_dir: str, *, format: str = "saelens", member: int | None = None,
-               metadata: Mapping[str, Any] | None = None) -> str:
-    """Export the final parameters of a run directory (``jsdl.train.load_run``). A population run
-    needs ``member`` (the index along the leading axis; the member's own k and coefficients are
+               metadata: Mapping[str, Any] | None = None, step: int | None = None, allow_unfinished: bool = False,
+               force: bool = False) -> str:
+    """Export the parameters of a run directory (``jsdl.train.load_run``): the final ones of a
+    finished run, or those of checkpoint ``step``; an unfinished run without ``step`` is refused
+    unless ``allow_unfinished`` (its latest checkpoint is exported). A population run needs
+    ``member`` (the index along the leading axis; the member's own k and coefficients are
     recorded). Normalisation recorded by the data source (``info["data"]["normalization"]``, or
     ``info["record"]["data"]["normalization"]`` when the run was given
-    ``record={"data": source.info()}``) is folded into the weights."""
+    ``record={"data": source.info()}``) is folded into the weights. ``out_dir`` must be new or
+    empty unless ``force``."""
     if format != "saelens":
         raise ValueError(f"unknown export format {format!r}; available: saelens")
-    try:
-        from jsdl.train import load_run
-    except ImportError as e:  # pragma: no cover - the training package is part of jsdl
-        raise ValueError(f"jsdl.train.load_run is not available in this build ({e})") from None
-    params, spec, info = load_run(run_dir)
+    _check_out_dir(out_dir, force)
+    from jsdl.train import load_run
+
+    params, spec, info = load_run(run_dir, step)
+    if step is None and not info["finished"] and not allow_unfinished:
+        raise ValueError(
+            f"run {run_dir} did not finish: its latest checkpoint is step {info['step']} of "
+            f"train.steps={info['config'].steps}; resume it (jsdl train --resume {run_dir}), or export that "
+            f"checkpoint with --step {info['step']} (step=...) or --allow-unfinished"
+        )
     import jax
 
     if params.W_E.ndim == 3:
@@ -430,8 +458,11 @@ def export_run(run_dir: str, out_dir: str, *, format: str = "saelens", member: i
             spec = spec_from_dict(d)
     elif member not in (None, 0):
         raise ValueError(f"run {run_dir} holds one model; member={member} does not apply")
-    meta = {"jsdl_run_dir": os.path.abspath(run_dir), **dict(metadata or {})}
-    return export_saelens(params, spec, out_dir, normalization=_normalization_of(info or {}), metadata=meta)
+    norm = _normalization_of(info or {})
+    run_meta = {"run_dir": os.path.abspath(run_dir), "step": info["step"], "finished": info["finished"],
+                "train_steps": info["config"].steps, "member": member, "normalization": norm}
+    meta = {"jsdl_run_dir": os.path.abspath(run_dir), "jsdl_run": run_meta, **dict(metadata or {})}
+    return export_saelens(params, spec, out_dir, normalization=norm, metadata=meta, force=force)
 
 
 def add_arguments(p) -> None:
@@ -443,6 +474,10 @@ def add_arguments(p) -> None:
     p.add_argument("--hook-name", default=None, help="cfg metadata hook_name (where the activations came from)")
     p.add_argument("--check", metavar="SAELENS_DIR", default=None,
                    help="instead of exporting, import a SAELens directory and print what it holds")
+    p.add_argument("--step", type=int, default=None, help="export the checkpoint of this step (default: the last)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="export the latest checkpoint of a run that did not finish")
+    p.add_argument("--force", action="store_true", help="write into a non-empty output directory (overwrite)")
 
 
 def run(args) -> int:
@@ -453,6 +488,11 @@ def run(args) -> int:
     if not args.run_dir or not args.out_dir:
         raise ValueError("usage: jsdl export --format saelens RUN_DIR OUT_DIR")
     meta = {k: v for k, v in (("model_name", args.model_name), ("hook_name", args.hook_name)) if v is not None}
-    out = export_run(args.run_dir, args.out_dir, format=args.format, member=args.member, metadata=meta)
-    print(f"wrote {os.path.join(out, SAE_WEIGHTS_FILENAME)} and {os.path.join(out, SAE_CFG_FILENAME)}")
+    out = export_run(args.run_dir, args.out_dir, format=args.format, member=args.member, metadata=meta,
+                     step=args.step, allow_unfinished=args.allow_unfinished, force=args.force)
+    with open(os.path.join(out, SAE_CFG_FILENAME)) as f:
+        run_meta = json.load(f)["metadata"]["jsdl_run"]
+    state = "finished run" if run_meta["finished"] else f"UNFINISHED run (train.steps={run_meta['train_steps']})"
+    print(f"wrote {os.path.join(out, SAE_WEIGHTS_FILENAME)} and {os.path.join(out, SAE_CFG_FILENAME)} "
+          f"(step {run_meta['step']} of a {state})")
     return 0

@@ -199,8 +199,6 @@ def changes(old: dict, new: dict) -> dict:
 
 
 def _changeable(path: str) -> bool:
-    if path.startswith("config."):
-        return path[len("config."):] in CHANGEABLE
     if path.startswith("train."):
         return path[len("train."):] in CHANGEABLE
     if path.startswith("members[") and path.endswith(".learning_rate"):
@@ -241,12 +239,13 @@ def check_resume(run_dir: str, old: dict, new: dict) -> dict:
     from jsdl.train.checkpoint import to_jsonable
 
     new = to_jsonable(new)
-    a = {k: old[k] for k in _COMPARED if k in old and k in new}
-    b = {k: new[k] for k in _COMPARED if k in old and k in new}
-    if "config" in a:
-        # Fields added to TrainConfig after the run was written compare against their defaults.
-        a["config"] = {k: v for k, v in a["config"].items() if k in b["config"]}
-        b["config"] = {k: v for k, v in b["config"].items() if k in a["config"]}
+    name = lambda k: "train" if k == "config" else k  # noqa: E731  (reported as train.FIELD)
+    a = {name(k): old[k] for k in _COMPARED if k in old and k in new}
+    b = {name(k): new[k] for k in _COMPARED if k in old and k in new}
+    if "train" in a:
+        # Fields added to TrainConfig after the run was written are not compared.
+        a["train"] = {k: v for k, v in a["train"].items() if k in b["train"]}
+        b["train"] = {k: v for k, v in b["train"].items() if k in a["train"]}
     allowed, frozen = split_changes(changes(a, b))
     refuse(run_dir, frozen)
     return allowed
