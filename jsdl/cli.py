@@ -17,6 +17,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 __all__ = ["COMMANDS", "EXIT_CODES", "build_parser", "main"]
 
@@ -125,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from jsdl import plugins
 
-        args.plugins = plugins.load_all(list(args.imports_before) + list(getattr(args, "imports_after", [])))
-        return int(mod.run(args) or 0)
+        with warnings.catch_warnings():
+            # A warning is one line on the terminal ("jsdl train: warning: ..."), not file:line + source.
+            warnings.showwarning = lambda msg, *a, **k: print(f"jsdl {args.command}: warning: {msg}", file=sys.stderr)
+            args.plugins = plugins.load_all(list(args.imports_before) + list(getattr(args, "imports_after", [])))
+            return int(mod.run(args) or 0)
     except USER_ERRORS as e:
         if os.environ.get("JSDL_DEBUG"):
             raise

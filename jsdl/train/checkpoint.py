@@ -127,10 +127,12 @@ class Checkpointer:
         if step not in self.steps():
             raise CheckpointError(f"no checkpoint for step {step} in {self.dir!r}; available: {self.steps()}")
         try:
-            out = self.manager.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
-            )
+            with _quiet_async_teardown():
+                out = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                            meta=ocp.args.JsonRestore()),
+                )
         except Exception as e:  # orbax raises many types for truncated / edited folders
             raise CheckpointError(
                 f"checkpoint {os.path.join(self.dir, str(step))!r} is unreadable or corrupt "
@@ -151,6 +153,28 @@ class Checkpointer:
     def close(self):
         with _sigint_deferred():
             self.manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_async_teardown():
+    """Drop the "Event loop is closed" / "coroutine ... was never awaited" reports that TensorStore's
+    callbacks raise when orbax abandons a failed read (dozens of tracebacks burying the one error
+    that matters); any other unraisable exception is reported as usual."""
+    import sys
+
+    prev = sys.unraisablehook
+
+    def hook(u):
+        text = f"{u.exc_type.__name__ if u.exc_type else ''}: {u.exc_value} {u.err_msg or ''} {u.object!r}"
+        if "Event loop is closed" in text or "coroutine" in text:
+            return
+        prev(u)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = prev
 
 
 @contextlib.contextmanager

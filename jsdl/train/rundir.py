@@ -26,6 +26,7 @@ import time
 import warnings
 from typing import Any, Callable, Optional
 
+
 __all__ = ["CHANGEABLE", "RunLockedError", "ResumeError", "RunLock", "read_run_record", "write_json",
            "check_resume", "restore_latest", "append_metrics", "truncate_metrics", "bench_fingerprint",
            "files_fingerprint", "load_run", "LOCK_NAME"]
@@ -294,9 +295,10 @@ def restore_latest(ckpt, abstract_for: Callable[[dict], Any], step: Optional[int
         bad = [b for b in steps if b > s]
         if bad:
             moved = ckpt.quarantine(bad)
+            cause = first_err.__cause__ or first_err
             warnings.warn(
-                f"checkpoint step {bad[-1]} in {ckpt.dir} is unreadable or corrupt ({str(first_err)[:200]}); "
-                f"resuming from step {s} (the unreadable step folder(s) {bad} moved to {moved})",
+                f"checkpoint step {bad[-1]} in {ckpt.dir} is unreadable or corrupt ({type(cause).__name__}: "
+                f"{str(cause)[:160]}); using step {s} instead (the unreadable step folder(s) {bad} moved to {moved})",
                 RuntimeWarning, stacklevel=2,
             )
         return out
