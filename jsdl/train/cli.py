@@ -330,6 +330,9 @@ def run(args) -> int:
         cfg = load_config(args.config, args.set)
         out_dir = args.out or cfg.out_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     # Everything above is validated before jax is touched or anything compiles.
+    from jsdl.train.rundir import check_unlocked
+
+    check_unlocked(out_dir)
     spec = cfg.spec.build()
     if args.distributed:
         _distributed(args)

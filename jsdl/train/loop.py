@@ -217,7 +217,8 @@ def _log(io: _LoopIO, stepper, state, t, n_steps, lr_host, config, t0, diverged,
 def _interrupted(io: _LoopIO, t: int) -> TrainingInterrupted:
     if io.ckpt is None:
         return TrainingInterrupted(f"interrupted at step {t}; no out_dir was given, so nothing was saved")
-    last = "no checkpoint was written yet" if io.last_saved is None else f"the last checkpoint is step {io.last_saved}"
+    saved = io.ckpt.latest_step()  # a save that Ctrl-C interrupted was completed first (see Checkpointer.save)
+    last = "no checkpoint was written yet" if saved is None else f"the last checkpoint is step {saved}"
     return TrainingInterrupted(f"interrupted at step {t}; {last}; resume with `jsdl train --resume {io.out_dir}` "
                                "(Python: the same fit call with resume=True)")
 

@@ -83,13 +83,8 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                holder = _read_lock(self.path)
                 os.close(fd)
-                raise RunLockedError(
-                    f"run directory {run_dir!r} is being written by pid {holder.get('pid', '?')} on host "
-                    f"{holder.get('host', '?')} (since {holder.get('since', '?')}); wait for it to finish or stop it "
-                    f"(if no such process exists, e.g. on a network filesystem without locks, delete {self.path})"
-                ) from None
+                raise _locked(run_dir, self.path) from None
             # The file may have been unlinked by a releasing writer between open and flock: retry.
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
@@ -129,6 +124,33 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _locked(run_dir: str, path: str) -> RunLockedError:
+    holder = _read_lock(path)
+    return RunLockedError(
+        f"run directory {run_dir!r} is being written by pid {holder.get('pid', '?')} on host "
+        f"{holder.get('host', '?')} (since {holder.get('since', '?')}); wait for it to finish or stop it "
+        f"(if no such process exists, e.g. on a network filesystem without locks, delete {path})"
+    )
+
+
+def check_unlocked(run_dir: str) -> None:
+    """Raise :class:`RunLockedError` now if another process holds the run directory's lock (an early,
+    cheap check; the lock itself is taken when the run starts)."""
+    import fcntl
+
+    path = os.path.join(run_dir, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        raise _locked(run_dir, path) from None
+    finally:
+        os.close(fd)
 
 
 def _read_lock(path: str) -> dict:
