@@ -66,12 +66,11 @@ def _load_module(name: str):
 
 
 def _parse_override(item: str):
-    import yaml
+    """``--set key=value`` or ``--set section.key=value`` (the one KEY=VALUE syntax; YAML values)."""
+    from jsdl.train.config import parse_set
 
-    if "=" not in item:
-        raise ValueError(f"--set expects key=value, got {item!r}")
-    k, v = item.split("=", 1)
-    return k.strip(), yaml.safe_load(v)
+    (path, value), = parse_set([item])
+    return ".".join(path), value
 
 
 def run_experiment(name: str, scale: str = "small", out_dir: str | None = None, *, overrides: dict | None = None,
@@ -81,9 +80,13 @@ def run_experiment(name: str, scale: str = "small", out_dir: str | None = None, 
 
     config = load_config(name, scale)
     for k, v in (overrides or {}).items():
-        if k not in config:
+        head, _, rest = k.partition(".")
+        if head not in config or (rest and not isinstance(config[head], dict)):
             raise ValueError(f"experiment {name!r} ({scale}) has no setting {k!r}; settings: {sorted(config)}")
-        config[k] = v
+        if rest:
+            config[head] = {**config[head], rest: v}
+        else:
+            config[head] = v
     out_dir = out_dir or os.path.join("runs", "experiments", name, scale)
     os.makedirs(out_dir, exist_ok=True)
     mod = _load_module(name)

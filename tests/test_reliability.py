@@ -398,6 +398,16 @@ def test_one_set_syntax():
         config_from_dict({}, ["train.steps"])
     with pytest.raises(ValueError, match=r"keys are section.key"):
         config_from_dict({}, ["train.x.y=1"])
+    # the penalty lab and the experiments take the same form (the lab's old --hyper is a clear error)
+    from jsdl import experiments
+    from jsdl.lab import _parse_hyper
+
+    assert _parse_hyper(["penalty.eps=1e-3"]) == {"eps": 1e-3}
+    with pytest.raises(ValueError, match=r"--hyper is gone: write --set penalty.eps=1e-3"):
+        _parse_hyper([], ["eps=1e-3"])
+    with pytest.raises(ValueError, match=r"--set penalty.NAME=VALUE"):
+        _parse_hyper(["eps=1e-3"])
+    assert experiments._parse_override("train.learning_rate=3e-3") == ("train.learning_rate", 3e-3)
 
 
 def test_silent_data_defaults_are_errors(tmp_path, capsys):

@@ -18,6 +18,7 @@ for what is measured and how.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import os
@@ -74,20 +75,18 @@ def _parse_coefs(text: str):
     return out
 
 
-def _parse_hyper(items):
+def _parse_hyper(items, legacy=()):
+    """``--set penalty.NAME=VALUE`` items -> penalty hyperparameters (values parsed as YAML: 1e-3 is a float)."""
+    from jsdl.train.config import parse_set
+
+    if legacy:
+        raise ValueError(f"--hyper is gone: write --set penalty.{legacy[0]} (one KEY=VALUE syntax: --set section.key=value)")
     hyper = {}
-    for it in items or []:
-        if "=" not in it:
-            raise ValueError(f"--hyper expects NAME=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
-        try:
-            val = int(v)
-        except ValueError:
-            try:
-                val = float(v)
-            except ValueError:
-                val = v
-        hyper[k.strip()] = val
+    for path, val in parse_set(items):
+        if len(path) != 2 or path[0] != "penalty":
+            raise ValueError(f"--set {'.'.join(path)}: the penalty lab takes penalty hyperparameters as "
+                             "--set penalty.NAME=VALUE (e.g. --set penalty.eps=1e-3)")
+        hyper[path[1]] = val
     return hyper
 
 
@@ -97,8 +96,9 @@ def add_arguments(p):
                    help="a Python file or module that registers the penalty (repeatable)")
     p.add_argument("--coefs", default=None,
                    help="comma-separated coefficient grid (default: auto, scaled to the penalty)")
-    p.add_argument("--hyper", action="append", default=[], metavar="NAME=VALUE",
-                   help="penalty hyperparameter (repeatable), e.g. --hyper eps=1e-3")
+    p.add_argument("--set", action="append", default=[], metavar="penalty.NAME=VALUE",
+                   help="penalty hyperparameter (repeatable), e.g. --set penalty.eps=1e-3")
+    p.add_argument("--hyper", action="append", default=[], help=argparse.SUPPRESS)  # old syntax: a clear error
     p.add_argument("--scale", default="small", choices=sorted(SCALES), help="problem size (default small: CPU minutes)")
     p.add_argument("--seeds", type=int, default=None, help="models per grid point (default: the scale's)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of bench, data and initialisation")
@@ -109,9 +109,10 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    for spec in args.imports:
-        import_user_module(spec)
-    hyper = _parse_hyper(args.hyper)
+    from jsdl import plugins
+
+    plugins.load_all(args.imports)  # the same loader as `jsdl --import` (a file is imported once)
+    hyper = _parse_hyper(args.set, args.hyper)
     if args.checks_only:
         res = check_penalty(args.name, hyper)
         print(res.to_markdown())
