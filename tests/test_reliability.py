@@ -509,7 +509,7 @@ def test_soak_sigkill_at_random_moments(tmp_path):
     metrics = os.path.join(run, "metrics.jsonl")
     size = lambda: os.path.getsize(metrics) if os.path.isfile(metrics) else 0  # noqa: E731
     rng = random.Random(0)
-    kills = 0
+    kills = in_save = 0
     p = start("train", cfg, "--out", run, "--no-progress")
     while kills < 20:
         # kill at a random moment once training is under way (past the restore and the compile)
@@ -521,8 +521,11 @@ def test_soak_sigkill_at_random_moments(tmp_path):
         p.send_signal(signal.SIGKILL)
         p.wait()
         kills += 1
+        cdir = os.path.join(run, "checkpoints")
+        in_save += any(not n.isdigit() for n in os.listdir(cdir))  # orbax's temporary folder of a save
         p = start("train", "--resume", run, "--no-progress")
     p.communicate(timeout=900)
+    print(f"soak: {kills} SIGKILLs, {in_save} of them during a checkpoint save")
     assert p.returncode == 0, p.stderr.read() if p.stderr else ""
     assert kills == 20
     steps = [r["step"] for r in rows(run)]
