@@ -233,10 +233,6 @@ def to_saelens(params, spec, *, input_scale: float | None = None, target_scale: 
 
 def from_saelens(state: Mapping[str, Any], cfg: Mapping[str, Any]):
     """``(params, spec)`` from a SAELens state dict and cfg (see the module docstring)."""
-    import jax.numpy as jnp
-
-    from jsdl.objective import SDLParams, make_spec
-
     state = {k: np.asarray(v) for k, v in state.items()}
     for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
         if k not in state:
@@ -266,27 +262,47 @@ def from_saelens(state: Mapping[str, Any], cfg: Mapping[str, Any]):
         raise ValueError("finetuning_scaling_factor is not supported")
 
     if jm is not None:
-        spec = spec_from_dict(jm["spec"])
-        th_shape = jm.get("threshold_shape")
-        threshold = None
-        if th_shape is not None:
-            if "threshold" not in state:
-                raise ValueError("jsdl metadata says the model has a threshold but the weights have none")
-            threshold = state["threshold"]
-            if tuple(th_shape) != threshold.shape:
-                threshold = threshold.reshape(-1)[: int(np.prod(th_shape))].reshape(th_shape) if th_shape else threshold[0]
-        if cfg.get("apply_b_dec_to_input", True):
-            raise ValueError("a jsdl export has apply_b_dec_to_input=False; this cfg.json was edited")
-        params = SDLParams(
-            W_E=jnp.asarray(W_enc.T),
-            W_D=None if spec.tied else jnp.asarray(W_dec.T),
-            b_E=jnp.asarray(b_enc) if spec.bias else None,
-            b_D=jnp.asarray(b_dec) if spec.bias else None,
-            threshold=None if threshold is None else jnp.asarray(threshold),
-        )
-        return params, spec
+        return _from_jsdl_export(state, cfg, jm)
+    return _from_native_saelens(state, cfg, arch)
 
-    # A file written by SAELens itself.
+
+def _from_jsdl_export(state, cfg, jm):
+    """A directory written by :func:`export_saelens`: the recorded spec and params, bit-exact."""
+    import jax.numpy as jnp
+
+    from jsdl.objective import SDLParams
+
+    W_enc, W_dec, b_enc, b_dec = state["W_enc"], state["W_dec"], state["b_enc"], state["b_dec"]
+    spec = spec_from_dict(jm["spec"])
+    th_shape = jm.get("threshold_shape")
+    threshold = None
+    if th_shape is not None:
+        if "threshold" not in state:
+            raise ValueError("jsdl metadata says the model has a threshold but the weights have none")
+        threshold = state["threshold"]
+        if tuple(th_shape) != threshold.shape:
+            threshold = threshold.reshape(-1)[: int(np.prod(th_shape))].reshape(th_shape) if th_shape else threshold[0]
+    if cfg.get("apply_b_dec_to_input", True):
+        raise ValueError("a jsdl export has apply_b_dec_to_input=False; this cfg.json was edited")
+    params = SDLParams(
+        W_E=jnp.asarray(W_enc.T),
+        W_D=None if spec.tied else jnp.asarray(W_dec.T),
+        b_E=jnp.asarray(b_enc) if spec.bias else None,
+        b_D=jnp.asarray(b_dec) if spec.bias else None,
+        threshold=None if threshold is None else jnp.asarray(threshold),
+    )
+    return params, spec
+
+
+def _from_native_saelens(state, cfg, arch):
+    """A directory written by SAELens: ``apply_b_dec_to_input`` and TopK's decoder-norm rescaling
+    are folded into the weights."""
+    import jax.numpy as jnp
+
+    from jsdl.objective import SDLParams, make_spec
+
+    W_enc, W_dec, b_enc, b_dec = state["W_enc"], state["W_dec"], state["b_enc"], state["b_dec"]
+    d_sae = W_enc.shape[1]
     f64 = np.float64
     W_E = W_enc.T.astype(f64)
     b_E = b_enc.astype(f64)
