@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -441,13 +442,16 @@ class _RunDir:
             ckpt = Checkpointer(self.dir, keep=keep, create=False)
             if ckpt.latest_step() is None:
                 ckpt.close()
-                raise CheckpointError(f"cannot resume: no checkpoint found in {ckpt.dir!r}")
+                raise CheckpointError(f"cannot resume: no checkpoint found in {ckpt.dir!r} (the run stopped before its "
+                                      "first checkpoint); start it again without resume")
             return ckpt
         cdir = os.path.join(self.dir, "checkpoints")
-        if os.path.isdir(cdir) and os.listdir(cdir):
+        if os.path.isdir(cdir) and any(n.isdigit() for n in os.listdir(cdir)):
             raise ValueError(
                 f"{self.dir!r} already holds checkpoints; pass resume=True (CLI: --resume) to continue, or use a new out_dir"
             )
+        if os.path.isdir(cdir):  # only the temporary folder of a save that was killed: start afresh
+            shutil.rmtree(cdir)
         rundir.write_json(os.path.join(self.dir, "run.json"), {**self.rec, "resumes": [], "finished": False})
         open(os.path.join(self.dir, "metrics.jsonl"), "w").close()
         return Checkpointer(self.dir, keep=keep, create=True)
