@@ -436,7 +436,6 @@ def test_silent_data_defaults_are_errors(tmp_path, capsys):
 
 
 def test_fewer_rows_than_a_batch_message(tmp_path, capsys):
-    from jsdl.cli import main
     from jsdl.data.files import write_shards
 
     x = np.random.default_rng(0).normal(size=(20, 12)).astype(np.float32)
