@@ -480,7 +480,8 @@ def _init_or_restore(plan: _Plan, config, d_in, d_t, dtype, run: Optional[_RunDi
         return init(*args), [_new_history() for _ in range(n)]
 
     def abstract_for(meta):
-        cfg = TrainConfig(**{**to_dict(config), **((meta or {}).get("config") or {})})
+        saved = {k: v for k, v in ((meta or {}).get("config") or {}).items() if k in to_dict(config)}
+        cfg = TrainConfig(**{**to_dict(config), **saved})
         return jax.eval_shape(lambda: _jit_init(plan.spec, cfg, d_in, d_t, dtype, plan.population)(*args))
 
     state, meta = run.restore(jax.eval_shape(lambda: init(*args)), abstract_for)

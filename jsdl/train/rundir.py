@@ -457,6 +457,8 @@ def abstract_state_factory(rec: dict):
     import jax
     import jax.numpy as jnp
 
+    import dataclasses
+
     from jsdl.train.config import TrainConfig
     from jsdl.train.state import init_state, spec_from_dict
 
@@ -467,7 +469,9 @@ def abstract_state_factory(rec: dict):
     vary = rec.get("vary_k", False)
 
     def abstract_for(meta: dict):
-        cfg = TrainConfig(**{**rec["config"], **((meta or {}).get("config") or {})})
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        saved = {**rec["config"], **((meta or {}).get("config") or {})}
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
         if population:
             def make():
                 def one(k, lr, coefs, kv):
@@ -492,6 +496,8 @@ def load_run(run_dir: str, step: Optional[int] = None):
     member axis). Plug-ins recorded by ``--import`` are imported first. Missing or corrupt
     directories raise :class:`CheckpointError`; a corrupt latest checkpoint falls back to the
     previous one with a warning."""
+    import dataclasses
+
     from jsdl import plugins
     from jsdl.train.checkpoint import Checkpointer, CheckpointError
     from jsdl.train.config import TrainConfig
@@ -500,7 +506,8 @@ def load_run(run_dir: str, step: Optional[int] = None):
     plugins.load_recorded(rec.get("plugins") or (rec.get("record") or {}).get("plugins") or [])
     try:
         spec, abstract_for = abstract_state_factory(rec)
-        config = TrainConfig(**rec["config"])
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in rec["config"].items() if k in known})
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir!r}/run.json does not describe a valid run: {e}") from None
     ckpt = Checkpointer(run_dir, keep=config.keep_checkpoints, create=False)
