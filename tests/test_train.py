@@ -2,7 +2,6 @@
 
 Sizes are tiny so the default suite stays fast; the minutes-long recovery check is marked slow."""
 import dataclasses
-import itertools
 import json
 import os
 import shutil
