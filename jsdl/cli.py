@@ -14,9 +14,11 @@ prints its traceback and exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+import warnings
 
 __all__ = ["COMMANDS", "EXIT_CODES", "build_parser", "main"]
 
@@ -85,6 +87,8 @@ def _attach(sub: argparse.ArgumentParser) -> None:
     mod = importlib.import_module(sub.get_default("_module"))
     if hasattr(mod, "add_arguments"):
         mod.add_arguments(sub)
+    if "--import" not in sub._option_string_actions:  # `jsdl CMD ... --import FILE` works too
+        sub.add_argument(*IMPORT_FLAG, **{**IMPORT_KW, "dest": "imports_after", "default": argparse.SUPPRESS})
     sub._jsdl_attached = True
 
 
@@ -97,11 +101,37 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action=_Version, help="print the version of jsdl and exit")
+    parser.add_argument(*IMPORT_FLAG, **IMPORT_KW)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=_LazySubcommands)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module)
     return parser
+
+
+# ``jsdl --import FILE_OR_MODULE CMD ...`` or ``jsdl CMD ... --import FILE_OR_MODULE`` (repeatable):
+# imported before the command runs (see jsdl.plugins); `jsdl train` records it in run.json.
+IMPORT_FLAG = ("--import",)
+IMPORT_KW = dict(dest="imports_before", action="append", default=[], metavar="FILE_OR_MODULE",
+                 help="import a Python file or module first (it may register penalties/activations); repeatable")
+
+
+@contextlib.contextmanager
+def _quiet_async_teardown():
+    """Drop the "Event loop is closed" reports TensorStore's callbacks raise, sometimes well after
+    orbax abandoned a failed read (a corrupt checkpoint); other unraisable exceptions are reported."""
+    prev = sys.unraisablehook
+
+    def hook(u):
+        if "Event loop is closed" in str(u.exc_value) or "was never awaited" in str(u.exc_value):
+            return
+        prev(u)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = prev
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,14 +143,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     mod = importlib.import_module(args._module)
     try:
-        return int(mod.run(args) or 0)
+        from jsdl import plugins
+
+        with warnings.catch_warnings(), _quiet_async_teardown():
+            # A warning is one line on the terminal ("jsdl train: warning: ..."), not file:line + source.
+            warnings.showwarning = lambda msg, *a, **k: print(f"jsdl {args.command}: warning: {msg}", file=sys.stderr)
+            args.plugins = plugins.load_all(list(args.imports_before) + list(getattr(args, "imports_after", [])))
+            return int(mod.run(args) or 0)
     except USER_ERRORS as e:
         if os.environ.get("JSDL_DEBUG"):
             raise
         print(f"jsdl {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"jsdl {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # jsdl train says where it stopped and how to resume
+        print(f"jsdl {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -39,7 +39,14 @@ on raw activations: ``W_E <- s_p W_E``, ``W_D <- W_D / s_r``, ``b_D <- b_D / s_r
 hence thresholds, are unchanged).
 
 CLI: ``jsdl export --format saelens RUN_DIR OUT_DIR`` (a run directory written by
-``jsdl.train.fit(..., out_dir=...)`` / ``jsdl train``) or ``--from-saelens DIR`` to check a file.
+``jsdl.train.fit(..., out_dir=...)`` / ``jsdl train``) or ``jsdl export --check SAELENS_DIR`` to
+import a SAELens directory and print what it holds.
+
+Safety: the output directory must be new or empty (``--force`` / ``force=True`` to overwrite); a run
+that did not finish is refused unless a step is named (``--step N``) or ``--allow-unfinished`` is
+given; ``cfg["metadata"]["jsdl_run"]`` records the run directory, the exported step, whether the
+run had finished and the normalisation that was folded in. Plug-ins the run was trained with
+(``jsdl --import``) are imported again from run.json.
 """
 from __future__ import annotations
 
@@ -226,10 +233,6 @@ def to_saelens(params, spec, *, input_scale: float | None = None, target_scale: 
 
 def from_saelens(state: Mapping[str, Any], cfg: Mapping[str, Any]):
     """``(params, spec)`` from a SAELens state dict and cfg (see the module docstring)."""
-    import jax.numpy as jnp
-
-    from jsdl.objective import SDLParams, make_spec
-
     state = {k: np.asarray(v) for k, v in state.items()}
     for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
         if k not in state:
@@ -259,27 +262,47 @@ def from_saelens(state: Mapping[str, Any], cfg: Mapping[str, Any]):
         raise ValueError("finetuning_scaling_factor is not supported")
 
     if jm is not None:
-        spec = spec_from_dict(jm["spec"])
-        th_shape = jm.get("threshold_shape")
-        threshold = None
-        if th_shape is not None:
-            if "threshold" not in state:
-                raise ValueError("jsdl metadata says the model has a threshold but the weights have none")
-            threshold = state["threshold"]
-            if tuple(th_shape) != threshold.shape:
-                threshold = threshold.reshape(-1)[: int(np.prod(th_shape))].reshape(th_shape) if th_shape else threshold[0]
-        if cfg.get("apply_b_dec_to_input", True):
-            raise ValueError("a jsdl export has apply_b_dec_to_input=False; this cfg.json was edited")
-        params = SDLParams(
-            W_E=jnp.asarray(W_enc.T),
-            W_D=None if spec.tied else jnp.asarray(W_dec.T),
-            b_E=jnp.asarray(b_enc) if spec.bias else None,
-            b_D=jnp.asarray(b_dec) if spec.bias else None,
-            threshold=None if threshold is None else jnp.asarray(threshold),
-        )
-        return params, spec
+        return _from_jsdl_export(state, cfg, jm)
+    return _from_native_saelens(state, cfg, arch)
 
-    # A file written by SAELens itself.
+
+def _from_jsdl_export(state, cfg, jm):
+    """A directory written by :func:`export_saelens`: the recorded spec and params, bit-exact."""
+    import jax.numpy as jnp
+
+    from jsdl.objective import SDLParams
+
+    W_enc, W_dec, b_enc, b_dec = state["W_enc"], state["W_dec"], state["b_enc"], state["b_dec"]
+    spec = spec_from_dict(jm["spec"])
+    th_shape = jm.get("threshold_shape")
+    threshold = None
+    if th_shape is not None:
+        if "threshold" not in state:
+            raise ValueError("jsdl metadata says the model has a threshold but the weights have none")
+        threshold = state["threshold"]
+        if tuple(th_shape) != threshold.shape:
+            threshold = threshold.reshape(-1)[: int(np.prod(th_shape))].reshape(th_shape) if th_shape else threshold[0]
+    if cfg.get("apply_b_dec_to_input", True):
+        raise ValueError("a jsdl export has apply_b_dec_to_input=False; this cfg.json was edited")
+    params = SDLParams(
+        W_E=jnp.asarray(W_enc.T),
+        W_D=None if spec.tied else jnp.asarray(W_dec.T),
+        b_E=jnp.asarray(b_enc) if spec.bias else None,
+        b_D=jnp.asarray(b_dec) if spec.bias else None,
+        threshold=None if threshold is None else jnp.asarray(threshold),
+    )
+    return params, spec
+
+
+def _from_native_saelens(state, cfg, arch):
+    """A directory written by SAELens: ``apply_b_dec_to_input`` and TopK's decoder-norm rescaling
+    are folded into the weights."""
+    import jax.numpy as jnp
+
+    from jsdl.objective import SDLParams, make_spec
+
+    W_enc, W_dec, b_enc, b_dec = state["W_enc"], state["W_dec"], state["b_enc"], state["b_dec"]
+    d_sae = W_enc.shape[1]
     f64 = np.float64
     W_E = W_enc.T.astype(f64)
     b_E = b_enc.astype(f64)
@@ -319,15 +342,27 @@ def from_saelens(state: Mapping[str, Any], cfg: Mapping[str, Any]):
     return params, spec
 
 
+def _check_out_dir(out_dir, force: bool) -> None:
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"output path {out_dir!r} is a file; give a directory to write (new or empty)")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        held = ", ".join(sorted(os.listdir(out_dir))[:4])
+        raise ValueError(f"output directory {out_dir!r} is not empty (it holds {held}); choose a new directory or "
+                         "pass --force (force=True) to overwrite")
+
+
 def export_saelens(params, spec, out_dir: str, *, input_scale: float | None = None,
                    target_scale: float | None = None, normalization: Mapping[str, Any] | None = None,
-                   metadata: Mapping[str, Any] | None = None, dtype: str | None = None) -> str:
+                   metadata: Mapping[str, Any] | None = None, dtype: str | None = None, force: bool = False) -> str:
     """Write ``out_dir/sae_weights.safetensors`` and ``out_dir/cfg.json`` (SAELens format).
 
     ``normalization`` may be the ``"normalization"`` record of
-    :meth:`jsdl.data.files.ActivationFiles.info` (its ``input_scale``/``target_scale`` are folded in)."""
+    :meth:`jsdl.data.files.ActivationFiles.info` (its ``input_scale``/``target_scale`` are folded in).
+    ``out_dir`` must be new or empty unless ``force``."""
     from jsdl.data.files import write_safetensors
 
+    _check_out_dir(out_dir, force)
     if normalization:
         input_scale = normalization.get("input_scale", input_scale)
         target_scale = normalization.get("target_scale", target_scale)
@@ -394,19 +429,28 @@ def _normalization_of(info: Mapping[str, Any]) -> dict | None:
 
 
 def export_run(run_dir: str, out_dir: str, *, format: str = "saelens", member: int | None = None,
-               metadata: Mapping[str, Any] | None = None) -> str:
-    """Export the final parameters of a run directory (``jsdl.train.load_run``). A population run
-    needs ``member`` (the index along the leading axis; the member's own k and coefficients are
+               metadata: Mapping[str, Any] | None = None, step: int | None = None, allow_unfinished: bool = False,
+               force: bool = False) -> str:
+    """Export the parameters of a run directory (``jsdl.train.load_run``): the final ones of a
+    finished run, or those of checkpoint ``step``; an unfinished run without ``step`` is refused
+    unless ``allow_unfinished`` (its latest checkpoint is exported). A population run needs
+    ``member`` (the index along the leading axis; the member's own k and coefficients are
     recorded). Normalisation recorded by the data source (``info["data"]["normalization"]``, or
     ``info["record"]["data"]["normalization"]`` when the run was given
-    ``record={"data": source.info()}``) is folded into the weights."""
+    ``record={"data": source.info()}``) is folded into the weights. ``out_dir`` must be new or
+    empty unless ``force``."""
     if format != "saelens":
         raise ValueError(f"unknown export format {format!r}; available: saelens")
-    try:
-        from jsdl.train import load_run
-    except ImportError as e:  # pragma: no cover - the training package is part of jsdl
-        raise ValueError(f"jsdl.train.load_run is not available in this build ({e})") from None
-    params, spec, info = load_run(run_dir)
+    _check_out_dir(out_dir, force)
+    from jsdl.train import load_run
+
+    params, spec, info = load_run(run_dir, step)
+    if step is None and not info["finished"] and not allow_unfinished:
+        raise ValueError(
+            f"run {run_dir} did not finish: its latest checkpoint is step {info['step']} of "
+            f"train.steps={info['config'].steps}; resume it (jsdl train --resume {run_dir}), or export that "
+            f"checkpoint with --step {info['step']} (step=...) or --allow-unfinished"
+        )
     import jax
 
     if params.W_E.ndim == 3:
@@ -430,8 +474,11 @@ def export_run(run_dir: str, out_dir: str, *, format: str = "saelens", member: i
             spec = spec_from_dict(d)
     elif member not in (None, 0):
         raise ValueError(f"run {run_dir} holds one model; member={member} does not apply")
-    meta = {"jsdl_run_dir": os.path.abspath(run_dir), **dict(metadata or {})}
-    return export_saelens(params, spec, out_dir, normalization=_normalization_of(info or {}), metadata=meta)
+    norm = _normalization_of(info or {})
+    run_meta = {"run_dir": os.path.abspath(run_dir), "step": info["step"], "finished": info["finished"],
+                "train_steps": info["config"].steps, "member": member, "normalization": norm}
+    meta = {"jsdl_run_dir": os.path.abspath(run_dir), "jsdl_run": run_meta, **dict(metadata or {})}
+    return export_saelens(params, spec, out_dir, normalization=norm, metadata=meta, force=force)
 
 
 def add_arguments(p) -> None:
@@ -443,6 +490,10 @@ def add_arguments(p) -> None:
     p.add_argument("--hook-name", default=None, help="cfg metadata hook_name (where the activations came from)")
     p.add_argument("--check", metavar="SAELENS_DIR", default=None,
                    help="instead of exporting, import a SAELens directory and print what it holds")
+    p.add_argument("--step", type=int, default=None, help="export the checkpoint of this step (default: the last)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="export the latest checkpoint of a run that did not finish")
+    p.add_argument("--force", action="store_true", help="write into a non-empty output directory (overwrite)")
 
 
 def run(args) -> int:
@@ -453,6 +504,11 @@ def run(args) -> int:
     if not args.run_dir or not args.out_dir:
         raise ValueError("usage: jsdl export --format saelens RUN_DIR OUT_DIR")
     meta = {k: v for k, v in (("model_name", args.model_name), ("hook_name", args.hook_name)) if v is not None}
-    out = export_run(args.run_dir, args.out_dir, format=args.format, member=args.member, metadata=meta)
-    print(f"wrote {os.path.join(out, SAE_WEIGHTS_FILENAME)} and {os.path.join(out, SAE_CFG_FILENAME)}")
+    out = export_run(args.run_dir, args.out_dir, format=args.format, member=args.member, metadata=meta,
+                     step=args.step, allow_unfinished=args.allow_unfinished, force=args.force)
+    with open(os.path.join(out, SAE_CFG_FILENAME)) as f:
+        run_meta = json.load(f)["metadata"]["jsdl_run"]
+    state = "finished run" if run_meta["finished"] else f"UNFINISHED run (train.steps={run_meta['train_steps']})"
+    print(f"wrote {os.path.join(out, SAE_WEIGHTS_FILENAME)} and {os.path.join(out, SAE_CFG_FILENAME)} "
+          f"(step {run_meta['step']} of a {state})")
     return 0

@@ -2,7 +2,6 @@
 
 Sizes are tiny so the default suite stays fast; the minutes-long recovery check is marked slow."""
 import dataclasses
-import itertools
 import json
 import os
 import shutil
@@ -521,3 +520,25 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert main(["train", str(cfg)]) == 2
     assert "train.steps must be of type int" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "missing")]) == 2
+
+
+def test_plots_use_the_figure_api_and_leave_the_backend_alone(tmp_path):
+    """End-of-run plots are written without switching matplotlib's backend (a notebook keeps its own)."""
+    import matplotlib
+
+    from jsdl.train.plots import write_plots
+
+    before = matplotlib.get_backend()
+    b = toy()
+    spec = jsdl.make_spec(activation="topk", n_latents=32, k=3)
+    state, hist = fit(jax.random.PRNGKey(0), spec, b, dataclasses.replace(CFG, steps=20))
+    write_plots(str(tmp_path), [hist], [state.params], b, None, [""])
+    assert (tmp_path / "training.png").stat().st_size > 1000
+    assert matplotlib.get_backend() == before
+    import inspect
+
+    from jsdl.train import loop as loop_mod
+    from jsdl.train import plots as plots_mod
+
+    for mod in (loop_mod, plots_mod):
+        assert "matplotlib.use(" not in inspect.getsource(mod) and "pyplot" not in inspect.getsource(mod)

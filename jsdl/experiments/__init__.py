@@ -129,12 +129,11 @@ def _load_module(name: str):
 
 
 def _parse_override(item: str):
-    import yaml
+    """``--set key=value`` or ``--set section.key=value`` (the one KEY=VALUE syntax; YAML values)."""
+    from jsdl.train.config import parse_set
 
-    if "=" not in item:
-        raise ValueError(f"--set expects key=value, got {item!r}")
-    k, v = item.split("=", 1)
-    return k.strip(), yaml.safe_load(v)
+    (path, value), = parse_set([item])
+    return ".".join(path), value
 
 
 def run_experiment(name: str, scale: str = "small", out_dir: str | None = None, *, overrides: dict | None = None,

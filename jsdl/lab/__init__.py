@@ -21,6 +21,7 @@ for what is measured and how.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import os
@@ -31,33 +32,7 @@ from jsdl.lab.core import SCALES, Scale, auto_coefs, run_lab
 
 __all__ = ["ActivationChecks", "Check", "PenaltyChecks", "SCALES", "Scale", "add_arguments", "auto_coefs",
            "check_activation", "check_penalty",
-           "import_user_module", "run", "run_lab"]
-
-
-def import_user_module(spec: str):
-    """Import ``spec``: a path to a ``.py`` file (its penalties register on import) or a dotted
-    module name on ``sys.path`` (the current directory included)."""
-    if spec.endswith(".py") or os.sep in spec or os.path.isfile(spec):
-        path = os.path.abspath(spec)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--import {spec!r}: no such file")
-        mod_name = "jsdl_user_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
-        s = importlib.util.spec_from_file_location(mod_name, path)
-        if s is None or s.loader is None:
-            raise ValueError(f"--import {spec!r}: cannot load it as a Python module")
-        mod = importlib.util.module_from_spec(s)
-        sys.modules[mod_name] = mod
-        s.loader.exec_module(mod)
-        return mod
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return importlib.import_module(spec)
-    except ModuleNotFoundError as e:
-        if e.name == spec or spec.startswith(f"{e.name}."):
-            raise ValueError(f"--import {spec!r}: no module of that name (pass a .py file path or a module on "
-                             "sys.path)") from None
-        raise
+           "run", "run_lab"]
 
 
 def _parse_coefs(text: str):
@@ -78,20 +53,18 @@ def _parse_coefs(text: str):
     return out
 
 
-def _parse_hyper(items):
+def _parse_hyper(items, legacy=()):
+    """``--set penalty.NAME=VALUE`` items -> penalty hyperparameters (values parsed as YAML: 1e-3 is a float)."""
+    from jsdl.train.config import parse_set
+
+    if legacy:
+        raise ValueError(f"--hyper is gone: write --set penalty.{legacy[0]} (one KEY=VALUE syntax: --set section.key=value)")
     hyper = {}
-    for it in items or []:
-        if "=" not in it:
-            raise ValueError(f"--hyper expects NAME=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
-        try:
-            val = int(v)
-        except ValueError:
-            try:
-                val = float(v)
-            except ValueError:
-                val = v
-        hyper[k.strip()] = val
+    for path, val in parse_set(items):
+        if len(path) != 2 or path[0] != "penalty":
+            raise ValueError(f"--set {'.'.join(path)}: the penalty lab takes penalty hyperparameters as "
+                             "--set penalty.NAME=VALUE (e.g. --set penalty.eps=1e-3)")
+        hyper[path[1]] = val
     return hyper
 
 
@@ -102,8 +75,9 @@ def add_arguments(p):
                    help="a Python file or module that registers the penalty (repeatable)")
     p.add_argument("--coefs", default=None,
                    help="comma-separated coefficient grid (default: auto, scaled to the penalty)")
-    p.add_argument("--hyper", action="append", default=[], metavar="NAME=VALUE",
-                   help="penalty hyperparameter (repeatable), e.g. --hyper eps=1e-3")
+    p.add_argument("--set", action="append", default=[], metavar="penalty.NAME=VALUE",
+                   help="penalty hyperparameter (repeatable), e.g. --set penalty.eps=1e-3")
+    p.add_argument("--hyper", action="append", default=[], help=argparse.SUPPRESS)  # old syntax: a clear error
     p.add_argument("--scale", default="small", choices=sorted(SCALES), help="problem size (default small: CPU minutes)")
     p.add_argument("--seeds", type=int, default=None, help="models per grid point (default: the scale's)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of bench, data and initialisation")
@@ -117,9 +91,10 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    for spec in args.imports:
-        import_user_module(spec)
-    hyper = _parse_hyper(args.hyper)
+    from jsdl import plugins
+
+    plugins.load_all(args.imports)  # the same loader as `jsdl --import` (a file is imported once)
+    hyper = _parse_hyper(args.set, args.hyper)
     if args.activation:
         res = check_activation(args.name, hyper)
         print(res.to_markdown())

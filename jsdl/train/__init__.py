@@ -10,7 +10,9 @@ from jsdl.train.anchors import anchors_from_class_means, anchors_from_ground_tru
 from jsdl.train.checkpoint import CheckpointError
 from jsdl.train.config import TrainConfig
 from jsdl.train.dead import dead_mask, resample_dead
-from jsdl.train.loop import Grid, NonFiniteLossError, fit, fit_population, load_run, member, population_data_key
+from jsdl.train.loop import (Grid, NonFiniteLossError, TrainingInterrupted, fit, fit_population, load_run, member,
+                             population_data_key)
+from jsdl.train.rundir import ResumeError, RunLockedError
 from jsdl.train.state import DeadStats, TrainState, init_state, spec_from_dict, spec_to_dict
 from jsdl.train.step import Stepper, make_mesh, model_step
 
@@ -19,9 +21,12 @@ __all__ = [
     "DeadStats",
     "Grid",
     "NonFiniteLossError",
+    "ResumeError",
+    "RunLockedError",
     "Stepper",
     "TrainConfig",
     "TrainState",
+    "TrainingInterrupted",
     "anchors_from_class_means",
     "anchors_from_ground_truth",
     "dead_mask",

@@ -16,8 +16,14 @@ NamedTuples (orbax without a target would turn them into lists).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
+import shutil
+import signal
+import threading
+import time
 from typing import Optional
 
 from jsdl.records import to_jsonable
@@ -67,13 +73,34 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict) -> None:
+        """Save synchronously. Ctrl-C during the save is held until the save is complete (then
+        raised), so an interrupt never leaves orbax half-way through its threads."""
         ocp = self._ocp
-        self.manager.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(to_jsonable(meta))),
-            force=True,
-        )
-        self.manager.wait_until_finished()
+        with _sigint_deferred():
+            if int(step) in self.manager.all_steps():
+                self.manager.delete(int(step))
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(to_jsonable(meta))),
+                force=True,
+            )
+            self.manager.wait_until_finished()
+
+    def quarantine(self, steps) -> str:
+        """Move the step folders ``steps`` out of ``checkpoints/`` into ``corrupt_checkpoints/``
+        (kept for inspection, no longer seen by restores)."""
+        dest = os.path.join(self.run_dir, "corrupt_checkpoints")
+        os.makedirs(dest, exist_ok=True)
+        for s in steps:
+            src = os.path.join(self.dir, str(s))
+            if os.path.isdir(src):
+                target = os.path.join(dest, str(s))
+                if os.path.exists(target):
+                    shutil.rmtree(target)
+                os.replace(src, target)
+        self.manager.reload()
+        return dest
 
     def restore(self, abstract_state, step: Optional[int] = None):
         """``(state, meta)`` at ``step`` (default: the latest). ``abstract_state`` is a pytree of
@@ -84,17 +111,24 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint found in {self.dir!r} (the folder has no complete step folders)")
         if step not in self.steps():
             raise CheckpointError(f"no checkpoint for step {step} in {self.dir!r}; available: {self.steps()}")
-        try:
-            out = self.manager.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
-            )
-        except Exception as e:  # orbax raises many types for truncated / edited folders
+        err = None
+        with _quiet_async_teardown():
+            try:
+                out = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                            meta=ocp.args.JsonRestore()),
+                )
+            except Exception as e:  # orbax raises many types for truncated / edited folders
+                err = e
+                # TensorStore's abandoned callbacks report a little later: let them do so while filtered.
+                gc.collect()
+                time.sleep(0.5)
+        if err is not None:
             raise CheckpointError(
                 f"checkpoint {os.path.join(self.dir, str(step))!r} is unreadable or corrupt "
-                f"({type(e).__name__}: {str(e)[:300]}); delete it to fall back to an earlier step "
-                f"(available: {self.steps()})"
-            ) from e
+                f"({type(err).__name__}: {str(err)[:300]}; available steps: {self.steps()})"
+            ) from err
         return out["state"], out["meta"]
 
     def meta(self, step: Optional[int] = None) -> dict:
@@ -108,4 +142,43 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint metadata of step {step} in {self.dir!r} is unreadable: {e}") from e
 
     def close(self):
-        self.manager.close()
+        with _sigint_deferred():
+            self.manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_async_teardown():
+    """Drop the "Event loop is closed" / "coroutine ... was never awaited" reports that TensorStore's
+    callbacks raise when orbax abandons a failed read (dozens of tracebacks burying the one error
+    that matters); any other unraisable exception is reported as usual."""
+    import sys
+
+    prev = sys.unraisablehook
+
+    def hook(u):
+        text = f"{u.exc_type.__name__ if u.exc_type else ''}: {u.exc_value} {u.err_msg or ''} {u.object!r}"
+        if "Event loop is closed" in text or "coroutine" in text:
+            return
+        prev(u)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = prev
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold SIGINT (Ctrl-C) for the duration of the block and raise KeyboardInterrupt after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    prev = signal.signal(signal.SIGINT, lambda *a: got.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, prev)
+    if got:
+        raise KeyboardInterrupt

@@ -8,11 +8,17 @@ anything is compiled::
     out_dir: runs/topk            # default runs/<config file name>
     spec:  {method: sae, activation: topk, n_latents: 400, k: 8}       # jsdl.make_spec arguments
     data:  {n_features: 100, d_input: 64, sparsity: 0.99, max_interference: 0.1}   # make_bench
+           or {bench: default}                                           # the default bench, said so
            or {files: {path: acts/, holdout: 0.05, normalize: true}}     # activation shards
     train: {steps: 2000, batch_size: 512, learning_rate: 0.003}         # jsdl.train.TrainConfig
     population: {seeds: [0, 1], coefs: {l1: [0.001, 0.01]}, k: [], learning_rate: []}  # optional
 
-``--set train.steps=100`` overrides one key (the value is parsed as YAML).
+``--set train.steps=100`` overrides one key (the value is parsed as YAML; ``1e-3`` is a float, in
+the file too). The ``data:`` section is required (``data: {bench: default}`` for the default bench).
+
+``jsdl train --resume DIR [--set train.KEY=VALUE ...]`` continues a run; only the settings in
+:data:`jsdl.train.rundir.CHANGEABLE` may change (recorded in run.json ``resumes``), anything else is
+refused naming the field. Plug-ins given by ``jsdl --import FILE`` are recorded and re-imported.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import os
 import sys
 from typing import Any, Optional, Union
 
-from jsdl.train.config import TrainConfig, check_types, from_dict, to_dict
+from jsdl.train.config import TrainConfig, check_types, from_dict, parse_set, to_dict, yaml_load
 
 __all__ = ["SpecConfig", "DataConfig", "PopulationConfig", "RunConfig", "load_config", "add_arguments", "run"]
 
@@ -113,9 +119,13 @@ class DataConfig:
     seed: int = 0
     options: dict = dataclasses.field(default_factory=dict)
     files: Optional[Union[str, dict]] = None
+    bench: Optional[str] = None
 
     def __post_init__(self):
         check_types(self, "data")
+        if self.bench not in (None, "default"):
+            raise ValueError(f"data.bench must be 'default' (the bench keys of data:, with their defaults), "
+                             f"got {self.bench!r}")
 
     def build_files(self):
         """The :class:`jsdl.data.files.ActivationFiles` of ``files`` (validated, nothing read yet)."""
@@ -182,18 +192,6 @@ SECTIONS = {"spec": SpecConfig, "data": DataConfig, "train": TrainConfig, "popul
 TOP = ("seed", "out_dir")
 
 
-def _parse_set(items: list[str]) -> list[tuple[list[str], Any]]:
-    import yaml
-
-    out = []
-    for it in items or []:
-        if "=" not in it:
-            raise ValueError(f"--set expects key=value (e.g. train.steps=100), got {it!r}")
-        k, v = it.split("=", 1)
-        out.append((k.strip().split("."), yaml.safe_load(v)))
-    return out
-
-
 def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> RunConfig:
     """Build a :class:`RunConfig` from a dict (parsed YAML) and ``--set`` overrides."""
     if raw is None:
@@ -202,7 +200,7 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> RunCon
         raise TypeError(f"a training config must be a YAML mapping, got {type(raw).__name__}")
     raw = json.loads(json.dumps(raw))  # deep copy
     valid = list(TOP) + list(SECTIONS)
-    for path, val in _parse_set(overrides or []):
+    for path, val in parse_set(overrides or []):
         if path[0] not in valid:
             raise ValueError(f"--set {'.'.join(path)}: unknown section or key {path[0]!r}; valid: {', '.join(valid)}")
         if len(path) == 1:
@@ -227,24 +225,37 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> RunCon
     return RunConfig(**kw)
 
 
+NO_DATA = ("{where} has no data: section; say what to train on: data: {{bench: default}} (the default "
+           "1000-feature, 768-wide Linear Representation Bench), bench keys such as data: {{n_features: 100, "
+           "d_input: 64}}, or data: {{files: DIR}}")
+
+
 def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:
+    """A :class:`RunConfig` from a YAML file and ``--set`` overrides; the ``data:`` section is required."""
     import yaml
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} not found")
     with open(path) as f:
         try:
-            raw = yaml.safe_load(f)
+            raw = yaml_load(f)
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: invalid YAML: {e}") from None
-    return config_from_dict(raw, overrides)
+    cfg = config_from_dict(raw, overrides)
+    data = (raw or {}).get("data") if isinstance(raw, dict) else None
+    set_data = any(p[0] == "data" for p, _ in parse_set(overrides or []))
+    if not data and not set_data:
+        raise ValueError(NO_DATA.format(where=f"config {path}"))
+    return cfg
 
 
 def add_arguments(p) -> None:
     p.add_argument("config", nargs="?", help="YAML config (sections spec/data/train, optional population)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.steps=100 (repeatable)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key, e.g. --set train.learning_rate=1e-3 (repeatable)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR from its latest checkpoint (only train.steps, learning rate and "
+                        "schedule, grad_clip, logging/checkpoint intervals... may change with --set)")
     p.add_argument("--out", help="run directory (default: out_dir of the config, else runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--distributed", action="store_true",
@@ -267,60 +278,99 @@ def _distributed(args):
     jax.distributed.initialize(**kw)
 
 
-def run(args) -> int:
-    from jsdl.train.checkpoint import read_run_record
+def _resume_config(args):
+    """The resumed run's config (recorded config + ``--set``), its plug-ins imported; a frozen change
+    is refused here, before jax starts, naming the config field (the library checks again)."""
+    from jsdl import plugins
+    from jsdl.train import rundir
 
+    rec = rundir.read_run_record(args.resume)
+    raw = (rec.get("record") or {}).get("config")
+    if raw is None:
+        raise ValueError(f"{args.resume!r} was not written by `jsdl train` (its run.json has no config record)")
+    recorded = plugins.load_recorded(rec.get("plugins") or [], where=os.path.join(args.resume, "run.json"))
+    old = config_from_dict(raw)
+    cfg = config_from_dict(raw, args.set)
+    _, frozen = rundir.split_changes(rundir.changes(old.to_dict(), cfg.to_dict()))
+    rundir.refuse(args.resume, frozen)
+    return cfg, recorded
+
+
+def _files_data(cfg, spec, record):
+    """The batches of ``data.files``, checked against the spec and the batch size."""
+    from jsdl.train import rundir
+
+    src = cfg.data.build_files()
+    B = cfg.train.batch_size
+    if spec.method == "crosscoder" and src.n_sources != spec.n_sources:
+        raise ValueError(
+            f"spec: method crosscoder with n_sources={spec.n_sources} needs {spec.n_sources} source streams of one "
+            f"width d (data.files: {{sources: [DIR_1, ..., DIR_{spec.n_sources}]}}, batches [B, {spec.n_sources}, d]); "
+            f"data.files gives {src.n_sources} stream(s) of width {src.d_input}"
+        )
+    if src.n_train < B:
+        raise ValueError(
+            f"data.files holds {src.n_train} training rows, fewer than one batch (train.batch_size={B}); "
+            "lower train.batch_size or add data"
+        )
+    record["data"] = src.info()  # the normalisation scales travel with the run (jsdl export folds them)
+    record["data_fingerprint"] = rundir.files_fingerprint(src)
+    return src.batches(B, seed=src.seed)
+
+
+def run(args) -> int:
     if bool(args.config) == bool(args.resume):
         raise ValueError("give either CONFIG.yaml or --resume DIR (not both, not neither)")
+    plugin_recs = list(getattr(args, "plugins", None) or [])
     if args.resume:
-        rec = read_run_record(args.resume)
-        raw = (rec.get("record") or {}).get("config")
-        if raw is None:
-            raise ValueError(f"{args.resume!r} was not written by `jsdl train` (its run.json has no config record)")
-        cfg = config_from_dict(raw, args.set)
+        cfg, recorded = _resume_config(args)
+        plugin_recs = recorded + [p for p in plugin_recs if p not in recorded]
         out_dir = args.resume
     else:
         cfg = load_config(args.config, args.set)
         out_dir = args.out or cfg.out_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     # Everything above is validated before jax is touched or anything compiles.
+    from jsdl.train.rundir import check_unlocked
+
+    check_unlocked(out_dir)
     spec = cfg.spec.build()
     if args.distributed:
         _distributed(args)
     import jax
 
-    from jsdl.train.loop import Grid, NonFiniteLossError, fit, fit_population
+    from jsdl.train.loop import Grid, NonFiniteLossError, TrainingInterrupted, fit, fit_population
 
     key = jax.random.PRNGKey(cfg.seed)
-    record = {"config": cfg.to_dict()}
+    record = {"config": cfg.to_dict(), "plugins": plugin_recs}
     if cfg.data.files is not None:
-        src = cfg.data.build_files()
-        data = src.batches(cfg.train.batch_size, seed=src.seed)
-        record["data"] = src.info()  # the normalisation scales travel with the run (jsdl export folds them)
+        data = _files_data(cfg, spec, record)
     else:
         data = cfg.data.build(spec.method)
     progress = False if args.no_progress else None
+    kw = dict(out_dir=out_dir, resume=bool(args.resume), progress=progress, record=record)
     try:
         if cfg.population is not None:
             grid = Grid(spec, seeds=cfg.population.seeds, coefs=cfg.population.coefs, k=cfg.population.k,
                         learning_rate=cfg.population.learning_rate)
-            _, hists = fit_population(key, grid, data, cfg.train, out_dir=out_dir, resume=bool(args.resume),
-                                      progress=progress, record=record)
+            _, hists = fit_population(key, grid, data, cfg.train, **kw)
             for i, h in enumerate(hists):
                 print(_summary_line(f"member {i} ({h['member']['spec']}, lr={h['member']['learning_rate']:g})",
                                     h["summary"]))
         else:
-            _, hist = fit(key, spec, data, cfg.train, out_dir=out_dir, resume=bool(args.resume), progress=progress,
-                          record=record)
+            _, hist = fit(key, spec, data, cfg.train, **kw)
             print(_summary_line(spec.describe(), hist["summary"]))
     except NonFiniteLossError as e:
         print(f"jsdl train: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"jsdl train: {e}", file=sys.stderr)
+        return 130
     print(f"run directory: {out_dir}")
     return 0
 
 
 def _summary_line(name: str, s: dict) -> str:
-    f = s.get("final", {})
+    f = {k: (float("nan") if v is None else v) for k, v in s.get("final", {}).items()}
     parts = [name, f"step {f.get('step')}", f"loss {f.get('loss', float('nan')):.4g}",
              f"FVU {f.get('fvu', float('nan')):.3g}", f"L0 {f.get('l0', float('nan')):.3g}",
              f"dead {f.get('dead_frac', float('nan')):.1%}", f"{s.get('steps_per_s', float('nan')):.0f} steps/s"]

@@ -12,11 +12,12 @@ is compiled.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Optional, Union
 
-__all__ = ["TrainConfig", "from_dict", "to_dict", "check_types"]
+__all__ = ["TrainConfig", "from_dict", "to_dict", "check_types", "yaml_load", "parse_set"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DECAYS = ("constant", "linear", "cosine")
@@ -211,3 +212,47 @@ def from_dict(cls, d: Any, section: str):
 
 def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML with numbers as people write them, and the one KEY=VALUE syntax
+# ----------------------------------------------------------------------------------------------
+
+# YAML 1.1 (PyYAML) reads 3e-3 and 1e6 as strings (it wants a dot: 3.0e-3); YAML 1.2 and every
+# user read them as floats.
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+def _loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+    return Loader
+
+
+def yaml_load(stream) -> Any:
+    """``yaml.safe_load`` that reads ``3e-3`` / ``1e6`` as floats (PyYAML's YAML 1.1 reads them as strings)."""
+    import yaml
+
+    return yaml.load(stream, Loader=_loader())
+
+
+def parse_set(items, option: str = "--set") -> list[tuple[list[str], Any]]:
+    """``--set section.key=value`` items as ``(["section", "key"], value)``; values are parsed as YAML
+    (:func:`yaml_load`: ``1e-3`` is a float). Any other form is refused, naming the one syntax."""
+    out = []
+    for it in items or []:
+        if not isinstance(it, str) or "=" not in it or not it.split("=", 1)[0].strip():
+            raise ValueError(f"{option} expects section.key=value (e.g. train.learning_rate=1e-3), got {it!r}")
+        k, v = it.split("=", 1)
+        if any(c.isspace() for c in k.strip()):
+            raise ValueError(f"{option} {it!r}: the key may not contain spaces (write section.key=value)")
+        out.append((k.strip().split("."), yaml_load(v) if v.strip() else None))
+    return out

@@ -1,41 +1,54 @@
 """``fit`` and ``fit_population``: the host loop around the compiled step.
 
+Both are thin wrappers over one :func:`_run` (the same steps for one model and for a population):
+prepare the data, draw anchors, open the run directory (lock, resume checks), initialise or
+restore the state, place it, loop, summarise, write the summary and plots. Run-directory I/O lives
+in :mod:`jsdl.train.rundir`, plots in :mod:`jsdl.train.plots`.
+
 The loop only dispatches: the step runs asynchronously, metrics are summed on device and fetched
 every ``log_every`` steps (the only host syncs, plus checkpoints). At each log the progress bar, the
-history and ``metrics.jsonl`` are updated and a non-finite loss is turned into
-:class:`NonFiniteLossError` naming the step (the last good checkpoint is kept: nothing is saved
-after a non-finite step).
+history and ``metrics.jsonl`` are updated (each row says how many of its interval's steps were
+non-finite, ``n_nonfinite``; an interval without a finite step logs null metrics) and a non-finite
+loss is turned into :class:`NonFiniteLossError` naming the step (the last good checkpoint is kept:
+nothing is saved after a non-finite step). Ctrl-C stops with :class:`TrainingInterrupted` naming
+the step and the last checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import itertools
-import json
-import math
 import os
+import shutil
 import sys
 import time
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jsdl import metrics as _metrics
-from jsdl.objective import Anchors, Batch, SDLParams, SDLSpec
+from jsdl.objective import Anchors, Batch, SDLSpec
+from jsdl.train import rundir
 from jsdl.train.anchors import anchors_from_ground_truth
-from jsdl.train.checkpoint import CheckpointError, Checkpointer, read_run_record, to_jsonable
+from jsdl.train.checkpoint import CheckpointError, Checkpointer, to_jsonable
 from jsdl.train.config import TrainConfig, to_dict
-from jsdl.train.state import METRIC_NAMES, TrainState, init_state, lr_multiplier, raw_key, spec_from_dict, spec_to_dict
+from jsdl.train.rundir import load_run
+from jsdl.train.state import METRIC_NAMES, TrainState, init_state, lr_multiplier, raw_key, spec_to_dict
+from jsdl.train.population import Grid, member, members_from, population_data_key
 from jsdl.train.step import Stepper, get_stepper, step_config, step_spec
 
-__all__ = ["fit", "fit_population", "Grid", "load_run", "member", "NonFiniteLossError"]
+__all__ = ["fit", "fit_population", "Grid", "load_run", "member", "NonFiniteLossError", "TrainingInterrupted"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a non-finite loss (the message names the step and the last checkpoint)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training (the message names the step, the last checkpoint and how to resume)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,21 +124,23 @@ def _bench_record(data) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _rows(metrics: dict, step: int, lr: float, elapsed: float, population: bool) -> list[dict]:
+def _rows(metrics: dict, step: int, n_steps: int, lr, elapsed: float) -> tuple[list[dict], np.ndarray]:
+    """One row per model for a log interval of ``n_steps`` steps: metrics averaged over its finite
+    steps, ``n_nonfinite`` = steps whose loss or gradient was not finite (all metrics None when no
+    step of the interval was finite)."""
     m = jax.device_get(metrics)
     count = np.atleast_1d(m["count"])
-    P = count.shape[0]
     out = []
-    for i in range(P):
-        c = max(int(count[i]), 1)
+    for i in range(count.shape[0]):
+        c = int(count[i])
         row = {"step": step}
         for k in METRIC_NAMES:
-            row[k] = float(np.atleast_1d(m[k])[i]) / c
+            row[k] = float(np.atleast_1d(m[k])[i]) / c if c else None
+        row["n_nonfinite"] = int(n_steps - c)
         row["lr"] = float(np.atleast_1d(lr)[i]) if np.ndim(lr) else float(lr)
         row["time"] = elapsed
         out.append(row)
-    bad = np.atleast_1d(m["bad_step"])
-    return out, bad
+    return out, np.atleast_1d(m["bad_step"])
 
 
 def _progress_enabled(progress, config):
@@ -138,25 +153,81 @@ def _progress_enabled(progress, config):
 
 def _postfix(rows):
     def agg(k):
-        v = [r[k] for r in rows]
-        return float(np.mean(v))
+        v = [r[k] for r in rows if r[k] is not None]
+        return float(np.mean(v)) if v else float("nan")
 
     return {"loss": f"{agg('loss'):.4g}", "L0": f"{agg('l0'):.3g}", "FVU": f"{agg('fvu'):.3g}",
             "dead": f"{agg('dead_frac'):.2%}"}
 
 
 def _new_history():
-    return {k: [] for k in ("step", *METRIC_NAMES, "lr", "time")}
+    return {k: [] for k in ("step", *METRIC_NAMES, "n_nonfinite", "lr", "time")}
 
 
 # ----------------------------------------------------------------------------------------------
-# the loop shared by fit and fit_population
+# the loop
 # ----------------------------------------------------------------------------------------------
 
 
-def _loop(stepper: Stepper, state: TrainState, data, data_mode: str, anchors, config: TrainConfig, *,
-          histories: list, out_dir: Optional[str], ckpt: Optional[Checkpointer], meta: dict,
-          progress: bool, stop_at: Optional[int], callback: Optional[Callable], population: bool):
+@dataclasses.dataclass
+class _LoopIO:
+    """Where the loop reports: histories (one per model), the run directory, the checkpointer."""
+
+    histories: list
+    out_dir: Optional[str]
+    ckpt: Optional[Checkpointer]
+    meta: dict
+    population: bool
+    callback: Optional[Callable]
+    last_saved: Optional[int] = None
+
+
+def _next_batch(it, t, config, stepper):
+    try:
+        b = next(it)
+    except StopIteration:
+        warnings.warn(f"the data iterator ran out after {t} steps (train.steps={config.steps})")
+        return None
+    _check_batch(b, config)
+    return stepper.place_data(b)
+
+
+def _log(io: _LoopIO, stepper, state, t, n_steps, lr_host, config, t0, diverged, bar):
+    """Fetch and reset the metric sums, record one row per model, stop a diverged single run."""
+    lr_now = lr_host * float(lr_multiplier(t - 1, config, xp=np))
+    rows, bad = _rows(state.metrics, t, n_steps, lr_now, time.perf_counter() - t0)
+    state = state.replace(metrics=stepper.reset_metrics(state.metrics))
+    for i, row in enumerate(rows):
+        if bad[i] >= 0 and i not in diverged:
+            diverged[i] = int(bad[i])
+        for k, v in row.items():
+            io.histories[i][k].append(v)
+    rundir.append_metrics(io.out_dir, [{**({"member": i} if io.population else {}), **r} for i, r in enumerate(rows)])
+    bar.set_postfix(_postfix(rows), refresh=False)
+    bar.update(t - bar.n)
+    if diverged and not io.population:
+        where = (f"the last good checkpoint is step {io.last_saved} in {io.ckpt.dir}" if io.last_saved is not None
+                 else "no checkpoint was written" if io.ckpt is not None else "no out_dir was given")
+        raise NonFiniteLossError(
+            f"non-finite loss at step {diverged[0]} (training stopped at step {t}; {where}). "
+            "Lower the learning rate, enable grad_clip, or check the data for NaN/inf."
+        )
+    if io.callback is not None:
+        io.callback(t, state, rows if io.population else rows[0])
+    return state
+
+
+def _interrupted(io: _LoopIO, t: int) -> TrainingInterrupted:
+    if io.ckpt is None:
+        return TrainingInterrupted(f"interrupted at step {t}; no out_dir was given, so nothing was saved")
+    saved = io.ckpt.latest_step()  # a save that Ctrl-C interrupted was completed first (see Checkpointer.save)
+    last = "no checkpoint was written yet" if saved is None else f"the last checkpoint is step {saved}"
+    return TrainingInterrupted(f"interrupted at step {t}; {last}; resume with `jsdl train --resume {io.out_dir}` "
+                               "(Python: the same fit call with resume=True)")
+
+
+def _loop(stepper: Stepper, state: TrainState, data, data_mode: str, anchors, config: TrainConfig, io: _LoopIO, *,
+          progress: bool, stop_at: Optional[int]):
     start = int(np.atleast_1d(jax.device_get(state.step))[0])
     end = config.steps if stop_at is None else min(int(stop_at), config.steps)
     it = None
@@ -165,7 +236,6 @@ def _loop(stepper: Stepper, state: TrainState, data, data_mode: str, anchors, co
         if start:  # a resumed run skips the batches already consumed (pass the same fresh iterator)
             it = itertools.islice(it, start, None)
     data_arg = stepper.place_data(data) if data_mode == "bench" else None
-    metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
     lr_host = np.asarray(jax.device_get(state.hyper["lr"]), np.float64)
     diverged: dict[int, int] = {}
 
@@ -173,24 +243,17 @@ def _loop(stepper: Stepper, state: TrainState, data, data_mode: str, anchors, co
 
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="jsdl train", dynamic_ncols=True)
     t0 = time.perf_counter()
-    t_first = None
-    compile_s = None
-    last_saved = None
-    if ckpt is not None and ckpt.latest_step() is not None:
-        last_saved = ckpt.latest_step()
-    t = start
+    t_first = compile_s = None
+    io.last_saved = io.ckpt.latest_step() if io.ckpt is not None else None
+    t = last_log = start
     exhausted = False
     try:
         while t < end:
             if data_mode == "batch":
-                try:
-                    b = next(it)
-                except StopIteration:
+                data_arg = _next_batch(it, t, config, stepper)
+                if data_arg is None:
                     exhausted = True
-                    warnings.warn(f"the data iterator ran out after {t} steps (train.steps={config.steps})")
                     break
-                _check_batch(b, config)
-                data_arg = stepper.place_data(b)
             if config.resample_every and t > 0 and t % config.resample_every == 0 and (
                     config.resample_until == 0 or t <= config.resample_until):
                 state = stepper.resample(state, data_arg)
@@ -201,35 +264,15 @@ def _loop(stepper: Stepper, state: TrainState, data, data_mode: str, anchors, co
                 t_first = time.perf_counter()
                 compile_s = t_first - t0
             last = t == end
-            do_ckpt = ckpt is not None and ((config.checkpoint_every and t % config.checkpoint_every == 0) or last)
+            do_ckpt = io.ckpt is not None and ((config.checkpoint_every and t % config.checkpoint_every == 0) or last)
             if t % config.log_every == 0 or last or do_ckpt:
-                lr_now = lr_host * float(lr_multiplier(t - 1, config, xp=np))
-                rows, bad = _rows(state.metrics, t, lr_now, time.perf_counter() - t0, population)
-                state = state.replace(metrics=stepper.reset_metrics(state.metrics))
-                for i, row in enumerate(rows):
-                    if bad[i] >= 0 and i not in diverged:
-                        diverged[i] = int(bad[i])
-                    if row["step"] is not None:
-                        for k, v in row.items():
-                            histories[i][k].append(v)
-                if metrics_path:
-                    with open(metrics_path, "a") as f:
-                        for i, row in enumerate(rows):
-                            f.write(json.dumps({**({"member": i} if population else {}), **row}) + "\n")
-                bar.set_postfix(_postfix(rows), refresh=False)
-                bar.update(t - bar.n)
-                if diverged and not population:
-                    where = (f"the last good checkpoint is step {last_saved} in {ckpt.dir}" if last_saved is not None
-                             else "no checkpoint was written" if ckpt is not None else "no out_dir was given")
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {diverged[0]} (training stopped at step {t}; {where}). "
-                        "Lower the learning rate, enable grad_clip, or check the data for NaN/inf."
-                    )
-                if callback is not None:
-                    callback(t, state, rows if population else rows[0])
+                state = _log(io, stepper, state, t, t - last_log, lr_host, config, t0, diverged, bar)
+                last_log = t
             if do_ckpt:
-                ckpt.save(t, state, {**meta, "step": t, "history": histories, "diverged": diverged})
-                last_saved = t
+                io.ckpt.save(t, state, {**io.meta, "step": t, "history": io.histories, "diverged": diverged})
+                io.last_saved = t
+    except KeyboardInterrupt:
+        raise _interrupted(io, t) from None
     finally:
         bar.close()
     jax.block_until_ready(state.step)
@@ -240,6 +283,11 @@ def _loop(stepper: Stepper, state: TrainState, data, data_mode: str, anchors, co
     timing = {"steps_run": run_steps, "wall_s": wall, "compile_s": compile_s, "steps_per_s": sps,
               "stopped_early": exhausted or t < config.steps}
     return state, timing, diverged
+
+
+# ----------------------------------------------------------------------------------------------
+# recovery and setup
+# ----------------------------------------------------------------------------------------------
 
 
 def _exclude_kw(exclude):
@@ -259,72 +307,6 @@ def _recovery(params, data, exclude=None) -> Optional[dict]:
     r9 = _metrics.feature_recovery(params, data, threshold=0.9, **_exclude_kw(exclude))
     out["m_gt@0.9"], out["m_gt_dec@0.9"] = float(r9["m_gt"]), float(r9["m_gt_dec"])
     return out
-
-
-def _recovery_curve(params, data, exclude=None):
-    try:
-        from jsdl import metrics as _metrics
-
-        fn = getattr(_metrics, "m_gt_curve", None)
-        if fn is None or not hasattr(data, "W_p"):
-            return None
-        return fn(params, data, **_exclude_kw(exclude))
-    except Exception:
-        return None
-
-
-def _plots(out_dir: str, histories: list, params_list, data, exclude, labels):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    for h, lab in zip(histories, labels):
-        if not h["step"]:
-            continue
-        ax[0].plot(h["step"], h["loss"], label=f"loss {lab}".strip())
-        ax[0].plot(h["step"], h["mse"], "--", label=f"mse {lab}".strip())
-        ax[1].plot(h["step"], h["l0"], label=lab or "L0")
-        ax[2].plot(h["step"], h["fvu"], label=lab or "FVU")
-    ax[0].set_yscale("log")
-    ax[0].set_title("loss")
-    ax[1].set_title("L0 (mean active latents)")
-    ax[2].set_title("FVU")
-    ax[2].set_yscale("log")
-    for a in ax:
-        a.set_xlabel("step")
-    if len(histories) <= 8:
-        for a in ax:
-            a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "training.png"), dpi=100)
-    plt.close(fig)
-    curves = [(_recovery_curve(p, data, exclude), lab) for p, lab in zip(params_list, labels)]
-    curves = [(c, lab) for c, lab in curves if c is not None]
-    if curves:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for c, lab in curves:
-            if isinstance(c, dict) and "thresholds" in c:
-                xs, ys = c["thresholds"], c.get("m_gt", c.get("values"))
-            elif isinstance(c, (tuple, list)) and len(c) == 2:
-                xs, ys = c
-            else:
-                continue
-            ax.plot(np.asarray(xs), np.asarray(ys), label=lab or None)
-        ax.set_xlabel("cosine threshold tau")
-        ax.set_ylabel("M_GT(tau)")
-        ax.set_title("feature recovery")
-        if any(lab for _, lab in curves) and len(curves) <= 8:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "recovery.png"), dpi=100)
-        plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# fit
-# ----------------------------------------------------------------------------------------------
 
 
 def _setup_anchors(key, data, config, anchors):
@@ -373,55 +355,6 @@ def _prepare_data(spec, data, config):
     return mode, data, d_in, d_t, record
 
 
-def _prepare_run_dir(out_dir, resume, record):
-    if out_dir is None:
-        if resume:
-            raise ValueError("resume=True needs out_dir (the run directory to resume)")
-        return None, None
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if resume:
-        if not os.path.isdir(out_dir):
-            raise CheckpointError(f"cannot resume: run directory {out_dir!r} does not exist")
-        ckpt = Checkpointer(out_dir, keep=record["config"]["keep_checkpoints"], create=False)
-        if ckpt.latest_step() is None:
-            raise CheckpointError(f"cannot resume: no checkpoint found in {ckpt.dir!r}")
-        return out_dir, ckpt
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.isdir(os.path.join(out_dir, "checkpoints")) and os.listdir(os.path.join(out_dir, "checkpoints")):
-        raise ValueError(
-            f"{out_dir!r} already holds checkpoints; pass resume=True (CLI: --resume) to continue, or use a new out_dir"
-        )
-    with open(os.path.join(out_dir, "run.json"), "w") as f:
-        json.dump(to_jsonable(record), f, indent=2)
-    open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
-    return out_dir, Checkpointer(out_dir, keep=record["config"]["keep_checkpoints"], create=True)
-
-
-def _restore(ckpt: Checkpointer, abstract, spec_record: dict):
-    state, meta = ckpt.restore(abstract)
-    if meta.get("spec") != to_jsonable(spec_record):
-        raise ValueError(
-            f"cannot resume {ckpt.run_dir!r}: its spec {meta.get('spec')} differs from the given spec {spec_record}"
-        )
-    return state, meta
-
-
-def _truncate_metrics(out_dir, step):
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError):
-                pass
-    with open(path, "w") as f:
-        f.writelines(keep)
-
-
 @functools.lru_cache(maxsize=32)
 def _jit_init_cached(spec, config, d_in, d_t, dtype, population):
     def one(k, data_key, lr, coefs, kv):
@@ -437,6 +370,189 @@ def _jit_init(spec, config, d_in, d_t, dtype, population):
     """A cached, jitted ``init_state`` (one compile instead of many small eager ones; repeated fits
     with the same static setting reuse it)."""
     return _jit_init_cached(step_spec(spec), step_config(config), d_in, d_t, dtype, population)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run shared by fit and fit_population
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What differs between one model and a population: the spec the step runs, the members, and
+    the arguments of the jitted ``init_state`` (``init_args(config)``: key(s), data key, learning
+    rate(s), penalty coefficients, k)."""
+
+    spec: SDLSpec
+    init_args: Callable[[TrainConfig], tuple]
+    key_record: list
+    members: Optional[list] = None
+    specs: Optional[list] = None
+    vary_k: bool = False
+
+    @property
+    def population(self) -> bool:
+        return self.members is not None
+
+
+def _run_record(plan: _Plan, config, mode, data, data_rec, d_in, d_t, anchor_feats, record) -> dict:
+    record = dict(record or {})
+    fp = record.pop("data_fingerprint", None)
+    if fp is None and mode == "bench":
+        fp = rundir.bench_fingerprint(data)
+    rec = {"kind": "population" if plan.population else "single", "spec": spec_to_dict(plan.spec),
+           "config": to_dict(config), "data": data_rec, "data_fingerprint": fp, "d_input": d_in, "d_target": d_t,
+           "key": plan.key_record, "plugins": record.get("plugins", []),
+           "anchor_features": None if anchor_feats is None else anchor_feats.tolist(), "record": record}
+    if plan.population:
+        rec.update(members=plan.members, vary_k=plan.vary_k)
+    return to_jsonable(rec)
+
+
+class _RunDir:
+    """An open run directory: the lock, the checkpointer and the recorded run (for a resume)."""
+
+    def __init__(self, out_dir: str, resume: bool, rec: dict):
+        self.dir, self.rec, self.old = out_dir, rec, None
+        if resume and not os.path.isdir(out_dir):
+            raise CheckpointError(f"cannot resume: run directory {out_dir!r} does not exist")
+        os.makedirs(out_dir, exist_ok=True)
+        self.lock = rundir.RunLock(out_dir)
+        try:
+            self.ckpt = self._open(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, resume: bool) -> Checkpointer:
+        keep = self.rec["config"]["keep_checkpoints"]
+        if resume:
+            self.old = rundir.read_run_record(self.dir)
+            self.allowed = rundir.check_resume(self.dir, self.old, self.rec)  # before anything is restored
+            ckpt = Checkpointer(self.dir, keep=keep, create=False)
+            if ckpt.latest_step() is None:
+                ckpt.close()
+                raise CheckpointError(f"cannot resume: no checkpoint found in {ckpt.dir!r} (the run stopped before its "
+                                      "first checkpoint); start it again without resume")
+            return ckpt
+        cdir = os.path.join(self.dir, "checkpoints")
+        if os.path.isdir(cdir) and any(n.isdigit() for n in os.listdir(cdir)):
+            raise ValueError(
+                f"{self.dir!r} already holds checkpoints; pass resume=True (CLI: --resume) to continue, or use a new out_dir"
+            )
+        if os.path.isdir(cdir):  # only the temporary folder of a save that was killed: start afresh
+            shutil.rmtree(cdir)
+        rundir.write_json(os.path.join(self.dir, "run.json"), {**self.rec, "resumes": [], "finished": False})
+        open(os.path.join(self.dir, "metrics.jsonl"), "w").close()
+        return Checkpointer(self.dir, keep=keep, create=True)
+
+    def restore(self, abstract, abstract_for):
+        state, meta = rundir.restore_latest(self.ckpt, abstract_for)
+        state = rundir.adapt_state(state, abstract, self.dir, self.allowed)
+        step = int(meta["step"])
+        rundir.truncate_metrics(self.dir, step)
+        rundir.record_resume(self.dir, self.old, self.rec, step, self.allowed)
+        return state, meta
+
+    def close(self):
+        try:
+            self.ckpt.close()
+        finally:
+            self.lock.release()
+
+
+def _init_or_restore(plan: _Plan, config, d_in, d_t, dtype, run: Optional[_RunDir], resume: bool):
+    """The initial state and histories, or the restored ones (learning rate(s) from ``config``)."""
+    args = plan.init_args(config)
+    init = _jit_init(plan.spec, config, d_in, d_t, dtype, plan.population)
+    n = len(plan.members) if plan.population else 1
+    if not resume:
+        return init(*args), [_new_history() for _ in range(n)]
+
+    def abstract_for(meta):
+        saved = {k: v for k, v in ((meta or {}).get("config") or {}).items() if k in to_dict(config)}
+        cfg = TrainConfig(**{**to_dict(config), **saved})
+        return jax.eval_shape(lambda: _jit_init(plan.spec, cfg, d_in, d_t, dtype, plan.population)(*args))
+
+    state, meta = run.restore(jax.eval_shape(lambda: init(*args)), abstract_for)
+    # Changeable settings are applied: the learning rate lives in the state.
+    state = state.replace(hyper={**state.hyper, "lr": jnp.asarray(args[2], state.hyper["lr"].dtype)})
+    histories = [{k: list(h.get(k, [])) for k in _new_history()} for h in meta["history"]]
+    return state, histories
+
+
+def _summaries(plan: _Plan, state, histories, timing, diverged, mode, data, anchor_feats, n_devices) -> list[dict]:
+    params_all = jax.device_get(state.params)
+    out = []
+    for i, h in enumerate(histories):
+        final = {k: h[k][-1] for k in h if isinstance(h[k], list) and h[k]}
+        s = {"spec": plan.members[i]["spec"] if plan.population else plan.spec.describe(), "final": final, **timing,
+             "n_devices": n_devices}
+        if plan.population:
+            s["diverged_at"] = diverged.get(i)
+        if mode == "bench" and not timing["stopped_early"]:
+            p = jax.tree.map(lambda x: x[i], params_all) if plan.population else params_all
+            rec = _recovery(p, data, anchor_feats)
+            if rec is not None:
+                s["recovery"] = rec
+        out.append(s)
+    return out
+
+
+def _finish(run: _RunDir, plan, config, state, histories, summaries, timing, diverged, mode, data, anchor_feats):
+    if plan.population:
+        rundir.write_summary(run.dir, [s | {"member": m} for s, m in zip(summaries, plan.members)])
+    else:
+        rundir.write_summary(run.dir, summaries[0])
+    if config.plots and not timing["stopped_early"]:
+        from jsdl.train.plots import write_plots
+
+        params_all = jax.device_get(state.params)
+        n = len(histories)
+        plist = [jax.tree.map(lambda x: x[i], params_all) for i in range(n)] if plan.population else [params_all]
+        labels = [f"#{i}" for i in range(n)] if plan.population else [""]
+        write_plots(run.dir, histories, plist, data if mode == "bench" else None, anchor_feats, labels)
+    step = int(np.atleast_1d(jax.device_get(state.step))[0])
+    rundir.mark_finished(run.dir, step, step >= config.steps and (plan.population or not diverged))
+
+
+def _run(key, plan: _Plan, data, config: TrainConfig, *, out_dir, resume, anchors, devices, progress, stop_at,
+         callback, record, dtype):
+    """The steps shared by :func:`fit` and :func:`fit_population`; returns (state, histories)."""
+    mode, data, d_in, d_t, data_rec = _prepare_data(plan.spec, data, config)
+    anchors, anchor_feats = _setup_anchors(key, data, config, anchors)
+    rec = _run_record(plan, config, mode, data, data_rec, d_in, d_t, anchor_feats, record)
+    if out_dir is None and resume:
+        raise ValueError("resume=True needs out_dir (the run directory to resume)")
+    run = None if out_dir is None else _RunDir(os.path.abspath(os.fspath(out_dir)), resume, rec)
+    try:
+        state, histories = _init_or_restore(plan, config, d_in, d_t, dtype, run, resume)
+        stepper = get_stepper(plan.spec, config, data_mode=mode, n_members=len(plan.members) if plan.population else None,
+                              devices=devices, bench=data if mode == "bench" else None)
+        state = stepper.place_state(state)
+        io = _LoopIO(histories, None if run is None else run.dir, None if run is None else run.ckpt,
+                     {"spec": rec["spec"], "config": rec["config"]}, plan.population, callback)
+        state, timing, diverged = _loop(stepper, state, data, mode, anchors, config, io,
+                                        progress=_progress_enabled(progress, config), stop_at=stop_at)
+        summaries = _summaries(plan, state, histories, timing, diverged, mode, data, anchor_feats, stepper.mesh.size)
+        if run is not None:
+            _finish(run, plan, config, state, histories, summaries, timing, diverged, mode, data, anchor_feats)
+    finally:
+        if run is not None:
+            run.close()
+    for h, s in zip(histories, summaries):
+        h["summary"] = s
+    if plan.population and diverged:
+        warnings.warn(f"non-finite loss in population members {sorted(diverged)} at steps "
+                      f"{[diverged[i] for i in sorted(diverged)]}; they were frozen at their last finite state")
+    if anchor_feats is not None and not plan.population:
+        histories[0]["summary"]["anchor_features"] = anchor_feats.tolist()
+    return state, histories
+
+
+# ----------------------------------------------------------------------------------------------
+# fit
+# ----------------------------------------------------------------------------------------------
 
 
 def fit(
@@ -463,9 +579,12 @@ def fit(
         inside the step from ``fold_in(data_key, t)``) or an iterable of :class:`jsdl.Batch` with
         ``batch_size`` rows each.
     config: :class:`TrainConfig` (default ``TrainConfig()``).
-    out_dir: run directory for ``run.json``, ``metrics.jsonl``, orbax checkpoints, summary and plots.
+    out_dir: run directory for ``run.json``, ``metrics.jsonl``, orbax checkpoints, summary and plots
+        (locked while the run writes it: a second writer raises ``RunLockedError``).
     resume: continue from the latest checkpoint in ``out_dir`` (an iterator is then advanced past the
-        batches already consumed, so pass the same fresh iterator).
+        batches already consumed, so pass the same fresh iterator). Only the settings in
+        :data:`jsdl.train.rundir.CHANGEABLE` may differ from the recorded run (they are applied and
+        recorded in ``run.json["resumes"]``); any other difference raises ``ResumeError``.
     anchors: explicit :class:`jsdl.Anchors` (e.g. :func:`anchors_from_class_means`); otherwise
         ``config.anchors > 0`` draws ground-truth anchors from the bench.
     devices: devices to run data-parallel on (default: all; the batch is sharded over them).
@@ -474,157 +593,29 @@ def fit(
         checkpoint is written there, so ``resume=True`` continues the same run.
     callback: ``callback(step, state, row)`` at every log (copy what you keep: the state is donated to the
         next step unless ``config.donate`` is False).
-    record: extra JSON-able information stored in ``run.json`` (the CLI stores its whole config).
+    record: extra JSON-able information stored in ``run.json`` (the CLI stores its whole config, the
+        data record, ``plugins`` and ``data_fingerprint``).
 
-    ``history`` maps ``step, loss, mse, fvu, l0, dead_frac, auxk, anchor, ghost, lr, time`` to lists
-    (one entry per log interval, metrics averaged over the interval) and ``summary`` to a dict
-    (final metrics, timing, feature recovery when the data has ground truth).
-    Raises :class:`NonFiniteLossError` on a non-finite loss (naming the step)."""
+    ``history`` maps ``step, loss, mse, fvu, l0, dead_frac, auxk, anchor, ghost, n_nonfinite, lr, time``
+    to lists (one entry per log interval, metrics averaged over the interval's finite steps, None when
+    it had none) and ``summary`` to a dict (final metrics, timing, feature recovery when the data has
+    ground truth). Raises :class:`NonFiniteLossError` on a non-finite loss (naming the step) and
+    :class:`TrainingInterrupted` on Ctrl-C (naming the step and the last checkpoint)."""
     config = _check_common(spec, config)
-    mode, data, d_in, d_t, data_rec = _prepare_data(spec, data, config)
-    anchors, anchor_feats = _setup_anchors(key, data, config, anchors)
-    spec_rec = spec_to_dict(spec)
-    run_rec = {"kind": "single", "spec": spec_rec, "config": to_dict(config), "data": data_rec,
-               "d_input": d_in, "d_target": d_t,
-               "anchor_features": None if anchor_feats is None else anchor_feats.tolist(),
-               "record": record or {}}
-    out_dir, ckpt = _prepare_run_dir(out_dir, resume, run_rec)
-
-    init = _jit_init(spec, config, d_in, d_t, dtype, False)
     coefs = {n: jnp.asarray(c) for n, c in spec.penalty_coefs.items()}
-    make = lambda: init(raw_key(key), data_key, jnp.asarray(config.learning_rate), coefs, None)  # noqa: E731
-    history = _new_history()
-    if resume:
-        state, meta = _restore(ckpt, jax.eval_shape(make), spec_rec)
-        history = {k: list(v) for k, v in meta["history"][0].items()}
-        _truncate_metrics(out_dir, int(meta["step"]))
-    else:
-        state = make()
-    stepper = get_stepper(spec, config, data_mode=mode, devices=devices, bench=data if mode == "bench" else None)
-    state = stepper.place_state(state)
-    meta = {"spec": spec_rec, "config": to_dict(config)}
-    state, timing, _ = _loop(stepper, state, data, mode, anchors, config, histories=[history], out_dir=out_dir,
-                             ckpt=ckpt, meta=meta, progress=_progress_enabled(progress, config), stop_at=stop_at,
-                             callback=callback, population=False)
-    final = {k: history[k][-1] for k in history if history[k]}
-    summary = {"spec": spec.describe(), "final": final, **timing, "n_devices": stepper.mesh.size}
-    excl = None if anchor_feats is None else anchor_feats
-    if mode == "bench" and not timing["stopped_early"]:
-        rec = _recovery(jax.device_get(state.params), data, excl)
-        if rec is not None:
-            summary["recovery"] = rec
-    if out_dir:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(to_jsonable(summary), f, indent=2)
-        if config.plots and not timing["stopped_early"]:
-            _plots(out_dir, [history], [jax.device_get(state.params)], data if mode == "bench" else None, excl, [""])
-        ckpt.close()
-    history["summary"] = summary
-    if anchor_feats is not None:
-        history["summary"]["anchor_features"] = anchor_feats.tolist()
+    rkey = raw_key(key)
+    plan = _Plan(spec, lambda cfg: (rkey, data_key, jnp.asarray(cfg.learning_rate), coefs, None),
+                 key_record=np.asarray(rkey).tolist()
+                 + ([] if data_key is None else [np.asarray(raw_key(data_key)).tolist()]))
+    state, (history,) = _run(key, plan, data, config, out_dir=out_dir, resume=resume, anchors=anchors,
+                             devices=devices, progress=progress, stop_at=stop_at, callback=callback, record=record,
+                             dtype=dtype)
     return state, history
 
 
 # ----------------------------------------------------------------------------------------------
 # populations
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Grid:
-    """A population as a Cartesian product: ``seeds x coefs x k x learning_rate``.
-
-    spec: the base spec. seeds: ints; member keys are ``fold_in(key, seed)``. coefs: penalty name ->
-    list of coefficients (each combination is a member). k: TopK/BatchTopK k values (run with
-    ``k_max`` and a mask). learning_rate: values (default: the config's)."""
-
-    spec: SDLSpec
-    seeds: Sequence[int] = (0,)
-    coefs: Mapping[str, Sequence[float]] = dataclasses.field(default_factory=dict)
-    k: Sequence[int] = ()
-    learning_rate: Sequence[float] = ()
-
-    def members(self, config: TrainConfig) -> list[dict]:
-        names = list(self.coefs)
-        for n in names:
-            if n not in self.spec.penalty_coefs:
-                raise ValueError(f"Grid.coefs names penalty {n!r}, not in the spec ({sorted(self.spec.penalty_coefs)})")
-        coef_combos = list(itertools.product(*[list(self.coefs[n]) for n in names])) or [()]
-        ks = list(self.k) or [None]
-        lrs = list(self.learning_rate) or [config.learning_rate]
-        out = []
-        for s, cc, k, lr in itertools.product(list(self.seeds), coef_combos, ks, lrs):
-            out.append({"seed": int(s), "coefs": dict(zip(names, map(float, cc))), "k": k, "learning_rate": float(lr)})
-        return out
-
-
-def _member_spec(spec: SDLSpec, m: dict) -> SDLSpec:
-    d = spec_to_dict(spec)
-    for n, c in m["coefs"].items():
-        d["penalties"][n]["coef"] = c
-    if m.get("k") is not None:
-        d["activation_hyper"]["k"] = int(m["k"])
-    return spec_from_dict(d)
-
-
-def _static_signature(spec: SDLSpec) -> dict:
-    d = spec_to_dict(spec)
-    for p in d["penalties"].values():
-        p["coef"] = None
-    d["activation_hyper"].pop("k", None)
-    return d
-
-
-def member(states: TrainState, i: int) -> TrainState:
-    """Member ``i`` of a population state (a plain single-model TrainState)."""
-    return jax.tree.map(lambda x: x[i], states)
-
-
-def _members_from(key, specs_or_grid, config):
-    if isinstance(specs_or_grid, Mapping):
-        specs_or_grid = Grid(**specs_or_grid)
-    if isinstance(specs_or_grid, Grid):
-        ms = specs_or_grid.members(config)
-        base = specs_or_grid.spec
-        specs = [_member_spec(base, m) for m in ms]
-    elif isinstance(specs_or_grid, (list, tuple)) and specs_or_grid and all(isinstance(s, SDLSpec) for s in specs_or_grid):
-        specs = list(specs_or_grid)
-        ms = []
-        for i, s in enumerate(specs):
-            ms.append({"seed": i, "coefs": dict(s.penalty_coefs), "k": s.activation.hyper_dict().get("k"),
-                       "learning_rate": config.learning_rate})
-    else:
-        raise TypeError(
-            "specs_or_grid must be a non-empty list of SDLSpec, a jsdl.train.Grid or a dict of Grid fields, "
-            f"got {type(specs_or_grid).__name__}"
-        )
-    sig0 = _static_signature(specs[0])
-    for i, s in enumerate(specs[1:], 1):
-        if _static_signature(s) != sig0:
-            raise ValueError(
-                "population members may differ only in penalty coefficients and k; "
-                f"member 0 is {specs[0].describe()!r} but member {i} is {s.describe()!r}"
-            )
-    ks = {s.activation.hyper_dict().get("k") for s in specs}
-    vary_k = len(ks) > 1
-    run_spec = specs[0]
-    if vary_k:
-        d = spec_to_dict(specs[0])
-        d["activation_hyper"]["k"] = max(ks)
-        run_spec = spec_from_dict(d)
-        if run_spec.activation.name not in ("topk", "batchtopk"):
-            raise ValueError(f"varying k needs activation topk or batchtopk, got {run_spec.activation.name!r}")
-    key = raw_key(key)
-    for m, s in zip(ms, specs):
-        m["key"] = np.asarray(jax.random.fold_in(key, m["seed"])).tolist()
-        m["spec"] = s.describe()
-        m["k"] = s.activation.hyper_dict().get("k")
-    return specs, ms, run_spec, vary_k
-
-
-def population_data_key(key) -> jax.Array:
-    """The data-stream key every member of ``fit_population(key, ...)`` shares."""
-    return jax.random.fold_in(raw_key(key), 0x5EED)
 
 
 def fit_population(
@@ -651,7 +642,8 @@ def fit_population(
     Member i equals ``fit(member_key_i, spec_i, data, replace(config, learning_rate=lr_i),
     data_key=population_data_key(key))`` where ``member_key_i = fold_in(key, seed_i)`` (recorded in
     ``histories[i]["member"]["key"]``). With several devices the member axis is sharded over them
-    when the population size is a multiple of the device count, otherwise the batch is.
+    when the population size is a multiple of the device count, otherwise the batch is. The other
+    arguments are those of :func:`fit`.
 
     Returns ``(states, histories)``: ``states`` is a TrainState with a leading member axis
     (:func:`member` extracts one), ``histories[i]`` the history of member i (with ``member`` info and
@@ -660,109 +652,17 @@ def fit_population(
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a jsdl.train.TrainConfig, got {type(config).__name__}")
-    specs, ms, run_spec, vary_k = _members_from(key, specs_or_grid, config)
-    mode, data, d_in, d_t, data_rec = _prepare_data(run_spec, data, config)
-    anchors, anchor_feats = _setup_anchors(key, data, config, anchors)
-    P = len(ms)
-    dkey = population_data_key(key)
-    spec_rec = spec_to_dict(run_spec)
-    run_rec = {"kind": "population", "spec": spec_rec, "config": to_dict(config), "data": data_rec,
-               "d_input": d_in, "d_target": d_t, "members": ms, "vary_k": vary_k,
-               "anchor_features": None if anchor_feats is None else anchor_feats.tolist(), "record": record or {}}
-    out_dir, ckpt = _prepare_run_dir(out_dir, resume, run_rec)
-
+    specs, ms, run_spec, vary_k = members_from(key, specs_or_grid, config)
     keys = jnp.stack([jnp.asarray(m["key"], jnp.uint32) for m in ms])
-    lrs = jnp.asarray([m["learning_rate"] for m in ms])
     coef_arrays = {n: jnp.asarray([s.penalty_coefs[n] for s in specs]) for n in run_spec.penalty_coefs}
     kk = jnp.asarray([m["k"] for m in ms], jnp.int32) if vary_k else None
-
-    init = _jit_init(run_spec, config, d_in, d_t, dtype, True)
-    make = lambda: init(keys, dkey, lrs, coef_arrays, kk)  # noqa: E731
-
-    histories = [_new_history() for _ in ms]
-    if resume:
-        state, meta = _restore(ckpt, jax.eval_shape(make), spec_rec)
-        histories = [{k: list(v) for k, v in h.items()} for h in meta["history"]]
-        _truncate_metrics(out_dir, int(meta["step"]))
-    else:
-        state = make()
-    stepper = get_stepper(run_spec, config, data_mode=mode, n_members=P, devices=devices,
-                          bench=data if mode == "bench" else None)
-    state = stepper.place_state(state)
-    meta = {"spec": spec_rec, "config": to_dict(config)}
-    state, timing, diverged = _loop(stepper, state, data, mode, anchors, config, histories=histories,
-                                    out_dir=out_dir, ckpt=ckpt, meta=meta,
-                                    progress=_progress_enabled(progress, config), stop_at=stop_at,
-                                    callback=callback, population=True)
-    params_all = jax.device_get(state.params)
-    plist = [jax.tree.map(lambda x: x[i], params_all) for i in range(P)]
-    for i, (h, m) in enumerate(zip(histories, ms)):
-        final = {k: h[k][-1] for k in h if h[k]}
-        s = {"spec": m["spec"], "final": final, **timing, "n_devices": stepper.mesh.size,
-             "diverged_at": diverged.get(i)}
-        if mode == "bench" and not timing["stopped_early"]:
-            rec = _recovery(plist[i], data, anchor_feats)
-            if rec is not None:
-                s["recovery"] = rec
+    dkey = population_data_key(key)
+    lrs = jnp.asarray([m["learning_rate"] for m in ms])
+    plan = _Plan(run_spec, lambda cfg: (keys, dkey, lrs, coef_arrays, kk), key_record=np.asarray(raw_key(key)).tolist(),
+                 members=ms, specs=specs, vary_k=vary_k)
+    state, histories = _run(key, plan, data, config, out_dir=out_dir, resume=resume, anchors=anchors,
+                            devices=devices, progress=progress, stop_at=stop_at, callback=callback, record=record,
+                            dtype=dtype)
+    for h, m in zip(histories, ms):
         h["member"] = m
-        h["summary"] = s
-    if diverged:
-        warnings.warn(f"non-finite loss in population members {sorted(diverged)} at steps "
-                      f"{[diverged[i] for i in sorted(diverged)]}; they were frozen at their last finite state")
-    if out_dir:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(to_jsonable([h["summary"] | {"member": h["member"]} for h in histories]), f, indent=2)
-        if config.plots and not timing["stopped_early"]:
-            _plots(out_dir, histories, plist, data if mode == "bench" else None, anchor_feats,
-                   [f"#{i}" for i in range(P)])
-        ckpt.close()
     return state, histories
-
-
-# ----------------------------------------------------------------------------------------------
-# loading a run
-# ----------------------------------------------------------------------------------------------
-
-
-def load_run(run_dir: str, step: Optional[int] = None) -> tuple[SDLParams, SDLSpec, dict]:
-    """Load a run directory written by :func:`fit` / :func:`fit_population` / ``jsdl train``
-    without the spec or config: ``(params, spec, info)``. ``info`` holds ``step``, ``config``
-    (a TrainConfig), ``history``, ``summary`` (if the run finished), ``data`` (record), ``state``
-    (the full TrainState) and, for populations, ``members`` (params then carry a leading member
-    axis). Missing or corrupt directories raise :class:`CheckpointError` with a clear message."""
-    rec = read_run_record(run_dir)
-    try:
-        spec = spec_from_dict(rec["spec"])
-        config = TrainConfig(**rec["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{run_dir!r}/run.json does not describe a valid run: {e}") from None
-    ckpt = Checkpointer(run_dir, keep=config.keep_checkpoints, create=False)
-    d_in, d_t = rec["d_input"], rec["d_target"]
-    if rec.get("kind") == "population":
-        ms = rec["members"]
-        P = len(ms)
-        vary = rec.get("vary_k", False)
-
-        def make():
-            def one(k, lr, coefs, kv):
-                return init_state(k, spec, config, d_in, d_t, learning_rate=lr, coefs=coefs, k=kv)
-
-            return jax.vmap(one)(jnp.zeros((P, 2), jnp.uint32), jnp.zeros((P,)),
-                                 {n: jnp.zeros((P,)) for n in spec.penalty_coefs},
-                                 jnp.zeros((P,), jnp.int32) if vary else None)
-    else:
-        def make():
-            return init_state(jax.random.PRNGKey(0), spec, config, d_in, d_t)
-
-    state, meta = ckpt.restore(jax.eval_shape(make), step)
-    info = {"step": int(meta["step"]), "config": config, "history": meta.get("history"), "data": rec.get("data"),
-            "state": state, "run_dir": os.path.abspath(run_dir), "record": rec.get("record", {}),
-            "anchor_features": rec.get("anchor_features")}
-    if rec.get("kind") == "population":
-        info["members"] = rec["members"]
-    summ = os.path.join(run_dir, "summary.json")
-    if os.path.isfile(summ):
-        with open(summ) as f:
-            info["summary"] = json.load(f)
-    ckpt.close()
-    return state.params, spec, info
