@@ -27,6 +27,7 @@ Design (see DESIGN.md "One code path for every scale"):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
@@ -37,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jsdl import activations as _act
 from jsdl import methods as _methods
+from jsdl import shardops
 from jsdl.objective import SDLParams, SDLSpec, pre_activations, sdl_loss
 from jsdl.train import mesh as _mesh
 from jsdl.train.config import TrainConfig
@@ -57,7 +59,7 @@ class DynamicKActivation(_act.Activation):
         hyper = dict(self.hyper)
         k_max, relu = hyper["k"], hyper.get("relu", True)
         if self.name == "topk":
-            vals, idx = jax.lax.top_k(z, k_max)
+            vals, idx = shardops.top_k(z, k_max)
             vals = jnp.where(jnp.arange(k_max) < self.k_dyn, vals, 0.0)
             if relu:
                 vals = jax.nn.relu(vals)
@@ -66,12 +68,12 @@ class DynamicKActivation(_act.Activation):
             return _act.get(self.name, **hyper)(z, params, inference=True)
         z2 = z.reshape(-1, z.shape[-1])
         B = z2.shape[0]
-        flat = z2.reshape(-1)
-        vals, idx = jax.lax.top_k(flat, k_max * B)
+        rows, cols = shardops.batch_top_k_indices(z2, k_max * B)
+        vals = z2[rows, cols]
         vals = jnp.where(jnp.arange(k_max * B) < self.k_dyn * B, vals, 0.0)
         if relu:
             vals = jax.nn.relu(vals)
-        return jnp.zeros_like(flat).at[idx].set(vals, unique_indices=True).reshape(z.shape)
+        return jnp.zeros_like(z2).at[rows, cols].set(vals, unique_indices=True).reshape(z.shape)
 
 
 def with_dynamic_k(spec: SDLSpec, k) -> SDLSpec:
@@ -249,9 +251,21 @@ class Stepper:
         # compiled exactly once. Donated state: the step updates params and Adam moments in place
         # (no second copy of the dictionary); the loop never reuses a state passed to the step.
         donate = (0,) if config.donate else ()
-        self.step = jax.jit(self._step_fn, donate_argnums=donate)
-        self.resample = jax.jit(self._resample_fn, donate_argnums=donate)
-        self.reset_metrics = jax.jit(self._reset_fn, donate_argnums=donate)
+        # Called inside ``jax.set_mesh``: the mesh-aware selections (jsdl.shardops) read it at trace time.
+        self.step = self._in_mesh(jax.jit(self._step_fn, donate_argnums=donate))
+        self.resample = self._in_mesh(jax.jit(self._resample_fn, donate_argnums=donate))
+        self.reset_metrics = self._in_mesh(jax.jit(self._reset_fn, donate_argnums=donate))
+
+    def _in_mesh(self, fn):
+        mesh = self.mesh
+
+        @functools.wraps(fn)
+        def call(*args):
+            with jax.set_mesh(mesh):
+                return fn(*args)
+
+        call.lower = lambda *args: _lower_in(mesh, fn, *args)
+        return call
 
     # state helpers -------------------------------------------------------------------------
     def state_shardings(self, state):
@@ -303,6 +317,11 @@ class Stepper:
 
     def _reset_fn(self, metrics):
         return self._constrain(zero_metrics(metrics))
+
+
+def _lower_in(mesh, fn, *args):
+    with jax.set_mesh(mesh):
+        return fn.lower(*args)
 
 
 def _global_from_replicated_host(x, sharding: NamedSharding):
