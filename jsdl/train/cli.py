@@ -252,19 +252,16 @@ def add_arguments(p) -> None:
     p.add_argument("--coordinator", help="coordinator address host:port for --distributed")
     p.add_argument("--num-processes", type=int, help="number of processes for --distributed")
     p.add_argument("--process-id", type=int, help="this process's id for --distributed")
+    p.add_argument("--distributed-timeout", type=int, default=60,
+                   help="seconds to wait for the coordinator with --distributed (default 60)")
 
 
-def _distributed(args):
-    import jax
+def _distributed(args, cfg):
+    from jsdl import launch
 
-    kw = {}
-    if args.coordinator:
-        kw["coordinator_address"] = args.coordinator
-    if args.num_processes is not None:
-        kw["num_processes"] = args.num_processes
-    if args.process_id is not None:
-        kw["process_id"] = args.process_id
-    jax.distributed.initialize(**kw)
+    launch.initialize(args.coordinator, args.num_processes, args.process_id,
+                      timeout=getattr(args, "distributed_timeout", 60))
+    launch.check_same_config(cfg)  # processes started with different configs are refused
 
 
 def run(args) -> int:
@@ -285,7 +282,7 @@ def run(args) -> int:
     # Everything above is validated before jax is touched or anything compiles.
     spec = cfg.spec.build()
     if args.distributed:
-        _distributed(args)
+        _distributed(args, cfg)
     import jax
 
     from jsdl.train.loop import Grid, NonFiniteLossError, fit, fit_population
@@ -294,7 +291,8 @@ def run(args) -> int:
     record = {"config": cfg.to_dict()}
     if cfg.data.files is not None:
         src = cfg.data.build_files()
-        data = src.batches(cfg.train.batch_size, seed=src.seed)
+        # Each process reads only its own rows of every global batch (jsdl.data.files).
+        data = src.batches(cfg.train.batch_size, seed=src.seed, process=(jax.process_index(), jax.process_count()))
         record["data"] = src.info()  # the normalisation scales travel with the run (jsdl export folds them)
     else:
         data = cfg.data.build(spec.method)

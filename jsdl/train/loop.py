@@ -28,6 +28,7 @@ from jsdl.train.anchors import anchors_from_ground_truth
 from jsdl.train.checkpoint import CheckpointError, Checkpointer, read_run_record, to_jsonable
 from jsdl.train.config import TrainConfig, to_dict
 from jsdl.train.state import METRIC_NAMES, TrainState, init_state, lr_multiplier, raw_key, spec_from_dict, spec_to_dict
+from jsdl.train.mesh import to_host
 from jsdl.train.step import Stepper, get_stepper, step_config, step_spec
 
 __all__ = ["fit", "fit_population", "Grid", "load_run", "member", "NonFiniteLossError"]
@@ -87,9 +88,11 @@ def _probe_bench(bench, batch_size):
 def _check_batch(b, config: TrainConfig):
     if not isinstance(b, Batch):
         raise TypeError(f"the data iterator must yield jsdl.Batch, got {type(b).__name__}")
-    if b.x_p.shape[0] != config.batch_size:
+    rows = config.batch_size // jax.process_count()  # with several processes: this process's share
+    if b.x_p.shape[0] != rows:
         raise ValueError(
             f"a batch from the data iterator has {b.x_p.shape[0]} rows but train.batch_size={config.batch_size}"
+            + (f" over {jax.process_count()} processes needs {rows} per process" if jax.process_count() > 1 else "")
         )
 
 
@@ -164,7 +167,7 @@ def _loop(stepper: Stepper, state: TrainState, data, data_mode: str, anchors, co
         if start:  # a resumed run skips the batches already consumed (pass the same fresh iterator)
             it = itertools.islice(it, start, None)
     data_arg = stepper.place_data(data) if data_mode == "bench" else None
-    metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
+    metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir and jax.process_index() == 0 else None
     lr_host = np.asarray(jax.device_get(state.hyper["lr"]), np.float64)
     diverged: dict[int, int] = {}
 
@@ -520,14 +523,14 @@ def fit(
     summary = {"spec": spec.describe(), "final": final, **timing, "n_devices": stepper.mesh.size}
     excl = None if anchor_feats is None else anchor_feats
     if mode == "bench" and not timing["stopped_early"]:
-        rec = _recovery(jax.device_get(state.params), data, excl)
+        rec = _recovery(to_host(state.params), data, excl)
         if rec is not None:
             summary["recovery"] = rec
     if out_dir:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(to_jsonable(summary), f, indent=2)
-        if config.plots and not timing["stopped_early"]:
-            _plots(out_dir, [history], [jax.device_get(state.params)], data if mode == "bench" else None, excl, [""])
+        if config.plots and not timing["stopped_early"] and jax.process_index() == 0:
+            _plots(out_dir, [history], [to_host(state.params)], data if mode == "bench" else None, excl, [""])
         ckpt.close()
     history["summary"] = summary
     if anchor_feats is not None:
@@ -704,7 +707,7 @@ def fit_population(
                                     out_dir=out_dir, ckpt=ckpt, meta=meta,
                                     progress=_progress_enabled(progress, config), stop_at=stop_at,
                                     callback=callback, population=True)
-    params_all = jax.device_get(state.params)
+    params_all = to_host(state.params)
     plist = [jax.tree.map(lambda x: x[i], params_all) for i in range(P)]
     for i, (h, m) in enumerate(zip(histories, ms)):
         final = {k: h[k][-1] for k in h if h[k]}
@@ -722,7 +725,7 @@ def fit_population(
     if out_dir:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(to_jsonable([h["summary"] | {"member": h["member"]} for h in histories]), f, indent=2)
-        if config.plots and not timing["stopped_early"]:
+        if config.plots and not timing["stopped_early"] and jax.process_index() == 0:
             _plots(out_dir, histories, plist, data if mode == "bench" else None, anchor_feats,
                    [f"#{i}" for i in range(P)])
         ckpt.close()

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 __all__ = ["AXES", "mesh_shape", "make_mesh", "state_partition_specs", "state_shardings", "constrain_state",
-           "batch_sharding", "latent_axis"]
+           "batch_sharding", "latent_axis", "to_host"]
 
 AXES = ("data", "model")
 
@@ -141,6 +141,20 @@ def constrain_state(mesh, state, n_latents: int, **kw):
     """``with_sharding_constraint`` of every leaf to its place (inside jit): the step's outputs keep
     the inputs' shardings, so it compiles once and donation reuses the buffers."""
     return jax.lax.with_sharding_constraint(state, state_shardings(mesh, state, n_latents, **kw))
+
+
+def to_host(tree):
+    """Host numpy copies of ``tree``'s arrays. An array split over devices of several processes is
+    all-gathered first (a collective: every process must call this)."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
 
 
 def batch_sharding(mesh, shard_batch: bool) -> NamedSharding:
