@@ -166,7 +166,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    if not args.train_args:
+    train_args = list(args.train_args)
+    if train_args and train_args[0] == "--":
+        train_args = train_args[1:]
+    if not train_args:
         raise ValueError("launch: give the `jsdl train` arguments, e.g. jsdl launch -n 2 CONFIG.yaml")
-    return launch_local(args.num_processes, args.train_args, devices_per_process=args.devices_per_process,
+    return launch_local(args.num_processes, train_args, devices_per_process=args.devices_per_process,
                         port=args.port, timeout=args.timeout)

@@ -292,7 +292,10 @@ def run(args) -> int:
     if cfg.data.files is not None:
         src = cfg.data.build_files()
         # Each process reads only its own rows of every global batch (jsdl.data.files).
-        data = src.batches(cfg.train.batch_size, seed=src.seed, process=(jax.process_index(), jax.process_count()))
+        from jsdl.train.mesh import process_batch_rows
+
+        data = src.batches(cfg.train.batch_size, seed=src.seed,
+                           rows=process_batch_rows(cfg.train.batch_size, cfg.train.mesh))
         record["data"] = src.info()  # the normalisation scales travel with the run (jsdl export folds them)
     else:
         data = cfg.data.build(spec.method)

@@ -28,7 +28,7 @@ from jsdl.train.anchors import anchors_from_ground_truth
 from jsdl.train.checkpoint import CheckpointError, Checkpointer, read_run_record, to_jsonable
 from jsdl.train.config import TrainConfig, to_dict
 from jsdl.train.state import METRIC_NAMES, TrainState, init_state, lr_multiplier, raw_key, spec_from_dict, spec_to_dict
-from jsdl.train.mesh import to_host
+from jsdl.train.mesh import process_batch_rows, to_host
 from jsdl.train.step import Stepper, get_stepper, step_config, step_spec
 
 __all__ = ["fit", "fit_population", "Grid", "load_run", "member", "NonFiniteLossError"]
@@ -88,11 +88,12 @@ def _probe_bench(bench, batch_size):
 def _check_batch(b, config: TrainConfig):
     if not isinstance(b, Batch):
         raise TypeError(f"the data iterator must yield jsdl.Batch, got {type(b).__name__}")
-    rows = config.batch_size // jax.process_count()  # with several processes: this process's share
-    if b.x_p.shape[0] != rows:
+    r0, r1 = process_batch_rows(config.batch_size, config.mesh)  # several processes: this process's rows
+    if b.x_p.shape[0] != r1 - r0:
         raise ValueError(
             f"a batch from the data iterator has {b.x_p.shape[0]} rows but train.batch_size={config.batch_size}"
-            + (f" over {jax.process_count()} processes needs {rows} per process" if jax.process_count() > 1 else "")
+            + (f" needs rows [{r0}, {r1}) in process {jax.process_index()} (jsdl.train.mesh.process_batch_rows)"
+               if jax.process_count() > 1 else "")
         )
 
 

@@ -26,7 +26,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 __all__ = ["AXES", "mesh_shape", "make_mesh", "state_partition_specs", "state_shardings", "constrain_state",
-           "batch_sharding", "latent_axis", "to_host"]
+           "batch_sharding", "latent_axis", "to_host",
+           "process_batch_rows"]
 
 AXES = ("data", "model")
 
@@ -155,6 +156,26 @@ def to_host(tree):
         return jax.device_get(x)
 
     return jax.tree.map(one, tree)
+
+
+def process_batch_rows(batch_size: int, mesh: Optional[Mapping[str, int]] = None, devices=None) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of every global batch that this process's devices hold when the batch
+    is split over "data" of the mesh ``mesh`` (what the process must read; several processes may
+    share rows when they sit on the same "data" index). ``(0, batch_size)`` with one process."""
+    if jax.process_count() == 1:
+        return 0, int(batch_size)
+    m = make_mesh(mesh, devices)
+    if batch_size % m.shape["data"]:
+        raise ValueError(f"batch_size={batch_size} is not divisible by the {m.shape['data']} devices of the "
+                         "'data' mesh axis")
+    idx = batch_sharding(m, True).addressable_devices_indices_map((int(batch_size),))
+    spans = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop) for s in idx.values()})
+    start, stop = spans[0][0], spans[-1][1]
+    covered = sum(b - a for a, b in spans)
+    if covered != stop - start:
+        raise ValueError(f"this process's devices hold non-contiguous batch rows {spans}; order the devices so "
+                         "that each process's devices are neighbours on the 'data' axis")
+    return int(start), int(stop)
 
 
 def batch_sharding(mesh, shard_batch: bool) -> NamedSharding:

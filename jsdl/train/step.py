@@ -325,7 +325,10 @@ def _lower_in(mesh, fn, *args):
 
 
 def _global_from_replicated_host(x, sharding: NamedSharding):
-    """A global array on ``sharding`` from a value every process holds in full (multi-process)."""
+    """A global array on ``sharding`` from a value every process holds in full (multi-process),
+    or from a global array (e.g. restored by orbax) resharded."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x if x.sharding == sharding else jax.jit(lambda a: a, out_shardings=sharding)(x)
     host = np.asarray(jax.device_get(x))
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
