@@ -10,6 +10,31 @@ import pytest
 
 from conftest import run_multidevice
 
+POPULATION_AND_TOPK = r'''
+g = Grid(jsdl.make_spec(activation="topk", n_latents=N, k=4, sparse=False), seeds=[0, 1], k=[2, 4])
+p1, _ = fit_population(KEY, g, BENCH["sae"], CFG, devices=jax.devices()[:1])
+for d, m in POP_MESHES:
+    pm, _ = fit_population(KEY, g, BENCH["sae"], dataclasses.replace(CFG, mesh={"data": d, "model": m}))
+    out[f"pop@{d}x{m}"] = {"params": rel(pm.params, p1.params), "spec": str(pm.params.W_E.sharding.spec)}
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jsdl import shardops
+from jsdl.train.mesh import make_mesh
+mesh = make_mesh({"data": 2, "model": 4})
+B, n, k = 64, 1024, 4
+z0 = jax.random.normal(jax.random.PRNGKey(0), (B, n))
+z = jax.device_put(z0, NamedSharding(mesh, P("data", "model")))
+with jax.set_mesh(mesh):
+    txt = jax.jit(lambda z: shardops.top_k(z, k)).lower(z).compile().as_text()
+    v, i = jax.jit(lambda z: shardops.top_k(z, k))(z)
+    r, c = jax.jit(lambda z: shardops.batch_top_k_indices(z, k * B))(z)
+gathers = [l for l in txt.splitlines() if re.search(r"all-gather\(", l)]
+sizes = [int(np.prod([int(x) for x in re.search(r"\[([0-9,]+)\]", l).group(1).split(",")])) for l in gathers]
+rv, ri = jax.lax.top_k(z0, k)
+_, fi = jax.lax.top_k(z0.reshape(-1), k * B)
+out["topk"] = {"equal": bool((np.asarray(i) == np.asarray(ri)).all()), "max_gather": max(sizes), "B_n": B * n,
+               "batch_set_equal": set((np.asarray(r) * n + np.asarray(c)).tolist()) == set(np.asarray(fi).tolist())}
+'''
+
 PRELUDE = r'''
 import dataclasses, json, re, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -112,6 +137,18 @@ def _check(out: dict):
             assert "model" in r["W_E_spec"] and "model" in r["mu_spec"] and "model" in r["dead_spec"], (case, r)
 
 
+def _check_population_and_topk(out: dict, pops):
+    """A population (members on "data", latents on "model") equals its 1-device run; the compiled
+    top-k over a split latent axis gathers only the B x k x model candidates, never z [B, n_q]."""
+    for name in pops:
+        assert out[name]["params"] <= 1e-5, out[name]
+        assert "model" in out[name]["spec"], out[name]
+    t = out["topk"]
+    assert t["equal"] and t["batch_set_equal"], t
+    # per device: (B / data) rows x (model x k) candidates, far from the B x n_q operand
+    assert t["max_gather"] <= 64 // 2 * 4 * 4, t
+
+
 @pytest.mark.multidevice
 def test_meshes_equal_one_device_default_subset():
     """Each method and activation on one 2-D mesh, each mesh shape on one spec (the full matrix is
@@ -120,10 +157,13 @@ def test_meshes_equal_one_device_default_subset():
 out = compare(["sae:topk_sparse"], [(4, 2), (1, 8)])
 out.update(compare(["sae:batchtopk", "sae:jumprelu"], [(2, 4)]))
 out.update(compare(["transcoder:topk_dense"], [(4, 2)], decoder_norm="unit"))
+POP_MESHES = [(2, 4)]
+''' + POPULATION_AND_TOPK + '''
 print("RESULT" + json.dumps(out))
 ''')
     print(out)
-    _check(out)
+    _check_population_and_topk(out, ["pop@2x4"])
+    _check({k: v for k, v in out.items() if "@" in k and not k.startswith("pop")})
 
 
 @pytest.mark.slow
@@ -135,49 +175,12 @@ def test_meshes_equal_one_device_full_matrix():
              for a in ("relu_l1", "topk_sparse", "topk_dense", "batchtopk", "jumprelu")]
     out = _run(r'''
 out = compare(%r, [(8, 1), (4, 2), (2, 4), (1, 8)])
+POP_MESHES = [(4, 2), (1, 8)]
+''' % names + POPULATION_AND_TOPK + '''
 print("RESULT" + json.dumps(out))
-''' % names, timeout=3600)
-    _check(out)
-
-
-@pytest.mark.multidevice
-def test_population_on_mesh_and_topk_collectives():
-    """A population (members on "data", latents on "model") equals its 1-device run; the compiled
-    top-k over a split latent axis gathers only the B x k x model candidates, never z [B, n_q]."""
-    out = _run(r'''
-out = {}
-g = Grid(jsdl.make_spec(activation="topk", n_latents=N, k=4, sparse=False), seeds=[0, 1], k=[2, 4])
-p1, _ = fit_population(KEY, g, BENCH["sae"], CFG, devices=jax.devices()[:1])
-for d, m in [(4, 2), (2, 4)]:
-    pm, _ = fit_population(KEY, g, BENCH["sae"], dataclasses.replace(CFG, mesh={"data": d, "model": m}))
-    out[f"pop@{d}x{m}"] = {"params": rel(pm.params, p1.params), "spec": str(pm.params.W_E.sharding.spec)}
-from jax.sharding import NamedSharding, PartitionSpec as P
-from jsdl import shardops
-from jsdl.train.mesh import make_mesh
-mesh = make_mesh({"data": 2, "model": 4})
-B, n, k = 64, 1024, 4
-z0 = jax.random.normal(jax.random.PRNGKey(0), (B, n))
-z = jax.device_put(z0, NamedSharding(mesh, P("data", "model")))
-with jax.set_mesh(mesh):
-    txt = jax.jit(lambda z: shardops.top_k(z, k)).lower(z).compile().as_text()
-    v, i = jax.jit(lambda z: shardops.top_k(z, k))(z)
-    r, c = jax.jit(lambda z: shardops.batch_top_k_indices(z, k * B))(z)
-gathers = [l for l in txt.splitlines() if re.search(r"all-gather\(", l)]
-sizes = [int(np.prod([int(x) for x in re.search(r"\[([0-9,]+)\]", l).group(1).split(",")])) for l in gathers]
-rv, ri = jax.lax.top_k(z0, k)
-_, fi = jax.lax.top_k(z0.reshape(-1), k * B)
-out["topk"] = {"equal": bool((np.asarray(i) == np.asarray(ri)).all()), "max_gather": max(sizes), "B_n": B * n,
-               "batch_set_equal": set((np.asarray(r) * n + np.asarray(c)).tolist()) == set(np.asarray(fi).tolist())}
-print("RESULT" + json.dumps(out))
-''')
-    print(out)
-    for name in ("pop@4x2", "pop@2x4"):
-        assert out[name]["params"] <= 1e-5, out
-        assert "model" in out[name]["spec"], out
-    t = out["topk"]
-    assert t["equal"] and t["batch_set_equal"], t
-    # per device: (B / data) rows x (model x k) candidates, far from the B x n_q operand
-    assert t["max_gather"] <= 64 // 2 * 4 * 4, t
+''', timeout=3600)
+    _check_population_and_topk(out, ["pop@4x2", "pop@1x8"])
+    _check({k: v for k, v in out.items() if "@" in k and not k.startswith("pop")})
 
 
 @pytest.mark.parametrize("mesh, n_dev, n_lat, match", [
