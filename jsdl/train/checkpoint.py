@@ -101,13 +101,17 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint found in {self.dir!r} (the folder has no complete step folders)")
         if step not in self.steps():
             raise CheckpointError(f"no checkpoint for step {step} in {self.dir!r}; available: {self.steps()}")
+        # A checkpoint written on another device layout (a sharded or multi-process run) needs a
+        # target placement: leaves without one go to the first local device (one process) or are
+        # replicated over all devices (several processes; the training step then reshards them).
         if jax.process_count() == 1:
-            # A checkpoint written on another device layout (a sharded or multi-process run)
-            # needs a target placement: leaves without one go to the first local device.
             dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract_state = jax.tree.map(
-                lambda x: x if getattr(x, "sharding", None) is not None else
-                jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract_state)
+        else:
+            dev = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)),
+                                             jax.sharding.PartitionSpec())
+        abstract_state = jax.tree.map(
+            lambda x: x if getattr(x, "sharding", None) is not None else
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract_state)
         try:
             out = self.manager.restore(
                 step,
