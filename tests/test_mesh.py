@@ -31,6 +31,13 @@ gathers = [l for l in txt.splitlines() if re.search(r"all-gather\(", l)]
 sizes = [int(np.prod([int(x) for x in re.search(r"\[([0-9,]+)\]", l).group(1).split(",")])) for l in gathers]
 rv, ri = jax.lax.top_k(z0, k)
 _, fi = jax.lax.top_k(z0.reshape(-1), k * B)
+from jsdl.train import Stepper, init_state
+st = Stepper(spec_of("sae:topk_sparse"), dataclasses.replace(CFG, mesh={"data": 2, "model": 4}), data_mode="bench",
+             bench=BENCH["sae"])
+s = st.place_state(init_state(KEY, spec_of("sae:topk_sparse"), CFG, 16))
+for _ in range(3):
+    s = st.step(s, st.place_data(BENCH["sae"]), None)
+out["compiles"] = st.step._cache_size()
 out["topk"] = {"equal": bool((np.asarray(i) == np.asarray(ri)).all()), "max_gather": max(sizes), "B_n": B * n,
                "batch_set_equal": set((np.asarray(r) * n + np.asarray(c)).tolist()) == set(np.asarray(fi).tolist())}
 '''
@@ -143,6 +150,7 @@ def _check_population_and_topk(out: dict, pops):
     for name in pops:
         assert out[name]["params"] <= 1e-5, out[name]
         assert "model" in out[name]["spec"], out[name]
+    assert out["compiles"] == 1  # the step on a 2-D mesh compiles once
     t = out["topk"]
     assert t["equal"] and t["batch_set_equal"], t
     # per device: (B / data) rows x (model x k) candidates, far from the B x n_q operand

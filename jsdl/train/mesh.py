@@ -132,10 +132,19 @@ def state_partition_specs(state, n_latents: int, *, member_axis: bool = False, s
     return jax.tree_util.tree_map_with_path(spec, state)
 
 
+def _drop_trivial(spec: P, mesh) -> P:
+    # An axis of size 1 shards nothing; naming it would make the inputs' shardings differ from the
+    # (normalised) outputs' and cost a second compile of the step.
+    parts = [None if (a is not None and mesh.shape[a] == 1) else a for a in spec]
+    while parts and parts[-1] is None:
+        parts.pop()
+    return P(*parts)
+
+
 def state_shardings(mesh, state, n_latents: int, **kw):
-    """``state_partition_specs`` as ``NamedSharding`` on ``mesh``."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), state_partition_specs(state, n_latents, **kw),
-                        is_leaf=lambda x: isinstance(x, P))
+    """``state_partition_specs`` as ``NamedSharding`` on ``mesh`` (axes of size 1 left out)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, _drop_trivial(s, mesh)),
+                        state_partition_specs(state, n_latents, **kw), is_leaf=lambda x: isinstance(x, P))
 
 
 def constrain_state(mesh, state, n_latents: int, **kw):
@@ -180,4 +189,4 @@ def process_batch_rows(batch_size: int, mesh: Optional[Mapping[str, int]] = None
 
 def batch_sharding(mesh, shard_batch: bool) -> NamedSharding:
     """Rows of a batch over "data" (or replicated)."""
-    return NamedSharding(mesh, P("data") if shard_batch else P())
+    return NamedSharding(mesh, P("data") if shard_batch and mesh.shape["data"] > 1 else P())

@@ -3,18 +3,22 @@ over a population.
 
 Design (see DESIGN.md "One code path for every scale"):
 
-* The step is ``jax.jit`` of a pure ``(state, data, anchors) -> state`` over *global* arrays. With
-  several devices the batch is placed (or, for a synthetic bench, generated inside the step and
-  constrained) with ``NamedSharding(mesh, P("data"))`` and the state is replicated; XLA's SPMD
-  partitioner then inserts the gradient all-reduce. We deliberately do not use ``shard_map``: the
-  loss is a mean over the *global* batch, so the gradient is exactly the single-device one (no
-  ``pmean`` that could double count replicated parameters, cf. the pitfall in DESIGN.md), and
-  batch-coupled activations (BatchTopK) keep their global-batch semantics.
-* The mesh has an ``Auto`` axis (``jax.make_mesh`` defaults to ``Explicit``, which would demand
-  sharding-typed inputs everywhere).
+* The step is ``jax.jit`` of a pure ``(state, data, anchors) -> state`` over *global* arrays on
+  the ``("data", "model")`` mesh of ``config.mesh`` (:mod:`jsdl.train.mesh`, Auto axes). The batch
+  is placed (or, for a synthetic bench, generated inside the step and constrained) with
+  ``NamedSharding(mesh, P("data"))``; latent-indexed state (W_E rows, W_D columns, b_E,
+  thresholds, their Adam moments, dead statistics) lives on "model", the rest is replicated.
+  XLA's SPMD partitioner inserts the collectives. We do not ``shard_map`` the step: the loss is a
+  mean over the *global* batch, so the gradient is exactly the single-device one (no ``pmean``
+  that could double count replicated parameters, cf. the pitfall in DESIGN.md), and
+  batch-coupled activations (BatchTopK) keep their global-batch semantics. The only explicit
+  collectives are in the top-k selections (:mod:`jsdl.shardops`), which return indices only.
+* Outputs are constrained to the inputs' shardings, so the step compiles once and donation works.
 * A population is a leading member axis on every leaf of the state; the per-model step is
-  ``jax.vmap``-ed with the batch broadcast (every member sees the same data). With several devices
-  the member axis is sharded when it divides evenly, otherwise the batch is.
+  ``jax.vmap``-ed with the batch broadcast (every member sees the same data). The member axis is
+  sharded over "data" when it divides evenly, otherwise the batch is.
+* ``config.compute_dtype="bfloat16"`` runs the loss on bf16 casts of the float32 parameters and
+  batch (:func:`to_compute`); gradients, Adam and the parameters stay float32.
 * Learning rate, penalty coefficients and TopK ``k`` are read from the traced ``state.hyper``, so a
   population varies them without recompiling. A varying ``k`` runs ``top_k`` with ``k_max`` (the
   largest k of the population) and masks the values beyond each member's own k
@@ -265,6 +269,8 @@ class Stepper:
                 return fn(*args)
 
         call.lower = lambda *args: _lower_in(mesh, fn, *args)
+        call._cache_size = fn._cache_size  # the compiled-once checks read it
+        call.jitted = fn
         return call
 
     # state helpers -------------------------------------------------------------------------
