@@ -20,14 +20,12 @@ Sections (each timed; the script stops adding sections when ``--budget-s`` is sp
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import platform
 import sys
 import time
 
-import numpy as np
 
 # Dense bf16 and float32 (TF32 tensor-core on NVIDIA, where XLA's default precision uses it)
 # matmul peaks in FLOP/s, from the vendors' data sheets (dense, no sparsity). Matched as a
