@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.jsdl-installed
 NPROC ?= 2
 
-.PHONY: demo test lint docs docs-serve test-slow test-multidevice bench theory-check install clean lock real-minilm
+.PHONY: demo test lint docs docs-serve test-slow test-multidevice bench theory-check install clean lock real-minilm accel-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -67,6 +67,12 @@ $(VENV_REAL)/.jsdl-real-installed: pyproject.toml constraints.txt
 
 real-minilm: $(VENV_REAL)/.jsdl-real-installed
 	$(VENV_REAL)/bin/jsdl experiment real_minilm --scale small --record
+
+# One accelerator check (devices, step MFU f32/bf16, sharded steps, a 2^20-latent dictionary,
+# Table 1 TopK); writes benchmarks/ACCEL.md. ARGS=--quick runs it on tiny shapes (CPU).
+ARGS ?=
+accel-check: $(STAMP)
+	$(BIN)/python benchmarks/accel_check.py $(ARGS)
 
 # Regenerate the pinned set from the current (tested) environment.
 lock: $(STAMP)

@@ -268,7 +268,9 @@ def topk(z, params=None, *, inference=False, k=32, relu=True):
     SAELens/sparsify do) negative survivors are zeroed too. Both satisfy eq. 10."""
     if k > z.shape[-1]:
         raise ValueError(f"topk: k={k} exceeds the number of latents n_q={z.shape[-1]}")
-    vals, idx = jax.lax.top_k(z, k)
+    from jsdl import shardops  # mesh-aware top_k (per-shard selection when latents are split)
+
+    vals, idx = shardops.top_k(z, k)
     if relu:
         vals = jax.nn.relu(vals)
     return _scatter_topk(z, vals, idx)
@@ -290,11 +292,13 @@ def batchtopk(z, params=None, *, inference=False, k=32, relu=True):
     else:
         z2 = z.reshape(-1, z.shape[-1])
     B, n = z2.shape
-    flat = z2.reshape(-1)
-    vals, idx = jax.lax.top_k(flat, k * B)
+    from jsdl import shardops  # mesh-aware selection (per-device candidates when z is sharded)
+
+    rows, cols = shardops.batch_top_k_indices(z2, k * B)
+    vals = z2[rows, cols]
     if relu:
         vals = jax.nn.relu(vals)
-    out = jnp.zeros_like(flat).at[idx].set(vals, unique_indices=True)
+    out = jnp.zeros_like(z2).at[rows, cols].set(vals, unique_indices=True)
     return out.reshape(z.shape)
 
 

@@ -25,6 +25,7 @@ __all__ = ["COMMANDS", "EXIT_CODES", "build_parser", "main"]
 # name -> (module defining add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jsdl.demo", "train a few SDL variants on a small Linear Representation Bench and report"),
+    "launch": ("jsdl.launch", "run N local processes of `jsdl train` as one multi-process run (jsdl launch -n 2 CONFIG.yaml)"),
     "train": ("jsdl.train.cli", "train from a YAML config (jsdl train CONFIG.yaml [--set k=v ...] | --resume DIR)"),
     "theory-check": ("jsdl.landscape.report", "numerically check the claims of arXiv 2512.05534"),
     "experiment": ("jsdl.experiments", "run an experiment from experiments/ (jsdl experiment NAME)"),

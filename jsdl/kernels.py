@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jsdl import shardops as _shardops
+
 __all__ = [
     "SparseCodes",
     "select_topk",
@@ -90,7 +92,7 @@ def select_topk(z: jax.Array, k: int, *, method: str = "lax", recall_target: flo
     the threshold were 2-40x slower). ``method="approx"`` uses ``jax.lax.approx_max_k`` with
     ``recall_target``: approximate on TPU (an opt-in, changes the objective), exact elsewhere."""
     if method == "lax":
-        return jax.lax.top_k(z, k)
+        return _shardops.top_k(z, k)
     if method == "approx":
         return jax.lax.approx_max_k(z, k, recall_target=recall_target)
     raise ValueError(f"select method must be one of {SELECT_METHODS}, got {method!r}")
@@ -116,6 +118,9 @@ def select_batchtopk(z: jax.Array, k: int, *, cap: Optional[int] = None, method:
     flat_idx_dtype = jnp.int32
 
     def full(_):
+        if method == "lax":
+            r, c = _shardops.batch_top_k_indices(z, K)
+            return z[r, c], r, c
         v, i = select_topk(z.reshape(-1), K, method=method)
         return v, (i // n).astype(flat_idx_dtype), (i % n).astype(flat_idx_dtype)
 

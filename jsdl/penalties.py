@@ -195,7 +195,9 @@ def auxk_loss(pre_acts, residual, W_D, dead_mask, k_aux: int):
     residual = jax.lax.stop_gradient(residual)
     k_aux = min(int(k_aux), pre_acts.shape[-1])
     masked = jnp.where(dead_mask[None, :], jax.nn.relu(pre_acts), 0.0)
-    vals, idx = jax.lax.top_k(masked, k_aux)
+    from jsdl import shardops  # mesh-aware top_k
+
+    vals, idx = shardops.top_k(masked, k_aux)
     rows = jnp.arange(masked.shape[0])[:, None]
     z_aux = jnp.zeros_like(masked).at[rows, idx].set(vals)
     rec = z_aux @ W_D.T

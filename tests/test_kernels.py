@@ -174,7 +174,7 @@ def test_sparse_loss_under_vmap_and_grad_matches_loop():
     keys = jax.random.split(jax.random.PRNGKey(11), P)
     params = jax.vmap(lambda kk: jsdl.init_params(kk, spec, d))(keys)
     batch = _batch(jax.random.PRNGKey(12), B, d)
-    f = lambda p: jsdl.sdl_loss(p, batch, spec)[0]
+    f = lambda p: jsdl.sdl_loss(p, batch, spec)[0]  # noqa: E731
     gv = jax.jit(jax.vmap(jax.grad(f)))(params)
     for i in range(P):
         gi = jax.grad(f)(jax.tree.map(lambda a: a[i], params))

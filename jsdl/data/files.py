@@ -778,18 +778,29 @@ class ActivationFiles:
 
     def batches(self, batch_size: int, *, seed: int | None = None, split: str = "train",
                 shuffle: bool | None = None, repeat: bool | None = None, drop_remainder: bool | None = None,
-                start_step: int = 0, with_indices: bool = False) -> Iterator:
+                start_step: int = 0, with_indices: bool = False, rows: tuple[int, int] | None = None) -> Iterator:
         """An iterator of :class:`jsdl.Batch` (numpy arrays of ``dtype``).
 
         Training split (default): shuffled, endless (epochs follow each other), full batches only.
         ``split="heldout"``: one pass in file order, the last batch may be short.
         ``start_step`` skips that many batches without reading them (resuming a run).
-        ``with_indices`` yields ``(global_row_indices [B], batch)`` instead."""
+        ``with_indices`` yields ``(global_row_indices [B], batch)`` instead.
+        ``rows=(start, stop)``: read only those rows of every global batch (a process's share in a
+        multi-process run, :func:`jsdl.train.mesh.process_batch_rows`; the shares are assembled into
+        the global batch on the device mesh by ``jax.make_array_from_process_local_data``);
+        ``batch_size`` stays the global size."""
+        if rows is not None:
+            r0, r1 = (int(v) for v in rows)
+            if not 0 <= r0 < r1 <= batch_size:
+                raise ValueError(f"rows must be (start, stop) with 0 <= start < stop <= batch_size={batch_size}, "
+                                 f"got {rows!r}")
         it = self.index_batches(batch_size, seed=seed, split=split, shuffle=shuffle, repeat=repeat,
                                 drop_remainder=drop_remainder)
         for step, idx in enumerate(it):
             if step < start_step:
                 continue
+            if rows is not None:
+                idx = idx[r0:r1]
             b = self.read_rows(idx)
             yield (idx, b) if with_indices else b
 

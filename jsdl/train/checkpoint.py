@@ -105,12 +105,26 @@ class Checkpointer:
     def restore(self, abstract_state, step: Optional[int] = None):
         """``(state, meta)`` at ``step`` (default: the latest). ``abstract_state`` is a pytree of
         ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``) giving the structure."""
+        import jax
+        import numpy as np
+
         ocp = self._ocp
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint found in {self.dir!r} (the folder has no complete step folders)")
         if step not in self.steps():
             raise CheckpointError(f"no checkpoint for step {step} in {self.dir!r}; available: {self.steps()}")
+        # A checkpoint written on another device layout (a sharded or multi-process run) needs a
+        # target placement: leaves without one go to the first local device (one process) or are
+        # replicated over all devices (several processes; the training step then reshards them).
+        if jax.process_count() == 1:
+            dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        else:
+            dev = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)),
+                                             jax.sharding.PartitionSpec())
+        abstract_state = jax.tree.map(
+            lambda x: x if getattr(x, "sharding", None) is not None else
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract_state)
         err = None
         with _quiet_async_teardown():
             try:

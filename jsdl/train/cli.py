@@ -263,19 +263,16 @@ def add_arguments(p) -> None:
     p.add_argument("--coordinator", help="coordinator address host:port for --distributed")
     p.add_argument("--num-processes", type=int, help="number of processes for --distributed")
     p.add_argument("--process-id", type=int, help="this process's id for --distributed")
+    p.add_argument("--distributed-timeout", type=int, default=60,
+                   help="seconds to wait for the coordinator with --distributed (default 60)")
 
 
-def _distributed(args):
-    import jax
+def _distributed(args, cfg):
+    from jsdl import launch
 
-    kw = {}
-    if args.coordinator:
-        kw["coordinator_address"] = args.coordinator
-    if args.num_processes is not None:
-        kw["num_processes"] = args.num_processes
-    if args.process_id is not None:
-        kw["process_id"] = args.process_id
-    jax.distributed.initialize(**kw)
+    launch.initialize(args.coordinator, args.num_processes, args.process_id,
+                      timeout=getattr(args, "distributed_timeout", 60))
+    launch.check_same_config(cfg)  # processes started with different configs are refused
 
 
 def _resume_config(args):
@@ -315,7 +312,10 @@ def _files_data(cfg, spec, record):
         )
     record["data"] = src.info()  # the normalisation scales travel with the run (jsdl export folds them)
     record["data_fingerprint"] = rundir.files_fingerprint(src)
-    return src.batches(B, seed=src.seed)
+    # Each process reads only its own rows of every global batch (jsdl.data.files).
+    from jsdl.train.mesh import process_batch_rows
+
+    return src.batches(B, seed=src.seed, rows=process_batch_rows(B, cfg.train.mesh))
 
 
 def run(args) -> int:
@@ -335,7 +335,7 @@ def run(args) -> int:
     check_unlocked(out_dir)
     spec = cfg.spec.build()
     if args.distributed:
-        _distributed(args)
+        _distributed(args, cfg)
     import jax
 
     from jsdl.train.loop import Grid, NonFiniteLossError, TrainingInterrupted, fit, fit_population

@@ -23,6 +23,14 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 DECAYS = ("constant", "linear", "cosine")
 DECODER_NORMS = ("none", "unit")
 ANCHOR_SOURCES = ("ground_truth", "class_means")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+class _FrozenDict(dict):
+    """A dict that hashes (TrainConfig is hashable: the compiled step is cached on it)."""
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +76,14 @@ class TrainConfig:
         keep_checkpoints: keep the last N checkpoints.
         progress: show a tqdm progress bar (None = only when stderr is a terminal).
         plots: write matplotlib plots at the end when ``out_dir`` is given.
+    Devices (see :mod:`jsdl.train.mesh`)
+        mesh: ``{data: D, model: M}``: the batch is split over D devices and everything indexed
+            by latent (encoder rows, decoder columns, b_E, thresholds, Adam moments, dead
+            statistics) over M; D x M must be the device count and M must divide n_latents.
+            ``None`` (default): every device on "data".
+        compute_dtype: ``float32`` | ``bfloat16``: the dtype of the forward/backward matmuls.
+            Parameters and optimiser state stay float32 (bf16 casts of the weights are made
+            inside the step; their gradients come back float32).
     Performance
         donate: donate the training state's buffers to the jitted step (params and optimiser state
             are updated in place, no second copy). A ``fit`` callback that keeps the state beyond
@@ -107,9 +123,18 @@ class TrainConfig:
     progress: Optional[bool] = None
     plots: bool = True
     donate: bool = True
+    mesh: Optional[dict] = None
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         check_types(self, "train")
+        if self.mesh is not None:
+            from jsdl.train.mesh import mesh_shape
+
+            mesh_shape(self.mesh, (self.mesh.get("data") or 1) * (self.mesh.get("model") or 1))  # names, ints
+            object.__setattr__(self, "mesh", _FrozenDict(self.mesh))
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"train.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}")
         pos = ("steps", "batch_size", "log_every", "dead_window", "keep_checkpoints")
         for name in pos:
             if getattr(self, name) < 1:

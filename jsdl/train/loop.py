@@ -35,6 +35,7 @@ from jsdl.train import rundir
 from jsdl.train.anchors import anchors_from_ground_truth
 from jsdl.train.checkpoint import CheckpointError, Checkpointer, to_jsonable
 from jsdl.train.config import TrainConfig, to_dict
+from jsdl.train.mesh import process_batch_rows, to_host
 from jsdl.train.rundir import load_run
 from jsdl.train.state import METRIC_NAMES, TrainState, init_state, lr_multiplier, raw_key, spec_to_dict
 from jsdl.train.population import Grid, member, members_from, population_data_key
@@ -101,9 +102,12 @@ def _probe_bench(bench, batch_size):
 def _check_batch(b, config: TrainConfig):
     if not isinstance(b, Batch):
         raise TypeError(f"the data iterator must yield jsdl.Batch, got {type(b).__name__}")
-    if b.x_p.shape[0] != config.batch_size:
+    r0, r1 = process_batch_rows(config.batch_size, config.mesh)  # several processes: this process's rows
+    if b.x_p.shape[0] != r1 - r0:
         raise ValueError(
             f"a batch from the data iterator has {b.x_p.shape[0]} rows but train.batch_size={config.batch_size}"
+            + (f" needs rows [{r0}, {r1}) in process {jax.process_index()} (jsdl.train.mesh.process_batch_rows)"
+               if jax.process_count() > 1 else "")
         )
 
 
@@ -202,7 +206,7 @@ def _log(io: _LoopIO, stepper, state, t, n_steps, lr_host, config, t0, diverged,
             diverged[i] = int(bad[i])
         for k, v in row.items():
             io.histories[i][k].append(v)
-    rundir.append_metrics(io.out_dir, [{**({"member": i} if io.population else {}), **r} for i, r in enumerate(rows)])
+    rundir.append_metrics(io.out_dir if jax.process_index() == 0 else None, [{**({"member": i} if io.population else {}), **r} for i, r in enumerate(rows)])
     bar.set_postfix(_postfix(rows), refresh=False)
     bar.update(t - bar.n)
     if diverged and not io.population:
@@ -409,6 +413,11 @@ def _run_record(plan: _Plan, config, mode, data, data_rec, d_in, d_t, anchor_fea
     return to_jsonable(rec)
 
 
+class _NoLock:
+    def release(self):
+        pass
+
+
 class _RunDir:
     """An open run directory: the lock, the checkpointer and the recorded run (for a resume)."""
 
@@ -417,7 +426,10 @@ class _RunDir:
         if resume and not os.path.isdir(out_dir):
             raise CheckpointError(f"cannot resume: run directory {out_dir!r} does not exist")
         os.makedirs(out_dir, exist_ok=True)
-        self.lock = rundir.RunLock(out_dir)
+        # Several processes of one run share the directory: process 0 holds the lock and writes the
+        # records; every process opens the checkpointer (orbax saves and restores collectively).
+        self.primary = jax.process_index() == 0
+        self.lock = rundir.RunLock(out_dir) if self.primary else _NoLock()
         try:
             self.ckpt = self._open(resume)
         except BaseException:
@@ -436,6 +448,8 @@ class _RunDir:
                                       "first checkpoint); start it again without resume")
             return ckpt
         cdir = os.path.join(self.dir, "checkpoints")
+        if not self.primary:
+            return Checkpointer(self.dir, keep=keep, create=True)
         if os.path.isdir(cdir) and any(n.isdigit() for n in os.listdir(cdir)):
             raise ValueError(
                 f"{self.dir!r} already holds checkpoints; pass resume=True (CLI: --resume) to continue, or use a new out_dir"
@@ -450,8 +464,9 @@ class _RunDir:
         state, meta = rundir.restore_latest(self.ckpt, abstract_for)
         state = rundir.adapt_state(state, abstract, self.dir, self.allowed)
         step = int(meta["step"])
-        rundir.truncate_metrics(self.dir, step)
-        rundir.record_resume(self.dir, self.old, self.rec, step, self.allowed)
+        if self.primary:
+            rundir.truncate_metrics(self.dir, step)
+            rundir.record_resume(self.dir, self.old, self.rec, step, self.allowed)
         return state, meta
 
     def close(self):
@@ -482,7 +497,7 @@ def _init_or_restore(plan: _Plan, config, d_in, d_t, dtype, run: Optional[_RunDi
 
 
 def _summaries(plan: _Plan, state, histories, timing, diverged, mode, data, anchor_feats, n_devices) -> list[dict]:
-    params_all = jax.device_get(state.params)
+    params_all = to_host(state.params)
     out = []
     for i, h in enumerate(histories):
         final = {k: h[k][-1] for k in h if isinstance(h[k], list) and h[k]}
@@ -500,6 +515,8 @@ def _summaries(plan: _Plan, state, histories, timing, diverged, mode, data, anch
 
 
 def _finish(run: _RunDir, plan, config, state, histories, summaries, timing, diverged, mode, data, anchor_feats):
+    if not run.primary:
+        return
     if plan.population:
         rundir.write_summary(run.dir, [s | {"member": m} for s, m in zip(summaries, plan.members)])
     else:
@@ -507,7 +524,7 @@ def _finish(run: _RunDir, plan, config, state, histories, summaries, timing, div
     if config.plots and not timing["stopped_early"]:
         from jsdl.train.plots import write_plots
 
-        params_all = jax.device_get(state.params)
+        params_all = to_host(state.params)
         n = len(histories)
         plist = [jax.tree.map(lambda x: x[i], params_all) for i in range(n)] if plan.population else [params_all]
         labels = [f"#{i}" for i in range(n)] if plan.population else [""]

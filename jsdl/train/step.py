@@ -3,18 +3,22 @@ over a population.
 
 Design (see DESIGN.md "One code path for every scale"):
 
-* The step is ``jax.jit`` of a pure ``(state, data, anchors) -> state`` over *global* arrays. With
-  several devices the batch is placed (or, for a synthetic bench, generated inside the step and
-  constrained) with ``NamedSharding(mesh, P("data"))`` and the state is replicated; XLA's SPMD
-  partitioner then inserts the gradient all-reduce. We deliberately do not use ``shard_map``: the
-  loss is a mean over the *global* batch, so the gradient is exactly the single-device one (no
-  ``pmean`` that could double count replicated parameters, cf. the pitfall in DESIGN.md), and
-  batch-coupled activations (BatchTopK) keep their global-batch semantics.
-* The mesh has an ``Auto`` axis (``jax.make_mesh`` defaults to ``Explicit``, which would demand
-  sharding-typed inputs everywhere).
+* The step is ``jax.jit`` of a pure ``(state, data, anchors) -> state`` over *global* arrays on
+  the ``("data", "model")`` mesh of ``config.mesh`` (:mod:`jsdl.train.mesh`, Auto axes). The batch
+  is placed (or, for a synthetic bench, generated inside the step and constrained) with
+  ``NamedSharding(mesh, P("data"))``; latent-indexed state (W_E rows, W_D columns, b_E,
+  thresholds, their Adam moments, dead statistics) lives on "model", the rest is replicated.
+  XLA's SPMD partitioner inserts the collectives. We do not ``shard_map`` the step: the loss is a
+  mean over the *global* batch, so the gradient is exactly the single-device one (no ``pmean``
+  that could double count replicated parameters, cf. the pitfall in DESIGN.md), and
+  batch-coupled activations (BatchTopK) keep their global-batch semantics. The only explicit
+  collectives are in the top-k selections (:mod:`jsdl.shardops`), which return indices only.
+* Outputs are constrained to the inputs' shardings, so the step compiles once and donation works.
 * A population is a leading member axis on every leaf of the state; the per-model step is
-  ``jax.vmap``-ed with the batch broadcast (every member sees the same data). With several devices
-  the member axis is sharded when it divides evenly, otherwise the batch is.
+  ``jax.vmap``-ed with the batch broadcast (every member sees the same data). The member axis is
+  sharded over "data" when it divides evenly, otherwise the batch is.
+* ``config.compute_dtype="bfloat16"`` runs the loss on bf16 casts of the float32 parameters and
+  batch (:func:`to_compute`); gradients, Adam and the parameters stay float32.
 * Learning rate, penalty coefficients and TopK ``k`` are read from the traced ``state.hyper``, so a
   population varies them without recompiling. A varying ``k`` runs ``top_k`` with ``k_max`` (the
   largest k of the population) and masks the values beyond each member's own k
@@ -27,6 +31,7 @@ Design (see DESIGN.md "One code path for every scale"):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
@@ -37,7 +42,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jsdl import activations as _act
 from jsdl import methods as _methods
+from jsdl import shardops
 from jsdl.objective import SDLParams, SDLSpec, pre_activations, sdl_loss
+from jsdl.train import mesh as _mesh
 from jsdl.train.config import TrainConfig
 from jsdl.train.dead import dead_mask, ghost_grads_loss, resample_dead, update_dead
 from jsdl.train.state import METRIC_NAMES, TrainState, coef_multiplier, lr_multiplier, make_optimizer
@@ -56,7 +63,7 @@ class DynamicKActivation(_act.Activation):
         hyper = dict(self.hyper)
         k_max, relu = hyper["k"], hyper.get("relu", True)
         if self.name == "topk":
-            vals, idx = jax.lax.top_k(z, k_max)
+            vals, idx = shardops.top_k(z, k_max)
             vals = jnp.where(jnp.arange(k_max) < self.k_dyn, vals, 0.0)
             if relu:
                 vals = jax.nn.relu(vals)
@@ -65,12 +72,12 @@ class DynamicKActivation(_act.Activation):
             return _act.get(self.name, **hyper)(z, params, inference=True)
         z2 = z.reshape(-1, z.shape[-1])
         B = z2.shape[0]
-        flat = z2.reshape(-1)
-        vals, idx = jax.lax.top_k(flat, k_max * B)
+        rows, cols = shardops.batch_top_k_indices(z2, k_max * B)
+        vals = z2[rows, cols]
         vals = jnp.where(jnp.arange(k_max * B) < self.k_dyn * B, vals, 0.0)
         if relu:
             vals = jax.nn.relu(vals)
-        return jnp.zeros_like(flat).at[idx].set(vals, unique_indices=True).reshape(z.shape)
+        return jnp.zeros_like(z2).at[rows, cols].set(vals, unique_indices=True).reshape(z.shape)
 
 
 def with_dynamic_k(spec: SDLSpec, k) -> SDLSpec:
@@ -81,6 +88,15 @@ def with_dynamic_k(spec: SDLSpec, k) -> SDLSpec:
         raise ValueError(f"a varying k needs activation 'topk' or 'batchtopk', got {spec.activation.name!r}")
     act = DynamicKActivation(name=spec.activation.name, hyper=spec.activation.hyper, k_dyn=k)
     return dataclasses.replace(spec, activation=act)
+
+
+def to_compute(tree, config: TrainConfig):
+    """``tree`` with floating leaves cast to ``config.compute_dtype`` (a no-op for float32, so
+    float64 runs under ``jax_enable_x64`` keep float64)."""
+    if tree is None or config.compute_dtype == "float32":
+        return tree
+    cd = jnp.dtype(config.compute_dtype)
+    return jax.tree.map(lambda x: x.astype(cd) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,19 +140,26 @@ def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: Trai
     dead = dead_mask(state.dead, config)
     info = spec.activation.info
 
+    # Mixed precision: the forward/backward runs on compute-dtype copies of the (float32) weights
+    # and batch; the cast's transpose returns float32 gradients to the float32 optimiser state.
+    cbatch, canchors = to_compute(batch, config), to_compute(anchors, config)
+
     def loss_fn(p):
-        loss, aux = sdl_loss(p, batch, run_spec, coefs=coefs, dead_mask=dead if spec.aux_coef > 0 else None,
-                             anchors=anchors)
+        pc = to_compute(p, config)
+        loss, aux = sdl_loss(pc, cbatch, run_spec, coefs=coefs, dead_mask=dead if spec.aux_coef > 0 else None,
+                             anchors=canchors)
         if config.ghost_grads:
-            g = ghost_grads_loss(p, batch, run_spec, dead, aux["mse"])
+            g = ghost_grads_loss(pc, cbatch, run_spec, dead, aux["mse"])
             loss = loss + g
             aux = {**aux, "ghost": g, "loss": loss}
-        return loss, aux
+        out_dtype = p.W_E.dtype
+        return loss.astype(out_dtype), {k: v.astype(out_dtype) for k, v in aux.items()}
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     # Codes for the statistics; XLA's CSE shares this encoder matmul with the forward pass.
-    x_p = _methods.prepare_input(batch.x_p, spec)
-    codes = jax.lax.stop_gradient(run_spec.activation(pre_activations(params, x_p, spec), params))
+    cparams = to_compute(params, config)
+    x_p = _methods.prepare_input(cbatch.x_p, spec)
+    codes = jax.lax.stop_gradient(run_spec.activation(pre_activations(cparams, x_p, spec), cparams))
 
     if info.inference_threshold and grads.threshold is not None:
         # The BatchTopK inference threshold is estimated, never trained: keep it out of the optimiser.
@@ -183,10 +206,10 @@ def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: Trai
 # ----------------------------------------------------------------------------------------------
 
 
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-    """A 1-D ``("data",)`` mesh with an Auto axis over ``devices`` (default: all devices)."""
-    devices = list(jax.devices() if devices is None else devices)
-    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+def make_mesh(devices=None, mesh=None, n_latents=None) -> jax.sharding.Mesh:
+    """The ``("data", "model")`` mesh (Auto axes) over ``devices`` (default: all devices); ``mesh``
+    is ``TrainConfig.mesh`` (default: every device on "data"). See :mod:`jsdl.train.mesh`."""
+    return _mesh.make_mesh(mesh, devices, n_latents)
 
 
 def _is_array_pytree(x) -> bool:
@@ -199,24 +222,26 @@ class Stepper:
 
     ``data_mode`` is ``"bench"`` (batches generated inside the step by ``data.sample(fold_in(
     data_key, step), batch_size)``) or ``"batch"`` (host batches passed in). ``n_members`` is None
-    for one model, else the population size."""
+    for one model, else the population size. The devices form the ``("data", "model")`` mesh of
+    ``config.mesh`` (:mod:`jsdl.train.mesh`): latent-indexed state on "model", batch (or population
+    members, when their number divides the "data" axis) on "data"."""
 
     def __init__(self, spec: SDLSpec, config: TrainConfig, *, data_mode: str, n_members: Optional[int] = None,
                  devices=None, bench=None):
         self.spec, self.config, self.data_mode, self.n_members = spec, config, data_mode, n_members
-        self.mesh = make_mesh(devices)
-        n_dev = self.mesh.size
+        self.mesh = make_mesh(devices, config.mesh, spec.n_latents)
+        n_data = self.mesh.shape["data"]
         self.population = n_members is not None
-        shard_members = self.population and n_dev > 1 and n_members % n_dev == 0
-        shard_batch = n_dev > 1 and not shard_members and config.batch_size % n_dev == 0
-        if n_dev > 1 and not shard_members and not shard_batch:
+        shard_members = self.population and n_data > 1 and n_members % n_data == 0
+        shard_batch = n_data > 1 and not shard_members and config.batch_size % n_data == 0
+        if n_data > 1 and not shard_members and not shard_batch:
             raise ValueError(
-                f"batch_size={config.batch_size} is not divisible by the {n_dev} devices"
+                f"batch_size={config.batch_size} is not divisible by the {n_data} devices of the 'data' mesh axis"
                 + (f" (nor is the population size {n_members})" if self.population else "")
-                + f"; use a multiple of {n_dev} or pass devices=jax.devices()[:1]"
+                + f"; use a multiple of {n_data} or pass devices=jax.devices()[:1]"
             )
-        self.state_sharding = NamedSharding(self.mesh, P("data") if shard_members else P())
-        self.batch_sharding = NamedSharding(self.mesh, P("data") if shard_batch else P())
+        self.shard_members = shard_members
+        self.batch_sharding = _mesh.batch_sharding(self.mesh, shard_batch)
         self.replicated = NamedSharding(self.mesh, P())
         # A bench made of arrays is passed as an argument (not baked into the program as constants).
         self.bench_is_arg = bench is not None and _is_array_pytree(bench)
@@ -226,19 +251,49 @@ class Stepper:
         res = lambda k, s, b: resample_dead(k, s, b, spec, config)  # noqa: E731
         self._one = jax.vmap(one, in_axes=(0, None, None)) if self.population else one
         self._res = jax.vmap(res, in_axes=(0, 0, None)) if self.population else res
-        # Fixed output shardings equal to the input ones: the step is compiled exactly once.
-        # Donated state: the step updates params and Adam moments in place (no second copy of the
-        # dictionary); the loop never reuses a state it has passed to the step.
+        # Outputs are constrained to the inputs' shardings (mesh.constrain_state): the step is
+        # compiled exactly once. Donated state: the step updates params and Adam moments in place
+        # (no second copy of the dictionary); the loop never reuses a state passed to the step.
         donate = (0,) if config.donate else ()
-        self.step = jax.jit(self._step_fn, out_shardings=self.state_sharding, donate_argnums=donate)
-        self.resample = jax.jit(self._resample_fn, out_shardings=self.state_sharding, donate_argnums=donate)
-        self.reset_metrics = jax.jit(zero_metrics, out_shardings=self.state_sharding, donate_argnums=donate)
+        # Called inside ``jax.set_mesh``: the mesh-aware selections (jsdl.shardops) read it at trace time.
+        self.step = self._in_mesh(jax.jit(self._step_fn, donate_argnums=donate))
+        self.resample = self._in_mesh(jax.jit(self._resample_fn, donate_argnums=donate))
+        self.reset_metrics = self._in_mesh(jax.jit(self._reset_fn, donate_argnums=donate))
+
+    def _in_mesh(self, fn):
+        mesh = self.mesh
+
+        @functools.wraps(fn)
+        def call(*args):
+            with jax.set_mesh(mesh):
+                return fn(*args)
+
+        call.lower = lambda *args: _lower_in(mesh, fn, *args)
+        call._cache_size = fn._cache_size  # the compiled-once checks read it
+        call.jitted = fn
+        return call
 
     # state helpers -------------------------------------------------------------------------
+    def state_shardings(self, state):
+        """NamedSharding of every leaf of ``state`` (a TrainState or a pytree of its parts)."""
+        return _mesh.state_shardings(self.mesh, state, self.spec.n_latents, member_axis=self.population,
+                                     shard_members=self.shard_members)
+
+    def _constrain(self, state):
+        return _mesh.constrain_state(self.mesh, state, self.spec.n_latents, member_axis=self.population,
+                                     shard_members=self.shard_members)
+
     def place_state(self, state: TrainState) -> TrainState:
-        return jax.device_put(state, self.state_sharding)
+        """``state`` on the mesh. Every process must pass the same (global) values."""
+        shardings = self.state_shardings(state)
+        if jax.process_count() > 1:
+            return jax.tree.map(_global_from_replicated_host, state, shardings)
+        return jax.device_put(state, shardings)
 
     def place_data(self, data):
+        """A bench (replicated) or a batch (rows over "data"). With several processes a batch holds
+        this process's rows only (its share of the global batch, in process order) and is assembled
+        into the global array with ``jax.make_array_from_process_local_data``."""
         if self.data_mode == "bench":
             return jax.device_put(data, self.replicated) if self.bench_is_arg else None
         if jax.process_count() > 1:
@@ -258,13 +313,30 @@ class Stepper:
         return jax.lax.with_sharding_constraint(batch, self.batch_sharding)
 
     def _step_fn(self, state, data, anchors):
-        return self._one(state, self._batch(state, data), anchors)
+        return self._constrain(self._one(state, self._batch(state, data), anchors))
 
     def _resample_fn(self, state, data):
         batch = self._batch(state, data)
         keys = jax.vmap(jax.random.fold_in)(state.key, state.step) if self.population else \
             jax.random.fold_in(state.key, state.step)
-        return self._res(keys, state, batch)
+        return self._constrain(self._res(keys, state, batch))
+
+    def _reset_fn(self, metrics):
+        return self._constrain(zero_metrics(metrics))
+
+
+def _lower_in(mesh, fn, *args):
+    with jax.set_mesh(mesh):
+        return fn.lower(*args)
+
+
+def _global_from_replicated_host(x, sharding: NamedSharding):
+    """A global array on ``sharding`` from a value every process holds in full (multi-process),
+    or from a global array (e.g. restored by orbax) resharded."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x if x.sharding == sharding else jax.jit(lambda a: a, out_shardings=sharding)(x)
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def zero_metrics(metrics: dict) -> dict:
