@@ -53,17 +53,18 @@ def _parse_coefs(text: str):
     return out
 
 
-def _parse_hyper(items, legacy=()):
-    """``--set penalty.NAME=VALUE`` items -> penalty hyperparameters (values parsed as YAML: 1e-3 is a float)."""
+def _parse_hyper(items, legacy=(), section="penalty"):
+    """``--set SECTION.NAME=VALUE`` items -> hyperparameters of the checked penalty (``section="penalty"``)
+    or activation (``section="activation"``); values parsed as YAML (1e-3 is a float)."""
     from jsdl.train.config import parse_set
 
     if legacy:
-        raise ValueError(f"--hyper is gone: write --set penalty.{legacy[0]} (one KEY=VALUE syntax: --set section.key=value)")
+        raise ValueError(f"--hyper is gone: write --set {section}.{legacy[0]} (one KEY=VALUE syntax: --set section.key=value)")
     hyper = {}
     for path, val in parse_set(items):
-        if len(path) != 2 or path[0] != "penalty":
-            raise ValueError(f"--set {'.'.join(path)}: the penalty lab takes penalty hyperparameters as "
-                             "--set penalty.NAME=VALUE (e.g. --set penalty.eps=1e-3)")
+        if len(path) != 2 or path[0] != section:
+            raise ValueError(f"--set {'.'.join(path)}: the penalty lab takes {section} hyperparameters as "
+                             f"--set {section}.NAME=VALUE (e.g. --set {section}.eps=1e-3)")
         hyper[path[1]] = val
     return hyper
 
@@ -75,7 +76,7 @@ def add_arguments(p):
                    help="a Python file or module that registers the penalty (repeatable)")
     p.add_argument("--coefs", default=None,
                    help="comma-separated coefficient grid (default: auto, scaled to the penalty)")
-    p.add_argument("--set", action="append", default=[], metavar="penalty.NAME=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.NAME=VALUE",
                    help="penalty hyperparameter (repeatable), e.g. --set penalty.eps=1e-3")
     p.add_argument("--hyper", action="append", default=[], help=argparse.SUPPRESS)  # old syntax: a clear error
     p.add_argument("--scale", default="small", choices=sorted(SCALES), help="problem size (default small: CPU minutes)")
@@ -87,14 +88,14 @@ def add_arguments(p):
     p.add_argument("--checks-only", action="store_true", help="run only the mechanical checks and print them")
     p.add_argument("--activation", action="store_true",
                    help="NAME is an activation: run its mechanical checks (key property sigma(z)_i in {0, z_i}, "
-                        "jit, vmap, gradients, declared facts) and print them; --hyper binds its hyperparameters")
+                        "jit, vmap, gradients, declared facts) and print them; --set activation.NAME=VALUE binds its hyperparameters")
 
 
 def run(args) -> int:
     from jsdl import plugins
 
     plugins.load_all(args.imports)  # the same loader as `jsdl --import` (a file is imported once)
-    hyper = _parse_hyper(args.set, args.hyper)
+    hyper = _parse_hyper(args.set, args.hyper, "activation" if args.activation else "penalty")
     if args.activation:
         res = check_activation(args.name, hyper)
         print(res.to_markdown())
