@@ -1,0 +1,332 @@
+"""What decides whether trained encoder rows align with the ground-truth features, and which
+metric (encoder rows or decoder columns) the paper's Table 1 is consistent with.
+
+Sweeps (each a population trained in one compiled program, every member scored on encoder rows vs
+W_p and decoder columns vs W_r): TopK / BatchTopK k against the data's E[L0]; ReLU+L1 and
+JumpReLU+L0 coefficients; E[L0] itself (S at fixed n); n/d; d at a fixed ratio; training length and
+learning rate; Matryoshka and GT anchoring. For SAE members the MSE-optimal read-out given the
+trained selection and decoder (:func:`jsdl.landscape.readout.readout_on_selection`) is compared with
+the trained encoder row of each feature's latent. The ``table1`` section trains Table 1's rows at
+the paper's bench size (n = 1000, d = 768, S = 0.99) with a reduced n_q and step count.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import bench_for, spec_for, train_config, write_json  # noqa: E402
+
+import jsdl  # noqa: E402
+from jsdl import metrics as _metrics  # noqa: E402
+from jsdl.landscape import readout as _ro  # noqa: E402
+from jsdl.train import Grid, fit_population, member  # noqa: E402
+
+# Paper Table 1 (n=1000, d=768, n_q=16000, S=0.99, M=0.1): (M_GT, M_IP, +FA M_GT, +FA M_IP)
+PAPER = {
+    "relu_l1": (0.0, 0.205, 0.0, 0.246),
+    "jumprelu": (0.0, 0.237, 0.0, 0.333),
+    "topk": (0.849, 0.983, 0.8763, 0.986),
+    "batchtopk": (0.848, 0.981, 0.8938, 0.988),
+    "matryoshka": (0.837, 0.982, 0.8732, 0.985),
+    "transcoder": (0.236, 0.838, 0.2505, 0.838),
+    "crosscoder": (0.5642, 0.940, 0.5771, 0.941),
+}
+SAE_METHODS = ("relu_l1", "jumprelu", "topk", "batchtopk", "matryoshka")
+PENALTY = {"relu_l1": "l1", "jumprelu": "l0"}
+
+
+def _sparsity_for(n: int, el0: float) -> float:
+    return 1.0 - float(el0) / float(n)
+
+
+def _matched_latents(params, bench) -> np.ndarray:
+    """Latent of each GT feature: best signed cosine of the decoder columns with W_r (the decoder
+    identifies the latent; its encoder row is then scored against w_p)."""
+    return np.asarray(_metrics.match_latents(params, bench, which="decoder"))
+
+
+def _score_member(params, spec, bench, hist, *, predict: bool, n_pred: int, key, anchor_feats=None) -> dict:
+    params = jax.device_get(params)
+    r = _metrics.feature_recovery(params, bench, exclude=anchor_feats)
+    W_p = np.asarray(bench.W_p, np.float64)
+    keep = np.ones(W_p.shape[1], bool)
+    if anchor_feats is not None:
+        keep[np.asarray(anchor_feats, int)] = False
+    match = _matched_latents(params, bench)
+    enc_cos = _ro.row_cosines(np.asarray(params.W_E, np.float64)[match], W_p)
+    n = W_p.shape[1]
+    el0 = n * (1.0 - bench.sparsity)
+    out = {k: float(v) for k, v in r.items()}
+    out.update(l0=float(hist["l0"][-1]), fvu=float(hist["fvu"][-1]), el0=el0,
+               l0_ratio=float(hist["l0"][-1]) / el0, enc_cos_matched=float(enc_cos[keep].mean()))
+    if predict and bench.method == "sae":
+        batch = bench.sample(key, n_pred)
+        xp = np.asarray(batch.x_p, np.float64)
+        codes = np.asarray(jsdl.encode(params, batch.x_p, spec, inference=True))
+        S = codes != 0
+        D = np.asarray(params.decoder, np.float64)
+        bD = 0.0 if params.b_D is None else np.asarray(params.b_D, np.float64)
+        A = _ro.selected_targets(xp - bD, S, D)
+        feats = np.nonzero(keep)[0]
+        E, _, st = _ro.readout_on_selection(xp, S, A, match[feats])
+        ok = st["n_selected"] > xp.shape[1] + 1
+        pred = _ro.row_cosines(E, W_p, feats)
+        out.update(pred_cos=float(pred[ok].mean()) if ok.any() else float("nan"),
+                   co_selected=float(st["co_selected"][ok].mean()) if ok.any() else float("nan"),
+                   pred_per_feature=pred[ok].tolist(), enc_per_feature=enc_cos[feats][ok].tolist())
+    return out
+
+
+def _population(key, method, cfg, grid: dict, tcfg, *, anchors=0, anchor_coef=0.1, predict=True, n_pred=20000):
+    """Train one population of ``method`` on the bench of ``cfg`` (members = ``grid``: seeds, k,
+    coefs, learning_rate) and score every member."""
+    import dataclasses
+
+    k_b, k_t, k_s = jax.random.split(key, 3)
+    bench = bench_for(k_b, method, cfg)
+    cfg = {**cfg, "k": max(grid["k"]) if grid.get("k") else cfg.get("k", 1)}
+    spec = spec_for(method, int(cfg["n_q"]), cfg)
+    tc = dataclasses.replace(tcfg, anchors=int(anchors), anchor_coef=float(anchor_coef))
+    t0 = time.time()
+    states, hists = fit_population(k_t, Grid(spec=spec, **grid), bench, tc)
+    secs = time.time() - t0
+    rows = []
+    for i, h in enumerate(hists):
+        m = h["member"]
+        mspec = spec_for(method, int(cfg["n_q"]), {**cfg, "k": m["k"] if m.get("k") else cfg.get("k", 1)})
+        af = h["summary"].get("anchor_features")
+        sc = _score_member(member(states, i).params, mspec, bench, h, predict=predict and method in SAE_METHODS,
+                           n_pred=n_pred, key=jax.random.fold_in(k_s, i), anchor_feats=af)
+        sc.update(method=method, seed=m["seed"], k=m.get("k") or cfg.get("k"), coefs=m.get("coefs", {}),
+                  learning_rate=m["learning_rate"], steps=tc.steps, n=int(cfg["n"]), d=int(cfg["d"]),
+                  n_q=int(cfg["n_q"]), sparsity=float(cfg["sparsity"]), anchors=int(anchors),
+                  seconds=round(secs / len(hists), 1))
+        rows.append(sc)
+        print(f"[encoder_alignment] {method:10s} n={cfg['n']} d={cfg['d']} S={cfg['sparsity']:.4f} k={sc['k']} "
+              f"coefs={sc['coefs']} lr={sc['learning_rate']} steps={tc.steps} seed={sc['seed']} | L0/E[L0] "
+              f"{sc['l0_ratio']:.2f} | enc M_GT {sc['m_gt']:.3f} M_IP {sc['m_ip']:.3f} cos {sc['enc_cos_matched']:.3f}"
+              f" pred {sc.get('pred_cos', float('nan')):.3f} | dec M_GT {sc['m_gt_dec']:.3f} M_IP {sc['m_ip_dec']:.3f}",
+              flush=True)
+    return rows
+
+
+def _cfg(base: dict, **over) -> dict:
+    c = {**base, **over}
+    if "el0" in c:
+        c["sparsity"] = _sparsity_for(int(c["n"]), float(c["el0"]))
+    if "nq_ratio" in c:
+        c["n_q"] = int(c["nq_ratio"] * int(c["n"]))
+    return c
+
+
+def run(config: dict, out_dir: str, *, key) -> dict:
+    common = {k: config[k] for k in ("max_interference", "n_sources", "jump_threshold", "jump_bandwidth", "l1", "l0")}
+    base = {**common, **config["base"]}
+    tcfg = train_config(config["train"])
+    seeds = list(config["seeds"])
+    sweeps = config["sweeps"]
+    only = config.get("only") or list(sweeps)
+    rows: dict[str, list] = {}
+    n_pred = int(config.get("n_pred", 20000))
+    for si, name in enumerate(only):
+        sw = sweeps[name]
+        ks = jax.random.fold_in(key, si)
+        out: list = []
+        if name == "k":  # (a) k / E[L0] for TopK and BatchTopK
+            for mi, method in enumerate(sw["methods"]):
+                out += _population(jax.random.fold_in(ks, mi), method, _cfg(base), {"seeds": seeds, "k": sw["k"]},
+                                   tcfg, n_pred=n_pred)
+        elif name == "penalty":  # (b) ReLU+L1, JumpReLU+L0 coefficients
+            for mi, method in enumerate(sw["methods"]):
+                coefs = {PENALTY[method]: sw[method]}
+                out += _population(jax.random.fold_in(ks, mi), method, _cfg(base), {"seeds": seeds[:1], "coefs": coefs},
+                                   tcfg, n_pred=n_pred)
+        elif name == "el0":  # (c) E[L0] (S at fixed n), k at fixed multiples of E[L0] and k = 1
+            for i, el0 in enumerate(sw["el0"]):
+                kk = sorted({1, *[max(1, int(round(r * el0))) for r in sw["k_ratio"]]})
+                out += _population(jax.random.fold_in(ks, i), "topk", _cfg(base, el0=el0), {"seeds": seeds[:1], "k": kk},
+                                   tcfg, n_pred=n_pred)
+        elif name == "ratio":  # (d) n/d at matched k
+            for i, n in enumerate(sw["n"]):
+                out += _population(jax.random.fold_in(ks, i), "topk",
+                                   _cfg(base, n=int(n), el0=base["el0"], nq_ratio=sw["nq_ratio"]),
+                                   {"seeds": seeds[:1], "k": sw["k"]}, tcfg, n_pred=n_pred)
+        elif name == "d":  # (e) d at a fixed n/d
+            for i, d in enumerate(sw["d"]):
+                n = int(round(sw["n_over_d"] * d))
+                out += _population(jax.random.fold_in(ks, i), "topk",
+                                   _cfg(base, n=n, d=int(d), el0=base["el0"], nq_ratio=sw["nq_ratio"]),
+                                   {"seeds": seeds[:1], "k": sw["k"]}, tcfg, n_pred=n_pred)
+        elif name == "length":  # (f) training length and learning rate
+            import dataclasses
+
+            for i, mult in enumerate(sw["steps_mult"]):
+                tc = dataclasses.replace(tcfg, steps=int(tcfg.steps * mult))
+                lrs = sw["learning_rate"] if mult == 1 else [tcfg.learning_rate]
+                out += _population(jax.random.fold_in(ks, i), "topk", _cfg(base),
+                                   {"seeds": seeds[:1], "k": sw["k"], "learning_rate": lrs}, tc, n_pred=n_pred)
+        elif name == "variants":  # (g) Matryoshka and anchoring at matched k
+            out += _population(jax.random.fold_in(ks, 0), "matryoshka", _cfg(base), {"seeds": seeds[:1], "k": sw["k"]},
+                               tcfg, n_pred=n_pred)
+            out += _population(jax.random.fold_in(ks, 1), "topk", _cfg(base), {"seeds": seeds[:1], "k": sw["k"]}, tcfg,
+                               anchors=int(sw["anchors"]), anchor_coef=float(sw["anchor_coef"]), n_pred=n_pred)
+        elif name == "table1":  # the paper's bench size, Table 1 rows, both metrics
+            import dataclasses
+
+            t1 = _cfg(base, **{k: v for k, v in sw.items() if k in ("n", "d", "n_q", "sparsity")})
+            tc = train_config(sw["train"])
+            for mi, method in enumerate(sw["methods"]):
+                km = jax.random.fold_in(ks, mi)
+                if method in ("topk",):
+                    grid = {"seeds": [0], "k": sw["k"]}
+                elif method in PENALTY:
+                    grid = {"seeds": [0], "coefs": {PENALTY[method]: [float(sw[PENALTY[method]])]}}
+                else:
+                    grid = {"seeds": [0]}
+                c = {**t1, "k": sw["k_other"]}
+                out += _population(km, method, c, grid, tc, predict=False)
+                if method in sw.get("anchored", []):  # anchoring at the Table-1 k only (compute)
+                    g = {**grid, "k": [int(sw["k_other"])]} if "k" in grid else grid
+                    out += _population(km, method, c, g, tc, anchors=int(sw["anchors"]),
+                                       anchor_coef=float(sw["anchor_coef"]), predict=False)
+            rb = _metrics.random_baseline(jax.random.fold_in(ks, 99), int(t1["n_q"]), int(t1["d"]), int(t1["n"]))
+            rb_paper = _metrics.random_baseline(jax.random.fold_in(ks, 98), int(sw["paper_n_q"]), int(t1["d"]), int(t1["n"]))
+            rows["table1_random_baseline"] = [{"n_q": int(t1["n_q"]), **rb}, {"n_q": int(sw["paper_n_q"]), **rb_paper}]
+        else:
+            raise ValueError(f"unknown sweep {name!r}; known: k, penalty, el0, ratio, d, length, variants, table1")
+        rows[name] = out
+    theory = _theory(base, config.get("theory", {}), key)
+    write_json(out_dir, "results.json", {"config": config, "rows": rows, "theory": theory})
+    corr = _plot(rows, theory, out_dir, config.get("scale", "small"))
+    summary = {"sweeps": {k: [{kk: vv for kk, vv in r.items() if not kk.endswith("per_feature")} for r in v]
+                          if isinstance(v, list) else v for k, v in rows.items()},
+               "theory": theory, "correlation": corr, "steps": tcfg.steps, "batch_size": tcfg.batch_size,
+               "base": base}
+    return summary
+
+
+def _theory(base: dict, th: dict, key) -> dict:
+    """The read-out optimum on the base bench (n_q = n, exact decoder): dual-frame cosine, closed
+    form (ii), TopK read-out for each k in ``th['k']``."""
+    if not th:
+        return {}
+    c = _cfg(base)
+    bench = bench_for(jax.random.fold_in(key, 7), "topk", c)
+    W = np.asarray(bench.W_p, np.float64)
+    rng = np.random.default_rng(0)
+    X = _ro.sample_law(rng, int(th.get("samples", 20000)), W.shape[1], bench.sparsity, bench.c_min, bench.beta)
+    out = {"dual_cos": float(_ro.dual_cosine(W).mean()),
+           "active_cos": float(_ro.row_cosines(_ro.active_readout(W, bench.sparsity, bench.c_min, bench.beta), W).mean()),
+           "topk": {}}
+    for k in th.get("k", []):
+        E, hist = _ro.topk_readout(X, W, int(k), iters=int(th.get("iters", 2)))
+        out["topk"][int(k)] = hist[-1]
+    return out
+
+
+def _plot(rows: dict, theory: dict, out_dir: str, scale: str) -> dict:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 4.5))
+    axes = fig.subplots(1, 3)
+    # (1) encoder M_GT and matched cosine vs k / E[L0] (TopK-like) or L0 / E[L0] (ReLU-like)
+    ax = axes[0]
+    for name in ("k", "penalty", "variants"):
+        by: dict = {}
+        for r in rows.get(name, []):
+            lab = r["method"] + ("+FA" if r.get("anchors") else "")
+            by.setdefault(lab, []).append(r)
+        for lab, rs in by.items():
+            xs = np.array([r["l0_ratio"] for r in rs])
+            o = np.argsort(xs)
+            ax.plot(xs[o], np.array([r["enc_cos_matched"] for r in rs])[o], "o-", label=f"{lab} enc cos")
+            ax.plot(xs[o], np.array([r["m_gt"] for r in rs])[o], "x:", color=ax.lines[-1].get_color())
+    if theory:
+        ax.axhline(theory["dual_cos"], color="k", ls="--", lw=0.8, label="dual-frame cos (theory)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("L0 / E[L0] (trained)")
+    ax.set_ylabel("encoder: matched cos (o-), M_GT(0.95) (x:)")
+    ax.set_title("encoder alignment vs L0 / E[L0]")
+    ax.legend(fontsize=6)
+    # (2) encoder cos vs co-selection rate, all SAE cells
+    ax = axes[1]
+    allr = [r for v in rows.values() if isinstance(v, list) for r in v if "co_selected" in r]
+    if allr:
+        ax.scatter([r["co_selected"] for r in allr], [r["enc_cos_matched"] for r in allr], s=12, label="trained")
+        ax.scatter([r["co_selected"] for r in allr], [r["pred_cos"] for r in allr], s=12, marker="x",
+                   label="LS-optimal read-out")
+    ax.set_xlabel("co-selection rate P(|S| >= 2 | latent fires)")
+    ax.set_ylabel("mean cos(encoder row, w_p)")
+    ax.set_title("what decides it: co-selection")
+    ax.legend(fontsize=7)
+    # (3) predicted vs trained, per feature
+    ax = axes[2]
+    xs, ys = [], []
+    for r in allr:
+        xs += r.get("pred_per_feature", [])
+        ys += r.get("enc_per_feature", [])
+    corr = {}
+    if len(xs) > 2:
+        xs, ys = np.asarray(xs), np.asarray(ys)
+        ax.scatter(xs, ys, s=2, alpha=0.3)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        corr["per_feature_pearson"] = float(np.corrcoef(xs, ys)[0, 1])
+        corr["n_points"] = int(xs.size)
+        cm = np.array([[r["pred_cos"], r["enc_cos_matched"]] for r in allr if np.isfinite(r["pred_cos"])])
+        if len(cm) > 2:
+            corr["per_cell_pearson"] = float(np.corrcoef(cm[:, 0], cm[:, 1])[0, 1])
+            corr["n_cells"] = int(len(cm))
+        ax.set_title(f"per feature: r = {corr['per_feature_pearson']:.2f}")
+    ax.set_xlabel("LS-optimal read-out cos (given trained selection + decoder)")
+    ax.set_ylabel("trained encoder row cos")
+    fig.suptitle(f"encoder_alignment ({scale})")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"encoder_alignment_{scale}.png"), dpi=110)
+    return corr
+
+
+def _fmt(x):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def results_row(summary: dict) -> str:
+    s = summary
+    b = s["base"]
+    lines = [f"Base bench n = {b['n']}, d = {b['d']}, n_q = {b['n_q']}, E[L0] = {b['el0']}, M = {b['max_interference']}; "
+             f"{s['steps']} steps x {s['batch_size']} unless a row says otherwise. enc = encoder rows vs W_p, dec = "
+             "decoder columns vs W_r; cos = mean cosine of each feature's latent (matched by decoder) encoder row "
+             "with w_p; pred = the same for the least-squares-optimal read-out given the trained selection and "
+             "decoder.", ""]
+    th = s.get("theory") or {}
+    if th:
+        lines += [f"Theory on the base bench (n_q = n, exact decoder): dual-frame cosine {th['dual_cos']:.3f}; "
+                  f"active-set read-out (closed form) {th['active_cos']:.3f}; TopK read-out cos " +
+                  ", ".join(f"k={k}: {v['cos_mean']:.3f}" for k, v in th["topk"].items()), ""]
+    head = "| sweep | method | n | d | n_q | E[L0] | k / coef | lr | steps | seed | L0/E[L0] | enc M_GT | enc M_IP | enc cos | pred | co-sel | dec M_GT | dec M_IP |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, rs in s["sweeps"].items():
+        if not isinstance(rs, list) or name == "table1_random_baseline":
+            continue
+        for r in rs:
+            kc = r["k"] if not r["coefs"] else ",".join(f"{a}={v:g}" for a, v in r["coefs"].items())
+            meth = r["method"] + ("+FA" if r.get("anchors") else "")
+            lines.append(f"| {name} | {meth} | {r['n']} | {r['d']} | {r['n_q']} | {r['el0']:.2f} | {kc} | "
+                         f"{r['learning_rate']:g} | {r['steps']} | {r['seed']} | {r['l0_ratio']:.2f} | "
+                         f"{r['m_gt']:.3f} | {r['m_ip']:.3f} | {r['enc_cos_matched']:.3f} | {_fmt(r.get('pred_cos'))} | "
+                         f"{_fmt(r.get('co_selected'))} | {r['m_gt_dec']:.3f} | {r['m_ip_dec']:.3f} |")
+    c = s.get("correlation") or {}
+    if c:
+        lines += ["", f"Predicted vs trained encoder cosine: Pearson r = {c.get('per_feature_pearson', float('nan')):.3f} "
+                      f"over {c.get('n_points', 0)} features, r = {c.get('per_cell_pearson', float('nan')):.3f} over "
+                      f"{c.get('n_cells', 0)} cells."]
+    if "table1_random_baseline" in s["sweeps"]:
+        lines += ["", "Random-direction M_IP baseline: " + ", ".join(
+            f"n_q = {r['n_q']}: {r['m_ip']:.3f}" for r in s["sweeps"]["table1_random_baseline"])]
+    return "\n".join(lines)
