@@ -145,6 +145,6 @@ def test_errors_name_the_argument():
 
 
 def test_theory_check_entry_holds():
-    recs = R.check_encoder_readout()
+    recs = R.check_encoder_readout(n=32, dim=24, sparsity=0.92, n_samples=15000)
     assert len(recs) == 1 and recs[0].id == "E1"
     assert recs[0].verdict == "holds", recs[0].measured

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import jax
@@ -135,13 +136,14 @@ def run(config: dict, out_dir: str, *, key) -> dict:
     only = config.get("only") or list(sweeps)
     rows: dict[str, list] = {}
     n_pred = int(config.get("n_pred", 20000))
-    for si, name in enumerate(only):
+    for name in only:
         sw = sweeps[name]
-        ks = jax.random.fold_in(key, si)
+        ks = jax.random.fold_in(key, zlib.crc32(name.encode()) % (2**31))  # same key whichever sweeps run
         out: list = []
         if name == "k":  # (a) k / E[L0] for TopK and BatchTopK
             for mi, method in enumerate(sw["methods"]):
-                out += _population(jax.random.fold_in(ks, mi), method, _cfg(base), {"seeds": seeds, "k": sw["k"]},
+                sd = seeds if mi == 0 else seeds[:1]  # several seeds for the first method (compute)
+                out += _population(jax.random.fold_in(ks, mi), method, _cfg(base), {"seeds": sd, "k": sw["k"]},
                                    tcfg, n_pred=n_pred)
         elif name == "penalty":  # (b) ReLU+L1, JumpReLU+L0 coefficients
             for mi, method in enumerate(sw["methods"]):
@@ -167,8 +169,9 @@ def run(config: dict, out_dir: str, *, key) -> dict:
         elif name == "length":  # (f) training length and learning rate
             import dataclasses
 
+            base_steps = int(sw.get("steps", tcfg.steps))
             for i, mult in enumerate(sw["steps_mult"]):
-                tc = dataclasses.replace(tcfg, steps=int(tcfg.steps * mult))
+                tc = dataclasses.replace(tcfg, steps=int(base_steps * mult))
                 lrs = sw["learning_rate"] if mult == 1 else [tcfg.learning_rate]
                 out += _population(jax.random.fold_in(ks, i), "topk", _cfg(base),
                                    {"seeds": seeds[:1], "k": sw["k"], "learning_rate": lrs}, tc, n_pred=n_pred)
@@ -202,8 +205,31 @@ def run(config: dict, out_dir: str, *, key) -> dict:
         else:
             raise ValueError(f"unknown sweep {name!r}; known: k, penalty, el0, ratio, d, length, variants, table1")
         rows[name] = out
+        write_json(out_dir, "results.json", {"config": config, "rows": rows, "theory": {}})  # partial
     theory = _theory(base, config.get("theory", {}), key)
     write_json(out_dir, "results.json", {"config": config, "rows": rows, "theory": theory})
+    return _summarise(rows, theory, config, base, tcfg, out_dir)
+
+
+def combine(run_dirs, out_dir: str) -> dict:
+    """Merge the ``results.json`` of several runs (e.g. one process per sweep) into one summary,
+    plot and ``results.json`` in ``out_dir``. Later runs override earlier ones sweep by sweep."""
+    import json
+
+    rows, theory, config = {}, {}, None
+    for d in run_dirs:
+        with open(os.path.join(d, "results.json")) as f:
+            r = json.load(f)
+        rows.update(r["rows"])
+        theory = r.get("theory") or theory
+        config = config or r["config"]
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(out_dir, "results.json", {"config": config, "rows": rows, "theory": theory, "runs": list(run_dirs)})
+    base = {**{k: config[k] for k in ("max_interference",)}, **config["base"]}
+    return _summarise(rows, theory, config, base, train_config(config["train"]), out_dir)
+
+
+def _summarise(rows, theory, config, base, tcfg, out_dir) -> dict:
     corr = _plot(rows, theory, out_dir, config.get("scale", "small"))
     summary = {"sweeps": {k: [{kk: vv for kk, vv in r.items() if not kk.endswith("per_feature")} for r in v]
                           if isinstance(v, list) else v for k, v in rows.items()},
