@@ -106,7 +106,7 @@ def _population(key, method, cfg, grid: dict, tcfg, *, anchors=0, anchor_coef=0.
         sc = _score_member(member(states, i).params, mspec, bench, h, predict=predict and method in SAE_METHODS,
                            n_pred=n_pred, key=jax.random.fold_in(k_s, i), anchor_feats=af)
         sc.update(method=method, seed=m["seed"], k=m.get("k") or cfg.get("k"), coefs=m.get("coefs", {}),
-                  learning_rate=m["learning_rate"], steps=tc.steps, n=int(cfg["n"]), d=int(cfg["d"]),
+                  learning_rate=m["learning_rate"], steps=tc.steps, batch_size=tc.batch_size, n=int(cfg["n"]), d=int(cfg["d"]),
                   n_q=int(cfg["n_q"]), sparsity=float(cfg["sparsity"]), anchors=int(anchors),
                   seconds=round(secs / len(hists), 1))
         rows.append(sc)
@@ -166,7 +166,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
                 out += _population(jax.random.fold_in(ks, i), "topk",
                                    _cfg(base, n=n, d=int(d), el0=base["el0"], nq_ratio=sw["nq_ratio"]),
                                    {"seeds": seeds[:1], "k": sw["k"]}, tcfg, n_pred=n_pred)
-        elif name == "length":  # (f) training length and learning rate
+        elif name.startswith("length"):  # (f) training length and learning rate
             import dataclasses
 
             base_steps = int(sw.get("steps", tcfg.steps))
@@ -220,6 +220,11 @@ def combine(run_dirs, out_dir: str) -> dict:
     for d in run_dirs:
         with open(os.path.join(d, "results.json")) as f:
             r = json.load(f)
+        for name, rs in r["rows"].items():  # runs before batch_size was recorded per row
+            bs = (r["config"]["sweeps"].get(name, {}).get("train") or r["config"]["train"])["batch_size"]
+            for row in rs:
+                if isinstance(row, dict) and "m_gt" in row:
+                    row.setdefault("batch_size", bs)
         rows.update(r["rows"])
         theory = r.get("theory") or theory
         config = config or r["config"]
@@ -257,61 +262,87 @@ def _theory(base: dict, th: dict, key) -> dict:
     return out
 
 
+def _presentations(r: dict) -> float:
+    """How often a feature was seen in training: steps x batch x activation probability."""
+    return r["steps"] * r.get("batch_size", 0) * (1.0 - r["sparsity"])
+
+
 def _plot(rows: dict, theory: dict, out_dir: str, scale: str) -> dict:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 4.5))
+    fig = Figure(figsize=(15, 4.6))
     axes = fig.subplots(1, 3)
-    # (1) encoder M_GT and matched cosine vs k / E[L0] (TopK-like) or L0 / E[L0] (ReLU-like)
+    # (1) encoder M_GT(0.95) (x:) and matched cosine (o-) against L0 / E[L0], one line per method
     ax = axes[0]
     for name in ("k", "penalty", "variants"):
         by: dict = {}
         for r in rows.get(name, []):
-            lab = r["method"] + ("+FA" if r.get("anchors") else "")
-            by.setdefault(lab, []).append(r)
+            if r["seed"] != 0:
+                continue
+            by.setdefault(r["method"] + ("+FA" if r.get("anchors") else ""), []).append(r)
         for lab, rs in by.items():
             xs = np.array([r["l0_ratio"] for r in rs])
             o = np.argsort(xs)
-            ax.plot(xs[o], np.array([r["enc_cos_matched"] for r in rs])[o], "o-", label=f"{lab} enc cos")
+            ax.plot(xs[o], np.array([r["enc_cos_matched"] for r in rs])[o], "o-", ms=4, label=lab)
             ax.plot(xs[o], np.array([r["m_gt"] for r in rs])[o], "x:", color=ax.lines[-1].get_color())
     if theory:
-        ax.axhline(theory["dual_cos"], color="k", ls="--", lw=0.8, label="dual-frame cos (theory)")
+        ax.axhline(theory["dual_cos"], color="k", ls="--", lw=0.8, label="optimum once co-selected (dual row)")
+        ax.axhline(1.0, color="grey", ls="--", lw=0.8, label="optimum when selected alone")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("L0 / E[L0] (trained)")
-    ax.set_ylabel("encoder: matched cos (o-), M_GT(0.95) (x:)")
+    ax.set_ylabel("encoder rows: mean cos (o-), M_GT(0.95) (x:)")
     ax.set_title("encoder alignment vs L0 / E[L0]")
     ax.legend(fontsize=6)
-    # (2) encoder cos vs co-selection rate, all SAE cells
+    # (2) encoder cos against feature presentations (training length x E[L0]/n), alone vs co-selected
     ax = axes[1]
-    allr = [r for v in rows.values() if isinstance(v, list) for r in v if "co_selected" in r]
-    if allr:
-        ax.scatter([r["co_selected"] for r in allr], [r["enc_cos_matched"] for r in allr], s=12, label="trained")
-        ax.scatter([r["co_selected"] for r in allr], [r["pred_cos"] for r in allr], s=12, marker="x",
-                   label="LS-optimal read-out")
-    ax.set_xlabel("co-selection rate P(|S| >= 2 | latent fires)")
-    ax.set_ylabel("mean cos(encoder row, w_p)")
-    ax.set_title("what decides it: co-selection")
-    ax.legend(fontsize=7)
-    # (3) predicted vs trained, per feature
+    for name in [k for k in rows if k.startswith("length") or k == "el0"]:
+        for alone in (True, False):
+            rs = [r for r in rows[name] if (r["k"] == 1) == alone and r["learning_rate"] == 0.001]
+            if not rs:
+                continue
+            xs = np.array([_presentations(r) for r in rs])
+            o = np.argsort(xs)
+            ax.plot(xs[o], np.array([r["enc_cos_matched"] for r in rs])[o], "o-" if alone else "s--", ms=4,
+                    label=f"{name}: {'k = 1 (alone)' if alone else 'k >= 2 (co-selected)'}")
+    if theory:
+        ax.axhline(theory["dual_cos"], color="k", ls="--", lw=0.8)
+        ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("feature presentations = steps x batch x (1 - S)")
+    ax.set_ylabel("encoder rows: mean cos with w_p")
+    ax.set_title("training moves rows towards the optimum")
+    ax.legend(fontsize=6)
+    # (3) predicted (LS-optimal read-out given the trained selection and decoder) vs trained
     ax = axes[2]
+    allr = [r for v in rows.values() if isinstance(v, list) for r in v if "pred_cos" in r and np.isfinite(r["pred_cos"])]
     xs, ys = [], []
     for r in allr:
         xs += r.get("pred_per_feature", [])
         ys += r.get("enc_per_feature", [])
-    corr = {}
+    corr: dict = {}
     if len(xs) > 2:
         xs, ys = np.asarray(xs), np.asarray(ys)
-        ax.scatter(xs, ys, s=2, alpha=0.3)
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.scatter(xs, ys, s=1, alpha=0.15, color="grey", label="features")
         corr["per_feature_pearson"] = float(np.corrcoef(xs, ys)[0, 1])
         corr["n_points"] = int(xs.size)
-        cm = np.array([[r["pred_cos"], r["enc_cos_matched"]] for r in allr if np.isfinite(r["pred_cos"])])
-        if len(cm) > 2:
-            corr["per_cell_pearson"] = float(np.corrcoef(cm[:, 0], cm[:, 1])[0, 1])
-            corr["n_cells"] = int(len(cm))
-        ax.set_title(f"per feature: r = {corr['per_feature_pearson']:.2f}")
+    if len(allr) > 2:
+        pc = np.array([r["pred_cos"] for r in allr])
+        tc = np.array([r["enc_cos_matched"] for r in allr])
+        pres = np.array([_presentations(r) for r in allr])
+        sc = ax.scatter(pc, tc, c=np.log10(np.maximum(pres, 1)), s=25, cmap="viridis", label="cells (colour: log10 presentations)")
+        fig.colorbar(sc, ax=ax)
+        corr["per_cell_pearson"] = float(np.corrcoef(pc, tc)[0, 1])
+        corr["n_cells"] = int(len(allr))
+        long = pres >= np.quantile(pres, 0.75)
+        if long.sum() > 2:
+            corr["per_cell_pearson_longest_quarter"] = float(np.corrcoef(pc[long], tc[long])[0, 1])
+            corr["mean_abs_gap_longest_quarter"] = float(np.mean(np.abs(pc[long] - tc[long])))
+        corr["mean_abs_gap_all"] = float(np.mean(np.abs(pc - tc)))
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("LS-optimal read-out cos (given trained selection + decoder)")
     ax.set_ylabel("trained encoder row cos")
+    ax.set_title("predicted vs trained" + (f" (cells: r = {corr['per_cell_pearson']:.2f})" if "per_cell_pearson" in corr else ""))
+    ax.legend(fontsize=6, loc="lower right")
     fig.suptitle(f"encoder_alignment ({scale})")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, f"encoder_alignment_{scale}.png"), dpi=110)
