@@ -103,6 +103,10 @@ def _population(key, method, cfg, grid: dict, tcfg, *, anchors=0, anchor_coef=0.
         m = h["member"]
         mspec = spec_for(method, int(cfg["n_q"]), {**cfg, "k": m["k"] if m.get("k") else cfg.get("k", 1)})
         af = h["summary"].get("anchor_features")
+        if anchors and af is None:  # population summaries do not record them: the anchored latents
+            # are the first `anchors` (paper eq. 26), pinned to their GT feature's direction
+            W_E = np.asarray(member(states, i).params.W_E[: int(anchors)], np.float64)
+            af = np.argmax(_metrics.similarity(W_E, bench.W_p, signed=True), axis=1).tolist()
         sc = _score_member(member(states, i).params, mspec, bench, h, predict=predict and method in SAE_METHODS,
                            n_pred=n_pred, key=jax.random.fold_in(k_s, i), anchor_feats=af)
         sc.update(method=method, seed=m["seed"], k=m.get("k") or cfg.get("k"), coefs=m.get("coefs", {}),
