@@ -85,7 +85,7 @@ def test_sampled_solver_matches_lstsq(selection, k):
     X = R.sample_law(rng, 4000, n, 0.8)
     kw = {"k": k} if k else {"threshold": 0.3} if selection == "threshold" else {}
     Ea, ba, sa = R.sampled_readout(X, W, selection=selection, method="normal", **kw)
-    Eb, bb, sb = R.sampled_readout(X, W, selection=selection, method="lstsq", **kw)
+    Eb, bb, _ = R.sampled_readout(X, W, selection=selection, method="lstsq", **kw)
     assert sa["n_selected"].min() > dim + 1
     np.testing.assert_allclose(Ea, Eb, atol=1e-8, rtol=0)
     np.testing.assert_allclose(ba, bb, atol=1e-8, rtol=0)

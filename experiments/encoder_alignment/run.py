@@ -22,12 +22,12 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import bench_for, spec_for, train_config, write_json  # noqa: E402
+from _common import bench_for, spec_for, train_config, write_json
 
-import jsdl  # noqa: E402
-from jsdl import metrics as _metrics  # noqa: E402
-from jsdl.landscape import readout as _ro  # noqa: E402
-from jsdl.train import Grid, fit_population, member  # noqa: E402
+import jsdl
+from jsdl import metrics as _metrics
+from jsdl.landscape import readout as _ro
+from jsdl.train import Grid, fit_population, member
 
 # Paper Table 1 (n=1000, d=768, n_q=16000, S=0.99, M=0.1): (M_GT, M_IP, +FA M_GT, +FA M_IP)
 PAPER = {
@@ -149,7 +149,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
                 sd = seeds if mi == 0 else seeds[:1]  # several seeds for the first method (compute)
                 out += _population(jax.random.fold_in(ks, mi), method, _cfg(base), {"seeds": sd, "k": sw["k"]},
                                    tcfg, n_pred=n_pred)
-        elif name == "penalty":  # (b) ReLU+L1, JumpReLU+L0 coefficients
+        elif name.startswith("penalty"):  # (b) ReLU+L1, JumpReLU+L0 coefficients
             for mi, method in enumerate(sw["methods"]):
                 coefs = {PENALTY[method]: sw[method]}
                 out += _population(jax.random.fold_in(ks, mi), method, _cfg(base), {"seeds": seeds[:1], "coefs": coefs},
@@ -261,7 +261,7 @@ def _theory(base: dict, th: dict, key) -> dict:
            "active_cos": float(_ro.row_cosines(_ro.active_readout(W, bench.sparsity, bench.c_min, bench.beta), W).mean()),
            "topk": {}}
     for k in th.get("k", []):
-        E, hist = _ro.topk_readout(X, W, int(k), iters=int(th.get("iters", 2)))
+        _, hist = _ro.topk_readout(X, W, int(k), iters=int(th.get("iters", 2)))
         out["topk"][int(k)] = hist[-1]
     return out
 
@@ -278,17 +278,17 @@ def _plot(rows: dict, theory: dict, out_dir: str, scale: str) -> dict:
     axes = fig.subplots(1, 3)
     # (1) encoder M_GT(0.95) (x:) and matched cosine (o-) against L0 / E[L0], one line per method
     ax = axes[0]
-    for name in ("k", "penalty", "variants"):
-        by: dict = {}
+    by: dict = {}
+    for name in [k for k in rows if k in ("k", "variants") or k.startswith("penalty")]:
         for r in rows.get(name, []):
             if r["seed"] != 0:
                 continue
             by.setdefault(r["method"] + ("+FA" if r.get("anchors") else ""), []).append(r)
-        for lab, rs in by.items():
-            xs = np.array([r["l0_ratio"] for r in rs])
-            o = np.argsort(xs)
-            ax.plot(xs[o], np.array([r["enc_cos_matched"] for r in rs])[o], "o-", ms=4, label=lab)
-            ax.plot(xs[o], np.array([r["m_gt"] for r in rs])[o], "x:", color=ax.lines[-1].get_color())
+    for lab, rs in by.items():
+        xs = np.array([r["l0_ratio"] for r in rs])
+        o = np.argsort(xs)
+        ax.plot(xs[o], np.array([r["enc_cos_matched"] for r in rs])[o], "o-", ms=4, label=lab)
+        ax.plot(xs[o], np.array([r["m_gt"] for r in rs])[o], "x:", color=ax.lines[-1].get_color())
     if theory:
         ax.axhline(theory["dual_cos"], color="k", ls="--", lw=0.8, label="optimum once co-selected (dual row)")
         ax.axhline(1.0, color="grey", ls="--", lw=0.8, label="optimum when selected alone")
@@ -336,7 +336,7 @@ def _plot(rows: dict, theory: dict, out_dir: str, scale: str) -> dict:
         sc = ax.scatter(pc, tc, c=np.log10(np.maximum(pres, 1)), s=25, cmap="viridis", label="cells (colour: log10 presentations)")
         fig.colorbar(sc, ax=ax)
         corr["per_cell_pearson"] = float(np.corrcoef(pc, tc)[0, 1])
-        corr["n_cells"] = int(len(allr))
+        corr["n_cells"] = len(allr)
         long = pres >= np.quantile(pres, 0.75)
         if long.sum() > 2:
             corr["per_cell_pearson_longest_quarter"] = float(np.corrcoef(pc[long], tc[long])[0, 1])
@@ -373,7 +373,7 @@ def results_row(summary: dict) -> str:
     head = "| sweep | method | n | d | n_q | E[L0] | k / coef | lr | steps | seed | L0/E[L0] | enc M_GT | enc M_IP | enc cos | pred | co-sel | dec M_GT | dec M_IP |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for name, rs in s["sweeps"].items():
-        if not isinstance(rs, list) or name == "table1_random_baseline":
+        if not isinstance(rs, list) or name in ("table1_random_baseline", "table1"):
             continue
         for r in rs:
             kc = r["k"] if not r["coefs"] else ",".join(f"{a}={v:g}" for a, v in r["coefs"].items())
@@ -387,6 +387,23 @@ def results_row(summary: dict) -> str:
         lines += ["", f"Predicted vs trained encoder cosine: Pearson r = {c.get('per_feature_pearson', float('nan')):.3f} "
                       f"over {c.get('n_points', 0)} features, r = {c.get('per_cell_pearson', float('nan')):.3f} over "
                       f"{c.get('n_cells', 0)} cells."]
+    t1 = [r for r in s["sweeps"].get("table1", []) if isinstance(r, dict)]
+    if t1:
+        lines += ["", "Table 1 rows at the paper's bench size (see the setting above the table for n_q and steps); "
+                      "'closer to' compares |dM_GT| + |dM_IP| with the paper's row (within 0.15 to count):", "",
+                  "| method | k | +FA | L0 | enc M_GT | enc M_IP | dec M_GT | dec M_IP | paper M_GT / M_IP | closer to |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in t1:
+            pap = PAPER[r["method"]]
+            pm_gt, pm_ip = (pap[2], pap[3]) if r.get("anchors") else (pap[0], pap[1])
+            de = abs(r["m_gt"] - pm_gt) + abs(r["m_ip"] - pm_ip)
+            dd = abs(r["m_gt_dec"] - pm_gt) + abs(r["m_ip_dec"] - pm_ip)
+            best = "decoder" if dd < de else "encoder"
+            verdict = best if min(de, dd) <= 0.15 else f"neither (nearer: {best})"
+            kk = r["k"] if r["method"] not in PENALTY else ",".join(f"{a}={v:g}" for a, v in r["coefs"].items())
+            lines.append(f"| {r['method']} | {kk} | {'yes' if r.get('anchors') else 'no'} | {r['l0']:.1f} | "
+                         f"{100 * r['m_gt']:.1f}% | {r['m_ip']:.3f} | {100 * r['m_gt_dec']:.1f}% | {r['m_ip_dec']:.3f} | "
+                         f"{100 * pm_gt:.1f}% / {pm_ip:.3f} | {verdict} |")
     if "table1_random_baseline" in s["sweeps"]:
         lines += ["", "Random-direction M_IP baseline: " + ", ".join(
             f"n_q = {r['n_q']}: {r['m_ip']:.3f}" for r in s["sweeps"]["table1_random_baseline"])]

@@ -42,24 +42,24 @@ All functions are host-side numpy in float64.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "law_moments",
-    "sample_law",
-    "alone_readout",
     "active_readout",
-    "dual_rows",
-    "dual_cosine",
-    "selected_targets",
-    "readout_on_selection",
-    "sampled_readout",
-    "topk_readout",
-    "row_cosines",
+    "alone_readout",
     "check_encoder_readout",
+    "dual_cosine",
+    "dual_rows",
+    "law_moments",
+    "readout_on_selection",
+    "row_cosines",
+    "sample_law",
+    "sampled_readout",
+    "selected_targets",
+    "topk_readout",
 ]
 
 
@@ -70,7 +70,7 @@ def _as_W(W_p: Any) -> np.ndarray:
     return W
 
 
-def _features(features: Optional[Sequence[int]], n: int) -> np.ndarray:
+def _features(features: Sequence[int] | None, n: int) -> np.ndarray:
     if features is None:
         return np.arange(n)
     f = np.asarray(features, dtype=np.int64).ravel()
@@ -99,7 +99,7 @@ def sample_law(rng: np.random.Generator, n_samples: int, n: int, sparsity: float
     return mask * (c_min + rng.exponential(beta, (n_samples, n)))
 
 
-def alone_readout(W_p: Any, features: Optional[Sequence[int]] = None) -> np.ndarray:
+def alone_readout(W_p: Any, features: Sequence[int] | None = None) -> np.ndarray:
     """Regime (i): ``d`` always selected alone. ``a_d = w_d . x_p / |w_d|^2`` is itself linear, so
     ``e_d = w_d / |w_d|^2`` exactly (the pseudo-inverse of the single column). Returns
     ``[len(features), dim]``."""
@@ -129,7 +129,7 @@ def _active_moments(n: int, d: int, p: float, mu: float, m2: float, centred: boo
 
 
 def active_readout(W_p: Any, sparsity: float, c_min: float = 0.5, beta: float = 0.5, *,
-                   features: Optional[Sequence[int]] = None, intercept: bool = True) -> np.ndarray:
+                   features: Sequence[int] | None = None, intercept: bool = True) -> np.ndarray:
     """Regime (ii), closed form: the selection is the true active set and the decoder exact, so the
     target is ``a_d = x_d`` and
 
@@ -152,7 +152,7 @@ def active_readout(W_p: Any, sparsity: float, c_min: float = 0.5, beta: float = 
     return out
 
 
-def dual_rows(W_p: Any, features: Optional[Sequence[int]] = None) -> np.ndarray:
+def dual_rows(W_p: Any, features: Sequence[int] | None = None) -> np.ndarray:
     """Rows ``d`` of ``pinv(W_p)`` ``[len(features), dim]``: ``w_d^T (W_p W_p^T)^{-1}`` when
     ``n >= dim`` (the dual frame; the centred :func:`active_readout` is parallel to it)."""
     W = _as_W(W_p)
@@ -160,7 +160,7 @@ def dual_rows(W_p: Any, features: Optional[Sequence[int]] = None) -> np.ndarray:
     return np.linalg.pinv(W)[f]
 
 
-def row_cosines(E: Any, W_p: Any, features: Optional[Sequence[int]] = None) -> np.ndarray:
+def row_cosines(E: Any, W_p: Any, features: Sequence[int] | None = None) -> np.ndarray:
     """``cos(e_i, w_{f_i})`` ``[len(features)]`` for rows ``E [len(features), dim]`` (signed)."""
     E = np.asarray(E, dtype=np.float64)
     W = _as_W(W_p)
@@ -173,7 +173,7 @@ def row_cosines(E: Any, W_p: Any, features: Optional[Sequence[int]] = None) -> n
     return num / np.where(den > 0, den, 1.0)
 
 
-def dual_cosine(W_p: Any, features: Optional[Sequence[int]] = None) -> np.ndarray:
+def dual_cosine(W_p: Any, features: Sequence[int] | None = None) -> np.ndarray:
     """``cos(w_d, (W_p W_p^T)^{-1} w_d)`` ``[len(features)]``: the alignment of the optimal read-out
     in regimes (ii)/(iii). 1 for a tight frame (``W_p W_p^T`` proportional to I), and for a random
     frame with ``dim / n = g < 1`` about ``sqrt(1 - g)`` (Marchenko-Pastur: ``E 1/l = 1/(1-g)``,
@@ -186,7 +186,7 @@ def dual_cosine(W_p: Any, features: Optional[Sequence[int]] = None) -> np.ndarra
 # --------------------------------------------------------------------------------------------------
 
 
-def _select(z: np.ndarray, X: np.ndarray, selection: str, k: Optional[int], threshold: float) -> np.ndarray:
+def _select(z: np.ndarray, X: np.ndarray, selection: str, k: int | None, threshold: float) -> np.ndarray:
     if selection == "active":
         return X > 0
     if selection == "topk":
@@ -261,9 +261,9 @@ def readout_on_selection(Xp: Any, S: Any, A: Any, latents: Sequence[int], *, int
     return E, b, stats
 
 
-def sampled_readout(X: np.ndarray, W_p: Any, *, selection: str = "topk", k: Optional[int] = None,
+def sampled_readout(X: np.ndarray, W_p: Any, *, selection: str = "topk", k: int | None = None,
                     threshold: Any = 0.0, encoder: Any = None, bias: Any = None, decoder: Any = None,
-                    features: Optional[Sequence[int]] = None, intercept: bool = True,
+                    features: Sequence[int] | None = None, intercept: bool = True,
                     method: str = "normal") -> tuple[np.ndarray, np.ndarray, dict]:
     """Regime (iii): the least-squares read-out over the sampled active sets of ``X [N, n]``.
 
