@@ -184,10 +184,10 @@ def run(config: dict, out_dir: str, *, key) -> dict:
                                tcfg, n_pred=n_pred)
             out += _population(jax.random.fold_in(ks, 1), "topk", _cfg(base), {"seeds": seeds[:1], "k": sw["k"]}, tcfg,
                                anchors=int(sw["anchors"]), anchor_coef=float(sw["anchor_coef"]), n_pred=n_pred)
-        elif name == "table1":  # the paper's bench size, Table 1 rows, both metrics
-            import dataclasses
-
-            t1 = _cfg(base, **{k: v for k, v in sw.items() if k in ("n", "d", "n_q", "sparsity")})
+        elif name.startswith("table1"):  # the paper's bench size, Table 1 rows, both metrics
+            # the sweep's own S (not the base E[L0], which would reset S for n = 1000)
+            t1 = {**{k: v for k, v in base.items() if k != "el0"},
+                  **{k: v for k, v in sw.items() if k in ("n", "d", "n_q", "sparsity")}}
             tc = train_config(sw["train"])
             for mi, method in enumerate(sw["methods"]):
                 km = jax.random.fold_in(ks, mi)
@@ -205,7 +205,7 @@ def run(config: dict, out_dir: str, *, key) -> dict:
                                        anchor_coef=float(sw["anchor_coef"]), predict=False)
             rb = _metrics.random_baseline(jax.random.fold_in(ks, 99), int(t1["n_q"]), int(t1["d"]), int(t1["n"]))
             rb_paper = _metrics.random_baseline(jax.random.fold_in(ks, 98), int(sw["paper_n_q"]), int(t1["d"]), int(t1["n"]))
-            rows["table1_random_baseline"] = [{"n_q": int(t1["n_q"]), **rb}, {"n_q": int(sw["paper_n_q"]), **rb_paper}]
+            rows[name + "_random_baseline"] = [{"n_q": int(t1["n_q"]), **rb}, {"n_q": int(sw["paper_n_q"]), **rb_paper}]
         else:
             raise ValueError(f"unknown sweep {name!r}; known: k, penalty, el0, ratio, d, length, variants, table1")
         rows[name] = out
@@ -239,7 +239,7 @@ def combine(run_dirs, out_dir: str) -> dict:
 
 
 def _summarise(rows, theory, config, base, tcfg, out_dir) -> dict:
-    corr = _plot(rows, theory, out_dir, config.get("scale", "small"))
+    corr = _plot(rows, theory, out_dir, config.get("scale", "small"), base)
     summary = {"sweeps": {k: [{kk: vv for kk, vv in r.items() if not kk.endswith("per_feature")} for r in v]
                           if isinstance(v, list) else v for k, v in rows.items()},
                "theory": theory, "correlation": corr, "steps": tcfg.steps, "batch_size": tcfg.batch_size,
@@ -271,7 +271,7 @@ def _presentations(r: dict) -> float:
     return r["steps"] * r.get("batch_size", 0) * (1.0 - r["sparsity"])
 
 
-def _plot(rows: dict, theory: dict, out_dir: str, scale: str) -> dict:
+def _plot(rows: dict, theory: dict, out_dir: str, scale: str, base: dict | None = None) -> dict:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(15, 4.6))
@@ -297,17 +297,26 @@ def _plot(rows: dict, theory: dict, out_dir: str, scale: str) -> dict:
     ax.set_ylabel("encoder rows: mean cos (o-), M_GT(0.95) (x:)")
     ax.set_title("encoder alignment vs L0 / E[L0]")
     ax.legend(fontsize=6)
-    # (2) encoder cos against feature presentations (training length x E[L0]/n), alone vs co-selected
+    # (2) encoder cos against feature presentations: base-bench TopK trajectories (k = 1: selected
+    # alone; k = 4: co-selected) from every sweep at lr 1e-3, and the E[L0] sweep
     ax = axes[1]
-    for name in [k for k in rows if k.startswith("length") or k == "el0"]:
-        for alone in (True, False):
-            rs = [r for r in rows[name] if (r["k"] == 1) == alone and r["learning_rate"] == 0.001]
-            if not rs:
-                continue
-            xs = np.array([_presentations(r) for r in rs])
-            o = np.argsort(xs)
-            ax.plot(xs[o], np.array([r["enc_cos_matched"] for r in rs])[o], "o-" if alone else "s--", ms=4,
-                    label=f"{name}: {'k = 1 (alone)' if alone else 'k >= 2 (co-selected)'}")
+    allrows = [r for v in rows.values() if isinstance(v, list) for r in v if isinstance(r, dict) and "m_gt" in r]
+    b0 = base or {}
+    series = {}
+    for r in allrows:
+        if r["method"] != "topk" or r["learning_rate"] != 0.001 or r.get("anchors"):
+            continue
+        same_frame = r["n"] == b0.get("n") and r["d"] == b0.get("d") and r["n_q"] == b0.get("n_q")
+        on_base = same_frame and abs(r.get("el0", 0) - float(b0.get("el0", 0))) < 1e-6
+        if on_base and r["k"] in (1, 4):
+            series.setdefault(f"E[L0] = {b0['el0']:g}, k = {r['k']}", []).append(r)
+        elif same_frame and r["steps"] == 1000 and not on_base and (r["k"] == 1 or r["k"] == round(r["el0"])):
+            series.setdefault("E[L0] sweep, k = 1" if r["k"] == 1 else "E[L0] sweep, k = E[L0]", []).append(r)
+    for lab, rs in sorted(series.items()):
+        xs = np.array([_presentations(r) for r in rs])
+        ys = np.array([r["enc_cos_matched"] for r in rs])
+        o = np.argsort(xs)
+        ax.plot(xs[o], ys[o], "o-" if "k = 1" in lab else "s--", ms=4, label=lab)
     if theory:
         ax.axhline(theory["dual_cos"], color="k", ls="--", lw=0.8)
         ax.axhline(1.0, color="grey", ls="--", lw=0.8)
@@ -373,7 +382,7 @@ def results_row(summary: dict) -> str:
     head = "| sweep | method | n | d | n_q | E[L0] | k / coef | lr | steps | seed | L0/E[L0] | enc M_GT | enc M_IP | enc cos | pred | co-sel | dec M_GT | dec M_IP |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for name, rs in s["sweeps"].items():
-        if not isinstance(rs, list) or name in ("table1_random_baseline", "table1"):
+        if not isinstance(rs, list) or name.startswith("table1"):
             continue
         for r in rs:
             kc = r["k"] if not r["coefs"] else ",".join(f"{a}={v:g}" for a, v in r["coefs"].items())
@@ -387,7 +396,8 @@ def results_row(summary: dict) -> str:
         lines += ["", f"Predicted vs trained encoder cosine: Pearson r = {c.get('per_feature_pearson', float('nan')):.3f} "
                       f"over {c.get('n_points', 0)} features, r = {c.get('per_cell_pearson', float('nan')):.3f} over "
                       f"{c.get('n_cells', 0)} cells."]
-    t1 = [r for r in s["sweeps"].get("table1", []) if isinstance(r, dict)]
+    t1 = [r for k, v in s["sweeps"].items() if k.startswith("table1") and not k.endswith("random_baseline")
+          for r in v if isinstance(r, dict)]
     if t1:
         lines += ["", "Table 1 rows at the paper's bench size (see the setting above the table for n_q and steps); "
                       "'closer to' compares |dM_GT| + |dM_IP| with the paper's row (within 0.15 to count):", "",
@@ -404,7 +414,8 @@ def results_row(summary: dict) -> str:
             lines.append(f"| {r['method']} | {kk} | {'yes' if r.get('anchors') else 'no'} | {r['l0']:.1f} | "
                          f"{100 * r['m_gt']:.1f}% | {r['m_ip']:.3f} | {100 * r['m_gt_dec']:.1f}% | {r['m_ip_dec']:.3f} | "
                          f"{100 * pm_gt:.1f}% / {pm_ip:.3f} | {verdict} |")
-    if "table1_random_baseline" in s["sweeps"]:
-        lines += ["", "Random-direction M_IP baseline: " + ", ".join(
-            f"n_q = {r['n_q']}: {r['m_ip']:.3f}" for r in s["sweeps"]["table1_random_baseline"])]
+    rb = {r["n_q"]: r["m_ip"] for k, v in s["sweeps"].items() if k.endswith("random_baseline") for r in v}
+    if rb:
+        lines += ["", "Random-direction M_IP baseline (1000 random features in 768 dims): " + ", ".join(
+            f"n_q = {k}: {v:.3f}" for k, v in sorted(rb.items()))]
     return "\n".join(lines)
