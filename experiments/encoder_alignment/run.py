@@ -227,7 +227,7 @@ def combine(run_dirs, out_dir: str) -> dict:
         for name, rs in r["rows"].items():  # runs before batch_size was recorded per row
             bs = (r["config"]["sweeps"].get(name, {}).get("train") or r["config"]["train"])["batch_size"]
             for row in rs:
-                if isinstance(row, dict) and "m_gt" in row:
+                if isinstance(row, dict) and "method" in row:
                     row.setdefault("batch_size", bs)
         rows.update(r["rows"])
         theory = r.get("theory") or theory
@@ -300,7 +300,7 @@ def _plot(rows: dict, theory: dict, out_dir: str, scale: str, base: dict | None 
     # (2) encoder cos against feature presentations: base-bench TopK trajectories (k = 1: selected
     # alone; k = 4: co-selected) from every sweep at lr 1e-3, and the E[L0] sweep
     ax = axes[1]
-    allrows = [r for v in rows.values() if isinstance(v, list) for r in v if isinstance(r, dict) and "m_gt" in r]
+    allrows = [r for v in rows.values() if isinstance(v, list) for r in v if isinstance(r, dict) and "method" in r]
     b0 = base or {}
     series = {}
     for r in allrows:
@@ -399,10 +399,10 @@ def results_row(summary: dict) -> str:
     t1 = [r for k, v in s["sweeps"].items() if k.startswith("table1") and not k.endswith("random_baseline")
           for r in v if isinstance(r, dict)]
     if t1:
-        lines += ["", "Table 1 rows at the paper's bench size (see the setting above the table for n_q and steps); "
-                      "'closer to' compares |dM_GT| + |dM_IP| with the paper's row (within 0.15 to count):", "",
-                  "| method | k | +FA | L0 | enc M_GT | enc M_IP | dec M_GT | dec M_IP | paper M_GT / M_IP | closer to |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Table 1 rows at the paper's bench size (n = 1000, d = 768, S = 0.99, M = 0.1; the paper used "
+                      "n_q = 16000); 'closer to' compares |dM_GT| + |dM_IP| with the paper's row (within 0.15 to count):", "",
+                  "| method | k | +FA | n_q | steps x batch | L0 | enc M_GT | enc M_IP | dec M_GT | dec M_IP | paper M_GT / M_IP | closer to |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in t1:
             pap = PAPER[r["method"]]
             pm_gt, pm_ip = (pap[2], pap[3]) if r.get("anchors") else (pap[0], pap[1])
@@ -411,7 +411,8 @@ def results_row(summary: dict) -> str:
             best = "decoder" if dd < de else "encoder"
             verdict = best if min(de, dd) <= 0.15 else f"neither (nearer: {best})"
             kk = r["k"] if r["method"] not in PENALTY else ",".join(f"{a}={v:g}" for a, v in r["coefs"].items())
-            lines.append(f"| {r['method']} | {kk} | {'yes' if r.get('anchors') else 'no'} | {r['l0']:.1f} | "
+            lines.append(f"| {r['method']} | {kk} | {'yes' if r.get('anchors') else 'no'} | {r['n_q']} | "
+                         f"{r['steps']} x {r.get('batch_size', '?')} | {r['l0']:.1f} | "
                          f"{100 * r['m_gt']:.1f}% | {r['m_ip']:.3f} | {100 * r['m_gt_dec']:.1f}% | {r['m_ip_dec']:.3f} | "
                          f"{100 * pm_gt:.1f}% / {pm_ip:.3f} | {verdict} |")
     rb = {r["n_q"]: r["m_ip"] for k, v in s["sweeps"].items() if k.endswith("random_baseline") for r in v}
