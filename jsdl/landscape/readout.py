@@ -31,12 +31,12 @@ Three regimes, with the exact decoder ``D = W_p`` (``n_q = n``):
     active sets with the selection made by TopK (or a threshold) on a given encoder, and
     :func:`topk_readout` iterates selection and read-out to a self-consistent encoder.
 
-So the optimum is bimodal: cosine 1 when d is (almost) always selected alone, the dual-frame cosine
-as soon as other latents are selected with it. How far *training* moves an aligned row towards the
-dual direction is a separate, dynamical question: the MSE difference between ``w_d`` and the dual row
-is proportional to the co-selection rate (``p (n - 1)`` co-active features for (ii), ``k - L0``
-spurious ones for (iii)), so the rows tilt fast when many latents fire together and slowly when few
-do (``experiments/encoder_alignment``).
+So the optimum is bimodal: cosine 1 when d is selected alone, about the dual-frame cosine (lower
+when selections miss active features) as soon as other latents are selected with it. How far
+*training* has moved a row from its early, feature-like direction towards that optimum is a
+separate, dynamical question: ``experiments/encoder_alignment`` measures it against training length
+(rows of latents that fire alone reach cosine 0.99; co-selected rows keep falling towards the dual
+value).
 
 All functions are host-side numpy in float64.
 """
