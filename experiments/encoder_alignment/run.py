@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 import zlib
-from pathlib import Path
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import bench_for, spec_for, train_config, write_json
-
 import jsdl
 from jsdl import metrics as _metrics
+from jsdl.experiments.common import bench_for as _bench_for
+from jsdl.experiments.common import spec_for, train_config, write_json
 from jsdl.landscape import readout as _ro
 from jsdl.train import Grid, fit_population, member
 
@@ -41,6 +38,14 @@ PAPER = {
 }
 SAE_METHODS = ("relu_l1", "jumprelu", "topk", "batchtopk", "matryoshka")
 PENALTY = {"relu_l1": "l1", "jumprelu": "l0"}
+
+
+def bench_for(key, method: str, cfg: dict):
+    """The bench of ``method`` for this experiment's flat keys (n, d, max_interference, sparsity,
+    n_sources), through :func:`jsdl.experiments.common.bench_for`."""
+    data = {"n_features": int(cfg["n"]), "d_input": int(cfg["d"]), "max_interference": float(cfg["max_interference"]),
+            "sparsity": float(cfg["sparsity"]), "n_sources": int(cfg.get("n_sources", 2))}
+    return _bench_for(key, method, data)
 
 
 def _sparsity_for(n: int, el0: float) -> float:

@@ -843,3 +843,4 @@ def check_activation_property(key):
                  "of Thm 3.1 equals L~ only for homogeneous activations (ReLU, Top-k)",
         )
     ]
+register("E1", __import__("jsdl.landscape.readout", fromlist=["_"]).check_encoder_readout)  # jsdl extension beyond P14

@@ -327,7 +327,7 @@ def check_encoder_readout(key=None, *, n: int = 64, dim: int = 48, sparsity: flo
     import jax
 
     from jsdl.data import make_bench
-    from jsdl.landscape.theory import CONDITIONAL, FAILS, HOLDS, Record  # noqa: F401
+    from jsdl.landscape.claims import FAILS, HOLDS, Record
 
     key = jax.random.PRNGKey(0) if key is None else key
     bench = make_bench(key, n, dim, 0.1, sparsity)

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--x64", action="store_true", help="run in float64 (recommended: the zero tolerances are 1e-9)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     p.add_argument("--only", nargs="*", default=None, metavar="CHECK",
-                   help="run only these checks (names: P1 P1.default P2 P3 H2 P4 P5 P6 P7 P8 P9 P10-13 P14)")
+                   help="run only these checks (names: P1 P1.default P2 P3 H2 P4 P5 P6 P7 P8 P9 P10-13 P14 E1)")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
 
 
