@@ -137,7 +137,8 @@ def _cfg(base: dict, **over) -> dict:
 
 
 def run(config: dict, out_dir: str, *, key) -> dict:
-    common = {k: config[k] for k in ("max_interference", "n_sources", "jump_threshold", "jump_bandwidth", "l1", "l0")}
+    common = {"max_interference": config["data"].get("max_interference", 0.1), "n_sources": config["data"].get("n_sources", 2),
+              **{k: config[k] for k in ("jump_threshold", "jump_bandwidth", "l1", "l0")}}
     base = {**common, **config["base"]}
     tcfg = train_config(config["train"])
     seeds = list(config["seeds"])
@@ -239,7 +240,8 @@ def combine(run_dirs, out_dir: str) -> dict:
         config = config or r["config"]
     os.makedirs(out_dir, exist_ok=True)
     write_json(out_dir, "results.json", {"config": config, "rows": rows, "theory": theory, "runs": list(run_dirs)})
-    base = {**{k: config[k] for k in ("max_interference",)}, **config["base"]}
+    base = {"max_interference": (config.get("data") or {}).get("max_interference", config.get("max_interference", 0.1)),
+            **config["base"]}
     return _summarise(rows, theory, config, base, train_config(config["train"]), out_dir)
 
 
