@@ -14,7 +14,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from common import log, machine_info, med, spread, write_section  # noqa: E402
 from jsdl.data import make_bench, make_hierarchical_bench  # noqa: E402

@@ -2,9 +2,7 @@
 import itertools
 import json
 import os
-import struct
 
-import ml_dtypes
 import numpy as np
 import pytest
 
