@@ -376,23 +376,23 @@ def export_saelens(params, spec, out_dir: str, *, input_scale: float | None = No
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from jsdl.data.files import _safetensors_header, _np_dtype, _ST_FLOAT_DTYPES
+    from jsdl.data.shards import ST_FLOAT_DTYPES, np_dtype, safetensors_header
 
-    header, base, size = _safetensors_header(path)
+    header, base, size = safetensors_header(path)
     out = {}
     with open(path, "rb") as f:
         for name, t in header.items():
             if name == "__metadata__":
                 continue
             code = t.get("dtype")
-            if code not in _ST_FLOAT_DTYPES:
+            if code not in ST_FLOAT_DTYPES:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {code!r}; expected a float dtype")
             a, b = t["data_offsets"]
             if base + b > size:
                 raise ValueError(f"{path}: truncated (tensor {name!r} ends at byte {base + b}, file has {size})")
             f.seek(base + a)
             buf = f.read(b - a)
-            out[name] = np.frombuffer(buf, dtype=_np_dtype(_ST_FLOAT_DTYPES[code]).newbyteorder("<")).reshape(t["shape"]).copy()
+            out[name] = np.frombuffer(buf, dtype=np_dtype(ST_FLOAT_DTYPES[code]).newbyteorder("<")).reshape(t["shape"]).copy()
     return out
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jsdl.data import files as F
+from jsdl.data.shards import np_dtype
 
 
 def _x(n=3000, d=12, seed=0):
@@ -47,14 +48,14 @@ def test_bfloat16_and_float16_shards(tmp_path):
             d = tmp_path / f"{fmt}_{dt}"
             F.write_shards(d, x, rows_per_shard=700, format=fmt, dtype=dt)
             src = F.ActivationFiles(d, **OPTS)
-            assert src.inputs[0].shards[0].dtype == F._np_dtype(dt)
-            ref = F.ActivationFiles.from_arrays(x.astype(F._np_dtype(dt)), **OPTS)
+            assert src.inputs[0].shards[0].dtype == np_dtype(dt)
+            ref = F.ActivationFiles.from_arrays(x.astype(np_dtype(dt)), **OPTS)
             for b1, b2 in zip(_take(src.batches(32, seed=1), 20), _take(ref.batches(32, seed=1), 20)):
                 np.testing.assert_array_equal(b1.x_p, b2.x_p)
                 assert b1.x_p.dtype == np.float32
             # and the values are the rounded originals
             idx, b = next(src.batches(32, seed=1, with_indices=True))
-            np.testing.assert_array_equal(b.x_p, x[idx].astype(F._np_dtype(dt)).astype(np.float32))
+            np.testing.assert_array_equal(b.x_p, x[idx].astype(np_dtype(dt)).astype(np.float32))
 
 
 def test_epoch_covers_training_rows_once_and_seed_reproducible():
