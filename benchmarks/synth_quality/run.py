@@ -238,6 +238,38 @@ def table(rows):
     return "\n".join(out)
 
 
+def generator_only(n, batch, threads, reps=10):
+    """Seconds per batch of jsdl's jitted sampler (features + observation) and SAELens's
+    ``SyntheticModel.sample_with_features``, alternating, the recipe at ``n`` features (d = n/16)."""
+    import jax
+    import torch
+    from sae_lens.synthetic import SyntheticModel
+
+    import common
+    from jsdl.data import make_synth
+    from jsdl.data.synth import synth_config
+
+    torch.set_num_threads(threads)
+    cfg = synth_config("16k", n_features=n, d_input=max(n // 16, 8), n_roots=max(n // 128, 1),
+                       correlation_rank=25 if n >= 4096 else 8, orthogonalize_steps=0)
+    bench = make_synth(jax.random.PRNGKey(0), cfg)
+    fn = jax.jit(bench.sample, static_argnums=1)
+    model = SyntheticModel(saelens_model_config(cfg, 0), device="cpu")
+    box = {"i": 0}
+
+    def j():
+        box["i"] += 1
+        jax.block_until_ready(fn(jax.random.PRNGKey(box["i"]), batch))
+
+    def s():
+        model.sample_with_features(batch)
+
+    t = common.alternate({"jsdl": j, "saelens": s}, reps)
+    print(f"generator only, n={n} d={cfg.d_input} batch {batch} (load {load_avg()}): "
+          f"jsdl {common.spread(t['jsdl'])}, SAELens {common.spread(t['saelens'])}, "
+          f"ratio {common.med(t['saelens']) / common.med(t['jsdl']):.2f}x")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
@@ -256,10 +288,14 @@ def main(argv=None):
     ap.add_argument("--out", default="synth_quality.json")
     ap.add_argument("--write-results", action="store_true", help="write the table into benchmarks/RESULTS.md")
     ap.add_argument("--from-json", help="only print the table of a JSON written by an earlier run")
+    ap.add_argument("--generator-only", type=int, metavar="N_FEATURES",
+                    help="time one batch of the two generators alone (the recipe at N_FEATURES), alternating")
     a = ap.parse_args(argv)
     if a.from_json:
         print(table(json.load(open(a.from_json))["rows"]))
         return
+    if a.generator_only:
+        return generator_only(a.generator_only, SCALES[a.scale][3], a.torch_threads)
 
     from jsdl.data.synth import synth_config
 
