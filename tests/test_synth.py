@@ -233,5 +233,5 @@ def test_generic_metrics_and_train_config_accept_synth(bench):
     assert isinstance(cfg.data.build("sae"), SynthBench)
     with pytest.raises(ValueError, match="unknown synth key"):
         config_from_dict({"data": {"synth": {"roots": 3}}})
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="one of files, bench or synth"):
         config_from_dict({"data": {"synth": {}, "files": "x/"}})
