@@ -1,5 +1,4 @@
 """The SynthSAEBench-recipe generator (jsdl.data.synth) and its metrics (jsdl.metrics_synth)."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -27,7 +27,6 @@ Usage (bench environment, ``make .venv-bench/.jsdl-bench-installed``)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
