@@ -554,3 +554,4 @@ def evaluate(params: SDLParams, spec: SDLSpec, bench: Any, data: Batch, *, thres
     if absorption:
         out["absorption"] = absorption_score(params, spec, bench, data=data, inference=inference)
     return out
+from jsdl.metrics_synth import synth_best_matches, synth_classification, synth_eval, synth_mcc, synth_uniqueness  # noqa: E402,F401  (SynthSAEBench metrics)

@@ -3,6 +3,8 @@
 * :mod:`jsdl.data.bench`: the Linear Representation Bench of the paper (App. C), :func:`make_bench`.
 * :mod:`jsdl.data.structured`: hierarchy, correlated firing, per-feature rates and importance,
   noise, and the toy model of superposition (Elhage et al. 2022).
+* :mod:`jsdl.data.synth`: the SynthSAEBench recipe (Zipfian rates, exclusive hierarchy, low-rank
+  correlated firing), :func:`make_synth`.
 * :mod:`jsdl.data.files`: activation files (loaded lazily, on first use).
 
 Every data source exposes ``sample(key, batch_size) -> jsdl.Batch`` and ``W_p`` / ``W_r``.
@@ -26,6 +28,7 @@ from jsdl.data.structured import (
     train_toy_model,
     validate_hierarchy,
 )
+from jsdl.data.synth import SYNTH_16K, SynthBench, SynthConfig, make_synth
 
 __all__ = [
     "Bench",
@@ -43,6 +46,7 @@ __all__ = [
     "max_interference",
     "train_toy_model",
     "validate_hierarchy",
+    "SYNTH_16K", "SynthBench", "SynthConfig", "make_synth",
 ]
 
 # Submodules (and their public names) loaded on first use, so `import jsdl.data` stays light (files.py

@@ -10,6 +10,7 @@ anything is compiled::
     data:  {n_features: 100, d_input: 64, sparsity: 0.99, max_interference: 0.1}   # make_bench
            or {bench: default}                                           # the default bench, said so
            or {files: {path: acts/, holdout: 0.05, normalize: true}}     # activation shards
+           or {synth: {preset: cpu, n_features: 2048}}                  # jsdl.data.make_synth
     train: {steps: 2000, batch_size: 512, learning_rate: 0.003}         # jsdl.train.TrainConfig
     population: {seeds: [0, 1], coefs: {l1: [0.001, 0.01]}, k: [], learning_rate: []}  # optional
 
@@ -107,7 +108,9 @@ class DataConfig:
     e.g. ``c_min``/``beta``). ``seed`` picks the bench (W_p, W_r); the stream comes from the run
     seed. With ``files`` (a shard directory, or a mapping of :func:`jsdl.data.files.from_config`
     keys such as ``{path: acts/, holdout: 0.05, normalize: true}``) the data are real activations
-    streamed from disk instead, and the bench keys are ignored."""
+    streamed from disk instead, and the bench keys are ignored. With ``synth`` (a mapping of
+    :class:`jsdl.data.synth.SynthConfig` keys, optionally ``preset: 16k|cpu|tiny``) the data are the
+    SynthSAEBench recipe generated on device (:func:`jsdl.data.make_synth`, keyed by ``seed``)."""
 
     n_features: int = 1000
     d_input: int = 768
@@ -120,12 +123,19 @@ class DataConfig:
     options: dict = dataclasses.field(default_factory=dict)
     files: Optional[Union[str, dict]] = None
     bench: Optional[str] = None
+    synth: Optional[dict] = None
 
     def __post_init__(self):
         check_types(self, "data")
         if self.bench not in (None, "default"):
             raise ValueError(f"data.bench must be 'default' (the bench keys of data:, with their defaults), "
                              f"got {self.bench!r}")
+        if self.synth is not None:
+            if self.files is not None or self.bench is not None:
+                raise ValueError("data: give one of files, bench or synth")
+            from jsdl.data.synth import SynthConfig
+
+            SynthConfig.from_dict(self.synth)  # validate before anything compiles
 
     def build_files(self):
         """The :class:`jsdl.data.files.ActivationFiles` of ``files`` (validated, nothing read yet)."""
@@ -137,6 +147,10 @@ class DataConfig:
         """The Linear Representation Bench of these settings (``files`` is built by ``build_files``)."""
         import jax
 
+        if self.synth is not None:
+            from jsdl.data.synth import make_synth
+
+            return make_synth(jax.random.PRNGKey(self.seed), dict(self.synth))
         try:
             from jsdl.data import make_bench
         except ImportError as e:
@@ -227,7 +241,7 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> RunCon
 
 NO_DATA = ("{where} has no data: section; say what to train on: data: {{bench: default}} (the default "
            "1000-feature, 768-wide Linear Representation Bench), bench keys such as data: {{n_features: 100, "
-           "d_input: 64}}, or data: {{files: DIR}}")
+           "d_input: 64}}, data: {{files: DIR}}, or data: {{synth: {{preset: cpu}}}} (the SynthSAEBench recipe)")
 
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:

@@ -1,0 +1,374 @@
+"""Quality per compute on the SynthSAEBench recipe: jsdl vs SAELens, same config, same budget.
+
+For each seed and architecture (TopK, BatchTopK, ReLU+L1, JumpReLU, Matryoshka BatchTopK) it trains
+one SAE with jsdl (``jsdl.data.make_synth`` generated on device inside the jitted step,
+``jsdl.train.fit``) and one with SAELens (``sae_lens.synthetic.SyntheticModel`` +
+``train_toy_sae``), alternating jsdl / SAELens so load drifts of a shared machine hit both, then
+scores each against its own generator's ground truth with the SynthSAEBench metrics
+(``jsdl.metrics.synth_eval`` and ``sae_lens.synthetic.eval_sae_on_synthetic_data``, which agree to
+float tolerance: tests/test_synth_saelens.py). Wall time is end to end: building the generator
+(orthogonalisation included), compilation, data generation and training; evaluation is not timed.
+
+Matched settings: batch size, learning rate, Adam (0.9, 0.999), constant schedule, grad-norm
+clipping 1.0; k for TopK/BatchTopK/Matryoshka = the true L0 of the n_q most frequent features;
+AuxK (k_aux = d/2, coefficient 1, dead after 1000 steps) for the TopK family as SAELens's defaults;
+ReLU penalises sum_i |f_i| ||W_dec,i|| (SAELens "standard" = jsdl ``weighted_l1``) and JumpReLU the
+step L0 (bandwidth 0.05, initial threshold 0.01) with the same coefficients on both sides, set by
+``--calibrate`` (a short jsdl sweep to the true L0) or given. BatchTopK/Matryoshka are evaluated
+as SAELens's runner does (the training SAE, batch-level top-k over eval batches of the training
+batch size).
+
+Usage (bench environment, ``make .venv-bench/.jsdl-bench-installed``)::
+
+    nice .venv-bench/bin/python benchmarks/synth_quality/run.py --scale cpu --samples 1000000 \\
+        --seeds 0 --out synth_quality.json --write-results
+    .venv-bench/bin/python benchmarks/synth_quality/run.py --scale paper   # accelerator: 16k, d 768, 200M
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens's progress bars (orthogonalisation, training)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+ARCHS = ("topk", "batchtopk", "relu", "jumprelu", "matryoshka")
+# scale -> (synth preset, n_q latents, samples, batch size, learning rate, eval samples)
+SCALES = {
+    "cpu": ("cpu", 512, 1_000_000, 1024, 1e-3, 100_000),
+    "paper": ("16k", 4096, 200_000_000, 1024, 3e-4, 500_000),
+}
+# Coefficients found by --calibrate at the cpu scale (true L0 of the top 512 features); see README.
+DEFAULT_COEFS = {"cpu": {"relu": 2e-2, "jumprelu": 2e-3}, "paper": {"relu": 1e-2, "jumprelu": 1e-3}}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def load_avg() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+# --------------------------------------------------------------------------------------------------
+# jsdl
+# --------------------------------------------------------------------------------------------------
+
+
+def jsdl_spec(arch, n_q, k, d, coef):
+    import jsdl
+
+    aux = dict(aux_k=d // 2, aux_coef=1.0)
+    if arch in ("topk", "batchtopk"):
+        return jsdl.make_spec("sae", arch, n_q, k=k, **aux)
+    if arch == "matryoshka":
+        return jsdl.make_spec("matryoshka", "batchtopk", n_q, k=k, prefixes=_widths(n_q), **aux)
+    if arch == "relu":
+        return jsdl.make_spec("sae", "relu", n_q, penalties={"weighted_l1": coef})
+    if arch == "jumprelu":
+        return jsdl.make_spec("sae", "jumprelu", n_q, penalties={"l0": coef}, threshold=0.01, bandwidth=0.05)
+    raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}")
+
+
+def _widths(n_q):
+    return tuple(w for w in (n_q // 8, n_q // 4, n_q // 2, n_q))
+
+
+def jsdl_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed):
+    """(params, spec, bench, wall seconds end to end)."""
+    import jax
+
+    from jsdl.data import make_synth
+    from jsdl.train import TrainConfig, fit
+
+    t0 = time.perf_counter()
+    bench = make_synth(jax.random.PRNGKey(1000 + seed), synth_cfg)
+    spec = jsdl_spec(arch, n_q, k, synth_cfg.d_input, coef)
+    steps = samples // batch
+    cfg = TrainConfig(steps=steps, batch_size=batch, learning_rate=lr, grad_clip=1.0, dead_window=1000,
+                      log_every=max(steps // 4, 1), progress=False)
+    state, _ = fit(jax.random.PRNGKey(seed), spec, bench, cfg)
+    params = jax.block_until_ready(state.params)
+    return params, spec, bench, time.perf_counter() - t0
+
+
+def jsdl_eval(params, spec, bench, arch, n_eval, batch, seed):
+    import jax
+
+    from jsdl.metrics import synth_eval
+
+    # BatchTopK-style SAEs: batch-level top-k over eval batches of the training size, as SAELens's
+    # SyntheticSAERunner evaluates its training SAE.
+    inference = arch not in ("batchtopk", "matryoshka")
+    return synth_eval(params, spec, bench, key=jax.random.PRNGKey(10_000 + seed), n_samples=n_eval,
+                      batch_size=batch if not inference else 8192, inference=inference)
+
+
+def true_l0_top(bench, n_q, n=20000):
+    import jax
+
+    f = jax.jit(bench.sample_features, static_argnums=1)(jax.random.PRNGKey(7), n)
+    return float((f[:, :n_q] > 0).sum(1).mean()), float((f > 0).sum(1).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# SAELens
+# --------------------------------------------------------------------------------------------------
+
+
+def saelens_model_config(c, seed):
+    from sae_lens.synthetic import (FoldedNormalMagnitudeConfig, HierarchyConfig, LinearMagnitudeConfig,
+                                    LowRankCorrelationConfig, OrthogonalizationConfig, SyntheticModelConfig,
+                                    ZipfianFiringProbabilityConfig)
+
+    return SyntheticModelConfig(
+        num_features=c.n_features, hidden_dim=c.d_input,
+        firing_probability=ZipfianFiringProbabilityConfig(exponent=c.zipf_exponent, max_prob=c.max_prob,
+                                                          min_prob=c.min_prob),
+        hierarchy=HierarchyConfig(total_root_nodes=c.n_roots, branching_factor=c.branching, max_depth=c.depth,
+                                  mutually_exclusive_portion=c.mutually_exclusive_portion,
+                                  mutually_exclusive_min_depth=c.mutually_exclusive_min_depth,
+                                  mutually_exclusive_max_depth=c.mutually_exclusive_max_depth,
+                                  compensate_probabilities=c.compensate_probabilities,
+                                  scale_children_by_parent=c.scale_children_by_parent) if c.n_roots else None,
+        orthogonalization=OrthogonalizationConfig(num_steps=c.orthogonalize_steps, lr=c.orthogonalize_lr)
+        if c.orthogonalize_steps else None,
+        correlation=LowRankCorrelationConfig(rank=c.correlation_rank, correlation_scale=c.correlation_scale)
+        if c.correlation_rank else None,
+        mean_firing_magnitudes=LinearMagnitudeConfig(start=c.magnitude_mean_start, end=c.magnitude_mean_end),
+        std_firing_magnitudes=FoldedNormalMagnitudeConfig(mean=c.magnitude_std_mean, std=c.magnitude_std_std),
+        bias=c.bias if c.bias > 0 else False, seed=seed,
+    )
+
+
+def saelens_sae(arch, n_q, k, d, coef):
+    common = dict(d_in=d, d_sae=n_q, dtype="float32", device="cpu")
+    if arch == "topk":
+        from sae_lens import TopKTrainingSAE as C, TopKTrainingSAEConfig as Cfg
+
+        return C(Cfg(k=k, **common))
+    if arch == "batchtopk":
+        from sae_lens import BatchTopKTrainingSAE as C, BatchTopKTrainingSAEConfig as Cfg
+
+        return C(Cfg(k=k, **common))
+    if arch == "matryoshka":
+        from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE as C,
+                                                            MatryoshkaBatchTopKTrainingSAEConfig as Cfg)
+
+        return C(Cfg(k=k, matryoshka_widths=list(_widths(n_q)), **common))
+    if arch == "relu":
+        from sae_lens import StandardTrainingSAE as C, StandardTrainingSAEConfig as Cfg
+
+        return C(Cfg(l1_coefficient=coef, **common))
+    if arch == "jumprelu":
+        from sae_lens import JumpReLUTrainingSAE as C, JumpReLUTrainingSAEConfig as Cfg
+
+        return C(Cfg(l0_coefficient=coef, jumprelu_init_threshold=0.01, jumprelu_bandwidth=0.05, **common))
+    raise ValueError(arch)
+
+
+def saelens_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed):
+    import torch
+    from sae_lens.synthetic import SyntheticModel, train_toy_sae
+
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    model = SyntheticModel(saelens_model_config(synth_cfg, 1000 + seed), device="cpu")
+    sae = saelens_sae(arch, n_q, k, synth_cfg.d_input, coef)
+    train_toy_sae(sae, model.feature_dict, model.activation_generator, training_samples=samples,
+                  batch_size=batch, lr=lr, device="cpu")
+    return sae, model, time.perf_counter() - t0
+
+
+def saelens_eval(sae, model, n_eval, batch):
+    from sae_lens.synthetic import eval_sae_on_synthetic_data
+
+    r = eval_sae_on_synthetic_data(sae, model.feature_dict, model.activation_generator, num_samples=n_eval,
+                                   batch_size=batch).to_dict()
+    cl = r.pop("classification")
+    r.update(precision=cl["precision"], recall=cl["recall"], f1=cl["f1_score"], accuracy=cl["accuracy"])
+    return r
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+
+def calibrate(synth_cfg, arch, n_q, target_l0, batch, lr, samples, coefs):
+    """Coefficient of ``arch`` whose jsdl SAE lands closest to ``target_l0`` (log scale)."""
+    best = None
+    for c in coefs:
+        p, spec, bench, _ = jsdl_train(synth_cfg, arch, n_q, 0, c, samples, batch, lr, 99)
+        l0 = jsdl_eval(p, spec, bench, arch, 20000, batch, 99)["sae_l0"]
+        log(f"[calibrate] {arch} coef={c:g}: L0 {l0:.2f} (target {target_l0:.2f})")
+        score = abs(np.log(max(l0, 1e-3) / target_l0))
+        if best is None or score < best[0]:
+            best = (score, c)
+    return best[1]
+
+
+def table(rows):
+    keys = ("mcc", "f1", "precision", "recall", "explained_variance", "sae_l0", "dead_latents", "uniqueness",
+            "shrinkage", "wall_s", "samples_per_s")
+    out = ["| arch | framework | seeds | MCC | F1 | precision | recall | EV | L0 | dead | uniqueness | shrinkage | "
+           "wall s | samples/s |", "|" + "---|" * 14]
+    for arch in ARCHS:
+        for fw in ("jsdl", "saelens"):
+            rs = [r for r in rows if r["arch"] == arch and r["framework"] == fw]
+            if not rs:
+                continue
+            cells = []
+            for k in keys:
+                v = np.array([r[k] for r in rs], float)
+                fmt = "{:.0f}" if k in ("dead_latents", "wall_s", "samples_per_s") else "{:.3f}"
+                cells.append(fmt.format(v.mean()) + (f" ± {fmt.format(v.std())}" if len(v) > 1 and k in
+                                                     ("mcc", "f1", "explained_variance") else ""))
+            out.append(f"| {arch} | {fw} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def generator_only(n, batch, threads, reps=10):
+    """Seconds per batch of jsdl's jitted sampler (features + observation) and SAELens's
+    ``SyntheticModel.sample_with_features``, alternating, the recipe at ``n`` features (d = n/16)."""
+    import jax
+    import torch
+    from sae_lens.synthetic import SyntheticModel
+
+    import common
+    from jsdl.data import make_synth
+    from jsdl.data.synth import synth_config
+
+    torch.set_num_threads(threads)
+    cfg = synth_config("16k", n_features=n, d_input=max(n // 16, 8), n_roots=max(n // 128, 1),
+                       correlation_rank=25 if n >= 4096 else 8, orthogonalize_steps=0)
+    bench = make_synth(jax.random.PRNGKey(0), cfg)
+    fn = jax.jit(bench.sample, static_argnums=1)
+    model = SyntheticModel(saelens_model_config(cfg, 0), device="cpu")
+    box = {"i": 0}
+
+    def j():
+        box["i"] += 1
+        jax.block_until_ready(fn(jax.random.PRNGKey(box["i"]), batch))
+
+    def s():
+        model.sample_with_features(batch)
+
+    t = common.alternate({"jsdl": j, "saelens": s}, reps)
+    print(f"generator only, n={n} d={cfg.d_input} batch {batch} (load {load_avg()}): "
+          f"jsdl {common.spread(t['jsdl'])}, SAELens {common.spread(t['saelens'])}, "
+          f"ratio {common.med(t['saelens']) / common.med(t['jsdl']):.2f}x")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    ap.add_argument("--archs", default=",".join(ARCHS))
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--samples", type=int, help="training samples per run (default: the scale's)")
+    ap.add_argument("--eval-samples", type=int)
+    ap.add_argument("--frameworks", default="jsdl,saelens")
+    ap.add_argument("--coef-relu", type=float)
+    ap.add_argument("--coef-jumprelu", type=float)
+    ap.add_argument("--calibrate", action="store_true", help="set the ReLU/JumpReLU coefficients by a jsdl sweep")
+    ap.add_argument("--calibrate-samples", type=int, default=300_000)
+    ap.add_argument("--calibrate-only", action="store_true", help="print the calibrated coefficients and stop")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads (1: on the shared 2-core machine 2 threads were slower)")
+    ap.add_argument("--out", default="synth_quality.json")
+    ap.add_argument("--write-results", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    ap.add_argument("--from-json", help="only print the table of a JSON written by an earlier run")
+    ap.add_argument("--generator-only", type=int, metavar="N_FEATURES",
+                    help="time one batch of the two generators alone (the recipe at N_FEATURES), alternating")
+    a = ap.parse_args(argv)
+    if a.from_json:
+        print(table(json.load(open(a.from_json))["rows"]))
+        return
+    if a.generator_only:
+        return generator_only(a.generator_only, SCALES[a.scale][3], a.torch_threads)
+
+    from jsdl.data.synth import synth_config
+
+    preset, n_q, samples, batch, lr, n_eval = SCALES[a.scale]
+    samples = a.samples or samples
+    n_eval = a.eval_samples or n_eval
+    synth_cfg = synth_config(preset)
+    archs = [s for s in a.archs.split(",") if s]
+    seeds = [int(s) for s in a.seeds.split(",")]
+    fws = [s for s in a.frameworks.split(",") if s]
+    if "saelens" in fws:
+        import torch
+
+        torch.set_num_threads(a.torch_threads)
+
+    import jax
+
+    from jsdl.data import make_synth
+
+    probe = make_synth(jax.random.PRNGKey(1000), synth_cfg, orthogonalize_steps=0)
+    l0_top, l0_all = true_l0_top(probe, n_q)
+    k = max(1, int(round(l0_top)))
+    log(f"[synth_quality] {a.scale}: n={synth_cfg.n_features} d={synth_cfg.d_input} n_q={n_q} true L0 {l0_all:.2f} "
+        f"(top {n_q}: {l0_top:.2f}) -> k={k}; {samples} samples, batch {batch}, lr {lr}")
+    coefs = dict(DEFAULT_COEFS[a.scale])
+    if a.calibrate:
+        cal_samples = min(samples, a.calibrate_samples)
+        if "relu" in archs:
+            coefs["relu"] = calibrate(synth_cfg, "relu", n_q, l0_top, batch, lr, cal_samples, [1e-2, 3e-2, 1e-1, 3e-1])
+        if "jumprelu" in archs:
+            coefs["jumprelu"] = calibrate(synth_cfg, "jumprelu", n_q, l0_top, batch, lr, cal_samples,
+                                          [1e-3, 3e-3, 1e-2, 3e-2])
+        log(f"[synth_quality] calibrated coefficients: {coefs}")
+        if a.calibrate_only:
+            print(json.dumps(coefs))
+            return
+    if a.coef_relu is not None:
+        coefs["relu"] = a.coef_relu
+    if a.coef_jumprelu is not None:
+        coefs["jumprelu"] = a.coef_jumprelu
+
+    rows = []
+    for seed in seeds:
+        for arch in archs:
+            coef = coefs.get(arch, 0.0)
+            for fw in fws:
+                load0 = load_avg()
+                if fw == "jsdl":
+                    p, spec, bench, wall = jsdl_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed)
+                    r = jsdl_eval(p, spec, bench, arch, n_eval, batch, seed)
+                else:
+                    sae, model, wall = saelens_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed)
+                    r = saelens_eval(sae, model, n_eval, batch)
+                r = {kk: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for kk, v in r.items()}
+                r.update(arch=arch, framework=fw, seed=seed, coef=coef, k=k, samples=samples, wall_s=wall,
+                         samples_per_s=samples / wall, load_before=load0, load_after=load_avg())
+                rows.append(r)
+                log(f"[synth_quality] seed {seed} {arch:10s} {fw:8s} MCC {r['mcc']:.3f} F1 {r['f1']:.3f} "
+                    f"EV {r['explained_variance']:.3f} L0 {r['sae_l0']:.1f} dead {r['dead_latents']:.0f} "
+                    f"uniq {r['uniqueness']:.3f} | {wall:.1f} s, {samples / wall:,.0f} samples/s | load {load0}")
+                with open(a.out, "w") as f:
+                    json.dump(dict(scale=a.scale, synth=synth_cfg.to_dict(), n_q=n_q, k=k, true_l0=l0_all,
+                                   true_l0_top=l0_top, coefs=coefs, batch=batch, lr=lr, rows=rows), f, indent=1)
+    print(table(rows))
+    if a.write_results:
+        import common
+
+        body = (f"Command: `nice .venv-bench/bin/python benchmarks/synth_quality/run.py {' '.join(argv or sys.argv[1:])}`\n\n"
+                f"Recipe `{preset}` ({synth_cfg.n_features} features, d={synth_cfg.d_input}), SAE width {n_q}, "
+                f"k={k} (true L0 of the top {n_q} features {l0_top:.2f}; all features {l0_all:.2f}), {samples:,} "
+                f"samples, batch {batch}, lr {lr:g}, coefficients {coefs}. Metrics on {n_eval:,} fresh samples.\n\n"
+                + table(rows) + "\n")
+        common.write_section("SynthSAEBench quality per compute (synth_quality)", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,529 @@
+"""A SynthSAEBench-compatible generator, sampled on device inside the jitted step.
+
+The recipe (the public SynthSAEBench description of SAELens's ``sae_lens.synthetic``; its 16k model
+is :data:`SYNTH_16K`) draws coefficients ``f [B, n]`` and observations ``x = f E + b`` with
+
+1. **firing probabilities** Zipfian over the feature index i = 0..n-1:
+   ``q_i = (i+1)^-a`` affinely mapped onto ``[min_prob, max_prob]`` (descending);
+2. a **hierarchy**: a forest of ``n_roots`` trees, ``branching`` children per node, ``depth``
+   levels below the roots, numbered breadth first (roots first, a parent's children contiguous, so
+   the most frequent features are the roots); features past the forest are free. A child fires only
+   when its parent does. A portion ``mutually_exclusive_portion`` of the eligible parents (depth in
+   ``[mutually_exclusive_min_depth, mutually_exclusive_max_depth]``, at least two children) has
+   mutually exclusive children: of the children that fire together, one chosen uniformly at random
+   survives. With ``compensate_probabilities`` the base probability of a child c of parent P
+   (with siblings S) is multiplied by ``1/q_P`` and, under exclusion, by
+   ``1 + sum_{s in S, s != c} q_s / q_P``, then clipped to 1, so that the realised rates stay close
+   to the Zipf law. With ``scale_children_by_parent`` a surviving child's magnitude is multiplied
+   by ``f_P / mu_P`` (parent magnitude over the parent's mean magnitude) instead of being gated;
+3. **low-rank correlated firing** (Gaussian copula): ``z = eps F^T + eta * sqrt(1 - |F_i|^2)``,
+   ``eps ~ N(0, I_rank)``, ``eta ~ N(0, I_n)``, ``F [n, rank] ~ N(0, scale^2)`` (rows with
+   ``|F_i|^2 > 0.99`` rescaled to 0.99), and feature i fires iff ``z_i > Phi^-1(1 - p_i)``; without
+   correlation independent Bernoulli(p_i);
+4. **magnitudes** ``relu(mu_i + sigma_i eps)`` with ``mu`` linear from ``magnitude_mean_start``
+   (feature 0) to ``magnitude_mean_end`` and ``sigma_i = |N(magnitude_std_mean, magnitude_std_std^2)|``
+   (folded normal, drawn once per feature);
+5. the hierarchy is applied level by level (gating / rescaling of level L, then the exclusion
+   among the children of level-L parents), then ``relu``;
+6. **feature vectors** ``E [n, d]``: Gaussian rows normalised to unit norm, then ``orthogonalize_steps``
+   Adam steps (learning rate ``orthogonalize_lr``) on ``sum_{i != j} (e_i . e_j)^2 + n sum_i
+   (|e_i|^2 - 1)^2``, renormalised; a **bias** ``b [d]`` of norm ``bias`` (random direction).
+
+Everything random comes from one JAX key; sampling ``sample(key, B)`` is jit-able and generates a
+batch on device (nothing of size dataset x d is ever held). The generator agrees with SAELens in
+distribution, not bit for bit (different random number generators). In jsdl's conventions the
+ground-truth dictionary is ``W_p = W_r = E^T [d, n]`` and ``Batch.features = f``, so every
+:mod:`jsdl.metrics` function and the landscape module accept a :class:`SynthBench`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jsdl.data.bench import SamplingMixin
+from jsdl.data.structured import build_hierarchy, hierarchy_depth
+from jsdl.objective import Batch
+
+__all__ = [
+    "SynthConfig",
+    "SynthBench",
+    "SYNTH_16K",
+    "SYNTH_PRESETS",
+    "make_synth",
+    "synth_config",
+    "zipf_probabilities",
+    "synth_hierarchy",
+    "compensated_probabilities",
+    "orthogonalize",
+]
+
+# Rows of the correlation factor are capped so the copula's idiosyncratic variance stays >= this.
+_MIN_DIAG = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """Settings of the SynthSAEBench recipe (module docstring). Defaults are the SynthSAEBench-16k
+    model (:data:`SYNTH_16K`). ``n_roots = 0`` disables the hierarchy, ``correlation_rank = 0`` the
+    correlation, ``bias = 0`` the bias, ``orthogonalize_steps = 0`` the orthogonalisation.
+    ``branching`` is an int or a ``(min, max)`` pair (children per node drawn uniformly)."""
+
+    n_features: int = 16384
+    d_input: int = 768
+    # firing probabilities (Zipf)
+    max_prob: float = 0.4
+    min_prob: float = 5e-4
+    zipf_exponent: float = 0.5
+    # hierarchy
+    n_roots: int = 128
+    branching: Union[int, tuple] = 4
+    depth: int = 3
+    mutually_exclusive_portion: float = 1.0
+    mutually_exclusive_min_depth: int = 0
+    mutually_exclusive_max_depth: Optional[int] = None
+    compensate_probabilities: bool = True
+    scale_children_by_parent: bool = True
+    # low-rank correlation
+    correlation_rank: int = 25
+    correlation_scale: float = 0.1
+    # magnitudes
+    magnitude_mean_start: float = 5.0
+    magnitude_mean_end: float = 4.0
+    magnitude_std_mean: float = 0.5
+    magnitude_std_std: float = 0.5
+    # feature vectors
+    orthogonalize_steps: int = 100
+    orthogonalize_lr: float = 3e-4
+    orthogonalize_chunk: int = 2048
+    bias: float = 0.5
+
+    def __post_init__(self):
+        def pos_int(name, lo=1):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"synth.{name} must be an int >= {lo}, got {v!r}")
+
+        def num(name, lo, hi, lo_open=False, hi_open=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+                raise ValueError(f"synth.{name} must be a finite number, got {v!r}")
+            if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+                raise ValueError(
+                    f"synth.{name}={v!r} is outside {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+        pos_int("n_features")
+        pos_int("d_input")
+        num("max_prob", 0.0, 1.0, lo_open=True)
+        num("min_prob", 0.0, 1.0, lo_open=True)
+        if not self.min_prob < self.max_prob:
+            raise ValueError(f"synth: need min_prob < max_prob, got min_prob={self.min_prob} max_prob={self.max_prob}")
+        num("zipf_exponent", 0.0, math.inf, lo_open=True, hi_open=True)
+        pos_int("n_roots", 0)
+        b = self.branching
+        if isinstance(b, list):
+            object.__setattr__(self, "branching", tuple(b))
+            b = self.branching
+        if isinstance(b, tuple):
+            if len(b) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in b) or not 2 <= b[0] <= b[1]:
+                raise ValueError(f"synth.branching must be an int >= 2 or a (min, max) pair with 2 <= min <= max, got {b!r}")
+        elif isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 2:
+            raise ValueError(f"synth.branching must be an int >= 2 or a (min, max) pair, got {b!r}")
+        pos_int("depth")
+        num("mutually_exclusive_portion", 0.0, 1.0)
+        pos_int("mutually_exclusive_min_depth", 0)
+        if self.mutually_exclusive_max_depth is not None:
+            pos_int("mutually_exclusive_max_depth", self.mutually_exclusive_min_depth)
+        for name in ("compensate_probabilities", "scale_children_by_parent"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"synth.{name} must be true or false, got {getattr(self, name)!r}")
+        pos_int("correlation_rank", 0)
+        num("correlation_scale", 0.0, math.inf, hi_open=True)
+        num("magnitude_mean_start", 0.0, math.inf, lo_open=True, hi_open=True)
+        num("magnitude_mean_end", 0.0, math.inf, lo_open=True, hi_open=True)
+        num("magnitude_std_mean", -math.inf, math.inf, lo_open=True, hi_open=True)
+        num("magnitude_std_std", 0.0, math.inf, lo_open=True, hi_open=True)
+        pos_int("orthogonalize_steps", 0)
+        num("orthogonalize_lr", 0.0, math.inf, lo_open=True, hi_open=True)
+        pos_int("orthogonalize_chunk")
+        num("bias", 0.0, math.inf, hi_open=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SynthConfig":
+        """From a mapping (e.g. YAML). ``preset: NAME`` (a key of :data:`SYNTH_PRESETS`) starts from
+        that preset; the other keys override it. Unknown keys fail naming the valid ones."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"synth settings must be a mapping, got {type(d).__name__}")
+        d = dict(d)
+        preset = d.pop("preset", None)
+        base = {} if preset is None else dataclasses.asdict(synth_config(preset))
+        names = [f.name for f in dataclasses.fields(cls)]
+        bad = sorted(set(d) - set(names))
+        if bad:
+            raise ValueError(f"unknown synth key(s) {bad}; valid keys: preset, {', '.join(names)}")
+        base.update(d)
+        return cls(**base)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if isinstance(d["branching"], tuple):
+            d["branching"] = list(d["branching"])
+        return d
+
+
+#: The SynthSAEBench-16k model: 16384 features, d = 768, Zipf(0.5) on [5e-4, 0.4], 128 roots x
+#: branching 4 x depth 3 with all children mutually exclusive, compensated probabilities, children
+#: scaled by their parent, rank-25 correlation of scale 0.1, magnitudes linear 5 -> 4 with folded
+#: normal(0.5, 0.5) std, 100 orthogonalisation steps at lr 3e-4, bias norm 0.5.
+SYNTH_16K = SynthConfig()
+
+#: Named presets. ``"cpu"`` keeps the recipe's shape (Zipf range, a deep mutually exclusive
+#: hierarchy over about two thirds of the features, correlation, magnitudes, bias) at 2048 features
+#: and d = 128, which a 2-core CPU trains in minutes.
+SYNTH_PRESETS = {
+    "16k": SYNTH_16K,
+    "cpu": dataclasses.replace(SYNTH_16K, n_features=2048, d_input=128, n_roots=16, correlation_rank=8,
+                               orthogonalize_steps=100),
+    "tiny": dataclasses.replace(SYNTH_16K, n_features=256, d_input=32, n_roots=4, depth=2, correlation_rank=4,
+                                orthogonalize_steps=20),
+}
+
+
+def synth_config(preset: Union[str, SynthConfig, Mapping[str, Any]] = "16k", **overrides: Any) -> SynthConfig:
+    """A :class:`SynthConfig` from a preset name (``"16k"``, ``"cpu"``, ``"tiny"``), a config or a
+    mapping, with keyword overrides."""
+    if isinstance(preset, SynthConfig):
+        cfg = preset
+    elif isinstance(preset, str):
+        if preset not in SYNTH_PRESETS:
+            raise ValueError(f"unknown synth preset {preset!r}; presets: {', '.join(SYNTH_PRESETS)}")
+        cfg = SYNTH_PRESETS[preset]
+    elif isinstance(preset, Mapping):
+        cfg = SynthConfig.from_dict(preset)
+    else:
+        raise TypeError(f"preset must be a preset name, a SynthConfig or a mapping, got {type(preset).__name__}")
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Host-side construction
+# --------------------------------------------------------------------------------------------------
+
+
+def zipf_probabilities(n: int, exponent: float, max_prob: float, min_prob: float) -> np.ndarray:
+    """``[n]`` descending: ``(i+1)^-exponent`` mapped affinely onto ``[min_prob, max_prob]``
+    (float32, as the reference computes it)."""
+    if n == 1:
+        return np.asarray([max_prob], np.float32)
+    q = 1.0 / np.arange(1, n + 1, dtype=np.float32) ** np.float32(exponent)
+    return (np.float32(min_prob) + np.float32(max_prob - min_prob) * (q - q.min()) / (q.max() - q.min())).astype(np.float32)
+
+
+def synth_hierarchy(cfg: SynthConfig, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(parent_of [n], level [n], exclusive [n])`` of the recipe's forest: parent index (-1 for
+    roots and free features), depth below the root (-1 for free features), and whether a feature's
+    children are mutually exclusive. Features are numbered breadth first; the forest is cut when
+    the features run out. ``seed`` drives random branching and the choice of exclusive parents."""
+    n = cfg.n_features
+    parent_of = np.full(n, -1, np.int64)
+    level = np.full(n, -1, np.int64)
+    exclusive = np.zeros(n, bool)
+    if cfg.n_roots == 0:
+        return parent_of, level, exclusive
+    rng = np.random.default_rng(seed)
+    if isinstance(cfg.branching, tuple):
+        # Random branching: grow breadth first, one parent at a time.
+        nodes = min(cfg.n_roots, n)
+        level[:nodes] = 0
+        frontier = list(range(nodes))
+        for lv in range(1, cfg.depth + 1):
+            nxt = []
+            for p in frontier:
+                for _ in range(int(rng.integers(cfg.branching[0], cfg.branching[1] + 1))):
+                    if nodes >= n:
+                        break
+                    parent_of[nodes], level[nodes] = p, lv
+                    nxt.append(nodes)
+                    nodes += 1
+            frontier = nxt
+    else:
+        # Fixed branching: the complete forest of jsdl.data.structured, cut to n features.
+        full = build_hierarchy(cfg.n_roots, int(cfg.branching), cfg.depth)[:n]
+        m = full.shape[0]
+        parent_of[:m] = full
+        lv = np.zeros(m, np.int64)
+        for i in range(m):  # BFS numbering: a parent precedes its children
+            if full[i] >= 0:
+                lv[i] = lv[full[i]] + 1
+        level[:m] = lv
+    n_children = np.bincount(parent_of[parent_of >= 0], minlength=n)
+    # Internal nodes (depth < max depth) with >= 2 children and depth in the allowed range.
+    hi = cfg.mutually_exclusive_max_depth
+    eligible = np.flatnonzero((level >= 0) & (level < cfg.depth) & (n_children >= 2)
+                              & (level >= cfg.mutually_exclusive_min_depth) & ((level <= hi) if hi is not None else True))
+    k = int(len(eligible) * cfg.mutually_exclusive_portion)
+    if k > 0:
+        exclusive[rng.choice(eligible, size=k, replace=False)] = True
+    return parent_of, level, exclusive
+
+
+def compensated_probabilities(p: np.ndarray, parent_of: np.ndarray, exclusive: np.ndarray) -> np.ndarray:
+    """Base probabilities after the hierarchy compensation (module docstring), clipped to 1."""
+    p = np.asarray(p, np.float64)
+    factor = np.ones_like(p)
+    child = np.flatnonzero(parent_of >= 0)
+    par = parent_of[child]
+    ok = p[par] > 0
+    factor[child[ok]] = 1.0 / p[par[ok]]
+    # Exclusion: 1 + (sum of the siblings' base probabilities) / p_parent.
+    sib_sum = np.bincount(par, weights=p[child], minlength=p.shape[0])
+    n_children = np.bincount(par, minlength=p.shape[0])
+    me = exclusive[par] & (n_children[par] >= 2) & ok
+    c, pp = child[me], par[me]
+    factor[c] *= 1.0 + np.maximum(sib_sum[pp] - p[c], 0.0) / p[pp]
+    return np.minimum(p * factor, 1.0).astype(np.float32)
+
+
+def _ortho_grad(E: jax.Array, n: int, chunk: int) -> jax.Array:
+    """Gradient of ``sum_{i != j} (e_i . e_j)^2 + n sum_i (|e_i|^2 - 1)^2`` for ``E [n_pad, d]``
+    (zero padding rows contribute nothing), ``chunk`` rows at a time so no n x n Gram is formed."""
+    n_pad = E.shape[0]
+    real = (jnp.arange(n_pad) < n)[:, None]
+
+    def block(i):
+        C = jax.lax.dynamic_slice_in_dim(E, i * chunk, chunk)
+        G = C @ E.T  # [chunk, n_pad]
+        rows = i * chunk + jnp.arange(chunk)
+        diag = jnp.sum(C * C, axis=1)
+        G = G.at[jnp.arange(chunk), rows].set(0.0)
+        return 4.0 * (G @ E) + 4.0 * n * (diag - 1.0)[:, None] * C
+
+    g = jax.lax.map(block, jnp.arange(n_pad // chunk)).reshape(E.shape)
+    return jnp.where(real, g, 0.0)
+
+
+def orthogonalize(E: jax.Array, steps: int, lr: float, chunk: int = 2048) -> jax.Array:
+    """Unit rows of ``E [n, d]`` pushed apart by ``steps`` Adam steps (module docstring, item 6),
+    renormalised. Memory O(chunk x n)."""
+    import optax
+
+    n = E.shape[0]
+    E = E / jnp.maximum(jnp.linalg.norm(E, axis=1, keepdims=True), 1e-8)
+    if steps == 0:
+        return E
+    chunk = min(chunk, n)
+    n_pad = -(-n // chunk) * chunk
+    Ep = jnp.zeros((n_pad, E.shape[1]), E.dtype).at[:n].set(E)
+    opt = optax.adam(lr)
+
+    @jax.jit
+    def run(Ep):
+        def body(_, carry):
+            P, s = carry
+            upd, s = opt.update(_ortho_grad(P, n, chunk), s, P)
+            return optax.apply_updates(P, upd), s
+
+        return jax.lax.fori_loop(0, steps, body, (Ep, opt.init(Ep)))[0]
+
+    E = run(Ep)[:n]
+    return E / jnp.maximum(jnp.linalg.norm(E, axis=1, keepdims=True), 1e-8)
+
+
+# --------------------------------------------------------------------------------------------------
+# The bench
+# --------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class SynthBench(SamplingMixin):
+    """The SynthSAEBench generator as a jsdl bench (module docstring). Array fields: ``W_p = W_r``
+    ``[d, n]`` (unit feature vectors as columns), ``bias [d]``, ``probs [n]`` (base firing
+    probabilities after compensation), ``thresholds [n]`` (``Phi^-1(1 - probs)``), ``mean_mag``,
+    ``std_mag [n]``, ``corr_factor [n, rank]`` / ``corr_sqrt_diag [n]`` (or None), ``parent_of [n]``
+    (-1 for roots and free features), ``levels`` (per depth L = 1..depth, over the level's
+    contiguous block of features ``level_bounds[L-1] = (start, stop)``: ``(parents, rescale,
+    exclusive, group, groups)``: each child's parent, whether it is scaled by its parent, whether it
+    is a mutually exclusive child, its sibling group, and the groups ``[G, b]`` as block-relative
+    indices padded by repeating a sibling). Static: ``settings`` (the :class:`SynthConfig`),
+    ``depth``, ``level_bounds``."""
+
+    W_p: jax.Array
+    W_r: jax.Array
+    bias: jax.Array
+    probs: jax.Array
+    thresholds: jax.Array
+    mean_mag: jax.Array
+    std_mag: jax.Array
+    parent_of: jax.Array
+    levels: tuple
+    corr_factor: Optional[jax.Array] = None
+    corr_sqrt_diag: Optional[jax.Array] = None
+    data_key: Optional[jax.Array] = None
+    settings: SynthConfig = struct.field(pytree_node=False, default=SYNTH_16K)
+    depth: int = struct.field(pytree_node=False, default=0)
+    level_bounds: tuple = struct.field(pytree_node=False, default=())
+    method: str = struct.field(pytree_node=False, default="sae")
+    n_sources: int = struct.field(pytree_node=False, default=1)
+    dataset_size: int = struct.field(pytree_node=False, default=0)
+    kind: str = struct.field(pytree_node=False, default="synth_sae_bench")
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def firing(self, key: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
+        """Base firing ``[B, n]`` (bool) before the hierarchy (copula or independent Bernoulli) and
+        ``v [B, n]``, which is Uniform(0, 1) given firing and independent of which features fire.
+
+        ``v`` recycles the firing draw instead of drawing new magnitude noise (random numbers are the
+        sampler's main cost on a CPU): with independent firing ``u < p``, ``v = u / p``; with the
+        copula, feature i fires iff ``eta_i > t_i = (Phi^-1(1 - p_i) - (eps F^T)_i) / sqrt(1 - |F_i|^2)``,
+        and given that, ``v = Q(eta_i) / Q(t_i)`` (``Q = 1 - Phi``, computed as ``Phi(-x)`` for accuracy
+        in the tail) is uniform by the probability integral transform of the truncated normal."""
+        n, dt = self.n_features, self.W_p.dtype
+        if self.corr_factor is None:
+            u = jax.random.uniform(key, (batch_size, n), dt)
+            fire = u < self.probs
+            return fire, jnp.where(fire, u / jnp.where(self.probs > 0, self.probs, 1.0), 0.5)
+        k1, k2 = jax.random.split(key)
+        eps = jax.random.normal(k1, (batch_size, self.corr_factor.shape[1]), dt)
+        eta = jax.random.normal(k2, (batch_size, n), dt)
+        t = (self.thresholds - eps @ self.corr_factor.T) / self.corr_sqrt_diag
+        fire = eta > t
+        ndtr = jax.scipy.special.ndtr
+        q_t = ndtr(-t)
+        return fire, jnp.where(fire, ndtr(-eta) / jnp.where(fire, q_t, 1.0), 0.5)
+
+    def firing_mask(self, key: jax.Array, batch_size: int) -> jax.Array:
+        """Base firing ``[B, n]`` (bool) before the hierarchy: copula or independent Bernoulli."""
+        return self.firing(key, batch_size)[0]
+
+    def sample_features(self, key: jax.Array, batch_size: int) -> jax.Array:
+        """Coefficients ``f [B, n]`` (module docstring, items 2-5). Jit-able."""
+        k_m, k_x = jax.random.split(key)
+        dt = self.W_p.dtype
+        fire, v = self.firing(k_m, batch_size)
+        # Magnitude noise eps = Phi^-1(v), v clipped off 0 and 1 (|eps| <= 5.3).
+        noise = jax.scipy.special.ndtri(jnp.clip(v, 1e-7, 1.0 - 1e-7))
+        mag = jax.nn.relu(self.mean_mag + self.std_mag * noise)
+        f = jnp.where(fire, mag, jnp.zeros((), dt))
+        # Levels are contiguous index blocks (breadth-first numbering) whose parents sit in the block
+        # before, so each level is a static slice, a gather of its parents and a slice update.
+        u = None
+        for (s, e), (parents, rescale, ex_mask, group, groups) in zip(self.level_bounds, self.levels):
+            blk = f[:, s:e]
+            if groups.shape[0]:
+                # Mutual exclusion (before gating, on the raw firing as the reference does): i.i.d.
+                # uniform scores, the highest-scoring firing sibling survives (a uniform choice).
+                if u is None:
+                    u = jax.random.uniform(k_x, (batch_size, self.level_bounds[-1][1]), dt)
+                sc = jnp.where(ex_mask & (blk > 0), u[:, s:e], -1.0)
+                best = jnp.max(sc[:, groups], axis=-1)  # [B, G]
+                blk = jnp.where(ex_mask & (sc < best[:, group]), jnp.zeros((), dt), blk)
+            pv = f[:, parents]
+            gate = (pv > 0).astype(dt)
+            factor = jnp.where(rescale, gate * pv / self.mean_mag[parents], gate)
+            f = f.at[:, s:e].set(blk * factor)
+        return jax.nn.relu(f)
+
+    def observe(self, x: jax.Array, key: Optional[jax.Array] = None) -> Batch:
+        """``Batch(x_p = f W_p^T + bias, x_r = x_p, features = f)``; noiseless (``key`` unused)."""
+        x_p = x @ self.W_p.T + self.bias
+        return Batch(x_p=x_p, x_r=x_p, features=x)
+
+    # -- descriptions ------------------------------------------------------------------------------
+    @property
+    def sparsity(self) -> float:
+        """1 - mean base firing probability (informational)."""
+        return float(1.0 - jnp.mean(self.probs))
+
+    def feature_weights(self, key: Optional[jax.Array] = None, n_samples: int = 65536) -> jax.Array:
+        """``M_d [n]`` of Thm 3.1, P(only feature d active) * E[f_d^2 | only d active], a Monte Carlo
+        estimate from ``n_samples`` draws (default key: PRNGKey(0)). Children never fire alone."""
+        key = jax.random.PRNGKey(0) if key is None else key
+        f = jax.jit(self.sample_features, static_argnums=1)(key, n_samples)
+        act = f > 0
+        alone = act & (jnp.sum(act, axis=1, keepdims=True) == 1)
+        return jnp.mean(alone * f**2, axis=0)
+
+    def feature_norms(self) -> jax.Array:
+        return jnp.linalg.norm(self.W_p, axis=0)
+
+    def config(self) -> dict:
+        return dict(kind=self.kind, n_features=self.n_features, d_input=self.d_input, method=self.method,
+                    n_sources=1, depth=self.depth, mean_prob=float(jnp.mean(self.probs)),
+                    synth=self.settings.to_dict())
+
+
+def make_synth(key: jax.Array, config: Union[SynthConfig, str, Mapping[str, Any], None] = None,
+               *, dtype: Any = None, **overrides: Any) -> SynthBench:
+    """Build a :class:`SynthBench` from ``key`` and a :class:`SynthConfig` (or a preset name, or a
+    mapping; default the 16k recipe), with keyword overrides of its fields. The key decides the
+    hierarchy's random choices, the correlation factor, the magnitude stds, the feature vectors
+    and the bias (all on the host, once); ``sample(key, B)`` draws batches on device."""
+    cfg = synth_config("16k" if config is None else config, **overrides)
+    dt = jnp.zeros((), dtype).dtype if dtype is not None else jnp.zeros(()).dtype
+    n, d = cfg.n_features, cfg.d_input
+    k_h, k_c, k_s, k_v, k_b = jax.random.split(key, 5)
+    seed = int(jax.random.randint(k_h, (), 0, 2**31 - 1))
+
+    parent_of, level, exclusive = synth_hierarchy(cfg, seed)
+    p = zipf_probabilities(n, cfg.zipf_exponent, cfg.max_prob, cfg.min_prob)
+    if cfg.n_roots and cfg.compensate_probabilities:
+        p = compensated_probabilities(p, parent_of, exclusive)
+    from scipy.special import ndtri
+
+    thresholds = ndtri(1.0 - p.astype(np.float64))  # +inf for p = 0, -inf for p = 1
+
+    corr_factor = corr_sqrt_diag = None
+    if cfg.correlation_rank > 0:
+        F = np.asarray(jax.random.normal(k_c, (n, cfg.correlation_rank)), np.float64) * cfg.correlation_scale
+        ss = (F**2).sum(1)
+        cap = 1.0 - ss < _MIN_DIAG
+        F[cap] *= np.sqrt((1.0 - _MIN_DIAG) / ss[cap])[:, None]
+        corr_factor = jnp.asarray(F, dt)
+        corr_sqrt_diag = jnp.asarray(np.sqrt(1.0 - (F**2).sum(1)), dt)
+
+    mean_mag = np.linspace(cfg.magnitude_mean_start, cfg.magnitude_mean_end, n) if n > 1 else np.asarray(
+        [cfg.magnitude_mean_start])
+    std_mag = np.abs(cfg.magnitude_std_mean + cfg.magnitude_std_std * np.asarray(jax.random.normal(k_s, (n,)), np.float64))
+
+    E = jax.random.normal(k_v, (n, d), dt)
+    E = orthogonalize(E, cfg.orthogonalize_steps, cfg.orthogonalize_lr, cfg.orthogonalize_chunk)
+    if cfg.bias > 0:
+        b = jax.random.normal(k_b, (d,), dt)
+        b = b / jnp.maximum(jnp.linalg.norm(b), 1e-8) * cfg.bias
+    else:
+        b = jnp.zeros((d,), dt)
+
+    depth = hierarchy_depth(parent_of)
+    levels, bounds = [], []
+    n_children = np.bincount(parent_of[parent_of >= 0], minlength=n)
+    for L in range(1, depth + 1):
+        ch = np.flatnonzero(level == L)
+        s, e = int(ch[0]), int(ch[-1]) + 1
+        assert e - s == ch.size  # breadth-first numbering: a level is a contiguous block
+        par = parent_of[ch]
+        ex = exclusive[par] & (n_children[par] >= 2)
+        me_par = np.unique(par[ex])
+        if me_par.size:
+            width = int(n_children[me_par].max())
+            # Sibling groups as block-relative indices, padded by repeating a sibling (max unchanged).
+            groups = np.stack([np.resize(np.flatnonzero(parent_of == q) - s, width) for q in me_par])
+            group = np.where(ex, np.searchsorted(me_par, par), 0)
+        else:
+            groups = np.zeros((0, 1), np.int64)
+            group = np.zeros(ch.shape, np.int64)
+        bounds.append((s, e))
+        levels.append((jnp.asarray(par, jnp.int32), jnp.full(ch.shape, cfg.scale_children_by_parent, bool),
+                       jnp.asarray(ex), jnp.asarray(group, jnp.int32), jnp.asarray(groups, jnp.int32)))
+
+    W = E.T
+    return SynthBench(
+        W_p=W, W_r=W, bias=b, probs=jnp.asarray(p, dt), thresholds=jnp.asarray(thresholds, dt),
+        mean_mag=jnp.asarray(mean_mag, dt), std_mag=jnp.asarray(std_mag, dt),
+        parent_of=jnp.asarray(parent_of, jnp.int32), levels=tuple(levels), level_bounds=tuple(bounds),
+        corr_factor=corr_factor, corr_sqrt_diag=corr_sqrt_diag, settings=cfg, depth=depth,
+    )

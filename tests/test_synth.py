@@ -1,0 +1,236 @@
+"""The SynthSAEBench-recipe generator (jsdl.data.synth) and its metrics (jsdl.metrics_synth)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsdl
+from jsdl import metrics
+from jsdl.data import SynthBench, SynthConfig, make_synth
+from jsdl.data.synth import (
+    SYNTH_16K,
+    compensated_probabilities,
+    orthogonalize,
+    synth_config,
+    synth_hierarchy,
+    zipf_probabilities,
+)
+
+SMALL = dict(n_features=160, d_input=24, n_roots=4, branching=3, depth=2, correlation_rank=4,
+             orthogonalize_steps=5, max_prob=0.3, min_prob=0.01)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return make_synth(jax.random.PRNGKey(0), "tiny", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def feats(bench):
+    return np.asarray(jax.jit(bench.sample_features, static_argnums=1)(jax.random.PRNGKey(1), 40000))
+
+
+def test_preset_is_the_16k_recipe():
+    c = SYNTH_16K
+    assert (c.n_features, c.d_input, c.n_roots, c.branching, c.depth) == (16384, 768, 128, 4, 3)
+    assert (c.max_prob, c.min_prob, c.zipf_exponent) == (0.4, 5e-4, 0.5)
+    assert c.mutually_exclusive_portion == 1.0 and c.compensate_probabilities and c.scale_children_by_parent
+    assert (c.correlation_rank, c.correlation_scale, c.bias) == (25, 0.1, 0.5)
+    assert (c.orthogonalize_steps, c.orthogonalize_lr) == (100, 3e-4)
+    assert (c.magnitude_mean_start, c.magnitude_mean_end, c.magnitude_std_mean, c.magnitude_std_std) == (5, 4, 0.5, 0.5)
+
+
+def test_shapes_and_batch(bench):
+    assert isinstance(bench, SynthBench) and bench.n_features == 160 and bench.d_input == 24
+    b = jax.jit(bench.sample, static_argnums=1)(jax.random.PRNGKey(3), 64)
+    assert b.x_p.shape == (64, 24) and b.features.shape == (64, 160)
+    np.testing.assert_array_equal(b.x_r, b.x_p)
+    np.testing.assert_allclose(b.x_p, b.features @ bench.W_p.T + bench.bias, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(bench.W_p, axis=0), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(bench.bias), 0.5, rtol=1e-5)
+    assert bench.W_r is bench.W_p and np.all(np.asarray(b.features) >= 0)
+
+
+def test_deterministic_and_jit_equal(bench):
+    b2 = make_synth(jax.random.PRNGKey(0), "tiny", **SMALL)
+    np.testing.assert_array_equal(bench.W_p, b2.W_p)
+    np.testing.assert_array_equal(bench.probs, b2.probs)
+    k = jax.random.PRNGKey(5)
+    x1 = bench.sample(k, 128)
+    x2 = jax.jit(b2.sample, static_argnums=1)(k, 128)
+    np.testing.assert_allclose(x1.features, x2.features, rtol=1e-6)
+    assert not np.array_equal(bench.sample(jax.random.PRNGKey(6), 128).features, x1.features)
+    other = make_synth(jax.random.PRNGKey(1), "tiny", **SMALL)
+    assert not np.allclose(other.W_p, bench.W_p)
+
+
+def test_hierarchy_numbering_and_gating(bench, feats):
+    parent_of, level, excl = synth_hierarchy(synth_config("tiny", **SMALL), 0)
+    # 4 roots, 12 children, 36 grandchildren, numbered breadth first; the rest are free.
+    assert (level[:4] == 0).all() and (level[4:16] == 1).all() and (level[16:52] == 2).all() and (level[52:] == -1).all()
+    np.testing.assert_array_equal(parent_of[4:16], np.repeat(np.arange(4), 3))
+    assert excl[:16].all() and not excl[16:].any()  # portion 1: every internal node
+    act = feats > 0
+    po = np.asarray(bench.parent_of)
+    child = np.flatnonzero(po >= 0)
+    assert not (act[:, child] & ~act[:, po[child]]).any()  # a child never fires without its parent
+    for p in range(16):  # mutual exclusion: at most one child of a parent fires
+        assert act[:, po == p].sum(axis=1).max() == 1
+    assert act[:, child].any(axis=0).all()
+
+
+def test_exclusion_portion_zero_lets_siblings_cofire():
+    b = make_synth(jax.random.PRNGKey(0), "tiny", **{**SMALL, "mutually_exclusive_portion": 0.0, "max_prob": 0.9})
+    act = np.asarray(b.sample_features(jax.random.PRNGKey(1), 20000)) > 0
+    po = np.asarray(b.parent_of)
+    assert max(act[:, po == p].sum(axis=1).max() for p in range(16)) >= 2
+
+
+def test_scale_children_by_parent_exact():
+    """Rescaling changes no random draw: child = (gated child) * parent / mean_parent."""
+    k = jax.random.PRNGKey(0)
+    on = make_synth(k, "tiny", **SMALL)
+    off = make_synth(k, "tiny", **{**SMALL, "scale_children_by_parent": False})
+    fo = np.asarray(on.sample_features(jax.random.PRNGKey(2), 4000))
+    ff = np.asarray(off.sample_features(jax.random.PRNGKey(2), 4000))
+    po = np.asarray(on.parent_of)
+    c = np.flatnonzero(po >= 0)
+    np.testing.assert_array_equal(fo > 0, ff > 0)
+    np.testing.assert_allclose(fo[:, c], ff[:, c] * fo[:, po[c]] / np.asarray(on.mean_mag)[po[c]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rank", [0, 6])
+def test_firing_rates_of_free_features(rank):
+    """Without hierarchy every feature fires at its probability (the copula keeps the marginals)."""
+    b = make_synth(jax.random.PRNGKey(0), "tiny", **{**SMALL, "n_roots": 0, "correlation_rank": rank,
+                                                      "correlation_scale": 0.3})
+    N = 40000
+    act = np.asarray(jax.jit(b.sample_features, static_argnums=1)(jax.random.PRNGKey(1), N)) > 0
+    p = zipf_probabilities(160, 0.5, 0.3, 0.01)
+    np.testing.assert_allclose(np.asarray(b.probs), p, rtol=1e-6)
+    z = (act.mean(0) - p) / np.sqrt(p * (1 - p) / N)
+    assert np.abs(z).max() < 5.0, np.abs(z).max()
+    C = np.corrcoef(act[:, :20].T.astype(float))
+    off = np.abs(C[np.triu_indices(20, 1)])
+    if rank == 0:
+        assert off.max() < 0.05
+    else:  # rank-6 factor of scale 0.3: latent correlations ~ 6 * 0.09 = O(0.5)
+        assert off.max() > 0.1
+
+
+def test_magnitudes(feats, bench):
+    mu, sd = np.asarray(bench.mean_mag), np.asarray(bench.std_mag)
+    np.testing.assert_allclose(mu[[0, -1]], [5.0, 4.0], rtol=1e-6)
+    free = np.arange(52, 160)
+    act = feats[:, free] > 0
+    m = np.array([feats[act[:, i], f].mean() for i, f in enumerate(free)])
+    cnt = act.sum(0)
+    # E[relu(mu + sd eps)] = mu (mu/sd >= 4 here); tolerance 6 standard errors
+    assert np.all(np.abs(m - mu[free]) < 6 * sd[free] / np.sqrt(cnt) + 1e-3)
+    assert np.all(sd >= 0)
+
+
+def test_zipf_and_compensation():
+    p = zipf_probabilities(100, 0.5, 0.4, 5e-4)
+    assert p[0] == pytest.approx(0.4) and p[-1] == pytest.approx(5e-4) and np.all(np.diff(p) < 0)
+    # root 0 (p=.5) with children 1, 2 (p=.1, .2); exclusive: 1/.5 * (1 + other/.5)
+    po = np.array([-1, 0, 0, -1])
+    pp = np.array([0.5, 0.1, 0.2, 0.3])
+    out = compensated_probabilities(pp, po, np.array([True, False, False, False]))
+    np.testing.assert_allclose(out, [0.5, 0.1 / 0.5 * (1 + 0.2 / 0.5), 0.2 / 0.5 * (1 + 0.1 / 0.5), 0.3], rtol=1e-6)
+    out = compensated_probabilities(pp, po, np.zeros(4, bool))
+    np.testing.assert_allclose(out, [0.5, 0.2, 0.4, 0.3], rtol=1e-6)
+
+
+def test_orthogonalize_chunks_and_progress():
+    E = jax.random.normal(jax.random.PRNGKey(0), (50, 8))
+    a = orthogonalize(E, 30, 1e-2, chunk=50)
+    b = orthogonalize(E, 30, 1e-2, chunk=16)  # padded chunks give the same gradient
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    U = E / jnp.linalg.norm(E, axis=1, keepdims=True)
+    off = lambda A: float(jnp.sum((A @ A.T - jnp.eye(50)) ** 2))  # noqa: E731
+    assert off(a) < off(U)
+    np.testing.assert_allclose(jnp.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="min_prob"):
+        SynthConfig(min_prob=0.5, max_prob=0.4)
+    with pytest.raises(ValueError, match="branching"):
+        SynthConfig(branching=1)
+    with pytest.raises(ValueError, match="unknown synth key"):
+        SynthConfig.from_dict({"n_feature": 3})
+    with pytest.raises(ValueError, match="preset"):
+        synth_config("32k")
+    c = SynthConfig.from_dict({"preset": "cpu", "depth": 2, "branching": [2, 3]})
+    assert c.n_features == 2048 and c.depth == 2 and c.branching == (2, 3)
+
+
+def test_random_branching_and_cut_forest():
+    cfg = synth_config("tiny", n_features=30, d_input=8, n_roots=3, branching=(2, 4), depth=3, orthogonalize_steps=0)
+    po, lv, ex = synth_hierarchy(cfg, 7)
+    kids = np.bincount(po[po >= 0], minlength=30)
+    assert (lv >= 0).all()  # the forest is larger than 30 features: cut, every feature in it
+    assert kids[:3].min() >= 2 and kids.max() <= 4 and kids.sum() == 27
+    has = np.flatnonzero(kids > 0)
+    assert np.array_equal(has, np.arange(has.size))  # breadth first: parents with children come first
+    b = make_synth(jax.random.PRNGKey(0), cfg)
+    act = np.asarray(b.sample_features(jax.random.PRNGKey(1), 2000)) > 0
+    po = np.asarray(b.parent_of)  # the bench draws its own branching from its key
+    c = np.flatnonzero(po >= 0)
+    assert not (act[:, c] & ~act[:, po[c]]).any()
+
+
+def test_metrics_on_ground_truth_and_counts(bench):
+    E = np.asarray(bench.W_p).T
+    perm = np.random.default_rng(0).permutation(160)
+    assert metrics.synth_mcc(-E[perm], E) == pytest.approx(1.0)
+    assert metrics.synth_uniqueness(E[perm], E) == 1.0
+    assert metrics.synth_uniqueness(np.concatenate([E[:10], E[:10]]), E) == 0.5
+    cl = metrics.synth_classification([2, 0], [2, 0], [0, 0], [1, 5])
+    assert cl["precision"] == pytest.approx(0.25) and cl["recall"] == pytest.approx(0.5)
+    assert cl["f1"] == pytest.approx((2 * 0.5 * 1 / 1.5) / 2)
+
+
+def test_synth_eval_matches_direct_computation(bench):
+    spec = jsdl.make_spec("sae", "topk", n_latents=48, k=3)
+    params = jsdl.init_params(jax.random.PRNGKey(0), spec, bench.d_input)
+    b = bench.sample(jax.random.PRNGKey(9), 3000)
+    r = metrics.synth_eval(params, spec, [bench.sample(jax.random.PRNGKey(9), 3000)], features=np.asarray(bench.W_p).T)
+    r2 = metrics.synth_eval(params, spec, bench, key=jax.random.PRNGKey(4), n_samples=3000, batch_size=1024)
+    assert r2["n_samples"] == 3000 and set(r) == set(r2)
+    x, f = np.asarray(b.x_p, np.float64), np.asarray(b.features)
+    codes = np.asarray(jsdl.encode(params, b.x_p, spec, inference=True))
+    xh = np.asarray(jsdl.decode(params, jnp.asarray(codes), spec), np.float64)
+    assert r["sae_l0"] == pytest.approx(3.0) and r["true_l0"] == pytest.approx((f > 0).sum(1).mean())
+    ev = 1 - ((x - xh) ** 2).sum(1).mean() / ((x**2).sum(1).mean() - (x.mean(0) ** 2).sum())
+    assert r["explained_variance"] == pytest.approx(ev, rel=1e-4, abs=1e-5)
+    assert r["shrinkage"] == pytest.approx(np.mean(np.linalg.norm(xh, axis=1) / np.linalg.norm(x, axis=1)), rel=1e-5)
+    assert r["dead_latents"] == int(((codes != 0).sum(0) == 0).sum())
+    best = np.argmax(np.abs(metrics.unit_rows(np.asarray(params.decoder).T) @ metrics.unit_rows(jnp.asarray(bench.W_p).T).T), 1)
+    gt = f[:, best] > 0
+    fire = codes != 0
+    cl = metrics.synth_classification((fire & gt).sum(0), (fire & ~gt).sum(0), (~fire & gt).sum(0), (~fire & ~gt).sum(0))
+    for k in ("precision", "recall", "f1", "accuracy"):
+        assert r[k] == pytest.approx(cl[k], abs=1e-12)
+    with pytest.raises(ValueError, match="key"):
+        metrics.synth_eval(params, spec, bench)
+
+
+def test_generic_metrics_and_train_config_accept_synth(bench):
+    from jsdl.train.cli import config_from_dict
+
+    spec = jsdl.make_spec("sae", "relu", n_latents=32)
+    params = jsdl.init_params(jax.random.PRNGKey(0), spec, bench.d_input)
+    fr = metrics.feature_recovery(params, bench)
+    assert 0 <= fr["m_ip"] <= 1
+    st = metrics.code_statistics(params, spec, bench, key=jax.random.PRNGKey(0), n_samples=512, batch_size=256)
+    assert st["n_samples"] == 512
+    assert bench.feature_weights(n_samples=2048).shape == (160,)
+    cfg = config_from_dict({"data": {"synth": {"preset": "tiny", **SMALL}}, "spec": {"n_latents": 16, "k": 2}})
+    assert isinstance(cfg.data.build("sae"), SynthBench)
+    with pytest.raises(ValueError, match="unknown synth key"):
+        config_from_dict({"data": {"synth": {"roots": 3}}})
+    with pytest.raises(ValueError, match="one of files, bench or synth"):
+        config_from_dict({"data": {"synth": {}, "files": "x/"}})
