@@ -37,6 +37,9 @@ from jsdl.registry import Registry, bind_hyper
 __all__ = [
     "Activation",
     "ActivationInfo",
+    "VaryingKActivation",
+    "select_topk",
+    "select_batchtopk",
     "REGISTRY",
     "register",
     "get",
@@ -140,6 +143,44 @@ class Activation:
             own = {h.name: hyper[h.name] for h in e.hyper if h.name in hyper}
             out = e.fn(out, params, inference=inference, **own)
         return out
+
+    @property
+    def k_active(self):
+        """The traced number of kept latents of a varying-k activation (:meth:`with_k`); None here."""
+        return None
+
+    def with_k(self, k) -> "Activation":
+        """This TopK / BatchTopK activation keeping a traced ``k`` (``<= `` the bound hyperparameter
+        ``k``, which stays the static bound of the selection): how a population varies k without
+        recompiling. ``k=None`` returns ``self``."""
+        if k is None:
+            return self
+        if self.name not in ("topk", "batchtopk"):
+            raise ValueError(f"a varying k needs activation 'topk' or 'batchtopk', got {self.name!r}")
+        return VaryingKActivation(name=self.name, hyper=self.hyper, k=k)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VaryingKActivation(Activation):
+    """TopK / BatchTopK keeping a traced ``k`` (made by :meth:`Activation.with_k`). Compared and
+    hashed by identity (``k`` is a tracer inside a jitted step), so it never hits a cache keyed on a
+    static spec."""
+
+    k: Any = None
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    @property
+    def k_active(self):
+        return self.k
+
+    def __call__(self, z: jax.Array, params: Any = None, *, inference: bool = False) -> jax.Array:
+        hyper = dict(self.hyper)
+        if inference and self.name == "batchtopk":  # the inference threshold does not depend on k
+            return batchtopk(z, params, inference=True, **hyper)
+        select = select_topk if self.name == "topk" else select_batchtopk
+        return select(z, hyper["k"], relu=hyper.get("relu", True), k_active=self.k)
 
 
 def get(name: str, **hyper: Any) -> Activation:
@@ -262,18 +303,45 @@ def _scatter_topk(z, vals, idx):
     return out.reshape(z.shape)
 
 
-@register("topk", uses_k=True, hyper={"k": ">= 1"})
-def topk(z, params=None, *, inference=False, k=32, relu=True):
-    """Top-k (eq. 7): keep the k largest z_i per sample, zero the rest; with ``relu`` (default, as
-    SAELens/sparsify do) negative survivors are zeroed too. Both satisfy eq. 10."""
-    if k > z.shape[-1]:
-        raise ValueError(f"topk: k={k} exceeds the number of latents n_q={z.shape[-1]}")
+def select_topk(z: jax.Array, k: int, *, relu: bool = True, k_active=None) -> jax.Array:
+    """Keep the ``k`` largest entries of ``z [..., n_q]`` along the last axis, zero the rest (with
+    ``relu``, negative survivors too). ``k_active`` (a traced int ``<= k``, or None) keeps only the
+    ``k_active`` largest of them: a population whose members differ in k runs one ``top_k`` with the
+    static bound ``k`` and masks per member, and the kept values equal ``top_k(z, k_active)``'s."""
     from jsdl import shardops  # mesh-aware top_k (per-shard selection when latents are split)
 
     vals, idx = shardops.top_k(z, k)
+    if k_active is not None:  # values come sorted, so the first k_active are the k_active largest
+        vals = jnp.where(jnp.arange(k) < k_active, vals, 0.0)
     if relu:
         vals = jax.nn.relu(vals)
     return _scatter_topk(z, vals, idx)
+
+
+def select_batchtopk(z: jax.Array, k: int, *, relu: bool = True, k_active=None) -> jax.Array:
+    """Keep the ``k * B`` largest entries of the whole batch ``z [B, n_q]`` (any leading shape is
+    flattened to B rows); ``k_active`` (traced, ``<= k``) keeps only the ``k_active * B`` largest."""
+    z2 = z[None] if z.ndim == 1 else z.reshape(-1, z.shape[-1])
+    B = z2.shape[0]
+    from jsdl import shardops  # mesh-aware selection (per-device candidates when z is sharded)
+
+    rows, cols = shardops.batch_top_k_indices(z2, k * B)
+    vals = z2[rows, cols]
+    if k_active is not None:  # selections come sorted by value
+        vals = jnp.where(jnp.arange(k * B) < k_active * B, vals, 0.0)
+    if relu:
+        vals = jax.nn.relu(vals)
+    return jnp.zeros_like(z2).at[rows, cols].set(vals, unique_indices=True).reshape(z.shape)
+
+
+@register("topk", uses_k=True, hyper={"k": ">= 1"})
+def topk(z, params=None, *, inference=False, k=32, relu=True):
+    """Top-k (eq. 7): keep the k largest z_i per sample, zero the rest; with ``relu`` (default, as
+    SAELens/sparsify do) negative survivors are zeroed too. Both satisfy eq. 10. A varying k (a
+    population) is :meth:`Activation.with_k`."""
+    if k > z.shape[-1]:
+        raise ValueError(f"topk: k={k} exceeds the number of latents n_q={z.shape[-1]}")
+    return select_topk(z, k, relu=relu)
 
 
 @register("batchtopk", uses_k=True, inference_threshold=True, batch_coupled=True, hyper={"k": ">= 1"})
@@ -287,19 +355,7 @@ def batchtopk(z, params=None, *, inference=False, k=32, relu=True):
         return jnp.where(z > theta, z, 0.0)
     if k > z.shape[-1]:
         raise ValueError(f"batchtopk: k={k} exceeds the number of latents n_q={z.shape[-1]}")
-    if z.ndim == 1:
-        z2 = z[None]
-    else:
-        z2 = z.reshape(-1, z.shape[-1])
-    B, n = z2.shape
-    from jsdl import shardops  # mesh-aware selection (per-device candidates when z is sharded)
-
-    rows, cols = shardops.batch_top_k_indices(z2, k * B)
-    vals = z2[rows, cols]
-    if relu:
-        vals = jax.nn.relu(vals)
-    out = jnp.zeros_like(z2).at[rows, cols].set(vals, unique_indices=True)
-    return out.reshape(z.shape)
+    return select_batchtopk(z, k, relu=relu)
 
 
 def batchtopk_threshold(codes: jax.Array) -> jax.Array:

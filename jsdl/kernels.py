@@ -356,10 +356,10 @@ def sparse_supported(spec) -> tuple[bool, str]:
     """Whether ``sdl_loss`` can use the sparse path for ``spec`` and, if not, why."""
     from jsdl import penalties as _pen
 
-    from jsdl.activations import Activation
+    from jsdl.activations import Activation, VaryingKActivation
 
     act = spec.activation
-    if type(act) is not Activation and not hasattr(act, "k_dyn"):
+    if type(act) not in (Activation, VaryingKActivation):
         return False, f"activation {type(act).__name__} is a subclass the sparse path does not know"
     if act.name not in SPARSE_ACTIVATIONS:
         return False, f"activation {act.name!r} is not one of {SPARSE_ACTIVATIONS}"
@@ -398,10 +398,10 @@ def sparse_forward(params, x_p, spec, *, impl: str = "auto", select: str = "lax"
     selects), ``codes`` :class:`SparseCodes` and ``x_hat [B, n_r]`` (plus the skip ``W_S x_p``)."""
     hyper = spec.activation.hyper_dict()
     fn = topk_codes if spec.activation.name == "topk" else batchtopk_codes
-    # A population with a varying k (jsdl.train.step.DynamicKActivation) selects k_max = hyper k and
-    # keeps each member's first k_dyn (the selections come sorted by value).
+    # A population with a varying k (Activation.with_k) selects k_max = hyper k and keeps each
+    # member's first k_active (the selections come sorted by value).
     codes, z = fn(x_p, params.W_E, params.b_E, hyper["k"], relu=hyper.get("relu", True), select=select, impl=impl,
-                  k_active=getattr(spec.activation, "k_dyn", None))
+                  k_active=spec.activation.k_active)
     x_hat = sparse_decode(codes, decoder_rows(params), params.b_D, impl=impl)
     if params.W_S is not None:
         x_hat = x_hat + x_p @ params.W_S.T

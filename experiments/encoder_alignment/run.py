@@ -331,7 +331,8 @@ def _plot(rows: dict, theory: dict, out_dir: str, scale: str, base: dict | None 
     ax.set_xlabel("feature presentations = steps x batch x (1 - S)")
     ax.set_ylabel("encoder rows: mean cos with w_p")
     ax.set_title("training moves rows towards the optimum")
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:  # the tiny scale has no length sweep to label
+        ax.legend(fontsize=6)
     # (3) predicted (LS-optimal read-out given the trained selection and decoder) vs trained
     ax = axes[2]
     allr = [r for v in rows.values() if isinstance(v, list) for r in v if "pred_cos" in r and np.isfinite(r["pred_cos"])]

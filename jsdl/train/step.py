@@ -22,7 +22,7 @@ Design (see DESIGN.md "One code path for every scale"):
 * Learning rate, penalty coefficients and TopK ``k`` are read from the traced ``state.hyper``, so a
   population varies them without recompiling. A varying ``k`` runs ``top_k`` with ``k_max`` (the
   largest k of the population) and masks the values beyond each member's own k
-  (:class:`DynamicKActivation`); the kept values equal ``top_k(z, k)``'s, so a member equals the
+  (:meth:`jsdl.activations.Activation.with_k`); the kept values equal ``top_k(z, k)``'s, so a member equals the
   separate run with that k.
 * Metrics are summed on device into ``state.metrics`` and fetched by the host only at log
   intervals: no host sync per step. A non-finite loss leaves params and optimiser state untouched
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,52 +42,20 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jsdl import activations as _act
 from jsdl import methods as _methods
-from jsdl import shardops
 from jsdl.objective import SDLParams, SDLSpec, pre_activations, sdl_loss
 from jsdl.train import mesh as _mesh
 from jsdl.train.config import TrainConfig
 from jsdl.train.dead import dead_mask, ghost_grads_loss, resample_dead, update_dead
 from jsdl.train.state import METRIC_NAMES, TrainState, coef_multiplier, lr_multiplier, make_optimizer
 
-__all__ = ["DynamicKActivation", "with_dynamic_k", "model_step", "make_mesh", "Stepper", "get_stepper"]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class DynamicKActivation(_act.Activation):
-    """TopK / BatchTopK with a traced ``k <= k_max`` (``k_max`` = the bound hyperparameter ``k``):
-    ``top_k(z, k_max)`` then zero the values ranked beyond ``k`` (values come sorted)."""
-
-    k_dyn: Any = None
-
-    def __call__(self, z, params=None, *, inference=False):
-        hyper = dict(self.hyper)
-        k_max, relu = hyper["k"], hyper.get("relu", True)
-        if self.name == "topk":
-            vals, idx = shardops.top_k(z, k_max)
-            vals = jnp.where(jnp.arange(k_max) < self.k_dyn, vals, 0.0)
-            if relu:
-                vals = jax.nn.relu(vals)
-            return _act._scatter_topk(z, vals, idx)
-        if inference:
-            return _act.get(self.name, **hyper)(z, params, inference=True)
-        z2 = z.reshape(-1, z.shape[-1])
-        B = z2.shape[0]
-        rows, cols = shardops.batch_top_k_indices(z2, k_max * B)
-        vals = z2[rows, cols]
-        vals = jnp.where(jnp.arange(k_max * B) < self.k_dyn * B, vals, 0.0)
-        if relu:
-            vals = jax.nn.relu(vals)
-        return jnp.zeros_like(z2).at[rows, cols].set(vals, unique_indices=True).reshape(z.shape)
+__all__ = ["with_dynamic_k", "model_step", "make_mesh", "Stepper", "get_stepper"]
 
 
 def with_dynamic_k(spec: SDLSpec, k) -> SDLSpec:
-    """``spec`` with its TopK/BatchTopK activation reading ``k`` (traced) instead of the static k."""
+    """``spec`` with its TopK/BatchTopK activation keeping a traced ``k`` (:meth:`Activation.with_k`)."""
     if k is None:
         return spec
-    if spec.activation.name not in ("topk", "batchtopk"):
-        raise ValueError(f"a varying k needs activation 'topk' or 'batchtopk', got {spec.activation.name!r}")
-    act = DynamicKActivation(name=spec.activation.name, hyper=spec.activation.hyper, k_dyn=k)
-    return dataclasses.replace(spec, activation=act)
+    return dataclasses.replace(spec, activation=spec.activation.with_k(k))
 
 
 def to_compute(tree, config: TrainConfig):
