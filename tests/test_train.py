@@ -406,6 +406,17 @@ def test_anchoring_pulls_anchored_rows_to_anchors():
     assert h1["anchor"][-1] < h1["anchor"][0]
 
 
+def test_population_members_record_anchor_features():
+    b = toy(n=24, d=16)
+    cfg = dataclasses.replace(CFG, steps=10, anchors=3, anchor_coef=1.0)
+    _, hs = fit_population(jax.random.PRNGKey(0), Grid(jsdl.make_spec(activation="topk", n_latents=32, k=3),
+                                                       seeds=[0, 1]), b, cfg)
+    _, h = fit(jax.random.PRNGKey(0), jsdl.make_spec(activation="topk", n_latents=32, k=3), b, cfg)
+    for m in hs:  # every member shares the run's anchored features, as a single run records them
+        assert m["summary"]["anchor_features"] == h["summary"]["anchor_features"]
+        assert len(m["summary"]["anchor_features"]) == 3
+
+
 def test_anchors_from_class_means():
     x = jnp.asarray([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
     a = anchors_from_class_means(x, [0, 0, 1], coef=0.5)

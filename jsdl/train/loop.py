@@ -562,8 +562,9 @@ def _run(key, plan: _Plan, data, config: TrainConfig, *, out_dir, resume, anchor
     if plan.population and diverged:
         warnings.warn(f"non-finite loss in population members {sorted(diverged)} at steps "
                       f"{[diverged[i] for i in sorted(diverged)]}; they were frozen at their last finite state")
-    if anchor_feats is not None and not plan.population:
-        histories[0]["summary"]["anchor_features"] = anchor_feats.tolist()
+    if anchor_feats is not None:  # every member of a population shares the anchored features
+        for h in histories:
+            h["summary"]["anchor_features"] = anchor_feats.tolist()
     return state, histories
 
 
