@@ -1,4 +1,4 @@
-"""Data generation benchmark (issue 3): time to build the Linear Representation Bench at the paper's
+"""Data generation benchmark: time to build the Linear Representation Bench at the paper's
 Table 3 size (n = 1000, d = 768, M = 0.1) and streaming sample throughput, jitted, on the default
 device. Writes the ``## Data generation`` section of RESULTS.md.
 

@@ -1,4 +1,4 @@
-"""Training-step throughput: jsdl vs SAELens on the same data and shapes (issue 6).
+"""Training-step throughput: jsdl vs SAELens on the same data and shapes.
 
 For each architecture (ReLU+L1, TopK, BatchTopK, JumpReLU) and shape (d, n_q, k, B) it times, in
 one process and alternating round-robin:

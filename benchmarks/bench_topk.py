@@ -1,4 +1,4 @@
-"""Exact top-k selection on CPU: which formulation is fastest (issue 6).
+"""Exact top-k selection on CPU: which formulation is fastest.
 
 Times, alternating in one process, the selections of the k largest of each row of z [B, n]:
 ``lax.top_k``; ``lax.top_k`` returning indices only; ``approx_max_k`` (TPU opt-in; on CPU it is

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         f"Written by `{cmd.strip()}` (`make bench` = `benchmarks/run.py` in `.venv-bench`, which adds torch "
         f"2.13.0 (CPU) and sae-lens to the pinned jax stack), {datetime.date.today().isoformat()}.\n\n"
         + common.machine_info()
-        + "\n\nGoals of issue 6 (ratios measured in one run, not timed assertions in tests): TopK at "
+        + "\n\nSpeed goals (ratios measured in one run, not timed assertions in tests): TopK at "
         "(768, 16384, 32, 4096) >= 3x faster than SAELens; ReLU+L1 >= 1.2x SAELens and >= 60% of the "
         "measured matmul FLOP/s; population of 16 >= 3x faster than 16 sequential runs; sparse-path peak "
         "memory <= dense path.\n"

@@ -1,4 +1,4 @@
-"""Sparse kernels for TopK / BatchTopK dictionaries (issue 6).
+"""Sparse kernels for TopK / BatchTopK dictionaries.
 
 After a TopK (paper eq. 7) or BatchTopK selection only ``k`` of the ``n_q`` codes of a sample are
 non-zero, so the three dense products of the objective that touch the codes,

@@ -230,7 +230,7 @@ def test_dynamic_k_population_activation_matches_dense(activation):
 
 
 def test_train_step_compiles_once_and_shares_the_encoder():
-    """Lean step (issue 6): the jsdl.train step compiles once however many steps and log intervals
+    """Lean step: the jsdl.train step compiles once however many steps and log intervals
     run (jax.monitoring compile events counted over two fits of different lengths), data is
     sampled inside the compiled step, and the sparse step holds a single dictionary-size matmul and
     a single top_k (the statistics share the loss's selection through CSE)."""

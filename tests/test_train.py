@@ -1,4 +1,4 @@
-"""Training engine (issue 4): fit, populations, resume, dead latents, anchoring, errors, CLI.
+"""Training engine: fit, populations, resume, dead latents, anchoring, errors, CLI.
 
 Sizes are tiny so the default suite stays fast; the minutes-long recovery check is marked slow."""
 import dataclasses

@@ -1,4 +1,4 @@
-"""The sharded step on 8 forced CPU devices equals the 1-device run (issue 4).
+"""The sharded step on 8 forced CPU devices equals the 1-device run.
 
 Runs in a subprocess because ``--xla_force_host_platform_device_count`` must be set before jax
 initialises."""
