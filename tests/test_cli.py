@@ -31,6 +31,19 @@ def test_help_imports_no_subcommand_and_no_jax():
     assert "LOADED [] []" in r.stdout, r.stdout
 
 
+@pytest.mark.parametrize("command", ["train", "experiment", "launch"])
+def test_subcommand_help_does_not_import_jax(command):
+    code = (
+        "import sys\n"
+        "from jsdl.cli import main\n"
+        f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "print('JAX', 'jax' in sys.modules)\n"
+    )
+    r = _python("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert "JAX False" in r.stdout, r.stdout
+
+
 def test_python_m_jsdl_version_and_help():
     import jsdl
 
