@@ -36,6 +36,7 @@ from jsdl import methods as _methods
 from jsdl.objective import Batch, SDLParams, SDLSpec, decode, encode
 
 __all__ = [
+    "eval_batches",
     "unit_rows",
     "similarity",
     "best_match",
@@ -251,9 +252,16 @@ def random_baseline(key: jax.Array, n_latents: int, dim: int, n_features: int = 
 # --------------------------------------------------------------------------------------------------
 
 
-def _batches(data: Any, key: Optional[jax.Array], n_samples: int, batch_size: int) -> Iterable[Batch]:
+def eval_batches(data: Any, key: Optional[jax.Array], n_samples: int, batch_size: int) -> Iterable[Batch]:
+    """The evaluation batches of ``data``: a :class:`jsdl.Batch` (as is), a list/tuple of Batches,
+    a bench (``n_samples`` rows sampled with ``key`` in batches of ``batch_size``, one jitted
+    sampler) or an ``x_p`` array ``[B, n_p]``. Every sample metric (here and in
+    :mod:`jsdl.metrics_synth`) reads its data through this one function."""
     if isinstance(data, Batch):
         yield data
+        return
+    if isinstance(data, (list, tuple)) and data and all(isinstance(b, Batch) for b in data):
+        yield from data
         return
     if hasattr(data, "sample"):
         if key is None:
@@ -267,7 +275,7 @@ def _batches(data: Any, key: Optional[jax.Array], n_samples: int, batch_size: in
         return
     arr = jnp.asarray(data)
     if arr.ndim < 2:
-        raise TypeError(f"data must be a bench, a Batch or an x_p array [B, n_p], got shape {arr.shape}")
+        raise TypeError(f"data must be a bench, a Batch, a list of Batches or an x_p array [B, n_p], got shape {arr.shape}")
     yield Batch(x_p=arr)
 
 
@@ -310,7 +318,7 @@ def code_statistics(
     sse = sx2 = 0.0
     sx = fire = None
     N = 0
-    for b in _batches(data, key, n_samples, batch_size):
+    for b in eval_batches(data, key, n_samples, batch_size):
         e, s1, s2, f, m = _stats_jit(params, b, spec, inference)
         sse, sx2 = sse + float(e), sx2 + float(s2)
         sx = np.asarray(s1, np.float64) if sx is None else sx + np.asarray(s1, np.float64)
@@ -404,7 +412,7 @@ def shrinkage(
 
     num = np.zeros(n)
     den = np.zeros(n)
-    for b in _batches(bench if data is None else data, key, n_samples, batch_size):
+    for b in eval_batches(bench if data is None else data, key, n_samples, batch_size):
         a, c = _shrink_jit(params, b, j, proj, wr_norm, spec, inference)
         num += np.asarray(a)
         den += np.asarray(c)
@@ -477,7 +485,7 @@ def absorption_score(
 
     n_ev = np.zeros(n, np.int64)
     n_ab = np.zeros(n, np.int64)
-    for b in _batches(bench if data is None else data, key, n_samples, batch_size):
+    for b in eval_batches(bench if data is None else data, key, n_samples, batch_size):
         e, a = _absorb_jit(params, b, child, j_par, carries, spec, inference)
         n_ev += np.asarray(e)
         n_ab += np.asarray(a)

@@ -21,14 +21,14 @@ re-exported by :mod:`jsdl.metrics`.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jsdl import methods as _methods
-from jsdl.objective import Batch, SDLParams, SDLSpec, decode, encode
+from jsdl.objective import SDLParams, SDLSpec, decode, encode
 
 __all__ = ["synth_eval", "synth_mcc", "synth_uniqueness", "synth_best_matches", "synth_classification"]
 
@@ -103,26 +103,6 @@ def _synth_sums(params, batch, best, spec, inference):
 _synth_sums_jit = jax.jit(_synth_sums, static_argnums=(3, 4))
 
 
-def _synth_batches(data: Any, key: Optional[jax.Array], n_samples: int, batch_size: int) -> Iterable[Batch]:
-    if isinstance(data, Batch):
-        yield data
-        return
-    if hasattr(data, "sample"):
-        if key is None:
-            raise ValueError("synth_eval on a bench samples it: pass key=...")
-        fn = jax.jit(data.sample, static_argnums=1)
-        done, i = 0, 0
-        while done < n_samples:
-            b = min(batch_size, n_samples - done)
-            yield fn(jax.random.fold_in(key, i), b)
-            done, i = done + b, i + 1
-        return
-    if isinstance(data, (list, tuple)) and all(isinstance(b, Batch) for b in data):
-        yield from data
-        return
-    raise TypeError(f"data must be a bench (with key=...), a Batch or a list of Batches, got {type(data).__name__}")
-
-
 def synth_eval(
     params: SDLParams,
     spec: SDLSpec,
@@ -147,8 +127,10 @@ def synth_eval(
         features = np.asarray(data.W_r).T
     latents = np.asarray(params.decoder).T  # [n_q, d]
     best = jnp.asarray(synth_best_matches(latents, features), jnp.int32)
+    from jsdl.metrics import eval_batches  # jsdl.metrics re-exports this module at its end: import late
+
     acc = None
-    for b in _synth_batches(data, key, n_samples, batch_size):
+    for b in eval_batches(data, key, n_samples, batch_size):
         if b.features is None:
             raise ValueError("synth_eval needs Batch.features (the ground-truth activations)")
         s = {k: np.asarray(v) for k, v in _synth_sums_jit(params, b, best, spec, inference).items()}
