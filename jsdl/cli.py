@@ -14,7 +14,6 @@ prints its traceback and exits 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
 import sys
@@ -117,24 +116,6 @@ IMPORT_KW = dict(dest="imports_before", action="append", default=[], metavar="FI
                  help="import a Python file or module first (it may register penalties/activations); repeatable")
 
 
-@contextlib.contextmanager
-def _quiet_async_teardown():
-    """Drop the "Event loop is closed" reports TensorStore's callbacks raise, sometimes well after
-    orbax abandoned a failed read (a corrupt checkpoint); other unraisable exceptions are reported."""
-    prev = sys.unraisablehook
-
-    def hook(u):
-        if "Event loop is closed" in str(u.exc_value) or "was never awaited" in str(u.exc_value):
-            return
-        prev(u)
-
-    sys.unraisablehook = hook
-    try:
-        yield
-    finally:
-        sys.unraisablehook = prev
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``jsdl`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
@@ -145,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     mod = importlib.import_module(args._module)
     try:
         from jsdl import plugins
+        from jsdl.train.checkpoint import quiet_async_teardown  # TensorStore's late noise, for the whole command
 
-        with warnings.catch_warnings(), _quiet_async_teardown():
+        with warnings.catch_warnings(), quiet_async_teardown():
             # A warning is one line on the terminal ("jsdl train: warning: ..."), not file:line + source.
             warnings.showwarning = lambda msg, *a, **k: print(f"jsdl {args.command}: warning: {msg}", file=sys.stderr)
             args.plugins = plugins.load_all(list(args.imports_before) + list(getattr(args, "imports_after", [])))

@@ -28,7 +28,7 @@ from typing import Optional
 
 from jsdl.records import to_jsonable
 
-__all__ = ["CheckpointError", "Checkpointer", "read_run_record", "to_jsonable"]
+__all__ = ["CheckpointError", "Checkpointer", "quiet_async_teardown", "read_run_record", "to_jsonable"]
 
 
 class CheckpointError(ValueError):
@@ -126,7 +126,7 @@ class Checkpointer:
             lambda x: x if getattr(x, "sharding", None) is not None else
             jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract_state)
         err = None
-        with _quiet_async_teardown():
+        with quiet_async_teardown():
             try:
                 out = self.manager.restore(
                     step,
@@ -161,7 +161,7 @@ class Checkpointer:
 
 
 @contextlib.contextmanager
-def _quiet_async_teardown():
+def quiet_async_teardown():
     """Drop the "Event loop is closed" / "coroutine ... was never awaited" reports that TensorStore's
     callbacks raise when orbax abandons a failed read (dozens of tracebacks burying the one error
     that matters); any other unraisable exception is reported as usual."""
