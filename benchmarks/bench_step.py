@@ -100,6 +100,61 @@ def jsdl_matmul(x, n_q):
     return lambda: jax.block_until_ready(f(xj, W))
 
 
+def floor_parts(arch, x, n_q, k):
+    """The pieces of the *floor* of a training step, each jitted on its own: what no implementation
+    of the step can skip. ``matmul`` = the encoder forward ``x W_E^T + b_E`` ([B, d] x [d, n_q]);
+    ``top-k`` = the selection on a fixed ``z [B, n_q]`` (row top-k for TopK, the flat top-(k B)
+    for BatchTopK); ``adam`` = one optax Adam update of the SAE's parameters (W_E, W_D, b_E, b_D;
+    donated, in place). The floor is ``matmul + top-k + adam`` for the TopK family (exact selection
+    needs every pre-activation, nothing else needs a dictionary-size product) and ``5 matmul +
+    adam`` for ReLU/JumpReLU (forward, decoder, and three gradient products are dense)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    B, d = x.shape
+    key = jax.random.PRNGKey(3)
+    W = jax.random.normal(key, (n_q, d), jnp.float32) / d**0.5
+    b = jnp.zeros((n_q,), jnp.float32)
+    xj = jnp.asarray(x)
+    enc = jax.jit(lambda a, w, c: a @ w.T + c).lower(xj, W, b).compile()
+    parts = {"floor: matmul": lambda: jax.block_until_ready(enc(xj, W, b))}
+    if arch in ("topk", "batchtopk"):
+        z = enc(xj, W, b)
+        if arch == "topk":
+            sel = jax.jit(lambda z: jax.lax.top_k(z, k)).lower(z).compile()
+        else:
+            sel = jax.jit(lambda z: jax.lax.top_k(z.reshape(-1), k * B)).lower(z).compile()
+        parts["floor: top-k"] = lambda: jax.block_until_ready(sel(z))
+    params = {"W_E": W + 0.0, "W_D": W.T + 0.0, "b_E": b + 0.0, "b_D": jnp.zeros((d,), jnp.float32)}  # copies: donated
+    tx = optax.adam(1e-4)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+
+    def adam(p, o, g):
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o
+
+    adam_c = jax.jit(adam, donate_argnums=(0, 1)).lower(params, tx.init(params), grads).compile()
+    box = {"p": params, "o": tx.init(params)}
+    params = None
+
+    def run_adam():
+        box["p"], box["o"] = adam_c(box["p"], box["o"], grads)
+        jax.block_until_ready(box["p"])
+
+    parts["floor: adam"] = run_adam
+    return parts
+
+
+def floor_time(arch, times) -> float:
+    """The floor (see :func:`floor_parts`) from the medians of its parts."""
+    mm = common.med(times["floor: matmul"])
+    adam = common.med(times["floor: adam"])
+    if arch in ("topk", "batchtopk"):
+        return mm + common.med(times["floor: top-k"]) + adam
+    return 5 * mm + adam
+
+
 # ----------------------------------------------------------------------------------------------
 # SAELens
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +297,7 @@ def bench_shape(shape, archs, reps, have_saelens):
     for arch in archs:
         common.log(f"[bench_step] {shape} {arch}: compiling")
         fns = dict(mm)
+        fns.update(floor_parts(arch, x, n_q, k))
         mems = {}
         run, mem, info = jsdl_step(arch, x, n_q, k)
         name = "jsdl" + (" (sparse)" if info["sparse"] else "")
@@ -275,9 +331,10 @@ def bench_shape(shape, archs, reps, have_saelens):
 
 def format_rows(rows) -> str:
     out = []
-    out.append("| shape (d, n_q, k, B) | arch | jsdl step | SAELens step | speed-up vs SAELens | "
-               "jsdl dense step | jsdl FLOP/s (dense-equivalent) | matmul FLOP/s jax / torch | jsdl XLA memory |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+    out.append("| shape (d, n_q, k, B) | arch | jsdl step | SAELens step | speed-up vs SAELens | floor (parts) | "
+               "jsdl step / floor | jsdl dense step | jsdl FLOP/s (dense-equivalent) | matmul FLOP/s jax / torch | "
+               "jsdl XLA memory |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["times"]
         js = r["jsdl"]
@@ -298,8 +355,11 @@ def format_rows(rows) -> str:
         mem_txt = f"{mem / 2**20:.0f} MiB" if mem else "?"
         if memd:
             mem_txt += f" (dense {memd / 2**20:.0f} MiB)"
+        fl = floor_time(r["arch"], t)
+        parts = ", ".join(f"{n.removeprefix('floor: ')} {common.fmt(common.med(t[n]))}" for n in t if n.startswith("floor: "))
         out.append(
-            f"| {r['dims']} | {r['arch']} | {common.spread(t[js])} | {sl_txt} | {ratio} | {dense} | "
+            f"| {r['dims']} | {r['arch']} | {common.spread(t[js])} | {sl_txt} | {ratio} | {common.fmt(fl)} ({parts}) | "
+            f"**{tj / fl:.2f}x** | {dense} | "
             f"{ach / 1e9:.1f} GFLOP/s = {100 * ach / jmm:.0f}% of jax matmul | {jmm / 1e9:.1f} / {tmm / 1e9:.1f} GFLOP/s"
             f" (torch threads {r.get('torch_threads')}) | {mem_txt} |"
         )
@@ -353,7 +413,10 @@ def main(argv=None):
         "step (Adam, grad clip 1.0, dead-latent statistics, metrics on device); SAELens = its "
         "`training_forward_pass` + backward + `clip_grad_norm_` + Adam + the trainer's firing "
         "statistics. FLOP/s counts a dense SAE step as 5 matmuls (10 B d n_q flops) for every "
-        "variant, so for the sparse path it is the *dense-equivalent* rate. XLA memory = arguments + "
+        "variant, so for the sparse path it is the *dense-equivalent* rate. Floor = what no step can "
+        "skip, each part jitted alone in the same alternation: TopK/BatchTopK one encoder product "
+        "`x W_E^T + b_E` + the top-k selection + one Adam update; ReLU/JumpReLU five products + Adam "
+        "(`floor_parts`). XLA memory = arguments + "
         "temporaries + outputs of the compiled step.\n\n" + table
     )
     if mem_lines:

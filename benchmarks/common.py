@@ -48,6 +48,11 @@ def med(ts) -> float:
     return float(np.median(ts))
 
 
+def fmt(t: float) -> str:
+    """Seconds as ``1.23 s`` or ``45.6 ms``."""
+    return f"{t:.2f} s" if t >= 1.0 else f"{t * 1e3:.1f} ms"
+
+
 def spread(ts) -> str:
     """``median (min-max)`` in seconds or milliseconds."""
     m, lo, hi = med(ts), float(np.min(ts)), float(np.max(ts))

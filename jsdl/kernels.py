@@ -47,6 +47,9 @@ __all__ = [
     "sparse_decode",
     "densify",
     "sparse_l0",
+    "sparse_encode",
+    "fired_counts",
+    "min_positive",
     "resolve_impl",
     "SELECT_METHODS",
 ]
@@ -392,16 +395,37 @@ def use_sparse(spec, dtype=None) -> bool:
     return ok and 8 * k <= spec.n_latents
 
 
-def sparse_forward(params, x_p, spec, *, impl: str = "auto", select: str = "lax"):
-    """Sparse counterpart of ``z = W_E x_p + b_E; x_q = sigma(z); x_r^ = decode(x_q)`` for a
-    TopK/BatchTopK spec. Returns ``(z, codes, x_hat)`` with ``z [B, n_q]`` gradient-free (it only
-    selects), ``codes`` :class:`SparseCodes` and ``x_hat [B, n_r]`` (plus the skip ``W_S x_p``)."""
+def sparse_encode(params, x_p, spec, *, impl: str = "auto", select: str = "lax"):
+    """The encoder half of :func:`sparse_forward`: ``(codes, z)`` of a TopK/BatchTopK spec, with
+    ``codes`` :class:`SparseCodes` and ``z [B, n_q]`` gradient-free."""
     hyper = spec.activation.hyper_dict()
     fn = topk_codes if spec.activation.name == "topk" else batchtopk_codes
     # A population with a varying k (Activation.with_k) selects k_max = hyper k and keeps each
     # member's first k_active (the selections come sorted by value).
-    codes, z = fn(x_p, params.W_E, params.b_E, hyper["k"], relu=hyper.get("relu", True), select=select, impl=impl,
-                  k_active=spec.activation.k_active)
+    return fn(x_p, params.W_E, params.b_E, hyper["k"], relu=hyper.get("relu", True), select=select, impl=impl,
+              k_active=spec.activation.k_active)
+
+
+def fired_counts(codes: SparseCodes) -> jax.Array:
+    """``[n_q]`` int32: on how many samples each latent is non-zero (a scatter-add of the ``B k``
+    stored entries; a latent is stored at most once per sample, for TopK and BatchTopK alike).
+    Equals ``sum(densify(codes) != 0, axis=0)`` without the dense ``[B, n_q]`` array."""
+    ones = (codes.vals != 0).astype(jnp.int32).reshape(-1)
+    return jnp.zeros((codes.n_latents,), jnp.int32).at[codes.cols.reshape(-1)].add(ones)
+
+
+def min_positive(codes: SparseCodes) -> jax.Array:
+    """The smallest positive stored code (0 when there is none): the BatchTopK inference threshold
+    of a batch, :func:`jsdl.activations.batchtopk_threshold` without the dense codes."""
+    m = jnp.min(jnp.where(codes.vals > 0, codes.vals, jnp.inf))
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def sparse_forward(params, x_p, spec, *, impl: str = "auto", select: str = "lax"):
+    """Sparse counterpart of ``z = W_E x_p + b_E; x_q = sigma(z); x_r^ = decode(x_q)`` for a
+    TopK/BatchTopK spec. Returns ``(z, codes, x_hat)`` with ``z [B, n_q]`` gradient-free (it only
+    selects), ``codes`` :class:`SparseCodes` and ``x_hat [B, n_r]`` (plus the skip ``W_S x_p``)."""
+    codes, z = sparse_encode(params, x_p, spec, impl=impl, select=select)
     x_hat = sparse_decode(codes, decoder_rows(params), params.b_D, impl=impl)
     if params.W_S is not None:
         x_hat = x_hat + x_p @ params.W_S.T

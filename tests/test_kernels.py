@@ -274,3 +274,43 @@ def test_train_step_compiles_once_and_shares_the_encoder():
     assert hlo.count('custom_call_target="TopK"') == 1
     dots = [l for l in hlo.splitlines() if " dot(" in l and str(n_q) in l.split(" dot(")[0]]
     assert len(dots) == 1, dots
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_sparse_code_statistics_equal_dense(activation):
+    """fired_counts / min_positive of sparse codes equal the dense codes' firing counts and BatchTopK
+    threshold, and the training step built on them keeps the same dead-latent statistics and
+    inference threshold as the dense path, without a [B, n_q] array in the compiled sparse step."""
+    from jsdl.activations import batchtopk_threshold
+    from jsdl.data import make_bench
+    from jsdl.train import Stepper, TrainConfig, init_state
+
+    d, n_q, k, B = 16, 64, 3, 24
+    sp, de = _spec_pair(activation=activation, n_latents=n_q, k=k)
+    params = _perturb(jax.random.PRNGKey(3), jsdl.init_params(jax.random.PRNGKey(4), sp, d))
+    x = _batch(jax.random.PRNGKey(5), B, d).x_p
+    codes, _ = K.sparse_encode(params, x, sp)
+    dense = K.densify(codes)
+    np.testing.assert_array_equal(K.fired_counts(codes), jnp.sum(dense != 0, axis=0))
+    np.testing.assert_array_equal(K.min_positive(codes), batchtopk_threshold(dense))
+    empty = K.SparseCodes(vals=jnp.zeros((2, k)), cols=jnp.zeros((2, k), jnp.int32), n_latents=n_q)
+    assert float(K.min_positive(empty)) == 0.0 and int(K.fired_counts(empty).sum()) == 0
+
+    bench = make_bench(jax.random.PRNGKey(0), n_features=32, d_input=d)
+    cfg = TrainConfig(steps=6, batch_size=B, dead_window=2, progress=False, plots=False)
+    states = {}
+    for name, spec in (("sparse", sp), ("dense", de)):
+        st = Stepper(spec, cfg, data_mode="bench", devices=jax.devices()[:1], bench=bench)
+        state = st.place_state(init_state(jax.random.PRNGKey(2), spec, cfg, d))
+        data = st.place_data(bench)
+        for _ in range(5):
+            state = st.step(state, data, None)
+        states[name] = state
+        if name == "sparse":
+            hlo = st.step.lower(state, data, None).compile().as_text()
+            dense_scatters = [l for l in hlo.splitlines() if "scatter" in l and f" = s32[{B},{n_q}]" in l
+                              or "scatter" in l and f" = f32[{B},{n_q}]" in l]
+            assert not dense_scatters, dense_scatters  # the dense codes used to be scattered for the statistics
+    _assert_close(states["sparse"].dead, states["dense"].dead, rtol=0, atol=0)
+    if activation == "batchtopk":
+        np.testing.assert_allclose(states["sparse"].params.threshold, states["dense"].params.threshold, rtol=1e-5)

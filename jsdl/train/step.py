@@ -41,6 +41,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jsdl import activations as _act
+from jsdl import kernels as _kernels
 from jsdl import methods as _methods
 from jsdl.objective import SDLParams, SDLSpec, pre_activations, sdl_loss
 from jsdl.train import mesh as _mesh
@@ -97,6 +98,20 @@ def _unit_decoder(params: SDLParams) -> SDLParams:
 # ----------------------------------------------------------------------------------------------
 
 
+def _code_statistics(cparams: SDLParams, cbatch, spec: SDLSpec):
+    """``(fired [n_q], batch threshold, B)`` of the codes of this step's batch: on how many samples
+    each latent fired (dead-latent statistics) and the smallest positive code (the BatchTopK
+    inference threshold). XLA's CSE shares the encoder matmul (and, on the sparse path, the top-k)
+    with the loss's forward pass; the sparse path never builds the dense ``[B, n_q]`` codes."""
+    x_p = jax.lax.stop_gradient(_methods.prepare_input(cbatch.x_p, spec))
+    cparams = jax.lax.stop_gradient(cparams)
+    if _kernels.use_sparse(spec, cparams.W_E.dtype):
+        codes, _ = _kernels.sparse_encode(cparams, x_p, spec)
+        return _kernels.fired_counts(codes), _kernels.min_positive(codes), x_p.shape[0]
+    codes = spec.activation(pre_activations(cparams, x_p, spec), cparams)
+    return jnp.sum(codes != 0, axis=0), _act.batchtopk_threshold(codes), codes.shape[0]
+
+
 def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: TrainConfig, tx=None) -> TrainState:
     """One optimiser step of one model on ``batch`` (global arrays). Pure; jit/vmap-able."""
     tx = tx or make_optimizer(config)
@@ -124,10 +139,7 @@ def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: Trai
         return loss.astype(out_dtype), {k: v.astype(out_dtype) for k, v in aux.items()}
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    # Codes for the statistics; XLA's CSE shares this encoder matmul with the forward pass.
-    cparams = to_compute(params, config)
-    x_p = _methods.prepare_input(cbatch.x_p, spec)
-    codes = jax.lax.stop_gradient(run_spec.activation(pre_activations(cparams, x_p, spec), cparams))
+    fired, batch_threshold, B = _code_statistics(to_compute(params, config), cbatch, run_spec)
 
     if info.inference_threshold and grads.threshold is not None:
         # The BatchTopK inference threshold is estimated, never trained: keep it out of the optimiser.
@@ -143,7 +155,7 @@ def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: Trai
     if info.needs_threshold and new.threshold is not None:
         new = new.replace(threshold=jnp.maximum(new.threshold, config.min_threshold))
     if info.inference_threshold and params.threshold is not None:
-        th = _act.batchtopk_threshold(codes).astype(params.threshold.dtype)
+        th = batch_threshold.astype(params.threshold.dtype)
         r = config.threshold_rate
         ema = jnp.where(step == 0, th, (1.0 - r) * params.threshold + r * th)
         new = new.replace(threshold=jnp.broadcast_to(ema, params.threshold.shape))
@@ -153,8 +165,6 @@ def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: Trai
     new = keep(new, params)
     opt_state = keep(opt_state, state.opt_state)
 
-    B = codes.shape[0]
-    fired = jnp.sum(codes != 0, axis=0)
     stats = update_dead(state.dead, fired, B, config)
     stats = keep(stats, state.dead)
     dead_frac = jnp.mean(dead_mask(stats, config).astype(loss.dtype))
