@@ -1,118 +1,173 @@
-"""Training throughput: one model, a vmapped population of 16, and 16 sequential runs.
+"""Training throughput: a vmapped population of M TopK SAEs against M sequential runs, at several sizes.
 
-    python benchmarks/bench_population.py [--steps 300] [--write]
+    python benchmarks/bench_population.py [--sizes tiny,small,medium] [--members 16] [--reps 2]
+                                          [--profile] [--no-write]
 
-Every run goes through ``jsdl.train.fit`` / ``fit_population`` on a synthetic bench sampled on
-device inside the step (no host data), so the numbers are the engine's. Steps/s exclude the first
-(compiling) step; the sequential total includes each run's compile, as a user would pay it.
-``--write`` replaces the "## Training: population vs sequential" section of benchmarks/RESULTS.md.
+Every run goes through ``jsdl.train.fit`` / ``fit_population`` on a Linear Representation Bench
+sampled on device inside the step (no host data), so the numbers are the engine's. For each size
+and repetition, in one process and alternating: M sequential ``fit`` calls (seeds 0..M-1; they share
+one cached compiled step, so they pay one compile, as a user's loop would) and one
+``fit_population`` over the same seeds (one compile of the vmapped program). Steady state = the
+summaries' steps/s (first, compiling step excluded); wall = end-to-end seconds of the M fits vs the
+population call, compiles included. Medians over the repetitions.
+
+``--profile`` adds the per-op time of the compiled population step at the first size (JAX profiler
+trace, top-level XLA ops, ms per step), so the section shows where a population step goes.
+The section "## Training: population vs sequential" of benchmarks/RESULTS.md is replaced unless
+``--no-write``.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
 import os
-import platform
+import shutil
+import sys
+import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-from flax import struct
 
-import jsdl
-from jsdl.records import write_section
-from jsdl.train import Grid, TrainConfig, fit, fit_population
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
+import jsdl  # noqa: E402
+from jsdl.data import make_bench  # noqa: E402
+from jsdl.train import Grid, TrainConfig, fit, fit_population  # noqa: E402
 
-@struct.dataclass
-class _Bench:
-    """Fallback sparse-feature stream with the Bench interface (used if jsdl.data is missing)."""
-
-    W_p: jax.Array
-    W_r: jax.Array
-
-    def sample(self, key, batch_size):
-        k1, k2 = jax.random.split(key)
-        n = self.W_p.shape[1]
-        f = (jax.random.uniform(k1, (batch_size, n)) > 0.99) * jax.random.uniform(k2, (batch_size, n))
-        return jsdl.Batch(f @ self.W_p.T, f @ self.W_r.T, f)
+SIZES = {
+    "tiny": dict(n_latents=64, d=16, n_features=32, batch=128, k=4, steps=3000),
+    "small": dict(n_latents=512, d=64, n_features=256, batch=256, k=8, steps=1000),
+    "medium": dict(n_latents=4096, d=256, n_features=2048, batch=1024, k=32, steps=100),
+}
 
 
-def make_data(n, d):
-    try:
-        from jsdl.data import make_bench
+def setup(size: dict, steps: int):
+    data = make_bench(jax.random.PRNGKey(0), n_features=size["n_features"], d_input=size["d"],
+                      max_interference=0.3, sparsity=0.99)
+    spec = jsdl.make_spec(activation="topk", n_latents=size["n_latents"], k=size["k"])
+    cfg = TrainConfig(steps=steps, batch_size=size["batch"], learning_rate=3e-3, log_every=max(steps // 10, 1),
+                      progress=False, plots=False)
+    return data, spec, cfg
 
-        return make_bench(jax.random.PRNGKey(0), n_features=n, d_input=d, max_interference=0.3, sparsity=0.99), "make_bench"
-    except Exception:
-        W = jax.random.normal(jax.random.PRNGKey(0), (d, n))
-        return _Bench(W / jnp.linalg.norm(W, axis=0), W / jnp.linalg.norm(W, axis=0)), "fallback generator"
 
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--members", type=int, default=16)
-    ap.add_argument("--n-latents", type=int, default=64)
-    ap.add_argument("--d", type=int, default=16)
-    ap.add_argument("--n-features", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--write", action="store_true")
-    a = ap.parse_args()
-
-    data, src = make_data(a.n_features, a.d)
-    spec = jsdl.make_spec(activation="topk", n_latents=a.n_latents, k=4)
-    cfg = TrainConfig(steps=a.steps, batch_size=a.batch, learning_rate=3e-3, log_every=100, progress=False, plots=False)
-    P = a.members
-
-    _, h = fit(jax.random.PRNGKey(0), spec, data, cfg)
-    single = h["summary"]["steps_per_s"]
-
+def sequential(data, spec, cfg, members):
     t = time.perf_counter()
-    seq_sps = []
-    for i in range(P):
+    sps = []
+    for i in range(members):
         _, h = fit(jax.random.PRNGKey(i), spec, data, cfg)
-        seq_sps.append(h["summary"]["steps_per_s"])
-    seq_wall = time.perf_counter() - t
+        sps.append(h["summary"]["steps_per_s"])
+    wall = time.perf_counter() - t
+    steady = members * cfg.steps / sum(cfg.steps / s for s in sps)  # model-steps/s over the M runs
+    return steady, wall
 
+
+def population(data, spec, cfg, members):
     t = time.perf_counter()
-    _, hs = fit_population(jax.random.PRNGKey(0), Grid(spec, seeds=list(range(P))), data, cfg)
-    pop_wall = time.perf_counter() - t
-    pop = hs[0]["summary"]["steps_per_s"]
+    _, hs = fit_population(jax.random.PRNGKey(0), Grid(spec, seeds=list(range(members))), data, cfg)
+    wall = time.perf_counter() - t
+    return hs[0]["summary"]["steps_per_s"] * members, wall, hs[0]["summary"].get("compile_s")
 
-    seq_steady = P * a.steps / sum(a.steps / s for s in seq_sps)  # model-steps/s over the 16 runs
-    rows = [
-        ("one model", f"{single:.0f}", f"{single:.0f}", "-"),
-        (f"{P} sequential runs", f"{seq_steady:.0f}", f"{seq_steady:.0f}", f"{seq_wall:.1f}"),
-        (f"population of {P} (vmap)", f"{pop:.0f}", f"{pop * P:.0f}", f"{pop_wall:.1f}"),
-    ]
-    speedup_steady = pop * P / seq_steady
-    speedup_wall = seq_wall / pop_wall
+
+def bench_size(name: str, size: dict, members: int, reps: int, steps: int | None):
+    steps = steps or size["steps"]
+    data, spec, cfg = setup(size, steps)
+    rows = collections.defaultdict(list)
+    for rep in range(reps):
+        common.log(f"[bench_population] {name} rep {rep + 1}/{reps}: {members} sequential runs")
+        s, w = sequential(data, spec, cfg, members)
+        rows["seq_steady"].append(s)
+        rows["seq_wall"].append(w)
+        common.log(f"[bench_population] {name} rep {rep + 1}/{reps}: population of {members}")
+        s, w, c = population(data, spec, cfg, members)
+        rows["pop_steady"].append(s)
+        rows["pop_wall"].append(w)
+        rows["pop_compile"].append(c or float("nan"))
+    r = {k: common.med(v) for k, v in rows.items()}
+    r.update(name=name, size=size, steps=steps, raw=dict(rows))
+    r["speedup_steady"] = r["pop_steady"] / r["seq_steady"]
+    r["speedup_wall"] = r["seq_wall"] / r["pop_wall"]
+    common.log(f"[bench_population] {name}: steady {r['speedup_steady']:.2f}x, wall {r['speedup_wall']:.2f}x")
+    return r
+
+
+def profile_ops(size: dict, members: int, steps: int = 200, top: int = 12) -> tuple[str, float]:
+    """Per-op time of the population step (top-level XLA ops of a profiler trace), markdown rows."""
+    data, spec, cfg = setup(size, steps)
+    run = lambda: fit_population(jax.random.PRNGKey(0), Grid(spec, seeds=list(range(members))), data, cfg)  # noqa: E731
+    run()
+    d = tempfile.mkdtemp(prefix="jsdl_pop_trace_")
+    try:
+        with jax.profiler.trace(d):
+            run()
+        f = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
+        events = json.load(gzip.open(f))["traceEvents"]
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    tot, cnt = collections.Counter(), collections.Counter()
+    skip = ("$", "Thunk", "Pjit", "Common", "np.", "Execute", "Slinky", "Parse")
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith(skip):
+            tot[e["name"]] += e["dur"]
+            cnt[e["name"]] += 1
+    # Ops run once per step (or once more for the first) are top level; loop-body ops run k times.
+    topl = {n: t for n, t in tot.items() if cnt[n] <= steps + 1}
+    total = sum(topl.values()) / 1e3 / steps
+    lines = ["| XLA op (top level) | ms per step | share |", "|---|---|---|"]
+    for n, t in sorted(topl.items(), key=lambda x: -x[1])[:top]:
+        lines.append(f"| `{n}` | {t / 1e3 / steps:.3f} | {100 * t / 1e3 / steps / total:.0f}% |")
+    return "\n".join(lines), total
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="tiny,small,medium")
+    ap.add_argument("--members", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="override every size's step count")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args(argv)
+    if os.environ.get("JSDL_BENCH_QUICK") == "1":
+        a.sizes, a.reps, a.steps = "tiny", 1, a.steps or 200
+    names = [s for s in a.sizes.split(",") if s]
+    M = a.members
+    results = [bench_size(n, SIZES[n], M, a.reps, a.steps) for n in names]
     lines = [
-        "## Training: population vs sequential",
+        f"Command: `python benchmarks/bench_population.py --sizes {a.sizes} --members {M} --reps {a.reps}"
+        + (f" --steps {a.steps}" if a.steps else "") + (" --profile" if a.profile else "") + "` "
+        f"(jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device, "
+        f"{os.cpu_count()} cores; load average before: {os.getloadavg()[0]:.1f}). TopK SAEs on a Linear "
+        "Representation Bench (S = 0.99) sampled on device inside the step; medians of "
+        f"{a.reps} alternating repetitions. Steady state: model-steps/s without the compiling first step; "
+        f"wall: the {M} sequential `fit` calls (sharing one cached compile) vs one `fit_population`, "
+        "compiles included.",
         "",
-        f"`python benchmarks/bench_population.py --steps {a.steps} --n-latents {a.n_latents} --d {a.d} "
-        f"--batch {a.batch}` on {platform.machine()} CPU "
-        f"({os.cpu_count()} cores, shared; jax {jax.__version__}, {jax.device_count()} device). "
-        f"TopK SAE n_q={a.n_latents}, d={a.d}, k=4, batch {a.batch}, {a.steps} steps, data from {src} "
-        "sampled on device inside the step. Steps/s exclude the compiling first step; wall time includes compiles "
-        "(the 16 sequential runs share one cached compiled step, so they pay one compile; the population pays "
-        "one compile of the vmapped program).",
-        "",
-        "| run | steps/s | model-steps/s | wall s |",
-        "|---|---|---|---|",
-        *[f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows],
-        "",
-        f"Population speed-up over {P} sequential runs: **{speedup_steady:.1f}x** in steady-state model-steps/s, "
-        f"**{speedup_wall:.1f}x** in wall time (goal >= 3x).",
-        "",
+        "| size (n_q, d, B, k), steps | sequential model-steps/s | population model-steps/s | steady speed-up | "
+        "sequential wall | population wall (compile) | wall speed-up |",
+        "|---|---|---|---|---|---|---|",
     ]
+    for r in results:
+        s = r["size"]
+        lines.append(
+            f"| {r['name']} ({s['n_latents']}, {s['d']}, {s['batch']}, {s['k']}), {r['steps']} | "
+            f"{r['seq_steady']:.0f} | {r['pop_steady']:.0f} | **{r['speedup_steady']:.2f}x** | {r['seq_wall']:.1f} s | "
+            f"{r['pop_wall']:.1f} s ({r['pop_compile']:.1f} s) | **{r['speedup_wall']:.2f}x** |")
+    lines += ["", f"Goal: a population of {M} small SAEs >= 3x {M} sequential runs in steady state and >= 2x in "
+              "wall time including compilation."]
+    if a.profile:
+        table, total = profile_ops(SIZES[names[0]], M)
+        lines += ["", f"Where a population step goes ({names[0]}, {M} members; JAX profiler, top-level XLA ops, "
+                  f"{total:.2f} ms per step in all; ops of the same step can overlap on the 2 cores):", "", table]
     text = "\n".join(lines)
     print(text)
-    if a.write:
-        path = os.path.join(os.path.dirname(__file__), "RESULTS.md")
-        title, _, body = text.partition("\n")
-        write_section(path, title.removeprefix("## ").strip(), body, header="# jsdl benchmark results\n")
-        print(f"wrote {path}")
+    if not a.no_write:
+        common.write_section("Training: population vs sequential", text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -124,8 +124,8 @@ def log(*a) -> None:
 
 # Section order of RESULTS.md: ours (by title prefix) first, then every other section as found.
 ORDER = ("Training step: jsdl vs SAELens (small", "Training step: jsdl vs SAELens (medium",
-         "Training step: jsdl vs SAELens (large", "Training step", "Sparse TopK path", "Top-k selection",
-         "Training: population", "Landscape", "Data")
+         "Training step: jsdl vs SAELens (large", "Training step", "Top-k selection", "Data",
+         "Training: population", "Landscape", "Sharding", "SynthSAEBench")
 
 
 def order_sections(path: str = RESULTS) -> None:

@@ -553,3 +553,33 @@ def test_plots_use_the_figure_api_and_leave_the_backend_alone(tmp_path):
 
     for mod in (loop_mod, plots_mod):
         assert "matplotlib.use(" not in inspect.getsource(mod) and "pyplot" not in inspect.getsource(mod)
+
+
+def test_summary_recovery_equals_feature_recovery_for_every_member():
+    """The end-of-training recovery in the summaries (one jitted, member-vmapped best-match pass)
+    equals jsdl.metrics.feature_recovery of each member's parameters, at tau 0.95 and 0.9, for a
+    population and for one model, with and without anchored (excluded) features."""
+    from jsdl.data import make_bench
+    from jsdl.metrics import feature_recovery
+    from jsdl.train import member
+
+    b = make_bench(jax.random.PRNGKey(0), n_features=24, d_input=16, max_interference=0.3, sparsity=0.9)
+    spec = jsdl.make_spec(activation="topk", n_latents=32, k=3)
+    for anchors in (0, 4):
+        cfg = TrainConfig(steps=30, batch_size=64, learning_rate=3e-3, log_every=10, progress=False, plots=False,
+                          anchors=anchors, anchor_coef=0.1 if anchors else 0.0)
+        states, hs = fit_population(jax.random.PRNGKey(1), Grid(spec, seeds=[0, 1, 2]), b, cfg)
+        _, h1 = fit(jax.random.PRNGKey(1), spec, b, cfg)
+        for params, h in [(member(states, i).params, hs[i]) for i in range(3)] + [(_.params, h1)]:
+            ex = {}
+            if anchors:
+                feats = np.asarray(h["summary"]["anchor_features"])
+                ex = {"exclude": feats, "exclude_latents": np.arange(len(feats))}
+            r95 = feature_recovery(params, b, **ex)
+            r90 = feature_recovery(params, b, threshold=0.9, **ex)
+            rec = h["summary"]["recovery"]
+            for k in ("m_gt", "m_gt_dec", "n_evaluated"):
+                assert rec[k] == r95[k], (k, rec[k], r95[k])
+            for k in ("m_ip", "m_ip_dec"):
+                assert rec[k] == pytest.approx(r95[k], rel=1e-6)
+            assert (rec["m_gt@0.9"], rec["m_gt_dec@0.9"]) == (r90["m_gt"], r90["m_gt_dec"])
