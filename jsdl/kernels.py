@@ -441,14 +441,20 @@ def sparse_auxk_loss(x_p, params, z, residual, dead_mask, k_aux: int, *, impl: s
     """AuxK loss (Gao et al. 2024; see :func:`jsdl.penalties.auxk_loss`) with sparse kernels: the
     top-``k_aux`` dead latents of ``relu(z)`` are selected on the gradient-free ``z`` and their
     values re-expressed through :func:`gather_preact`, so the gradient equals the dense one."""
+    from jsdl.penalties import when_any_dead
+
     residual = jax.lax.stop_gradient(residual)
     k_aux = min(int(k_aux), z.shape[-1])
-    masked = jnp.where(dead_mask[None, :], jax.nn.relu(z), 0.0)
-    _, cols = select_topk(masked, k_aux)
-    cols = cols.astype(jnp.int32)
-    vals = jax.nn.relu(gather_preact(x_p, params.W_E, params.b_E, cols, None, z=z, impl=impl))
-    vals = vals * dead_mask[cols].astype(vals.dtype)
-    rec = sparse_decode(SparseCodes(vals, cols, None, z.shape[-1]), decoder_rows(params), None, impl=impl)
-    num = jnp.sum((residual - rec) ** 2)
-    den = jnp.sum((residual - residual.mean(0)) ** 2) + 1e-12
-    return jnp.where(jnp.any(dead_mask), num / den, 0.0)
+
+    def loss(x_p, params, z, residual):
+        masked = jnp.where(dead_mask[None, :], jax.nn.relu(z), 0.0)
+        _, cols = select_topk(masked, k_aux)
+        cols = cols.astype(jnp.int32)
+        vals = jax.nn.relu(gather_preact(x_p, params.W_E, params.b_E, cols, None, z=z, impl=impl))
+        vals = vals * dead_mask[cols].astype(vals.dtype)
+        rec = sparse_decode(SparseCodes(vals, cols, None, z.shape[-1]), decoder_rows(params), None, impl=impl)
+        num = jnp.sum((residual - rec) ** 2)
+        den = jnp.sum((residual - residual.mean(0)) ** 2) + 1e-12
+        return num / den
+
+    return when_any_dead(dead_mask, loss, x_p, params, z, residual)

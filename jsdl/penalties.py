@@ -194,16 +194,27 @@ def auxk_loss(pre_acts, residual, W_D, dead_mask, k_aux: int):
     [B, n_r], W_D [n_r, n_q], dead_mask [n_q] bool."""
     residual = jax.lax.stop_gradient(residual)
     k_aux = min(int(k_aux), pre_acts.shape[-1])
-    masked = jnp.where(dead_mask[None, :], jax.nn.relu(pre_acts), 0.0)
     from jsdl import shardops  # mesh-aware top_k
 
-    vals, idx = shardops.top_k(masked, k_aux)
-    rows = jnp.arange(masked.shape[0])[:, None]
-    z_aux = jnp.zeros_like(masked).at[rows, idx].set(vals)
-    rec = z_aux @ W_D.T
-    num = jnp.sum((residual - rec) ** 2)
-    den = jnp.sum((residual - residual.mean(0)) ** 2) + 1e-12
-    return jnp.where(jnp.any(dead_mask), num / den, 0.0)
+    def loss(pre_acts, residual, W_D):
+        masked = jnp.where(dead_mask[None, :], jax.nn.relu(pre_acts), 0.0)
+        vals, idx = shardops.top_k(masked, k_aux)
+        rows = jnp.arange(masked.shape[0])[:, None]
+        z_aux = jnp.zeros_like(masked).at[rows, idx].set(vals)
+        rec = z_aux @ W_D.T
+        num = jnp.sum((residual - rec) ** 2)
+        den = jnp.sum((residual - residual.mean(0)) ** 2) + 1e-12
+        return num / den
+
+    return when_any_dead(dead_mask, loss, pre_acts, residual, W_D)
+
+
+def when_any_dead(dead_mask, fn, *args):
+    """``fn(*args)`` if some latent is dead, else 0, without running ``fn`` when none is (a
+    ``lax.cond``: the AuxK top-k over ``[B, n_q]`` is skipped while every latent is alive, e.g. for
+    the first ``dead_window`` steps; under ``vmap`` both branches run, as ``jnp.where`` would)."""
+    zero = lambda *a: jnp.zeros((), args[0].dtype)  # noqa: E731
+    return jax.lax.cond(jnp.any(dead_mask), fn, zero, *args)
 
 
 def anchor_loss(params, anchors) -> jax.Array:

@@ -314,3 +314,37 @@ def test_sparse_code_statistics_equal_dense(activation):
     _assert_close(states["sparse"].dead, states["dense"].dead, rtol=0, atol=0)
     if activation == "batchtopk":
         np.testing.assert_allclose(states["sparse"].params.threshold, states["dense"].params.threshold, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_auxk_skipped_when_nothing_is_dead(sparse):
+    """AuxK runs its top-k under a lax.cond: with no dead latent the loss and its gradient are exactly
+    0 (the branch is not run); with dead latents it equals the loss computed without the guard."""
+    from jsdl import penalties as P
+
+    d, n_q, k, B = 16, 64, 4, 32
+    spec = jsdl.make_spec(activation="topk", n_latents=n_q, k=k, aux_coef=1.0, aux_k=8, sparse=sparse)
+    params = _perturb(jax.random.PRNGKey(7), jsdl.init_params(jax.random.PRNGKey(8), spec, d))
+    batch = _batch(jax.random.PRNGKey(9), B, d)
+    none = jnp.zeros((n_q,), bool)
+    some = jnp.arange(n_q) % 3 == 0
+
+    def auxk(p, dead):
+        return jsdl.sdl_loss(p, batch, spec, dead_mask=dead)[1]["auxk"]
+
+    v0, g0 = jax.value_and_grad(auxk)(params, none)
+    assert float(v0) == 0.0
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g0))
+    v1, g1 = jax.value_and_grad(auxk)(params, some)
+    assert float(v1) > 0
+    # Without the guard: the branch itself (the previous jnp.where form), same value and gradient.
+    guard = P.when_any_dead
+    try:
+        P.when_any_dead = lambda dead, fn, *a: fn(*a)
+        v2, g2 = jax.value_and_grad(auxk)(params, some)
+    finally:
+        P.when_any_dead = guard
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    _assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+    jaxpr = str(jax.make_jaxpr(auxk)(params, some))
+    assert "cond[" in jaxpr
