@@ -18,7 +18,43 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["model_axis_size", "top_k", "top_k_indices", "batch_top_k_indices"]
+__all__ = ["model_axis_size", "top_k", "top_k_indices", "batch_top_k_indices", "local_top_k", "block_top_k"]
+
+BLOCK = 32  # block size of block_top_k; local_top_k uses it on CPU for rows of >= BLOCK_MIN_N entries
+BLOCK_MIN_N = 4096
+
+
+def block_top_k(z: jax.Array, k: int, block: int = BLOCK) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k(z, k)`` along the last axis through a block-max prefilter; exact.
+
+    The row is cut into blocks of ``block`` entries. Every one of the k largest entries lies in one
+    of the k blocks with the largest maxima: an entry in any other block is preceded, in
+    ``top_k``'s order (value descending, index ascending), by the maxima of k blocks that rank
+    above its block. So: top-k of the ``n / block`` block maxima, a gather of those k blocks (in
+    index order, so that ties break towards the lower index as in ``lax.top_k``), and a top-k of
+    their ``k block`` entries. On CPU, where XLA's TopK is a serial per-row partial sort, this is
+    ~1.8x faster at ``[1024, 16384]``, k = 32 (benchmarks/bench_topk.py). The values are read
+    with a gather, so the gradient goes to the selected entries as ``lax.top_k``'s does."""
+    *lead, n = z.shape
+    if n % block or n // block < k:
+        raise ValueError(f"block_top_k needs n divisible by block and n / block >= k; got n={n}, block={block}, k={k}")
+    zb = z.reshape(*lead, n // block, block)
+    _, blk = jax.lax.top_k(jax.lax.stop_gradient(jnp.max(zb, axis=-1)), k)
+    blk = jnp.sort(blk, axis=-1)
+    cand = jnp.take_along_axis(jax.lax.stop_gradient(zb), blk[..., None], axis=-2).reshape(*lead, k * block)
+    _, j = jax.lax.top_k(cand, k)
+    idx = jnp.take_along_axis(blk, j // block, axis=-1) * block + j % block
+    return jnp.take_along_axis(z, idx, axis=-1), idx
+
+
+def local_top_k(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``(values, indices)`` of ``lax.top_k(z, k)`` on one device: :func:`block_top_k` on CPU for
+    long rows (``n >= BLOCK_MIN_N`` entries, at least ``2 k`` blocks), ``lax.top_k`` otherwise."""
+    n = z.shape[-1]
+    if (jax.default_backend() == "cpu" and n >= BLOCK_MIN_N and n % BLOCK == 0 and n // BLOCK >= 2 * k
+            and z.ndim >= 1):
+        return block_top_k(z, k)
+    return jax.lax.top_k(z, k)
 
 
 def _mesh():
@@ -46,7 +82,7 @@ def top_k_indices(z: jax.Array, k: int) -> jax.Array:
     M = model_axis_size()
     n = z.shape[-1]
     if M == 1 or n % M or z.ndim < 1:
-        return jax.lax.top_k(z, k)[1]
+        return local_top_k(z, k)[1]
     mesh = _mesh()
     n_loc = n // M
     k_loc = min(k, n_loc)
@@ -59,7 +95,7 @@ def top_k_indices(z: jax.Array, k: int) -> jax.Array:
         axes = {"data", "model"}
 
     def local(zl):
-        v, i = jax.lax.top_k(zl, k_loc)
+        v, i = local_top_k(zl, k_loc)
         i = i + jax.lax.axis_index("model") * n_loc
         v = jax.lax.all_gather(v, "model", axis=zl.ndim - 1, tiled=True)
         i = jax.lax.all_gather(i, "model", axis=zl.ndim - 1, tiled=True)
@@ -74,7 +110,7 @@ def top_k_indices(z: jax.Array, k: int) -> jax.Array:
 def top_k(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """``(values, indices)`` like ``jax.lax.top_k(z, k)`` (differentiable in the values), sharding-aware."""
     if model_axis_size() == 1:
-        return jax.lax.top_k(z, k)
+        return local_top_k(z, k)
     idx = top_k_indices(z, k)
     return jnp.take_along_axis(z, idx, axis=-1), idx
 
@@ -89,14 +125,14 @@ def batch_top_k_indices(z: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
     M = model_axis_size()
     D = int(mesh.shape["data"]) if mesh is not None and "data" in mesh.axis_names else 1
     if mesh is None or (M == 1 and D == 1) or n % M or B % D:
-        _, i = jax.lax.top_k(z.reshape(-1), K)
+        _, i = local_top_k(z.reshape(-1), K)
         return (i // n).astype(jnp.int32), (i % n).astype(jnp.int32)
     B_loc, n_loc = B // D, n // M
     K_loc = min(K, B_loc * n_loc)
     axes = ("data", "model")
 
     def local(zl):
-        v, i = jax.lax.top_k(zl.reshape(-1), K_loc)
+        v, i = local_top_k(zl.reshape(-1), K_loc)
         r = (i // n_loc + jax.lax.axis_index("data") * B_loc).astype(jnp.int32)
         c = (i % n_loc + jax.lax.axis_index("model") * n_loc).astype(jnp.int32)
         # Candidates in (data, model) device order; within a device in descending order. top_k

@@ -348,3 +348,39 @@ def test_auxk_skipped_when_nothing_is_dead(sparse):
     _assert_close(g1, g2, rtol=1e-5, atol=1e-7)
     jaxpr = str(jax.make_jaxpr(auxk)(params, some))
     assert "cond[" in jaxpr
+
+
+@pytest.mark.parametrize("shape,k", [((8, 4096), 32), ((3, 8192), 5), ((131072,), 64), ((2, 3, 4096), 16)])
+def test_block_top_k_is_lax_top_k(shape, k):
+    """The block-max prefilter selection (used on CPU for long rows and the flat BatchTopK) returns
+    exactly lax.top_k's values and indices: continuous values, heavy ties (lower index first) and
+    rows that are mostly -inf; its gradient and JVP are lax.top_k's."""
+    from jsdl.shardops import block_top_k, local_top_k
+
+    rng = np.random.default_rng(0)
+    cases = {"normal": rng.standard_normal(shape), "ties": rng.integers(0, 5, shape),
+             "inf": np.where(rng.random(shape) < 0.995, -np.inf, rng.standard_normal(shape))}
+    for kind, z in cases.items():
+        z = jnp.asarray(z, jnp.float32)
+        v1, i1 = jax.lax.top_k(z, k)
+        for fn in (block_top_k, local_top_k):
+            v2, i2 = jax.jit(fn, static_argnums=1)(z, k)
+            np.testing.assert_array_equal(i1, i2, err_msg=kind)
+            np.testing.assert_array_equal(v1, v2, err_msg=kind)
+    z = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    w = jnp.arange(k, dtype=jnp.float32)
+    g1 = jax.grad(lambda z: jnp.sum(jax.lax.top_k(z, k)[0] * w))(z)
+    g2 = jax.grad(lambda z: jnp.sum(block_top_k(z, k)[0] * w))(z)
+    np.testing.assert_array_equal(g1, g2)
+    t1 = jax.jvp(lambda z: jax.lax.top_k(z, k)[0], (z,), (z * 2,))[1]
+    t2 = jax.jvp(lambda z: block_top_k(z, k)[0], (z,), (z * 2,))[1]
+    np.testing.assert_array_equal(t1, t2)
+
+
+def test_block_top_k_rejects_bad_shapes():
+    from jsdl.shardops import block_top_k
+
+    with pytest.raises(ValueError, match="divisible"):
+        block_top_k(jnp.zeros((2, 100)), 4)
+    with pytest.raises(ValueError, match="n / block >= k"):
+        block_top_k(jnp.zeros((2, 64)), 4)
