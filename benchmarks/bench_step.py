@@ -104,7 +104,7 @@ def floor_parts(arch, x, n_q, k):
     """The pieces of the *floor* of a training step, each jitted on its own: what no implementation
     of the step can skip. ``matmul`` = the encoder forward ``x W_E^T + b_E`` ([B, d] x [d, n_q]);
     ``top-k`` = the selection on a fixed ``z [B, n_q]`` (row top-k for TopK, the flat top-(k B)
-    for BatchTopK); ``adam`` = one optax Adam update of the SAE's parameters (W_E, W_D, b_E, b_D;
+    for BatchTopK), by the fastest exact method jsdl has (``jsdl.shardops.local_top_k``); ``adam`` = one optax Adam update of the SAE's parameters (W_E, W_D, b_E, b_D;
     donated, in place). The floor is ``matmul + top-k + adam`` for the TopK family (exact selection
     needs every pre-activation, nothing else needs a dictionary-size product) and ``5 matmul +
     adam`` for ReLU/JumpReLU (forward, decoder, and three gradient products are dense)."""
@@ -121,10 +121,12 @@ def floor_parts(arch, x, n_q, k):
     parts = {"floor: matmul": lambda: jax.block_until_ready(enc(xj, W, b))}
     if arch in ("topk", "batchtopk"):
         z = enc(xj, W, b)
+        from jsdl.shardops import local_top_k  # the fastest exact selection jsdl has on this backend
+
         if arch == "topk":
-            sel = jax.jit(lambda z: jax.lax.top_k(z, k)).lower(z).compile()
+            sel = jax.jit(lambda z: local_top_k(z, k)).lower(z).compile()
         else:
-            sel = jax.jit(lambda z: jax.lax.top_k(z.reshape(-1), k * B)).lower(z).compile()
+            sel = jax.jit(lambda z: local_top_k(z.reshape(-1), k * B)).lower(z).compile()
         parts["floor: top-k"] = lambda: jax.block_until_ready(sel(z))
     params = {"W_E": W + 0.0, "W_D": W.T + 0.0, "b_E": b + 0.0, "b_D": jnp.zeros((d,), jnp.float32)}  # copies: donated
     tx = optax.adam(1e-4)
