@@ -48,12 +48,17 @@ import numpy as np
 from flax import struct
 
 from jsdl import methods as _methods
+from jsdl.kernels import SparseCodes, densify, sparse_decode
 from jsdl.objective import Batch
 
 __all__ = [
+    "ACTIVE_TAIL",
     "Bench",
     "InfeasibleInterferenceError",
     "SparseLaw",
+    "active_capacity",
+    "decode_active",
+    "geometric_positions",
     "make_bench",
     "generate_feature_matrix",
     "interference_lower_bound_check",
@@ -265,12 +270,115 @@ def generate_feature_matrix(
 # --------------------------------------------------------------------------------------------------
 
 
+#: Per-row probability that the active set of a row overflows the static capacity of the sparse
+#: sampler (see :func:`active_capacity`).
+ACTIVE_TAIL = 1e-15
+#: The sparse sampler is used when its capacity K is at most ``n / SPARSE_SAMPLER_RATIO``: it draws
+#: 2 random words per slot (gap, magnitude) against 2 per feature for the dense draw, plus a
+#: cumulative sum and a scatter of the K slots into the dense features. Measured on CPU
+#: (benchmarks/bench_data.py, "crossover" table): at K = n/4 the two cost about the same.
+SPARSE_SAMPLER_RATIO = 4
+#: ``x W^T`` is a sum of the K active rows of ``W^T`` (:func:`decode_active`) when
+#: ``K <= n / SPARSE_DECODE_RATIO``, else the dense product. Measured on CPU: one slot of the
+#: slot loop (B rows of width m) costs about as much as 1/10-1/20 of the dense ``[B, n] x [n, m]``
+#: product per feature, independently of B; 16 keeps the rule on the safe side.
+SPARSE_DECODE_RATIO = 16
+_DECODE_CHUNK = 16  # slots per step of decode_active's loop (the loop stops at the batch's largest count)
+
+
+def active_capacity(n: int, rate: float, tail: float = ACTIVE_TAIL) -> int:
+    """Static capacity ``K`` of the sparse sampler: the smallest ``K`` with
+    ``P(X > K) <= tail`` for ``X ~ Binomial(n, rate)`` (the number of active features of a row),
+    certified by the Chernoff bound
+
+        P(X >= a) <= exp(-n KL(a/n || rate)),  KL(q || p) = q log(q/p) + (1-q) log((1-q)/(1-p)),
+
+    valid for every ``a > n rate``: ``K = a* - 1`` for the smallest integer ``a*`` whose bound is
+    ``<= tail``. So a row is truncated (an active feature beyond the K-th dropped) with probability
+    < ``tail`` (1e-15 by default; a batch of B rows with probability < B tail). The bound is within
+    ~2% of the exact binomial quantile at the benchmark shapes (n = 16384, rate 0.01: K = 280,
+    exact 275). Returns ``n`` when no ``K < n`` meets the bound (then nothing can be truncated)."""
+    n = check_positive_int("n", n)
+    p = check_float_in("rate", rate, 0.0, 1.0, lo_open=False, hi_open=False)
+    tail = check_float_in("tail", tail, 0.0, 1.0, lo_open=True, hi_open=True)
+    if p == 0.0:
+        return 0
+    if p == 1.0:
+        return n
+    a = np.arange(int(math.floor(n * p)) + 1, n + 1, dtype=np.float64)
+    q = a / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = q * np.log(q / p) + np.where(q < 1, (1 - q) * np.log((1 - q) / (1 - p)), 0.0)
+    ok = np.flatnonzero(-n * kl <= math.log(tail))
+    return n if ok.size == 0 else int(a[ok[0]]) - 1
+
+
+def geometric_positions(key: jax.Array, batch_size: int, n: int, rate: float, capacity: int) -> jax.Array:
+    """Sorted positions ``[B, K]`` (int32) of the first ``K = capacity`` successes of ``n``
+    independent Bernoulli(``rate``) trials per row; entries ``>= n`` mean "no further success".
+
+    The gaps between successes are i.i.d. geometric: ``G = floor(-log(U) / lambda)``,
+    ``lambda = -log(1 - rate)``, has ``P(G >= g) = P(U <= (1-rate)^g) = (1 - rate)^g`` (failures
+    before the next success), and the position of the j-th success is ``sum_{i<=j} (G_i + 1) - 1``.
+    ``U = (u + 1/2) 2^-32`` from one 32-bit word ``u``, so the law is the exact one up to the
+    2^-32 grid of U and float32 rounding of ``-log U`` (the dense sampler compares a 23-bit uniform
+    with the rate). Jit-able (``batch_size``, ``n``, ``capacity`` static; ``rate`` a Python float)."""
+    B, K = batch_size, capacity
+    if K == 0:
+        return jnp.zeros((B, 0), jnp.int32)
+    lam = -math.log1p(-rate)
+    u = jax.random.bits(key, (B, K), jnp.uint32)
+    neg_log_u = 32.0 * math.log(2.0) - jnp.log(u.astype(jnp.float32) + 0.5)
+    # A gap >= n already ends the row; clamping keeps the running sum in int32.
+    gaps = jnp.minimum(jnp.floor(neg_log_u * (1.0 / lam)), float(n)).astype(jnp.int32) + 1
+    if K * (n + 1) < 2**31 - 1:
+        return jnp.cumsum(gaps, axis=1) - 1
+    # Saturating sum (associative for non-negative terms): positions stay <= n, no overflow.
+    return jax.lax.associative_scan(lambda a, b: jnp.minimum(a + b, n + 1), gaps, axis=1) - 1
+
+
+def decode_active(codes: Any, count: jax.Array, W_rows: jax.Array) -> jax.Array:
+    """``x W^T [B, m]`` for ``x`` given by its active set ``codes`` (:class:`jsdl.kernels.SparseCodes`
+    with ``rows=None``, the active slots of a row first) and ``W_rows = W^T [n, m]``: the sum of
+    the ``count[b]`` rows ``vals[b, j] W_rows[cols[b, j]]`` per sample, by
+    :func:`jsdl.kernels.sparse_decode` over chunks of slots, stopping after the batch's largest
+    ``count`` (slots past a row's count hold value 0). Jit- and vmap-able."""
+    B, K = codes.vals.shape
+    C = _DECODE_CHUNK
+    pad = (-K) % C
+    vals = jnp.pad(codes.vals, ((0, 0), (0, pad)))
+    cols = jnp.pad(codes.cols, ((0, 0), (0, pad)))
+    n_chunks = (jnp.max(count, initial=0) + C - 1) // C
+
+    def body(j, acc):
+        v = jax.lax.dynamic_slice_in_dim(vals, j * C, C, axis=1)
+        c = jax.lax.dynamic_slice_in_dim(cols, j * C, C, axis=1)
+        return acc + sparse_decode(SparseCodes(v, c, None, W_rows.shape[0]), W_rows)
+
+    return jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((B, W_rows.shape[1]), W_rows.dtype))
+
+
+def use_sparse_decode(capacity: int, n: int) -> bool:
+    """Whether ``x W^T`` is computed from the active set (:func:`decode_active`) rather than as the
+    dense product (see :data:`SPARSE_DECODE_RATIO`)."""
+    return capacity * SPARSE_DECODE_RATIO <= n
+
+
 @struct.dataclass
 class SparseLaw:
     """Independent features ``x_d = m_d (c_min + Exp(beta))``, ``m_d ~ Bernoulli(1 - S)`` (eqs.
     30-31), the law of :class:`Bench`; ``Exp(beta)`` has mean ``beta``. Everything that samples or
     integrates this law (:meth:`Bench.sample_features`, :meth:`Bench.feature_weights`, the
-    Monte-Carlo gap of :func:`jsdl.landscape.multi_feature_gap`) goes through this type."""
+    Monte-Carlo gap of :func:`jsdl.landscape.multi_feature_gap`) goes through this type.
+
+    Two samplers of the same law, chosen statically by :meth:`sparse_sampler`:
+
+    * dense: a Bernoulli mask and a magnitude for each of the ``B n`` entries;
+    * sparse (when the capacity ``K`` of :func:`active_capacity` is at most
+      ``n / SPARSE_SAMPLER_RATIO``, e.g. S = 0.99): the active set of each row drawn directly as
+      geometric gaps (:func:`geometric_positions`), magnitudes for the ``K`` slots only, so
+      ``2 B K`` random words instead of ``2 B n``. A row with more than ``K`` active features would
+      be truncated; that has probability < 1e-15 per row (:data:`ACTIVE_TAIL`)."""
 
     sparsity: float = struct.field(pytree_node=False, default=0.99)
     c_min: float = struct.field(pytree_node=False, default=DEFAULT_C_MIN)
@@ -298,10 +406,40 @@ class SparseLaw:
         dtype = dtype or jnp.zeros(()).dtype
         return self.c_min + self.beta * jax.random.exponential(key, shape, dtype)
 
-    def sample_features(self, key: jax.Array, batch_size: int, n: int, dtype: Any = None) -> jax.Array:
-        """``x [batch_size, n]`` drawn from the law (the mask from the first half of ``key``, the
-        magnitudes from the second). Jit-able with ``batch_size`` and ``n`` static."""
+    def capacity(self, n: int) -> int:
+        """Static slots per row of the sparse sampler (:func:`active_capacity` at rate 1 - S)."""
+        return active_capacity(n, 1.0 - self.sparsity)
+
+    def sparse_sampler(self, n: int) -> bool:
+        """Whether :meth:`sample_features` draws the active sets (``capacity(n) <= n /
+        SPARSE_SAMPLER_RATIO``) rather than dense masks."""
+        return self.capacity(n) * SPARSE_SAMPLER_RATIO <= n
+
+    def sample_active(self, key: jax.Array, batch_size: int, n: int, dtype: Any = None,
+                      capacity: Optional[int] = None) -> tuple[Any, jax.Array]:
+        """The active features of ``batch_size`` rows: ``(codes, count)`` with ``codes`` a
+        :class:`jsdl.kernels.SparseCodes` (``vals [B, K]`` the magnitudes ``c_min + Exp(beta)``,
+        ``cols [B, K]`` int32 the feature indices, ascending; slots past a row's ``count [B]``
+        hold value 0 at column ``n - 1``). ``K = capacity`` (default :meth:`capacity`). The gaps
+        come from the first half of ``key``, the magnitudes from the second. Jit- and vmap-able
+        (``batch_size``, ``n``, ``capacity`` static)."""
         dtype = dtype or jnp.zeros(()).dtype
+        K = self.capacity(n) if capacity is None else int(capacity)
+        k_g, k_e = jax.random.split(key)
+        pos = geometric_positions(k_g, batch_size, n, 1.0 - self.sparsity, K)
+        active = pos < n
+        vals = jnp.where(active, self.sample_magnitudes(k_e, (batch_size, K), dtype), jnp.zeros((), dtype))
+        codes = SparseCodes(vals=vals, cols=jnp.minimum(pos, n - 1), rows=None, n_latents=n)
+        return codes, jnp.sum(active, axis=1, dtype=jnp.int32)
+
+    def sample_features(self, key: jax.Array, batch_size: int, n: int, dtype: Any = None) -> jax.Array:
+        """``x [batch_size, n]`` drawn from the law. With the sparse sampler
+        (:meth:`sparse_sampler`) the dense ``x`` is the scatter of :meth:`sample_active`; otherwise
+        the mask comes from the first half of ``key``, the magnitudes from the second. Jit-able
+        with ``batch_size`` and ``n`` static."""
+        dtype = dtype or jnp.zeros(()).dtype
+        if self.sparse_sampler(n):
+            return densify(self.sample_active(key, batch_size, n, dtype)[0])
         k_m, k_e = jax.random.split(key)
         mask = jax.random.bernoulli(k_m, 1.0 - self.sparsity, (batch_size, n))
         return jnp.where(mask, self.sample_magnitudes(k_e, (batch_size, n), dtype), jnp.zeros((), dtype))
@@ -349,13 +487,18 @@ class SamplingMixin:
         if self.dataset_size:
             idx = jax.random.randint(key, (batch_size,), 0, self.dataset_size)
             return self.dataset_batch(idx)
+        return self.draw(key, batch_size)
+
+    def draw(self, key: jax.Array, batch_size: int) -> Batch:
+        """Fresh samples: ``observe(sample_features(k_x, B), k_obs)`` with ``k_x, k_obs = split(key)``
+        (a subclass may compute the same batch faster, e.g. from the active sets; ``features`` is
+        always ``sample_features(k_x, B)``). Row ``i`` of a finite dataset is ``draw(fold_in(data_key,
+        i), 1)``."""
         k_x, k_obs = jax.random.split(key)
         return self.observe(self.sample_features(k_x, batch_size), k_obs)
 
     def _fixed_row(self, i):
-        k = jax.random.fold_in(self.data_key, i)
-        k_x, k_obs = jax.random.split(k)
-        b = self.observe(self.sample_features(k_x, 1), k_obs)
+        b = self.draw(jax.random.fold_in(self.data_key, i), 1)
         return jax.tree.map(lambda a: a[0], b)
 
     def dataset_batch(self, indices: jax.Array) -> Batch:
@@ -425,14 +568,33 @@ class Bench(SamplingMixin):
     def observe(self, x: jax.Array, key: Optional[jax.Array] = None) -> Batch:
         """``Batch(x_p = x W_p^T, x_r = x W_r^T (+ x_p W_skip^T), features = x)`` (eq. 32); the
         Bench is noiseless so ``key`` is unused."""
-        x_p = x @ self.W_p.T
+        return self._observe(x, lambda W: x @ W.T)
+
+    def _observe(self, x, project):
+        x_p = project(self.W_p)
         if self.method in _SELF:
             x_r = x_p
         else:
-            x_r = x @ self.W_r.T
+            x_r = project(self.W_r)
             if self.W_skip is not None:
                 x_r = x_r + x_p @ self.W_skip.T
         return Batch(x_p=x_p, x_r=x_r, features=x)
+
+    def draw(self, key: jax.Array, batch_size: int) -> Batch:
+        """Fresh samples (eqs. 30-32). With the sparse sampler (:meth:`SparseLaw.sparse_sampler`)
+        the active sets are drawn once: ``features`` is their scatter (equal to
+        ``sample_features(k_x, B)``), and ``x_p = x W_p^T`` (``x_r``) is the sum of the active
+        columns (:func:`decode_active`) when :func:`use_sparse_decode` says it is cheaper than the
+        dense product, which is equal up to float rounding. Otherwise as :meth:`SamplingMixin.draw`."""
+        law, n = self.law, self.n_features
+        if not law.sparse_sampler(n):
+            return SamplingMixin.draw(self, key, batch_size)
+        k_x, _ = jax.random.split(key)
+        codes, count = law.sample_active(k_x, batch_size, n, self.W_p.dtype)
+        x = densify(codes)
+        if use_sparse_decode(codes.vals.shape[1], n):
+            return self._observe(x, lambda W: decode_active(codes, count, W.T))
+        return self._observe(x, lambda W: x @ W.T)
 
     # -- moments (paper Thm 3.1) -----------------------------------------------------------------
     def feature_weights(self) -> jax.Array:
