@@ -1,0 +1,211 @@
+"""The sparse sampler of the S-sparse law (jsdl.data.bench): capacity bound, law of the active sets
+(firing rates, counts, independence, magnitudes), determinism, jit/vmap, the Bench fast path."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from jsdl.data.bench import (
+    ACTIVE_TAIL, Bench, SparseLaw, active_capacity, decode_active, geometric_positions, make_bench,
+)
+from jsdl.kernels import densify
+
+
+@pytest.mark.parametrize("n,p", [(512, 0.01), (1000, 0.01), (4096, 0.01), (16384, 0.01), (16384, 0.001),
+                                 (120, 0.1), (64, 0.05), (2048, 0.2), (300, 0.5)])
+def test_capacity_bounds_the_binomial_tail(n, p):
+    K = active_capacity(n, p)
+    assert stats.binom.sf(K, n, p) <= ACTIVE_TAIL  # P(count > K)
+    exact = int(stats.binom.isf(ACTIVE_TAIL, n, p))  # smallest k with sf(k) <= tail, up to rounding
+    assert exact - 1 <= K <= 1.05 * exact + 3  # the Chernoff bound is tight enough to be useful
+    # a tighter tail needs more room, a looser one less
+    assert active_capacity(n, p, 1e-30) >= K >= active_capacity(n, p, 1e-3)
+
+
+def test_capacity_edges_and_errors():
+    assert active_capacity(10, 0.0) == 0
+    assert active_capacity(10, 1.0) == 10
+    assert active_capacity(5, 0.9) == 5  # no K < n meets the bound
+    with pytest.raises(ValueError, match="rate"):
+        active_capacity(10, 1.5)
+    with pytest.raises(ValueError, match="n must be"):
+        active_capacity(0, 0.1)
+    with pytest.raises(ValueError, match="tail"):
+        active_capacity(10, 0.1, 0.0)
+
+
+def _active(law, key, B, n, capacity=None):
+    codes, count = jax.jit(law.sample_active, static_argnums=(1, 2, 4))(key, B, n, None, capacity)
+    return codes, count
+
+
+def test_active_sets_are_sorted_and_consistent():
+    law = SparseLaw(0.9)
+    codes, count = _active(law, jax.random.PRNGKey(0), 2000, 40)
+    vals, cols, count = np.asarray(codes.vals), np.asarray(codes.cols), np.asarray(count)
+    K = vals.shape[1]
+    assert K == law.capacity(40) and cols.dtype == np.int32
+    slot = np.arange(K)[None, :]
+    live = slot < count[:, None]
+    assert np.all((vals > 0) == live)  # magnitudes >= c_min > 0 exactly on the active slots
+    assert np.all(cols[~live] == 39)
+    d = np.diff(np.where(live, cols, 10**6), axis=1)
+    assert np.all(d[live[:, 1:]] > 0)  # strictly increasing: no feature twice in a row
+    x = np.asarray(densify(codes))
+    np.testing.assert_array_equal((x > 0).sum(1), count)
+    np.testing.assert_allclose(x.sum(1), vals.sum(1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("S", [0.98, 0.5])  # sparse sampler, dense fallback
+def test_features_follow_the_law(S):
+    n, B = 256, 60000
+    law = SparseLaw(S, c_min=0.3, beta=0.7)
+    assert law.sparse_sampler(n) == (S == 0.98)
+    x = np.asarray(jax.jit(law.sample_features, static_argnums=(1, 2))(jax.random.PRNGKey(1), B, n), np.float64)
+    m = x > 0
+    p = 1 - S
+    # firing rate of every feature (5 standard errors; 256 features)
+    se = math.sqrt(p * (1 - p) / B)
+    assert np.max(np.abs(m.mean(0) - p)) < 5 * se
+    # count per row: Binomial(n, p), chi-square on the bins with expectation >= 20
+    counts = m.sum(1)
+    ks = np.arange(n + 1)
+    expect = B * stats.binom.pmf(ks, n, p)
+    big = expect >= 20
+    obs = np.bincount(counts, minlength=n + 1)
+    f_obs = np.append(obs[big], obs[~big].sum())
+    f_exp = np.append(expect[big], expect[~big].sum())
+    assert stats.chisquare(f_obs, f_exp * f_obs.sum() / f_exp.sum()).pvalue > 1e-4
+    # independence: mask correlations of all pairs (neighbours included: the gaps link them) ~ 0
+    C = np.corrcoef(m.T)
+    off = C[~np.eye(n, dtype=bool)]
+    assert np.max(np.abs(off)) < 6 / math.sqrt(B)  # 32640 pairs
+    assert abs(np.mean(np.diag(C, 1))) < 4 / math.sqrt(B * (n - 1))
+    # magnitudes c_min + Exp(beta): min, mean, second moment, and an Exp law of the excess
+    a = x[m]
+    assert a.min() >= law.c_min - 1e-6
+    se_mean = law.beta / math.sqrt(a.size)
+    assert abs(a.mean() - law.active_mean) < 5 * se_mean
+    assert a.var() == pytest.approx(law.beta ** 2, rel=0.05)
+    assert np.mean(a ** 2) == pytest.approx(law.second_moment, rel=0.02)
+    assert stats.kstest(a - law.c_min, "expon", args=(0, law.beta)).pvalue > 1e-4
+
+
+def test_gap_law_far_tail():
+    # Positions of the first success for a small rate: P(first > g) = (1 - p)^(g+1), checked where a
+    # 24-bit uniform would already have lost resolution.
+    p, n, B = 0.002, 20000, 200000
+    pos = np.asarray(jax.jit(geometric_positions, static_argnums=(1, 2, 3, 4))(jax.random.PRNGKey(2), B, n, p, 1))[:, 0]
+    for g in (0, 100, 1000, 3000):
+        expect = (1 - p) ** (g + 1)
+        assert abs(np.mean(pos > g) - expect) < 5 * math.sqrt(expect * (1 - expect) / B) + 1e-6
+    assert np.mean(pos >= n) == pytest.approx((1 - p) ** n, abs=1e-6)
+
+
+def test_truncation_keeps_the_first_K_and_has_the_binomial_tail():
+    # Forcing a tiny capacity shows the mechanism the default capacity makes (< 1e-15) improbable:
+    # the count is min(Binomial(n, p), K) and the kept features are the first K of the row.
+    n, p, B, K = 64, 0.05, 40000, 3
+    law = SparseLaw(1 - p)
+    cut, count = _active(law, jax.random.PRNGKey(3), B, n, capacity=K)
+    count = np.asarray(count)
+    expect = np.append(stats.binom.pmf(np.arange(K), n, p), stats.binom.sf(K - 1, n, p))
+    np.testing.assert_allclose(np.bincount(count, minlength=K + 1) / B, expect, atol=5 * math.sqrt(0.25 / B))
+    # the first kept feature is the first success of the row: P(col_0 > g | count >= 1) = ...
+    first = np.asarray(cut.cols)[count >= 1, 0]
+    for g in (0, 5, 20):
+        pg = ((1 - p) ** (g + 1) - (1 - p) ** n) / (1 - (1 - p) ** n)
+        assert abs(np.mean(first > g) - pg) < 5 * math.sqrt(pg * (1 - pg) / first.size)
+
+
+def test_determinism_jit_and_vmap():
+    law = SparseLaw(0.99)
+    n, B = 3000, 16
+    assert law.sparse_sampler(n)
+    f = jax.jit(law.sample_features, static_argnums=(1, 2))
+    k = jax.random.PRNGKey(4)
+    a = f(k, B, n)
+    np.testing.assert_array_equal(a, f(k, B, n))
+    np.testing.assert_array_equal(a, law.sample_features(k, B, n))  # eager == jit
+    assert not np.array_equal(a, f(jax.random.PRNGKey(5), B, n))
+    keys = jax.random.split(k, 3)
+    v = jax.jit(jax.vmap(lambda kk: law.sample_features(kk, B, n)))(keys)
+    for i in range(3):
+        np.testing.assert_array_equal(v[i], f(keys[i], B, n))
+    assert f(jax.random.key(0), 2, n).shape == (2, n)  # typed keys
+
+
+def test_decode_active_equals_the_dense_product():
+    law = SparseLaw(0.97)
+    n, m, B = 700, 24, 50
+    W = jax.random.normal(jax.random.PRNGKey(6), (m, n))
+
+    @jax.jit
+    def check(key):
+        codes, count = law.sample_active(key, B, n)
+        zero = decode_active(codes.replace(vals=jnp.zeros_like(codes.vals)), jnp.zeros_like(count), W.T)
+        return decode_active(codes, count, W.T), densify(codes) @ W.T, zero
+
+    out, ref, zero = check(jax.random.PRNGKey(7))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    np.testing.assert_array_equal(zero, 0.0)
+
+    @jax.jit
+    def check_vmap(key):  # vmapped over batches with different largest counts
+        cs, ns = jax.vmap(lambda k: law.sample_active(k, 5, n))(jax.random.split(key, 4))
+        return jax.vmap(decode_active, in_axes=(0, 0, None))(cs, ns, W.T), jax.vmap(densify)(cs) @ W.T
+
+    out, ref = check_vmap(jax.random.PRNGKey(8))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def _unit(key, d, n):
+    W = jax.random.normal(key, (d, n))
+    return W / jnp.linalg.norm(W, axis=0, keepdims=True)
+
+
+@pytest.mark.parametrize("method", ["sae", "transcoder", "skip_transcoder", "crosscoder"])
+def test_bench_fast_path_matches_observe(method):
+    n, d = 1024, 16
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(9), 3)
+    W_p = jnp.concatenate([_unit(k1, d, n), _unit(k3, d, n)]) if method == "crosscoder" else _unit(k1, d, n)
+    W_r = W_p if method in ("sae", "crosscoder") else _unit(k2, 12, n)
+    W_skip = jax.random.normal(k3, (12, d)) if method == "skip_transcoder" else None
+    b = Bench(W_p=W_p, W_r=W_r, W_skip=W_skip, sparsity=0.99, method=method, n_sources=2 if method == "crosscoder" else 1)
+    assert b.law.sparse_sampler(n)
+    key = jax.random.PRNGKey(10)
+    batch = jax.jit(b.sample, static_argnums=1)(key, 256)
+    k_x, k_obs = jax.random.split(key)
+    np.testing.assert_array_equal(batch.features, b.sample_features(k_x, 256))  # features as documented
+    ref = b.observe(batch.features, k_obs)
+    np.testing.assert_allclose(batch.x_p, ref.x_p, atol=1e-5)
+    np.testing.assert_allclose(batch.x_r, ref.x_r, atol=1e-5)
+    assert np.mean(np.asarray(batch.features) > 0) == pytest.approx(0.01, abs=0.002)
+
+
+def test_finite_dataset_with_the_sparse_sampler():
+    n, d = 1024, 8
+    W = _unit(jax.random.PRNGKey(11), d, n)
+    b = Bench(W_p=W, W_r=W, sparsity=0.99, dataset_size=50, data_key=jax.random.PRNGKey(12))
+    assert b.law.sparse_sampler(n)
+    rows = jax.jit(lambda bb, idx: bb.dataset_batch(idx))
+    full = rows(b, jnp.arange(50))
+    np.testing.assert_allclose(full.x_p, full.features @ b.W_p.T, atol=1e-5)
+    assert 0 < np.mean(np.asarray(full.features) > 0) < 0.03
+    part = rows(b, jnp.array([3, 3, 49]))  # a row does not depend on the batch it is drawn in
+    np.testing.assert_array_equal(part.features, full.features[jnp.array([3, 3, 49])])
+    np.testing.assert_allclose(part.x_p, full.x_p[jnp.array([3, 3, 49])], atol=1e-6)
+    # sampling draws rows of the fixed dataset only
+    s = jax.jit(lambda bb, k: bb.sample(k, 40))(b, jax.random.PRNGKey(13))
+    fixed = {tuple(r) for r in np.asarray(full.features)}
+    assert all(tuple(r) in fixed for r in np.asarray(s.features))
+
+
+def test_make_bench_uses_the_sparse_sampler_at_the_paper_setting():
+    b = make_bench(jax.random.PRNGKey(0), 200, 48, 0.4, 0.99)
+    assert b.law.sparse_sampler(200) and b.law.capacity(200) == active_capacity(200, 0.01)
+    batch = jax.jit(b.sample, static_argnums=1)(jax.random.PRNGKey(1), 2000)
+    np.testing.assert_allclose(batch.x_p, batch.features @ b.W_p.T, atol=1e-5)
