@@ -209,3 +209,84 @@ def test_make_bench_uses_the_sparse_sampler_at_the_paper_setting():
     assert b.law.sparse_sampler(200) and b.law.capacity(200) == active_capacity(200, 0.01)
     batch = jax.jit(b.sample, static_argnums=1)(jax.random.PRNGKey(1), 2000)
     np.testing.assert_allclose(batch.x_p, batch.features @ b.W_p.T, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Structured benches: thinning (per-feature rates) and the hierarchy closure on active sets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_structured_thinning_follows_per_feature_rates():
+    from jsdl.data import make_structured_bench
+
+    n = 600
+    rates = np.linspace(0.001, 0.02, n)
+    imp = np.linspace(0.5, 2.0, n)
+    b = make_structured_bench(jax.random.PRNGKey(20), n, 24, 0.6, firing_rates=rates, importance=imp)
+    assert b.sparse_capacity == active_capacity(n, 0.02) > 0
+    B = 40000
+    batch = jax.jit(b.sample, static_argnums=1)(jax.random.PRNGKey(21), B)
+    x = np.asarray(batch.features, np.float64)
+    m = x > 0
+    z = (m.mean(0) - rates) / np.sqrt(rates * (1 - rates) / B)
+    assert np.max(np.abs(z)) < 5.5  # 600 features
+    # magnitudes scale with importance: x_d / importance_d ~ c_min + Exp(beta)
+    a = (x / imp)[m]
+    assert abs(a.mean() - (b.c_min + b.beta)) < 5 * b.beta / math.sqrt(a.size)
+    assert stats.kstest(a - b.c_min, "expon", args=(0, b.beta)).pvalue > 1e-4
+    np.testing.assert_allclose(batch.x_p, batch.features @ b.W_p.T, atol=1e-5)
+    # a bench altered to exceed the bound the sampler was built for fails loudly
+    bad = b.replace(rates=b.rates.at[0].set(0.5))
+    assert np.all(np.isnan(jax.jit(bad.sample_features, static_argnums=1)(jax.random.PRNGKey(0), 4)))
+
+
+def test_structured_hierarchy_closure_and_magnitudes():
+    from jsdl.data import make_hierarchical_bench
+
+    b = make_hierarchical_bench(jax.random.PRNGKey(22), n_roots=60, branching=3, depth=2, d_input=32,
+                                max_interference=0.5, child_rate=0.02, parent_alone_rate=0.005)
+    assert b.sparse_capacity > 0 and b.depth == 2
+    B = 30000
+    key = jax.random.PRNGKey(23)
+    batch = jax.jit(b.sample, static_argnums=1)(key, B)
+    np.testing.assert_array_equal(batch.features, jax.jit(b.sample_features, static_argnums=1)(jax.random.split(key)[0], B))
+    np.testing.assert_allclose(batch.x_p, batch.features @ b.W_p.T, atol=1e-5)
+    x = np.asarray(batch.features, np.float64)
+    m = x > 0
+    po = np.asarray(b.parent_of)
+    n = po.shape[0]
+    kids = [np.flatnonzero(po == p) for p in range(n)]
+    internal = np.array([k.size > 0 for k in kids])
+    # Definition 3.2 with own rates: a leaf fires at child_rate; a parent fires iff it fires alone
+    # or one of its children fires (closure over the two levels)
+    leaf_rate = m[:, ~internal].mean()
+    assert abs(leaf_rate - 0.02) < 5 * math.sqrt(0.02 * 0.98 / (B * (~internal).sum()))
+    for p in np.flatnonzero(internal)[:20]:
+        assert np.all(m[:, p] >= m[:, kids[p]].any(1))
+    p_mid = 1 - (1 - 0.005) * (1 - 0.02) ** 3  # a depth-1 node
+    p_root = 1 - (1 - 0.005) * (1 - p_mid) ** 3
+    roots = po == -1
+    assert abs(m[:, roots].mean() - p_root) < 5 * math.sqrt(p_root * (1 - p_root) / (B * roots.sum()))
+    # a parent's magnitude is one c_min + Exp(beta) draw however many children fire (no max/sum)
+    mid = np.flatnonzero(internal & ~roots)
+    n_kids = np.stack([m[:, kids[p]].sum(1) for p in mid], 1)
+    a = x[:, mid]
+    for sel in (n_kids == 1, n_kids >= 2):
+        v = a[sel]
+        assert abs(v.mean() - (b.c_min + b.beta)) < 5 * b.beta / math.sqrt(v.size)
+        assert stats.kstest(v - b.c_min, "expon", args=(0, b.beta)).pvalue > 1e-4
+
+
+def test_structured_dense_fallbacks():
+    from jsdl.data import make_structured_bench
+
+    n = 30
+    C = np.eye(n)
+    C[0, 1] = C[1, 0] = 0.3
+    corr = make_structured_bench(jax.random.PRNGKey(24), n, 16, 0.6, sparsity=0.99, correlation=C)
+    assert corr.sparse_capacity == 0  # the copula needs every latent Gaussian
+    dense = make_structured_bench(jax.random.PRNGKey(24), n, 16, 0.6, sparsity=0.5)
+    assert dense.sparse_capacity == 0  # K close to n
+    with pytest.raises(ValueError, match="no sparse sampler"):
+        dense.sample_active(jax.random.PRNGKey(0), 2)
+    assert dense.sample(jax.random.PRNGKey(0), 5).x_p.shape == (5, 16)

@@ -35,6 +35,7 @@ from flax import struct
 
 from jsdl.data import bench as _bench
 from jsdl.data.bench import SamplingMixin, _SELF
+from jsdl.kernels import SparseCodes, densify
 from jsdl.objective import Batch
 
 __all__ = [
@@ -285,6 +286,7 @@ class StructuredBench(SamplingMixin):
     depth: int = struct.field(pytree_node=False, default=0)
     kind: str = struct.field(pytree_node=False, default="structured")
     generation: tuple = struct.field(pytree_node=False, default=())
+    rate_bound: Optional[float] = struct.field(pytree_node=False, default=None)
 
     @property
     def sparsity(self) -> float:
@@ -306,31 +308,123 @@ class StructuredBench(SamplingMixin):
             mask = mask | up
         return mask
 
+    def _magnitudes(self, key, shape, dtype):
+        if self.magnitude == "uniform":
+            return self.c_min + self.beta * jax.random.uniform(key, shape, dtype)
+        return self.c_min + self.beta * jax.random.exponential(key, shape, dtype)
+
+    @property
+    def sparse_capacity(self) -> int:
+        """Slots per row of the sparse sampler (0: the dense sampler is used). The sparse sampler
+        needs independent base masks (no copula) and ``rate_bound`` (set by the constructors: the
+        largest base rate); its candidates are Binomial(n, rate_bound), with capacity
+        :func:`jsdl.data.bench.active_capacity` (P(truncation) < 1e-15 per row)."""
+        if self.corr_chol is not None or self.rate_bound is None:
+            return 0
+        n = self.n_features
+        K = _bench.active_capacity(n, self.rate_bound) if self.rate_bound > 0 else 0
+        return K if K * _bench.SPARSE_SAMPLER_RATIO <= n else 0
+
+    def sample_active(self, key: jax.Array, batch_size: int) -> tuple[list, jax.Array]:
+        """Active features of ``batch_size`` rows without a dense draw (needs
+        ``sparse_capacity > 0``): ``(blocks, count)`` with ``blocks`` a list of ``depth + 1``
+        :class:`jsdl.kernels.SparseCodes` ``[B, K]`` (block 0: the features firing on their own;
+        block l: the l-th ancestors of block 0's features) and ``count [B]``: only the first
+        ``count[b]`` slots of each block can be non-zero.
+
+        Base masks by thinning: candidates are Bernoulli(``rate_bound``) trials drawn as geometric
+        gaps (:func:`jsdl.data.bench.geometric_positions`); candidate d is kept with probability
+        ``rate_d / rate_bound``, so feature d fires on its own with probability ``rate_d``,
+        independently. The hierarchy adds every ancestor of a firing feature (the closure that
+        :meth:`_propagate` computes on dense masks); a feature reached several times keeps the
+        magnitude of its first slot (chosen by position only, so magnitudes stay i.i.d.). Slots
+        not active hold value 0 at a valid column. All values are NaN if some ``rates`` exceed
+        ``rate_bound`` (a bench altered after construction), and so are the dense features."""
+        K = self.sparse_capacity
+        if K == 0:
+            raise ValueError("this bench has no sparse sampler (correlated masks, or rates too high); use sample_features")
+        n, B, dtype = self.n_features, batch_size, self.W_p.dtype
+        k_g, k_t, k_a = jax.random.split(key, 3)
+        pos = _bench.geometric_positions(k_g, B, n, self.rate_bound, K)
+        cand = pos < n
+        count = jnp.sum(cand, axis=1, dtype=jnp.int32)
+        col = jnp.minimum(pos, n - 1)
+        accept = jax.random.uniform(k_t, (B, K), dtype) * self.rate_bound < self.rates[col]
+        cols, valid = [col], [cand & accept]
+        for _ in range(self.depth):
+            par = self.parent_of[cols[-1]]
+            valid.append(valid[-1] & (par >= 0))
+            cols.append(jnp.maximum(par, 0))
+        L = len(cols)
+        col_all = jnp.concatenate(cols, axis=1)  # [B, L K]
+        valid_all = jnp.concatenate(valid, axis=1)
+        if L > 1:  # keep the first slot of each (row, feature)
+            slot = jnp.broadcast_to(jnp.arange(L * K, dtype=jnp.int32), col_all.shape)
+            big = jnp.int32(L * K)
+            rows = jnp.arange(B)[:, None]
+            first = jnp.full((B, n), big, jnp.int32).at[rows, col_all].min(jnp.where(valid_all, slot, big))
+            valid_all = valid_all & (first[rows, col_all] == slot)
+        a = self._magnitudes(k_a, col_all.shape, dtype) * self.importance[col_all]
+        bad = jnp.max(self.rates) > self.rate_bound
+        vals = jnp.where(bad, jnp.nan, jnp.where(valid_all, a, jnp.zeros((), dtype)))
+        blocks = [SparseCodes(vals=vals[:, l * K:(l + 1) * K], cols=col_all[:, l * K:(l + 1) * K], rows=None,
+                              n_latents=n) for l in range(L)]
+        return blocks, count
+
+    def _densify(self, blocks):
+        # One scatter-add for all blocks: the active (row, feature) pairs are distinct across blocks
+        # and the inactive slots add 0. All NaN if the rates exceed the bound (see sample_active).
+        x = densify(SparseCodes(vals=jnp.concatenate([b.vals for b in blocks], axis=1),
+                                cols=jnp.concatenate([b.cols for b in blocks], axis=1), rows=None,
+                                n_latents=blocks[0].n_latents))
+        return jnp.where(jnp.max(self.rates) > self.rate_bound, jnp.nan, x)
+
     def sample_features(self, key: jax.Array, batch_size: int) -> jax.Array:
-        """Coefficients ``x [B, n]`` (base masks, hierarchy, magnitudes; module docstring). Jit-able."""
+        """Coefficients ``x [B, n]`` (base masks, hierarchy, magnitudes; module docstring). With
+        the sparse sampler (``sparse_capacity > 0``) the scatter of :meth:`sample_active`; else
+        dense masks and magnitudes for all ``B n`` entries. Jit-able."""
+        if self.sparse_capacity:
+            return self._densify(self.sample_active(key, batch_size)[0])
         k_m, k_a = jax.random.split(key)
         mask = self._propagate(self._base_mask(k_m, batch_size))
-        shape, dtype = mask.shape, self.W_p.dtype
-        if self.magnitude == "uniform":
-            a = self.c_min + self.beta * jax.random.uniform(k_a, shape, dtype)
-        else:
-            a = self.c_min + self.beta * jax.random.exponential(k_a, shape, dtype)
-        return jnp.where(mask, a * self.importance, jnp.zeros((), dtype))
+        a = self._magnitudes(k_a, mask.shape, self.W_p.dtype)
+        return jnp.where(mask, a * self.importance, jnp.zeros((), self.W_p.dtype))
 
     def observe(self, x: jax.Array, key: Optional[jax.Array] = None) -> Batch:
         """``Batch(x_p, x_r, features=x)`` with additive Gaussian noise (needs ``key`` when
         ``noise_std`` or ``target_noise_std`` is non-zero)."""
+        return self._observe(x, lambda W: x @ W.T, key)
+
+    def draw(self, key: jax.Array, batch_size: int) -> Batch:
+        """Fresh samples: as :meth:`SamplingMixin.draw`, but with the sparse sampler the active
+        sets are drawn once (``features`` = their scatter = ``sample_features(k_x, B)``) and
+        ``x W^T`` is the sum of the active columns (:func:`jsdl.data.bench.decode_active`) when
+        :func:`jsdl.data.bench.use_sparse_decode` says so (equal up to float rounding)."""
+        if not self.sparse_capacity:
+            return SamplingMixin.draw(self, key, batch_size)
+        k_x, k_obs = jax.random.split(key)
+        blocks, count = self.sample_active(k_x, batch_size)
+        x = self._densify(blocks)
+        if _bench.use_sparse_decode(len(blocks) * self.sparse_capacity, self.n_features):
+            def project(W):
+                return sum(_bench.decode_active(b, count, W.T) for b in blocks)
+        else:
+            def project(W):
+                return x @ W.T
+        return self._observe(x, project, k_obs)
+
+    def _observe(self, x, project, key):
         noisy = self.noise_std > 0 or (self.target_noise_std > 0 and self.method not in _SELF)
         if noisy and key is None:
             raise ValueError("this bench adds noise: observe(x, key) needs a key")
         k1, k2 = jax.random.split(key) if noisy else (None, None)
-        x_p = x @ self.W_p.T
+        x_p = project(self.W_p)
         if self.noise_std > 0:
             x_p = x_p + self.noise_std * jax.random.normal(k1, x_p.shape, x_p.dtype)
         if self.method in _SELF:
             x_r = x_p
         else:
-            x_r = x @ self.W_r.T
+            x_r = project(self.W_r)
             if self.W_skip is not None:
                 x_r = x_r + x_p @ self.W_skip.T
             if self.target_noise_std > 0:
@@ -486,6 +580,7 @@ def make_structured_bench(
         realized_interference=realized, realized_interference_r=realized_r, dataset_size=N,
         skip_scale=skip_scale if W_skip is not None else 0.0, noise_std=noise_std,
         target_noise_std=target_noise_std, depth=depth, kind=_kind, generation=record,
+        rate_bound=float(rates.max()) if chol is None else None,
     )
 
 
