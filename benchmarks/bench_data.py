@@ -1,8 +1,29 @@
-"""Data generation benchmark: time to build the Linear Representation Bench at the paper's
-Table 3 size (n = 1000, d = 768, M = 0.1) and streaming sample throughput, jitted, on the default
-device. Writes the ``## Data generation`` section of RESULTS.md.
+"""Data generation benchmark: the synthetic samplers against the training step they feed.
 
-    .venv/bin/python benchmarks/bench_data.py [--reps 3] [--batch 4096] [--no-write]
+For every shape of ``benchmarks/bench_step.py`` (d, n_q, k, B) it builds, with ``n_features = n_q``
+(``--wide`` adds ``n_features = 2 n_q``), ``d_input = d`` and S = 0.99:
+
+* ``Bench`` (the Linear Representation Bench, eqs. 30-32) and a hierarchical ``StructuredBench``
+  (n/4 roots with 3 children each, leaves firing at 0.01, parents iff a child fires);
+* for each, the sampler this module replaced ("old": a Bernoulli mask and a magnitude for each of
+  the B n entries, ``x W_p^T`` as one dense product) and the current one ("new": active sets drawn
+  as geometric gaps, ``x W_p^T`` summed over the active columns where that is cheaper);
+* the real jitted TopK training step of ``jsdl.train`` (``Stepper.step``) on a fixed batch, and
+  the same step generating its batch on device from the bench (old and new sampler), which is how
+  ``jsdl.fit`` trains on a bench.
+
+All variants of a shape are timed alternating round-robin in one process (``common.alternate``).
+Reported: samples/s of each generator alone (jitted ``sample``, all three outputs x_p, x_r and
+the dense features [B, n] materialised), the sampler's time as a fraction of the step on a fixed
+batch, and the share of the in-step generation in the step that generates its batch ((t_bench -
+t_fixed) / t_bench). The feature matrices are random unit columns, not PGD solutions: sampling
+time does not depend on their values, and PGD at n = 16384 would need a 1 GB Gram matrix per
+iteration. Also: the crossover measurements behind the sampler's static rules
+(``SPARSE_SAMPLER_RATIO``, ``SPARSE_DECODE_RATIO`` in jsdl/data/bench.py), and the time to build
+the paper's bench (n = 1000, d = 768, M = 0.1) by PGD.
+
+    nice -n 10 .venv/bin/python benchmarks/bench_data.py [--shapes small,medium,large] [--reps 3]
+        [--wide] [--no-crossover] [--no-write]
 """
 from __future__ import annotations
 
@@ -14,84 +35,332 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import struct  # noqa: E402
 
 from common import log, machine_info, med, spread, write_section  # noqa: E402
-from jsdl.data import make_bench, make_hierarchical_bench  # noqa: E402
+from bench_step import SHAPES  # noqa: E402
+from jsdl.data import Bench, StructuredBench, build_hierarchy, make_bench  # noqa: E402
+from jsdl.data import bench as _bench  # noqa: E402
+from jsdl.kernels import densify  # noqa: E402
+
+S = 0.99
+CHILD_RATE = 0.01
 
 
-NOTE = ("Measured while the 2-core machine ran other engineers' jobs (load ~20): treat these as lower bounds. A profile at the same load put the two B x n threefry draws of eqs. 30-31 (mask + magnitude) at ~1.0 s per 4096-sample batch against ~0.33 s for x W_p^T: on CPU the RNG, not the matmul, bounds streaming.")
+# --------------------------------------------------------------------------------------------------
+# benches with random unit-column matrices, and the replaced sampler
+# --------------------------------------------------------------------------------------------------
 
 
-def throughput(b, batch_size: int, n_batches: int) -> list[float]:
-    """Samples/s of jitted ``b.sample`` over ``n_batches`` batches (after one warm-up call), per rep."""
-    fn = jax.jit(b.sample, static_argnums=1)
-    jax.block_until_ready(fn(jax.random.PRNGKey(0), batch_size))
-    t0 = time.perf_counter()
-    out = None
-    for i in range(n_batches):
-        out = fn(jax.random.PRNGKey(i + 1), batch_size)
-        jax.block_until_ready(out)
-    return batch_size * n_batches / (time.perf_counter() - t0)
+def unit_columns(key, d, n):
+    W = jax.random.normal(key, (d, n), jnp.float32)
+    return W / jnp.linalg.norm(W, axis=0, keepdims=True)
+
+
+def random_bench(n, d):
+    W = unit_columns(jax.random.PRNGKey(n + d), d, n)
+    return Bench(W_p=W, W_r=W, sparsity=S, method="sae")
+
+
+def random_hierarchy(n, d):
+    """As ``make_hierarchical_bench(n_roots=n/4, branching=3, depth=1, child_rate=0.01)``, random W."""
+    parent_of = build_hierarchy(n // 4, 3, 1)
+    n = parent_of.shape[0]
+    is_parent = np.zeros(n, bool)
+    is_parent[parent_of[parent_of >= 0]] = True
+    rates = np.where(is_parent, 0.0, CHILD_RATE)
+    edges = np.flatnonzero(parent_of >= 0)
+    W = unit_columns(jax.random.PRNGKey(n + d + 1), d, n)
+    return StructuredBench(
+        W_p=W, W_r=W, rates=jnp.asarray(rates, jnp.float32), importance=jnp.ones((n,), jnp.float32),
+        parent_of=jnp.asarray(parent_of, jnp.int32), child_idx=jnp.asarray(edges, jnp.int32),
+        parent_idx=jnp.asarray(parent_of[edges], jnp.int32), depth=1, kind="hierarchical",
+        rate_bound=float(rates.max()),
+    )
+
+
+def old_bench_sample(b, key, batch_size):
+    """The replaced ``Bench.sample`` (same law): a Bernoulli mask and a magnitude for each of the
+    ``B n`` entries, ``x_p = x W_p^T`` as one dense product."""
+    k_x, k_obs = jax.random.split(key)
+    k_m, k_e = jax.random.split(k_x)
+    n = b.n_features
+    mask = jax.random.bernoulli(k_m, 1.0 - b.sparsity, (batch_size, n))
+    x = jnp.where(mask, b.law.sample_magnitudes(k_e, (batch_size, n), b.W_p.dtype), 0.0)
+    return b.observe(x, k_obs)
+
+
+@struct.dataclass
+class OldBench:
+    """A Bench whose ``sample`` is the replaced dense sampler (to run it inside the step)."""
+
+    bench: Bench
+
+    def sample(self, key, batch_size):
+        return old_bench_sample(self.bench, key, batch_size)
+
+
+def dense_structured(b):
+    """The structured bench with its sparse sampler switched off: the replaced dense code path."""
+    return b.replace(rate_bound=None)
+
+
+def alternate(fns, reps, target_s=0.3, max_inner=50):
+    """Seconds per call of each callable, round-robin over ``reps`` rounds (as ``common.alternate``),
+    each measurement averaging ``inner`` back-to-back calls with ``inner`` chosen so a measurement
+    lasts about ``target_s``: short calls are otherwise dominated by scheduler noise on a loaded
+    machine. Each callable runs twice first (compilation, then the calibration call)."""
+    inner = {}
+    for name, f in fns.items():
+        f()
+        t0 = time.perf_counter()
+        f()
+        inner[name] = int(min(max_inner, max(1, round(target_s / max(time.perf_counter() - t0, 1e-6)))))
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                f()
+            times[name].append((time.perf_counter() - t0) / inner[name])
+    return times
+
+
+# --------------------------------------------------------------------------------------------------
+# timed callables
+# --------------------------------------------------------------------------------------------------
+
+
+def sampler_fn(sample, batch_size):
+    fn = jax.jit(sample, static_argnums=1)
+    box = {"i": 0}
+
+    def run():
+        box["i"] += 1
+        jax.block_until_ready(fn(jax.random.PRNGKey(box["i"]), batch_size))
+
+    return run
+
+
+def step_fn(spec, d, batch_size, data):
+    """The real TopK step of jsdl.train on a fixed batch (``data`` a Batch) or generating its batch
+    from ``data`` (a bench) inside the compiled step."""
+    from jsdl.train import Stepper, TrainConfig, init_state
+
+    mode = "bench" if hasattr(data, "sample") else "batch"
+    config = TrainConfig(steps=10**9, batch_size=batch_size, learning_rate=1e-4, grad_clip=1.0, log_every=10**9,
+                         progress=False)
+    stepper = Stepper(spec, config, data_mode=mode, devices=jax.devices()[:1], bench=data if mode == "bench" else None)
+    state = stepper.place_state(init_state(jax.random.PRNGKey(0), spec, config, d, data_key=jax.random.PRNGKey(1)))
+    arg = stepper.place_data(data)
+    box = {"state": state}
+
+    def run():
+        box["state"] = stepper.step(box["state"], arg, None)
+        jax.block_until_ready(box["state"])
+
+    return run
+
+
+def measure_shape(shape, n, reps, archs):
+    import jsdl
+
+    d, n_q, k, B = SHAPES[shape]
+    bench, hier = random_bench(n, d), random_hierarchy(n, d)
+    fixed = jax.jit(bench.sample, static_argnums=1)(jax.random.PRNGKey(0), B)
+    fixed = jsdl.Batch(x_p=fixed.x_p)
+    fns = {
+        "bench old": sampler_fn(lambda key, b: old_bench_sample(bench, key, b), B),
+        "bench new": sampler_fn(bench.sample, B),
+        "hier old": sampler_fn(dense_structured(hier).sample, B),
+        "hier new": sampler_fn(hier.sample, B),
+    }
+    for arch in archs:
+        spec = (jsdl.make_spec("sae", "topk", n_q, k=k) if arch == "topk"
+                else jsdl.make_spec("sae", "relu", n_q, penalties={"weighted_l1": 1e-3}))
+        fns[f"{arch} step, fixed batch"] = step_fn(spec, d, B, fixed)
+        fns[f"{arch} step + bench old"] = step_fn(spec, d, B, OldBench(bench))
+        fns[f"{arch} step + bench new"] = step_fn(spec, d, B, bench)
+    log(f"[bench_data] {shape} n={n}: compiling and timing {len(fns)} variants x {reps} reps ...")
+    t = alternate(fns, reps)
+    for name, ts in t.items():
+        log(f"  {name}: {spread(ts)}")
+    return dict(shape=shape, d=d, n_q=n_q, k=k, B=B, n=n, K=bench.law.capacity(n),
+                K_hier=hier.sparse_capacity, times=t, archs=archs)
+
+
+# --------------------------------------------------------------------------------------------------
+# crossover of the static rules
+# --------------------------------------------------------------------------------------------------
+
+
+def crossover(reps):
+    rows_s, rows_d = [], []
+    B = 4096
+    for n in (1024, 4096):
+        for s in (0.99, 0.95, 0.9, 0.8):
+            law = _bench.SparseLaw(s)
+            K = law.capacity(n)
+
+            def dense(key, law=law, n=n):
+                return jnp.where(jax.random.bernoulli(key, 1 - law.sparsity, (B, n)),
+                                 law.sample_magnitudes(key, (B, n)), 0.0)
+
+            def sparse(key, law=law, n=n):
+                return densify(law.sample_active(key, B, n)[0])
+
+            t = alternate({"dense": sampler_fn(lambda k, _b, f=dense: f(k), B),
+                           "sparse": sampler_fn(lambda k, _b, f=sparse: f(k), B)}, reps)
+            rows_s.append((n, s, K, med(t["dense"]), med(t["sparse"])))
+            log(f"[bench_data] sampler crossover n={n} S={s}: K/n={K / n:.3f} dense {spread(t['dense'])} sparse {spread(t['sparse'])}")
+    for d, n, Bd in ((64, 512, 1024), (512, 4096, 4096), (768, 16384, 4096)):
+        W = unit_columns(jax.random.PRNGKey(0), d, n)
+        for s in (0.99, 0.98, 0.95, 0.9):
+            law = _bench.SparseLaw(s)
+            codes, count = jax.jit(lambda key, law=law, n=n, Bd=Bd: law.sample_active(key, Bd, n))(jax.random.PRNGKey(1))
+            x = densify(codes)
+            dn = jax.jit(lambda x, W: x @ W.T)
+            sp = jax.jit(lambda c, m, W: _bench.decode_active(c, m, W.T))
+            t = alternate({"dense": lambda: jax.block_until_ready(dn(x, W)),
+                           "sparse": lambda: jax.block_until_ready(sp(codes, count, W))}, reps)
+            rows_d.append((d, n, Bd, s, codes.vals.shape[1], int(count.max()), med(t["dense"]), med(t["sparse"])))
+            log(f"[bench_data] decode crossover d={d} n={n} S={s}: dense {spread(t['dense'])} sparse {spread(t['sparse'])}")
+    return rows_s, rows_d
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------
+
+
+def ms(t):
+    return f"{t * 1e3:,.0f} ms" if t >= 0.1 else f"{t * 1e3:.1f} ms"
+
+
+def pct(x):
+    return f"{100 * x:.0f}%" if x >= 0.1 else f"{100 * x:.1f}%"
+
+
+def report(results, cross, gen, args, load0, load1):
+    cmd = "python benchmarks/bench_data.py " + " ".join(args.argv)
+    out = [
+        machine_info(),
+        f"- load average at the end: {load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f} (at the start {load0[0]:.1f} / "
+        f"{load0[1]:.1f} / {load0[2]:.1f}); run under `nice -n 10`",
+        f"- device: {jax.devices()[0].device_kind} ({jax.default_backend()}); command: `{cmd.strip()}`",
+        "",
+        f"Per benchmark shape of bench_step.py, S = {S}, d_input = d, feature matrices random unit columns; old = the",
+        "replaced sampler (a Bernoulli mask and a magnitude for every entry, x W_p^T dense), new = active sets",
+        "drawn as geometric gaps (capacity K per row, P(truncation) < 1e-15), x W_p^T summed over active",
+        "columns. All rows of a shape alternate round-robin in one process; median (min-max) of the reps.",
+        "",
+        "**Generators alone** (jitted `sample`: x_p, x_r and the dense features [B, n]); 'of step' = the",
+        "sampler's time over the TopK step on a fixed batch:",
+        "",
+        "| shape (d, n_q, k, B) | n | generator | old | new | old samples/s | new samples/s | speed-up | old of step | new of step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        t = r["times"]
+        step = med(t[f"{r['archs'][0]} step, fixed batch"])
+        for gname, label, K in (("bench", "Bench", r["K"]), ("hier", "hierarchical", r["K_hier"])):
+            o, nw = med(t[f"{gname} old"]), med(t[f"{gname} new"])
+            out.append(
+                f"| ({r['d']}, {r['n_q']}, {r['k']}, {r['B']}) | {r['n']} | {label} (K = {K}) | {spread(t[f'{gname} old'])} | "
+                f"{spread(t[f'{gname} new'])} | {r['B'] / o:,.0f} | {r['B'] / nw:,.0f} | {o / nw:.1f}x | "
+                f"{pct(o / step)} | **{pct(nw / step)}** |")
+    out += [
+        "",
+        "**Inside the training step** (`Stepper.step` generating its batch on device from the Bench, as",
+        "`jsdl.fit` does; the dense features are not used by the step, so XLA drops their scatter). Data",
+        "share = (t with generation - t on a fixed batch) / t with generation:",
+        "",
+        "| shape (d, n_q, k, B) | n | step | fixed batch | + old sampler | + new sampler | data share old | data share new |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        t = r["times"]
+        for arch in r["archs"]:
+            f, o, nw = (med(t[f"{arch} step, fixed batch"]), med(t[f"{arch} step + bench old"]),
+                        med(t[f"{arch} step + bench new"]))
+            out.append(
+                f"| ({r['d']}, {r['n_q']}, {r['k']}, {r['B']}) | {r['n']} | {arch} | {spread(t[f'{arch} step, fixed batch'])} | "
+                f"{spread(t[f'{arch} step + bench old'])} | {spread(t[f'{arch} step + bench new'])} | "
+                f"{pct(max(o - f, 0) / o)} | **{pct(max(nw - f, 0) / nw)}** |")
+    if cross is not None:
+        rows_s, rows_d = cross
+        out += [
+            "",
+            "**Crossover of the static rules** (jsdl/data/bench.py). Sampler, B = 4096, dense features from",
+            "dense masks vs from active sets (rule: sparse when K <= n / "
+            f"{_bench.SPARSE_SAMPLER_RATIO}):",
+            "",
+            "| n | S | K | K/n | dense | sparse | rule picks |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for n, s, K, td, tsp in rows_s:
+            pick = "sparse" if K * _bench.SPARSE_SAMPLER_RATIO <= n else "dense"
+            out.append(f"| {n} | {s} | {K} | {K / n:.3f} | {ms(td)} | {ms(tsp)} | {pick} |")
+        out += [
+            "",
+            f"x W^T from given active sets: dense product vs `decode_active` (rule: sum when K <= n / {_bench.SPARSE_DECODE_RATIO}):",
+            "",
+            "| d | n | B | S | K | largest count | dense | sum of active columns | rule picks |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for d, n, Bd, s, K, mx, td, tsp in rows_d:
+            pick = "sum" if _bench.use_sparse_decode(K, n) else "dense"
+            out.append(f"| {d} | {n} | {Bd} | {s} | {K} | {mx} | {ms(td)} | {ms(tsp)} | {pick} |")
+    if gen is not None:
+        times, its, ms_ = gen
+        out += [
+            "",
+            "Bench generation by PGD, n = 1000, d = 768, M = 0.1 (eq. 28, adaptive step; wall clock including",
+            "the host-side float64 re-check; the first rep includes jit compilation):",
+            "",
+            "| reps | time per bench | PGD iterations | realised max overlap |",
+            "|---|---|---|---|",
+            f"| {len(times)} (keys 0..{len(times) - 1}) | {spread(times)} | {', '.join(map(str, its))} | "
+            f"{', '.join(f'{m:.4f}' for m in ms_)} |",
+        ]
+    return "\n".join(out)
+
+
+def pgd_generation(reps):
+    times, its, ms_ = [], [], []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        b = make_bench(jax.random.PRNGKey(r), 1000, 768, 0.1, S)
+        jax.block_until_ready(b.W_p)
+        times.append(time.perf_counter() - t0)
+        its.append(dict(b.generation)["iterations_p"][0])
+        ms_.append(b.realized_interference)
+    return times, its, ms_
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="small,medium,large")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--n-batches", type=int, default=10)
+    ap.add_argument("--archs", default="topk", help="steps to compare with: topk and/or relu")
+    ap.add_argument("--wide", action="store_true", help="also n_features = 2 n_q")
+    ap.add_argument("--no-crossover", action="store_true")
+    ap.add_argument("--no-pgd", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-
-    log("bench generation n=1000 d=768 M=0.1 ...")
-    gen = []
-    benches = []
-    for r in range(args.reps):  # the first includes compilation of the PGD loop
-        t0 = time.perf_counter()
-        b = make_bench(jax.random.PRNGKey(r), 1000, 768, 0.1, 0.99)
-        jax.block_until_ready(b.W_p)
-        gen.append(time.perf_counter() - t0)
-        benches.append(b)
-        log(f"  rep {r}: {gen[-1]:.2f} s, iterations {dict(b.generation)['iterations_p']}, realised M {b.realized_interference:.4f}")
-    b = benches[0]
-    its = [dict(x.generation)["iterations_p"][0] for x in benches]
-    ms = [x.realized_interference for x in benches]
-
-    rows = []
-    for name, bb in [
-        ("Bench sae (n=1000, d=768, S=0.99)", b),
-        ("Bench sae, finite dataset N=100,000", make_bench(jax.random.PRNGKey(0), 1000, 768, 0.1, 0.99, dataset_size=100_000)),
-        ("Bench transcoder (d_target=768)", make_bench(jax.random.PRNGKey(0), 1000, 768, 0.1, 0.99, method="transcoder")),
-        ("Hierarchical (250 roots x 3 children, d=768)", make_hierarchical_bench(
-            jax.random.PRNGKey(0), n_roots=250, branching=3, depth=1, d_input=768, max_interference=0.1, child_rate=0.01)),
-    ]:
-        log(f"throughput {name} ...")
-        tp = [throughput(bb, args.batch, args.n_batches) for _ in range(args.reps)]
-        rows.append((name, tp))
-        log(f"  {med(tp):,.0f} samples/s")
-
-    cmd = "python benchmarks/bench_data.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = [
-        machine_info(),
-        f"- device: {jax.devices()[0].device_kind} ({jax.default_backend()}); command: `{cmd.strip()}`",
-        "",
-        "Bench generation, n = 1000, d = 768, M = 0.1 (PGD on eq. 28, adaptive step; wall clock including",
-        "the host-side float64 re-check; the first rep includes jit compilation):",
-        "",
-        "| reps | time per bench | PGD iterations | realised max overlap |",
-        "|---|---|---|---|",
-        f"| {args.reps} (keys 0..{args.reps - 1}) | {spread(gen)} | {', '.join(map(str, its))} | "
-        f"{', '.join(f'{m:.4f}' for m in ms)} |",
-        "",
-        f"Streaming sample throughput (jitted `sample`, batch {args.batch}, {args.n_batches} batches per rep, "
-        "block_until_ready per batch, median of reps; a sample is x_p [768] + x_r + features [n]):",
-        "",
-        "| data | samples/s (median) | min-max |",
-        "|---|---|---|",
-    ]
-    for name, tp in rows:
-        body.append(f"| {name} | {med(tp):,.0f} | {min(tp):,.0f}-{max(tp):,.0f} |")
-    body += ["", NOTE]
-    text = "\n".join(body)
+    args.argv = argv if argv is not None else sys.argv[1:]
+    load0 = os.getloadavg()
+    archs = args.archs.split(",")
+    results = []
+    for shape in args.shapes.split(","):
+        d, n_q, k, B = SHAPES[shape]
+        for n in (n_q, 2 * n_q) if args.wide else (n_q,):
+            results.append(measure_shape(shape, n, args.reps, archs))
+    cross = None if args.no_crossover else crossover(max(2, args.reps - 1))
+    gen = None if args.no_pgd else pgd_generation(args.reps)
+    text = report(results, cross, gen, args, load0, os.getloadavg())
     print(text)
     if not args.no_write:
         write_section("Data generation", text)
