@@ -36,6 +36,18 @@ Choices where the paper is silent (recorded on every Bench, see :meth:`Bench.con
 * Provably infeasible targets are rejected before any work, from the simplex bound (M >= -1/(n-1)),
   Rankin's bounds (n > d+1 needs M >= 0; n > 2d needs M > 0) and the Delsarte linear-programming
   bounds with f(t) = (t+1)(t-M) and (t+1)^2 (t-M) (see :func:`interference_lower_bound_check`).
+
+Sampling (:class:`SparseLaw`, :meth:`Bench.sample`): at high sparsity only ``(1-S) n`` of the ``n``
+features of a sample are active, so the active set of each row is drawn directly, as geometric
+gaps between active features (:func:`geometric_positions`), into a static capacity of ``K`` slots
+per row that a row overflows with probability < 1e-15 (:func:`active_capacity`); magnitudes are
+drawn for the ``K`` slots only, the dense features ``[B, n]`` are their scatter, and ``x_p = W_p x``
+is the sum of the active columns of ``W_p`` (:func:`decode_active`, built on
+:func:`jsdl.kernels.sparse_decode`) when that is cheaper than the dense product. The law is the
+same as drawing a Bernoulli mask and a magnitude for every entry, which is what is done when ``K``
+is close to ``n`` (low sparsity); the random stream of the two differs. Static rules and their
+measurements: :data:`SPARSE_SAMPLER_RATIO`, :data:`SPARSE_DECODE_RATIO`; numbers in
+benchmarks/RESULTS.md, "Data generation".
 """
 from __future__ import annotations
 
@@ -53,12 +65,15 @@ from jsdl.objective import Batch
 
 __all__ = [
     "ACTIVE_TAIL",
+    "SPARSE_DECODE_RATIO",
+    "SPARSE_SAMPLER_RATIO",
     "Bench",
     "InfeasibleInterferenceError",
     "SparseLaw",
     "active_capacity",
     "decode_active",
     "geometric_positions",
+    "use_sparse_decode",
     "make_bench",
     "generate_feature_matrix",
     "interference_lower_bound_check",

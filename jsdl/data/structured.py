@@ -21,6 +21,13 @@ Sampling of the coefficients ``x [B, n]``:
    ``importance_d^2``.
 4. observation ``x_p = W_p x + noise_std * eps`` (``x_r = x_p`` for self-reconstruction; otherwise
    ``x_r = W_r x (+ W_skip x_p) + target_noise_std * eps'``). ``features`` are the clean ``x``.
+
+With independent base masks whose largest rate is low (``sparse_capacity > 0``, e.g. the
+hierarchical benches at rate 0.01) steps 1-3 run on active sets instead of ``[B, n]`` arrays
+(:meth:`StructuredBench.sample_active`: geometric gaps at the largest rate, thinned to each
+feature's rate, then the ancestors of every firing feature), and ``W_p x`` is summed over the
+active columns when that is cheaper (as :class:`jsdl.data.Bench` does); same law, another random
+stream. Correlated masks (the copula needs all ``n`` latent Gaussians) use the dense draw.
 """
 from __future__ import annotations
 
@@ -258,7 +265,9 @@ class StructuredBench(SamplingMixin):
     [n, n]`` (Cholesky factor of the copula's Gaussian correlation) or None, ``toy`` (the trained
     :class:`ToyModel`) or None. Static: ``c_min``, ``beta``, ``magnitude``, ``method``,
     ``n_sources``, ``max_interference``, ``realized_interference(_r)``, ``dataset_size``,
-    ``skip_scale``, ``noise_std``, ``target_noise_std``, ``depth``, ``kind``, ``generation``."""
+    ``skip_scale``, ``noise_std``, ``target_noise_std``, ``depth``, ``kind``, ``generation``,
+    ``rate_bound`` (the largest base rate, set by the constructors for the sparse sampler; None
+    switches it off)."""
 
     W_p: jax.Array
     W_r: jax.Array
