@@ -79,6 +79,8 @@ def test_features_follow_the_law(S):
     f_obs = np.append(obs[big], obs[~big].sum())
     f_exp = np.append(expect[big], expect[~big].sum())
     assert stats.chisquare(f_obs, f_exp * f_obs.sum() / f_exp.sum()).pvalue > 1e-4
+    # rows are independent (the sparse sampler draws the whole batch as one sequence of gaps)
+    assert abs(np.corrcoef(counts[:-1], counts[1:])[0, 1]) < 5 / math.sqrt(B)
     # independence: mask correlations of all pairs (neighbours included: the gaps link them) ~ 0
     C = np.corrcoef(m.T)
     off = C[~np.eye(n, dtype=bool)]

@@ -71,6 +71,7 @@ __all__ = [
     "InfeasibleInterferenceError",
     "SparseLaw",
     "active_capacity",
+    "active_slots",
     "decode_active",
     "geometric_positions",
     "use_sparse_decode",
@@ -321,12 +322,18 @@ def active_capacity(n: int, rate: float, tail: float = ACTIVE_TAIL) -> int:
         return 0
     if p == 1.0:
         return n
-    a = np.arange(int(math.floor(n * p)) + 1, n + 1, dtype=np.float64)
-    q = a / n
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kl = q * np.log(q / p) + np.where(q < 1, (1 - q) * np.log((1 - q) / (1 - p)), 0.0)
-    ok = np.flatnonzero(-n * kl <= math.log(tail))
-    return n if ok.size == 0 else int(a[ok[0]]) - 1
+    def bound_ok(a):  # exp(-n KL(a/n || p)) <= tail, for n p < a <= n (the exponent grows with a)
+        q = a / n
+        kl = q * math.log(q / p) + ((1 - q) * math.log((1 - q) / (1 - p)) if q < 1 else 0.0)
+        return -n * kl <= math.log(tail)
+
+    lo, hi = int(math.floor(n * p)) + 1, n  # smallest a in [lo, hi] with bound_ok(a), by bisection
+    if not bound_ok(hi):
+        return n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if bound_ok(mid) else (mid + 1, hi)
+    return lo - 1
 
 
 def geometric_positions(key: jax.Array, batch_size: int, n: int, rate: float, capacity: int) -> jax.Array:
@@ -347,10 +354,41 @@ def geometric_positions(key: jax.Array, batch_size: int, n: int, rate: float, ca
     neg_log_u = 32.0 * math.log(2.0) - jnp.log(u.astype(jnp.float32) + 0.5)
     # A gap >= n already ends the row; clamping keeps the running sum in int32.
     gaps = jnp.minimum(jnp.floor(neg_log_u * (1.0 / lam)), float(n)).astype(jnp.int32) + 1
-    if K * (n + 1) < 2**31 - 1:
+    g_max = min(n, math.floor(33.0 * math.log(2.0) / lam) + 1) + 1  # -log U <= 33 log 2
+    if K * g_max < 2**31 - 1:
         return jnp.cumsum(gaps, axis=1) - 1
     # Saturating sum (associative for non-negative terms): positions stay <= n, no overflow.
     return jax.lax.associative_scan(lambda a, b: jnp.minimum(a + b, n + 1), gaps, axis=1) - 1
+
+
+def active_slots(key: jax.Array, batch_size: int, n: int, rate: float, capacity: int):
+    """Active sets of ``batch_size`` rows of ``n`` independent Bernoulli(``rate``) features, laid out
+    in ``K = capacity`` slots per row: ``(cols [B, K], live [B, K], count [B], draw [B, K], n_draws)``.
+    ``cols`` are ascending in the live slots (``n - 1`` elsewhere), ``count = sum(live, 1)``, and
+    ``draw`` indexes a flat array of ``n_draws`` per-active random draws (e.g. magnitudes drawn
+    as ``[n_draws]`` and gathered with ``draw``), so that per-active randomness costs ~ the number
+    of actives, not ``B K``.
+
+    The ``B n`` trials are one sequence of geometric gaps (:func:`geometric_positions` with one row
+    of length ``B n``), with capacity ``n_draws = active_capacity(B n, rate)`` (overflow < 1e-15
+    per batch); row b's actives are the positions in ``[b n, (b+1) n)``, of which the first ``K``
+    are kept (a row has more than ``K = active_capacity(n, rate)`` actives with probability < 1e-15).
+    When ``B n`` does not fit in int32, each row is drawn as its own sequence of ``K`` gaps."""
+    B, K = batch_size, capacity
+    slot = jnp.arange(K, dtype=jnp.int32)
+    if B * n >= 2**31 - 1 or B == 1:
+        pos = geometric_positions(key, B, n, rate, K)
+        live = pos < n
+        draw = jnp.arange(B * K, dtype=jnp.int32).reshape(B, K)
+        return jnp.minimum(pos, n - 1), live, jnp.sum(live, axis=1, dtype=jnp.int32), draw, B * K
+    E = max(active_capacity(B * n, rate), 1)
+    flat = geometric_positions(key, 1, B * n, rate, E)[0]  # [E] ascending; >= B n: no more actives
+    start = jnp.searchsorted(flat, jnp.arange(B + 1, dtype=jnp.int32) * n).astype(jnp.int32)  # row b: [start_b, start_b+1)
+    count = jnp.minimum(start[1:] - start[:-1], K)
+    live = slot[None, :] < count[:, None]
+    draw = jnp.where(live, start[:-1, None] + slot[None, :], 0)
+    cols = jnp.where(live, flat[draw] - jnp.arange(B, dtype=jnp.int32)[:, None] * n, n - 1)
+    return cols, live, count, draw, E
 
 
 def decode_active(codes: SparseCodes, count: jax.Array, W_rows: jax.Array) -> jax.Array:
@@ -398,9 +436,11 @@ class SparseLaw:
     * dense: a Bernoulli mask and a magnitude for each of the ``B n`` entries;
     * sparse (when the capacity ``K`` of :func:`active_capacity` is at most
       ``n / SPARSE_SAMPLER_RATIO``, e.g. S = 0.99): the active set of each row drawn directly as
-      geometric gaps (:func:`geometric_positions`), magnitudes for the ``K`` slots only, so
-      ``2 B K`` random words instead of ``2 B n``. A row with more than ``K`` active features would
-      be truncated; that has probability < 1e-15 per row (:data:`ACTIVE_TAIL`)."""
+      geometric gaps over the whole batch (:func:`active_slots`), magnitudes for the active
+      features only, so about ``2 (1-S) B n`` random words instead of ``2 B n``, laid out in ``K``
+      slots per row. A row with more than ``K`` active features would be truncated; that has
+      probability < 1e-15 per row (:data:`ACTIVE_TAIL`), and the batch's draw overflows with
+      probability < 1e-15 per batch."""
 
     sparsity: float = struct.field(pytree_node=False, default=0.99)
     c_min: float = struct.field(pytree_node=False, default=DEFAULT_C_MIN)
@@ -443,16 +483,15 @@ class SparseLaw:
         :class:`jsdl.kernels.SparseCodes` (``vals [B, K]`` the magnitudes ``c_min + Exp(beta)``,
         ``cols [B, K]`` int32 the feature indices, ascending; slots past a row's ``count [B]``
         hold value 0 at column ``n - 1``). ``K = capacity`` (default :meth:`capacity`). The gaps
-        come from the first half of ``key``, the magnitudes from the second. Jit- and vmap-able
-        (``batch_size``, ``n``, ``capacity`` static)."""
+        (:func:`active_slots`) come from the first half of ``key``, the magnitudes from the
+        second. Jit- and vmap-able (``batch_size``, ``n``, ``capacity`` static)."""
         dtype = dtype or jnp.zeros(()).dtype
         K = self.capacity(n) if capacity is None else int(capacity)
         k_g, k_e = jax.random.split(key)
-        pos = geometric_positions(k_g, batch_size, n, 1.0 - self.sparsity, K)
-        active = pos < n
-        vals = jnp.where(active, self.sample_magnitudes(k_e, (batch_size, K), dtype), jnp.zeros((), dtype))
-        codes = SparseCodes(vals=vals, cols=jnp.minimum(pos, n - 1), rows=None, n_latents=n)
-        return codes, jnp.sum(active, axis=1, dtype=jnp.int32)
+        cols, live, count, draw, n_draws = active_slots(k_g, batch_size, n, 1.0 - self.sparsity, K)
+        mags = self.sample_magnitudes(k_e, (n_draws,), dtype)
+        vals = jnp.where(live, mags[draw], jnp.zeros((), dtype))
+        return SparseCodes(vals=vals, cols=cols, rows=None, n_latents=n), count
 
     def sample_features(self, key: jax.Array, batch_size: int, n: int, dtype: Any = None) -> jax.Array:
         """``x [batch_size, n]`` drawn from the law. With the sparse sampler

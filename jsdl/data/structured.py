@@ -342,7 +342,7 @@ class StructuredBench(SamplingMixin):
         ``count[b]`` slots of each block can be non-zero.
 
         Base masks by thinning: candidates are Bernoulli(``rate_bound``) trials drawn as geometric
-        gaps (:func:`jsdl.data.bench.geometric_positions`); candidate d is kept with probability
+        gaps (:func:`jsdl.data.bench.active_slots`); candidate d is kept with probability
         ``rate_d / rate_bound``, so feature d fires on its own with probability ``rate_d``,
         independently. The hierarchy adds every ancestor of a firing feature (the closure that
         :meth:`_propagate` computes on dense masks); a feature reached several times keeps the
@@ -354,11 +354,8 @@ class StructuredBench(SamplingMixin):
             raise ValueError("this bench has no sparse sampler (correlated masks, or rates too high); use sample_features")
         n, B, dtype = self.n_features, batch_size, self.W_p.dtype
         k_g, k_t, k_a = jax.random.split(key, 3)
-        pos = _bench.geometric_positions(k_g, B, n, self.rate_bound, K)
-        cand = pos < n
-        count = jnp.sum(cand, axis=1, dtype=jnp.int32)
-        col = jnp.minimum(pos, n - 1)
-        accept = jax.random.uniform(k_t, (B, K), dtype) * self.rate_bound < self.rates[col]
+        col, cand, count, draw, n_draws = _bench.active_slots(k_g, B, n, self.rate_bound, K)
+        accept = jax.random.uniform(k_t, (n_draws,), dtype)[draw] * self.rate_bound < self.rates[col]
         cols, valid = [col], [cand & accept]
         for _ in range(self.depth):
             par = self.parent_of[cols[-1]]
@@ -373,7 +370,8 @@ class StructuredBench(SamplingMixin):
             rows = jnp.arange(B)[:, None]
             first = jnp.full((B, n), big, jnp.int32).at[rows, col_all].min(jnp.where(valid_all, slot, big))
             valid_all = valid_all & (first[rows, col_all] == slot)
-        a = self._magnitudes(k_a, col_all.shape, dtype) * self.importance[col_all]
+        mags = self._magnitudes(k_a, (L, n_draws), dtype)
+        a = jnp.concatenate([mags[l][draw] for l in range(L)], axis=1) * self.importance[col_all]
         bad = jnp.max(self.rates) > self.rate_bound
         vals = jnp.where(bad, jnp.nan, jnp.where(valid_all, a, jnp.zeros((), dtype)))
         blocks = [SparseCodes(vals=vals[:, l * K:(l + 1) * K], cols=col_all[:, l * K:(l + 1) * K], rows=None,
