@@ -290,15 +290,16 @@ def generate_feature_matrix(
 #: sampler (see :func:`active_capacity`).
 ACTIVE_TAIL = 1e-15
 #: The sparse sampler is used when its capacity K is at most ``n / SPARSE_SAMPLER_RATIO``: it draws
-#: 2 random words per slot (gap, magnitude) against 2 per feature for the dense draw, plus a
-#: cumulative sum and a scatter of the K slots into the dense features. Measured on CPU
-#: (B = 4096, n = 1024 and 4096, benchmarks/bench_data.py "crossover" table): the sparse draw is
-#: still faster at K = n/4 (S = 0.8), 3-10x faster at S = 0.99.
-SPARSE_SAMPLER_RATIO = 4
+#: about 2 random words per active feature (gap, magnitude) against 2 per feature for the dense
+#: draw, plus a cumulative sum, the [B, K] slot layout and a scatter into the dense features.
+#: Measured on CPU (B = 4096, benchmarks/bench_data.py "crossover" table): at n = 4096 the sparse
+#: draw is 7.7x faster at K/n = 0.025 (S = 0.99), 1.6x at K/n = 0.14 and 0.85x at K/n = 0.25; at
+#: n = 1024 still 1.7x at K/n = 0.31.
+SPARSE_SAMPLER_RATIO = 5
 #: ``x W^T`` is a sum of the K active rows of ``W^T`` (:func:`decode_active`) when
-#: ``K <= n / SPARSE_DECODE_RATIO``, else the dense product. Measured on CPU (B = 1024-4096,
-#: d = 64-768, n = 512-16384, benchmarks/bench_data.py "crossover" table): the sum is faster up to
-#: K/n ~ 0.1 at d = 64 and beyond K/n = 0.12 at d = 512 and 768.
+#: ``K <= n / SPARSE_DECODE_RATIO``, else the dense product. Measured on CPU (benchmarks/bench_data.py
+#: "crossover" table): the sum is 2x faster at S = 0.99 and as fast at K/n = 0.15-0.2 for d = 64,
+#: n = 512, B = 1024; 1.6x faster at K/n = 0.14 for d = 512 and at K/n = 0.12 for d = 768.
 SPARSE_DECODE_RATIO = 8
 _DECODE_UNROLL = 8  # slots per step of decode_active's loop (see there)
 
