@@ -38,10 +38,10 @@ Choices where the paper is silent (recorded on every Bench, see :meth:`Bench.con
   bounds with f(t) = (t+1)(t-M) and (t+1)^2 (t-M) (see :func:`interference_lower_bound_check`).
 
 Sampling (:class:`SparseLaw`, :meth:`Bench.sample`): at high sparsity only ``(1-S) n`` of the ``n``
-features of a sample are active, so the active set of each row is drawn directly, as geometric
-gaps between active features (:func:`geometric_positions`), into a static capacity of ``K`` slots
+features of a sample are active, so the active sets are drawn directly, as geometric gaps between
+active features over the whole batch (:func:`active_slots`), into a static capacity of ``K`` slots
 per row that a row overflows with probability < 1e-15 (:func:`active_capacity`); magnitudes are
-drawn for the ``K`` slots only, the dense features ``[B, n]`` are their scatter, and ``x_p = W_p x``
+drawn for the active features only, the dense features ``[B, n]`` are their scatter, and ``x_p = W_p x``
 is the sum of the active columns of ``W_p`` (:func:`decode_active`, built on
 :func:`jsdl.kernels.sparse_decode`) when that is cheaper than the dense product. The law is the
 same as drawing a Bernoulli mask and a magnitude for every entry, which is what is done when ``K``
