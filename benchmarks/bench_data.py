@@ -47,6 +47,7 @@ from jsdl.kernels import densify  # noqa: E402
 
 S = 0.99
 CHILD_RATE = 0.01
+SHAPES = {**SHAPES, "tiny": (16, 256, 4, 64)}  # "tiny": the smoke test's shape, not a benchmark
 
 
 # --------------------------------------------------------------------------------------------------

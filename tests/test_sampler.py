@@ -292,3 +292,18 @@ def test_structured_dense_fallbacks():
     with pytest.raises(ValueError, match="no sparse sampler"):
         dense.sample_active(jax.random.PRNGKey(0), 2)
     assert dense.sample(jax.random.PRNGKey(0), 5).x_p.shape == (5, 16)
+
+
+def test_bench_data_script_smoke(capsys):
+    """benchmarks/bench_data.py (the RESULTS section's generator) runs end to end at a tiny shape."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_data
+
+    bench_data.main(["--shapes", "tiny", "--reps", "1", "--no-crossover", "--no-pgd", "--no-write"])
+    out = capsys.readouterr().out
+    assert "| (16, 256, 4, 64) | 256 | Bench (K = " in out
+    assert "| (16, 256, 4, 64) | 256 | hierarchical (K = " in out
+    assert "| (16, 256, 4, 64) | 256 | topk |" in out
