@@ -45,7 +45,8 @@ SCALES = {
     "paper": ("16k", 4096, 200_000_000, 1024, 3e-4, 500_000),
 }
 # Coefficients found by --calibrate at the cpu scale (true L0 of the top 512 features); see README.
-DEFAULT_COEFS = {"cpu": {"relu": 2e-2, "jumprelu": 2e-3}, "paper": {"relu": 1e-2, "jumprelu": 1e-3}}
+DEFAULT_COEFS = {"cpu": {fw: {"relu": 1.0, "jumprelu": 1.0} for fw in ("jsdl", "saelens")},
+                 "paper": {fw: {"relu": 1.0, "jumprelu": 1.0} for fw in ("jsdl", "saelens")}}
 
 
 def log(*a):
@@ -204,17 +205,34 @@ def saelens_eval(sae, model, n_eval, batch):
 # --------------------------------------------------------------------------------------------------
 
 
-def calibrate(synth_cfg, arch, n_q, target_l0, batch, lr, samples, coefs):
-    """Coefficient of ``arch`` whose jsdl SAE lands closest to ``target_l0`` (log scale)."""
-    best = None
-    for c in coefs:
-        p, spec, bench, _ = jsdl_train(synth_cfg, arch, n_q, 0, c, samples, batch, lr, 99)
-        l0 = jsdl_eval(p, spec, bench, arch, 20000, batch, 99)["sae_l0"]
-        log(f"[calibrate] {arch} coef={c:g}: L0 {l0:.2f} (target {target_l0:.2f})")
-        score = abs(np.log(max(l0, 1e-3) / target_l0))
-        if best is None or score < best[0]:
-            best = (score, c)
-    return best[1]
+def calibrate(synth_cfg, fw, arch, n_q, target_l0, batch, lr, samples, start, iters=6):
+    """Coefficient of ``arch`` for framework ``fw`` whose SAE lands closest to ``target_l0`` (log
+    scale) after ``samples`` training samples: a geometric bracket search (L0 falls as the
+    coefficient grows) from ``start``, then ``iters`` geometric bisections in total. Each framework
+    is calibrated on its own generator (seed 99, not a reported seed)."""
+    tried = {}
+
+    def l0_at(c):
+        if c not in tried:
+            if fw == "jsdl":
+                p, spec, bench, _ = jsdl_train(synth_cfg, arch, n_q, 0, c, samples, batch, lr, 99)
+                tried[c] = jsdl_eval(p, spec, bench, arch, 20000, batch, 99)["sae_l0"]
+            else:
+                sae, model, _ = saelens_train(synth_cfg, arch, n_q, 0, c, samples, batch, lr, 99)
+                tried[c] = saelens_eval(sae, model, 20000, batch)["sae_l0"]
+            log(f"[calibrate] {fw} {arch} coef={c:.4g}: L0 {tried[c]:.2f} (target {target_l0:.2f}) | load {load_avg()}")
+        return tried[c]
+
+    lo, hi = None, None  # lo: L0 above target, hi: L0 below target
+    c = start
+    for _ in range(iters):
+        if l0_at(c) > target_l0:
+            lo = c
+            c = c * 10 if hi is None else (lo * hi) ** 0.5
+        else:
+            hi = c
+            c = c / 10 if lo is None else (lo * hi) ** 0.5
+    return min(tried, key=lambda c: abs(np.log(max(tried[c], 1e-3) / target_l0))), tried
 
 
 def table(rows):
@@ -281,6 +299,8 @@ def main(argv=None):
     ap.add_argument("--coef-jumprelu", type=float)
     ap.add_argument("--calibrate", action="store_true", help="set the ReLU/JumpReLU coefficients by a jsdl sweep")
     ap.add_argument("--calibrate-samples", type=int, default=300_000)
+    ap.add_argument("--calibrate-iters", type=int, default=6, help="training runs per framework and architecture")
+    ap.add_argument("--coefs", help='per-framework coefficients as JSON, e.g. {"jsdl": {"relu": 3}, "saelens": {"relu": 5}}')
     ap.add_argument("--calibrate-only", action="store_true", help="print the calibrated coefficients and stop")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads (1: on the shared 2-core machine 2 threads were slower)")
@@ -319,28 +339,35 @@ def main(argv=None):
     k = max(1, int(round(l0_top)))
     log(f"[synth_quality] {a.scale}: n={synth_cfg.n_features} d={synth_cfg.d_input} n_q={n_q} true L0 {l0_all:.2f} "
         f"(top {n_q}: {l0_top:.2f}) -> k={k}; {samples} samples, batch {batch}, lr {lr}")
-    coefs = dict(DEFAULT_COEFS[a.scale])
+    # Coefficients per framework: {"jsdl": {"relu": c, ...}, "saelens": {...}}.
+    coefs = {fw: dict(DEFAULT_COEFS[a.scale][fw]) for fw in ("jsdl", "saelens")}
+    calibration = {}
     if a.calibrate:
         cal_samples = min(samples, a.calibrate_samples)
-        if "relu" in archs:
-            coefs["relu"] = calibrate(synth_cfg, "relu", n_q, l0_top, batch, lr, cal_samples, [1e-2, 3e-2, 1e-1, 3e-1])
-        if "jumprelu" in archs:
-            coefs["jumprelu"] = calibrate(synth_cfg, "jumprelu", n_q, l0_top, batch, lr, cal_samples,
-                                          [1e-3, 3e-3, 1e-2, 3e-2])
+        for fw in fws:
+            for arch in ("relu", "jumprelu"):
+                if arch in archs:
+                    c, tried = calibrate(synth_cfg, fw, arch, n_q, l0_top, batch, lr, cal_samples,
+                                         DEFAULT_COEFS[a.scale][fw][arch], a.calibrate_iters)
+                    coefs[fw][arch] = c
+                    calibration[f"{fw}/{arch}"] = {f"{k:.6g}": v for k, v in tried.items()}
         log(f"[synth_quality] calibrated coefficients: {coefs}")
         if a.calibrate_only:
-            print(json.dumps(coefs))
+            print(json.dumps(dict(coefs=coefs, calibration=calibration, samples=cal_samples, target_l0=l0_top)))
             return
-    if a.coef_relu is not None:
-        coefs["relu"] = a.coef_relu
-    if a.coef_jumprelu is not None:
-        coefs["jumprelu"] = a.coef_jumprelu
+    for fw in fws:
+        if a.coef_relu is not None:
+            coefs[fw]["relu"] = a.coef_relu
+        if a.coef_jumprelu is not None:
+            coefs[fw]["jumprelu"] = a.coef_jumprelu
+        for arch, c in json.loads(a.coefs or "{}").get(fw, {}).items():
+            coefs[fw][arch] = c
 
     rows = []
     for seed in seeds:
         for arch in archs:
-            coef = coefs.get(arch, 0.0)
             for fw in fws:
+                coef = coefs[fw].get(arch, 0.0)
                 load0 = load_avg()
                 if fw == "jsdl":
                     p, spec, bench, wall = jsdl_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed)
@@ -357,7 +384,7 @@ def main(argv=None):
                     f"uniq {r['uniqueness']:.3f} | {wall:.1f} s, {samples / wall:,.0f} samples/s | load {load0}")
                 with open(a.out, "w") as f:
                     json.dump(dict(scale=a.scale, synth=synth_cfg.to_dict(), n_q=n_q, k=k, true_l0=l0_all,
-                                   true_l0_top=l0_top, coefs=coefs, batch=batch, lr=lr, rows=rows), f, indent=1)
+                                   true_l0_top=l0_top, coefs=coefs, calibration=calibration, batch=batch, lr=lr, rows=rows), f, indent=1)
     print(table(rows))
     if a.write_results:
         import common

@@ -345,12 +345,11 @@ class SynthBench(SamplingMixin):
     ``[d, n]`` (unit feature vectors as columns), ``bias [d]``, ``probs [n]`` (base firing
     probabilities after compensation), ``thresholds [n]`` (``Phi^-1(1 - probs)``), ``mean_mag``,
     ``std_mag [n]``, ``corr_factor [n, rank]`` / ``corr_sqrt_diag [n]`` (or None), ``parent_of [n]``
-    (-1 for roots and free features), ``levels`` (per depth L = 1..depth, over the level's
-    contiguous block of features ``level_bounds[L-1] = (start, stop)``: ``(parents, rescale,
-    exclusive, group, groups)``: each child's parent, whether it is scaled by its parent, whether it
-    is a mutually exclusive child, its sibling group, and the groups ``[G, b]`` as block-relative
-    indices padded by repeating a sibling). Static: ``settings`` (the :class:`SynthConfig`),
-    ``depth``, ``level_bounds``."""
+    (-1 for roots and free features), ``children [n, b_max]`` (each feature's children, -1 padded)
+    and ``exclusive [n]`` (its children are mutually exclusive). Static: ``settings`` (the
+    :class:`SynthConfig`), ``depth``, ``n_roots`` (roots are features ``[0, n_roots)``),
+    ``tree_end`` (features ``[tree_end, n)`` are free), ``reducible`` (per level 1..depth: every
+    parent one level up has at most one surviving child)."""
 
     W_p: jax.Array
     W_r: jax.Array
@@ -360,73 +359,130 @@ class SynthBench(SamplingMixin):
     mean_mag: jax.Array
     std_mag: jax.Array
     parent_of: jax.Array
-    levels: tuple
+    children: jax.Array
+    exclusive: jax.Array
     corr_factor: Optional[jax.Array] = None
     corr_sqrt_diag: Optional[jax.Array] = None
     data_key: Optional[jax.Array] = None
     settings: SynthConfig = struct.field(pytree_node=False, default=SYNTH_16K)
     depth: int = struct.field(pytree_node=False, default=0)
-    level_bounds: tuple = struct.field(pytree_node=False, default=())
+    n_roots: int = struct.field(pytree_node=False, default=0)
+    tree_end: int = struct.field(pytree_node=False, default=0)
+    reducible: tuple = struct.field(pytree_node=False, default=())
+    rescale: bool = struct.field(pytree_node=False, default=True)
     method: str = struct.field(pytree_node=False, default="sae")
     n_sources: int = struct.field(pytree_node=False, default=1)
     dataset_size: int = struct.field(pytree_node=False, default=0)
     kind: str = struct.field(pytree_node=False, default="synth_sae_bench")
 
     # -- sampling ----------------------------------------------------------------------------------
-    def firing(self, key: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
-        """Base firing ``[B, n]`` (bool) before the hierarchy (copula or independent Bernoulli) and
-        ``v [B, n]``, which is Uniform(0, 1) given firing and independent of which features fire.
-
-        ``v`` recycles the firing draw instead of drawing new magnitude noise (random numbers are the
-        sampler's main cost on a CPU): with independent firing ``u < p``, ``v = u / p``; with the
-        copula, feature i fires iff ``eta_i > t_i = (Phi^-1(1 - p_i) - (eps F^T)_i) / sqrt(1 - |F_i|^2)``,
-        and given that, ``v = Q(eta_i) / Q(t_i)`` (``Q = 1 - Phi``, computed as ``Phi(-x)`` for accuracy
-        in the tail) is uniform by the probability integral transform of the truncated normal."""
-        n, dt = self.n_features, self.W_p.dtype
+    def _fire_prob(self, eps: Optional[jax.Array], idx) -> jax.Array:
+        """Firing probability of features ``idx`` given the copula factor draw ``eps [B, rank]``:
+        ``P(z_i > Phi^-1(1 - p_i) | eps) = Phi(((eps F^T)_i - Phi^-1(1 - p_i)) / sqrt(1 - |F_i|^2))``;
+        ``p_i`` without correlation. ``idx``: a slice (-> ``[B, m]``) or an index array ``[B, ...]``."""
         if self.corr_factor is None:
-            u = jax.random.uniform(key, (batch_size, n), dt)
-            fire = u < self.probs
-            return fire, jnp.where(fire, u / jnp.where(self.probs > 0, self.probs, 1.0), 0.5)
-        k1, k2 = jax.random.split(key)
-        eps = jax.random.normal(k1, (batch_size, self.corr_factor.shape[1]), dt)
-        eta = jax.random.normal(k2, (batch_size, n), dt)
-        t = (self.thresholds - eps @ self.corr_factor.T) / self.corr_sqrt_diag
-        fire = eta > t
-        ndtr = jax.scipy.special.ndtr
-        q_t = ndtr(-t)
-        return fire, jnp.where(fire, ndtr(-eta) / jnp.where(fire, q_t, 1.0), 0.5)
+            return self.probs[idx]
+        if isinstance(idx, slice):
+            proj = eps @ self.corr_factor[idx].T
+        else:
+            F = self.corr_factor[idx]  # [B, ..., rank]
+            proj = jnp.einsum("b...r,br->b...", F, eps)
+        return jax.scipy.special.ndtr((proj - self.thresholds[idx]) / self.corr_sqrt_diag[idx])
 
-    def firing_mask(self, key: jax.Array, batch_size: int) -> jax.Array:
-        """Base firing ``[B, n]`` (bool) before the hierarchy: copula or independent Bernoulli."""
-        return self.firing(key, batch_size)[0]
+    def _values(self, u: jax.Array, p: jax.Array, idx) -> jax.Array:
+        """``relu(mu_i + sigma_i z)`` where ``u < p`` (the feature fires), else 0, with the magnitude
+        noise ``z = -Phi^-1(u / p)``: given ``u < p``, ``u / p`` is Uniform(0, 1) and independent of
+        which features fire, so one uniform per (sample, feature) decides both (random numbers are
+        the sampler's cost on a CPU). ``u / p`` is clipped to ``[1e-7, 1 - 1e-7]`` (``|z| <= 5.3``)."""
+        dt = u.dtype
+        v = jnp.clip(u / jnp.where(p > 0, p, 1.0), 1e-7, 1.0 - 1e-7)
+        z = -jax.scipy.special.ndtri(v)
+        return jnp.where(u < p, jax.nn.relu(self.mean_mag[idx] + self.std_mag[idx] * z), jnp.zeros((), dt))
 
     def sample_features(self, key: jax.Array, batch_size: int) -> jax.Array:
         """Coefficients ``f [B, n]`` (module docstring, items 2-5). Jit-able."""
-        k_m, k_x = jax.random.split(key)
+        return self._sample(key, batch_size)[0]
+
+    def _sample(self, key: jax.Array, batch_size: int):
+        """``(f [B, n], slots)``, drawn top down so that random numbers are drawn only where the
+        result can depend on them.
+
+        Conditional on the copula's factor draw ``eps [B, rank]`` the features fire independently
+        (``_fire_prob``), so: the roots and the free features draw one uniform each (``_values``);
+        a child's firing only matters when its parent is active, so children are drawn per parent
+        *slot*: level 1 has one slot per root, level L+1 one per surviving level-L child (a
+        mutually exclusive parent keeps at most one child, so a level where every parent is
+        exclusive or has one child keeps one slot per parent slot; otherwise ``b_max`` per parent
+        slot). Per slot: the children's uniforms ``[B, S, b_max]`` give firing and magnitude as for
+        the roots; a child competes if its value is > 0 and its parent is active (value > 0); for
+        an exclusive parent one competitor, chosen uniformly by one more uniform per slot,
+        survives; survivors are scaled by ``f_parent / mu_parent`` (``scale_children_by_parent``)
+        or gated. This is the reference's level-by-level gating and exclusion, in distribution
+        exactly: the children of inactive parents, which it draws and then zeroes, are not drawn.
+        ``slots``: per level ``(cols [B, S, b], vals [B, S, b])``, -1 / 0 where empty."""
         dt = self.W_p.dtype
-        fire, v = self.firing(k_m, batch_size)
-        # Magnitude noise eps = Phi^-1(v), v clipped off 0 and 1 (|eps| <= 5.3).
-        noise = jax.scipy.special.ndtri(jnp.clip(v, 1e-7, 1.0 - 1e-7))
-        mag = jax.nn.relu(self.mean_mag + self.std_mag * noise)
-        f = jnp.where(fire, mag, jnp.zeros((), dt))
-        # Levels are contiguous index blocks (breadth-first numbering) whose parents sit in the block
-        # before, so each level is a static slice, a gather of its parents and a slice update.
-        u = None
-        for (s, e), (parents, rescale, ex_mask, group, groups) in zip(self.level_bounds, self.levels):
-            blk = f[:, s:e]
-            if groups.shape[0]:
-                # Mutual exclusion (before gating, on the raw firing as the reference does): i.i.d.
-                # uniform scores, the highest-scoring firing sibling survives (a uniform choice).
-                if u is None:
-                    u = jax.random.uniform(k_x, (batch_size, self.level_bounds[-1][1]), dt)
-                sc = jnp.where(ex_mask & (blk > 0), u[:, s:e], -1.0)
-                best = jnp.max(sc[:, groups], axis=-1)  # [B, G]
-                blk = jnp.where(ex_mask & (sc < best[:, group]), jnp.zeros((), dt), blk)
-            pv = f[:, parents]
-            gate = (pv > 0).astype(dt)
-            factor = jnp.where(rescale, gate * pv / self.mean_mag[parents], gate)
-            f = f.at[:, s:e].set(blk * factor)
-        return jax.nn.relu(f)
+        n, R, T = self.n_features, self.n_roots, self.tree_end
+        B = batch_size
+        k_eps, k_top, k_lv = jax.random.split(key, 3)
+        eps = None
+        if self.corr_factor is not None:
+            eps = jax.random.normal(k_eps, (B, self.corr_factor.shape[1]), dt)
+        # Roots and free features: one uniform each (only these two blocks, the children are below).
+        top = jnp.concatenate([jnp.arange(R), jnp.arange(T, n)]) if R and T < n else None
+        n_top = R + (n - T)
+        # optimization_barrier: XLA CPU otherwise fuses the random-bit computation into several
+        # consumers and recomputes it (measured 2-3x slower).
+        u = jax.lax.optimization_barrier(jax.random.uniform(k_top, (B, n_top), dt))
+        if R == 0 or T == n:
+            sl = slice(0, R) if T == n else slice(T, n)
+            v_top = self._values(u, self._fire_prob(eps, sl), sl)
+        else:
+            p = jnp.concatenate([self._fire_prob(eps, slice(0, R)), self._fire_prob(eps, slice(T, n))], axis=1)
+            v_top = self._values(u, p, top)
+        roots = v_top[:, :R]
+        parts = [roots, jnp.zeros((B, T - R), dt), v_top[:, R:]]
+        f = jnp.concatenate([a for a in parts if a.shape[1]], axis=1) if n else jnp.zeros((B, 0), dt)
+
+        slots = []
+        pc = jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32), (B, R))  # parent slot columns
+        pv = roots  # parent slot values
+        b_max = self.children.shape[1]
+        keys = jax.random.split(k_lv, max(self.depth, 1))
+        for L in range(self.depth):
+            k_u, k_w = jax.random.split(keys[L])
+            S = pc.shape[1]
+            safe = jnp.maximum(pc, 0)
+            cc = jnp.where((pc >= 0)[..., None], self.children[safe], -1)  # [B, S, b]
+            ok = cc >= 0
+            cs = jnp.maximum(cc, 0)
+            p = jnp.where(ok, self._fire_prob(eps, cs), 0.0)
+            uu = jax.lax.optimization_barrier(jax.random.uniform(k_u, (B, S, b_max), dt))
+            val = self._values(uu, p, cs)
+            comp = ok & (val > 0) & (pv > 0)[..., None]
+            # Mutual exclusion: the m-th competitor (m uniform in 0..count-1) survives.
+            cnt = jnp.sum(comp, axis=-1)
+            w = jax.random.uniform(k_w, (B, S), dt)
+            pick = jnp.minimum(jnp.floor(w * cnt).astype(jnp.int32), jnp.maximum(cnt - 1, 0))
+            rank = jnp.cumsum(comp, axis=-1) - 1
+            excl = self.exclusive[safe] & (pc >= 0)
+            keep = comp & (~excl[..., None] | (rank == pick[..., None]))
+            mu_p = self.mean_mag[safe]
+            factor = (pv / mu_p) if self.rescale else jnp.ones_like(pv)
+            val = jnp.where(keep, val * factor[..., None], jnp.zeros((), dt))
+            cc = jnp.where(keep, cc, -1)
+            slots.append((cc, val))
+            if self.reducible[L]:
+                j = jnp.argmax(keep, axis=-1)[..., None]
+                pc = jnp.take_along_axis(cc, j, axis=-1)[..., 0]
+                pv = jnp.take_along_axis(val, j, axis=-1)[..., 0]
+            else:
+                pc, pv = cc.reshape(B, S * b_max), val.reshape(B, S * b_max)
+        if slots:
+            cols = jnp.concatenate([c.reshape(B, -1) for c, _ in slots], axis=1)
+            vals = jnp.concatenate([v.reshape(B, -1) for _, v in slots], axis=1)
+            rows = jnp.broadcast_to(jnp.arange(B)[:, None], cols.shape)
+            f = f.at[rows, jnp.where(cols >= 0, cols, n)].set(vals, mode="drop")
+        return jax.nn.relu(f), slots
 
     def observe(self, x: jax.Array, key: Optional[jax.Array] = None) -> Batch:
         """``Batch(x_p = f W_p^T + bias, x_r = x_p, features = f)``; noiseless (``key`` unused)."""
@@ -499,31 +555,26 @@ def make_synth(key: jax.Array, config: Union[SynthConfig, str, Mapping[str, Any]
         b = jnp.zeros((d,), dt)
 
     depth = hierarchy_depth(parent_of)
-    levels, bounds = [], []
     n_children = np.bincount(parent_of[parent_of >= 0], minlength=n)
-    for L in range(1, depth + 1):
-        ch = np.flatnonzero(level == L)
-        s, e = int(ch[0]), int(ch[-1]) + 1
-        assert e - s == ch.size  # breadth-first numbering: a level is a contiguous block
-        par = parent_of[ch]
-        ex = exclusive[par] & (n_children[par] >= 2)
-        me_par = np.unique(par[ex])
-        if me_par.size:
-            width = int(n_children[me_par].max())
-            # Sibling groups as block-relative indices, padded by repeating a sibling (max unchanged).
-            groups = np.stack([np.resize(np.flatnonzero(parent_of == q) - s, width) for q in me_par])
-            group = np.where(ex, np.searchsorted(me_par, par), 0)
-        else:
-            groups = np.zeros((0, 1), np.int64)
-            group = np.zeros(ch.shape, np.int64)
-        bounds.append((s, e))
-        levels.append((jnp.asarray(par, jnp.int32), jnp.full(ch.shape, cfg.scale_children_by_parent, bool),
-                       jnp.asarray(ex), jnp.asarray(group, jnp.int32), jnp.asarray(groups, jnp.int32)))
+    b_max = max(int(n_children.max()) if n else 0, 1)
+    children = np.full((n, b_max), -1, np.int64)
+    for c in np.flatnonzero(parent_of >= 0):  # breadth first: children in increasing order
+        q = parent_of[c]
+        children[q, np.argmax(children[q] < 0)] = c
+    excl = exclusive & (n_children >= 2)
+    n_roots = int((level == 0).sum())
+    tree_end = int((level >= 0).sum())
+    assert (level[:n_roots] == 0).all() and (level[tree_end:] == -1).all()  # breadth-first numbering
+    # A level is reducible when each of its parents keeps at most one child.
+    reducible = tuple(bool(np.all(excl[q] | (n_children[q] <= 1))) for q in
+                      (np.flatnonzero(level == L) for L in range(depth)))
 
     W = E.T
     return SynthBench(
         W_p=W, W_r=W, bias=b, probs=jnp.asarray(p, dt), thresholds=jnp.asarray(thresholds, dt),
         mean_mag=jnp.asarray(mean_mag, dt), std_mag=jnp.asarray(std_mag, dt),
-        parent_of=jnp.asarray(parent_of, jnp.int32), levels=tuple(levels), level_bounds=tuple(bounds),
-        corr_factor=corr_factor, corr_sqrt_diag=corr_sqrt_diag, settings=cfg, depth=depth,
+        parent_of=jnp.asarray(parent_of, jnp.int32), children=jnp.asarray(children, jnp.int32),
+        exclusive=jnp.asarray(excl), corr_factor=corr_factor, corr_sqrt_diag=corr_sqrt_diag, settings=cfg,
+        depth=depth, n_roots=n_roots, tree_end=tree_end, reducible=reducible,
+        rescale=cfg.scale_children_by_parent,
     )
