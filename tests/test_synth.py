@@ -234,3 +234,43 @@ def test_generic_metrics_and_train_config_accept_synth(bench):
         config_from_dict({"data": {"synth": {"roots": 3}}})
     with pytest.raises(ValueError, match="one of files, bench or synth"):
         config_from_dict({"data": {"synth": {}, "files": "x/"}})
+
+
+def test_compact_lists_true_entries_in_order():
+    from jsdl.data.synth import _compact
+
+    for seed, rate in enumerate([0.0, 0.01, 0.05, 0.2, 0.5]):
+        m = np.asarray(jax.random.uniform(jax.random.PRNGKey(seed), (37, 101)) < rate)
+        r, c, live, over = _compact(jnp.asarray(m), 200)
+        nz = np.argwhere(m)
+        k = min(len(nz), 200)
+        assert bool(over) == (len(nz) > 200) and int(np.sum(live)) == k
+        np.testing.assert_array_equal(np.stack([r, c], 1)[:k], nz[:k])
+
+
+@pytest.mark.parametrize("path", ["sparse", "fallback"])
+def test_sparse_free_block_equals_dense_draw(path):
+    """The rare free features drawn sparsely (Poisson candidates, thinning and the residual of the
+    violations; or the dense fallback when the violation slots overflow) have the firing rates and
+    magnitudes of the dense draw (sparse_start = n: one uniform per feature)."""
+    b = make_synth(jax.random.PRNGKey(0), "tiny", **{**SMALL, "n_roots": 0, "correlation_rank": 6,
+                                                      "correlation_scale": 0.15})
+    n = b.n_features
+    assert 0 < b.sparse_start < n and b.n_arrivals > 0 and b.viol_expected > 0
+    if path == "fallback":
+        b = b.replace(viol_expected=0.0 + 1e-9)  # 32 violation slots per batch: always overflows
+    dense = b.replace(sparse_start=n)
+    N = 60000
+    fs = np.asarray(jax.jit(b.sample_features, static_argnums=1)(jax.random.PRNGKey(1), N))
+    fd = np.asarray(jax.jit(dense.sample_features, static_argnums=1)(jax.random.PRNGKey(2), N))
+    blk = slice(b.sparse_start, n)
+    a_s, a_d = (fs[:, blk] > 0).mean(0), (fd[:, blk] > 0).mean(0)
+    z = (a_s - a_d) / np.sqrt((a_s + a_d) / N + 1e-12)
+    assert np.abs(z).max() < 5.0, np.abs(z).max()
+    assert abs(a_s.sum() - a_d.sum()) < 5 * np.sqrt(a_d.sum() / N) * 2  # total rate of the block
+    np.testing.assert_allclose(fs[:, blk][fs[:, blk] > 0].mean(), fd[:, blk][fd[:, blk] > 0].mean(), rtol=0.02)
+    # Co-firing with the correlated dense part survives the sparse draw (same correlation).
+    top = slice(0, b.sparse_start)
+    c_s = np.corrcoef((fs[:, top] > 0).sum(1), (fs[:, blk] > 0).sum(1))[0, 1]
+    c_d = np.corrcoef((fd[:, top] > 0).sum(1), (fd[:, blk] > 0).sum(1))[0, 1]
+    assert abs(c_s - c_d) < 0.03, (c_s, c_d)

@@ -84,6 +84,29 @@ def _widths(n_q):
     return tuple(w for w in (n_q // 8, n_q // 4, n_q // 2, n_q))
 
 
+def use_jsdl_init(kind):
+    """``"default"``: jsdl's initialisation (unit-norm decoder columns, ``W_E = W_D^T``).
+    ``"saelens"``: SAELens's (decoder rows of norm 0.1, ``W_E = W_D^T`` at that norm), by wrapping
+    the ``init_params`` that ``jsdl.train`` calls (the jitted init cache is cleared)."""
+    import jsdl.objective
+    import jsdl.train.loop as loop
+    import jsdl.train.state as state
+
+    orig = jsdl.objective.init_params
+    if kind == "default":
+        state.init_params = orig
+    elif kind == "saelens":
+        def init_params(key, spec, d_input, d_target=None, **kw):
+            p = orig(key, spec, d_input, d_target, **kw)
+            W_D = p.W_D * 0.1
+            return p.replace(W_D=W_D, W_E=W_D.T)
+
+        state.init_params = init_params
+    else:
+        raise ValueError(f"unknown init {kind!r}; choose default or saelens")
+    loop._jit_init_cached.cache_clear()
+
+
 def jsdl_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed):
     """(params, spec, bench, wall seconds end to end)."""
     import jax
@@ -304,6 +327,8 @@ def main(argv=None):
     ap.add_argument("--calibrate-only", action="store_true", help="print the calibrated coefficients and stop")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads (1: on the shared 2-core machine 2 threads were slower)")
+    ap.add_argument("--jsdl-init", choices=("default", "saelens"), default="default",
+                    help="jsdl's parameter initialisation (saelens: decoder norm 0.1, W_E = W_D^T)")
     ap.add_argument("--out", default="synth_quality.json")
     ap.add_argument("--write-results", action="store_true", help="write the table into benchmarks/RESULTS.md")
     ap.add_argument("--from-json", help="only print the table of a JSON written by an earlier run")
@@ -334,6 +359,7 @@ def main(argv=None):
 
     from jsdl.data import make_synth
 
+    use_jsdl_init(a.jsdl_init)
     probe = make_synth(jax.random.PRNGKey(1000), synth_cfg, orthogonalize_steps=0)
     l0_top, l0_all = true_l0_top(probe, n_q)
     k = max(1, int(round(l0_top)))
@@ -376,7 +402,7 @@ def main(argv=None):
                     sae, model, wall = saelens_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed)
                     r = saelens_eval(sae, model, n_eval, batch)
                 r = {kk: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for kk, v in r.items()}
-                r.update(arch=arch, framework=fw, seed=seed, coef=coef, k=k, samples=samples, wall_s=wall,
+                r.update(arch=arch, framework=fw, seed=seed, coef=coef, init=a.jsdl_init if fw == "jsdl" else "saelens", k=k, samples=samples, wall_s=wall,
                          samples_per_s=samples / wall, load_before=load0, load_after=load_avg())
                 rows.append(r)
                 log(f"[synth_quality] seed {seed} {arch:10s} {fw:8s} MCC {r['mcc']:.3f} F1 {r['f1']:.3f} "
