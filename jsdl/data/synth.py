@@ -415,7 +415,7 @@ class SynthBench(SamplingMixin):
         z = -jax.scipy.special.ndtri(v)
         return jnp.where(u < p, jax.nn.relu(self.mean_mag[idx] + self.std_mag[idx] * z), jnp.zeros((), dt))
 
-    def _sparse_free(self, key: jax.Array, eps: Optional[jax.Array], B: int) -> jax.Array:
+    def _sparse_free(self, u_gap: jax.Array, u_acc: jax.Array, key: jax.Array, eps: Optional[jax.Array]) -> jax.Array:
         """Values ``[B, n - Z]`` of the rare free features ``[Z, n)`` (``Z = sparse_start``), drawn
         with random numbers only where a feature can fire; in distribution exactly the dense draw
         (one uniform per feature), up to a truncation of probability < 1e-15 per sample.
@@ -441,14 +441,15 @@ class SynthBench(SamplingMixin):
         dt = self.W_p.dtype
         n, Z = self.n_features, self.sparse_start
         m, K = n - Z, self.n_arrivals
-        k_gap, k_acc, k_res, k_dense = jax.random.split(key, 4)
+        B = u_gap.shape[0]
+        k_res, k_dense = jax.random.split(key)
         rows_k = jnp.broadcast_to(jnp.arange(B)[:, None], (B, K))
-        t_arr = jnp.cumsum(jax.random.exponential(k_gap, (B, K), dt), axis=1)
+        t_arr = jnp.cumsum(-jnp.log1p(-u_gap), axis=1)  # exponential gaps
         idx = jnp.searchsorted(self.cand_hazard, t_arr, side="right").astype(jnp.int32)  # [B, K], m = none
         first = (idx < m) & jnp.concatenate([jnp.ones((B, 1), bool), idx[:, 1:] != idx[:, :-1]], axis=1)
         si = jnp.minimum(idx, m - 1)
         col = Z + si
-        u = jax.random.uniform(k_acc, (B, K), dt)
+        u = u_acc
         q = self.cand_prob[si]
         acc = jnp.minimum(self._fire_prob(eps, col) / q, 1.0)
         val_a = jnp.where(first, self._values(u, acc, col), jnp.zeros((), dt))
@@ -500,18 +501,29 @@ class SynthBench(SamplingMixin):
         dt = self.W_p.dtype
         n, R, T = self.n_features, self.n_roots, self.tree_end
         B = batch_size
-        k_eps, k_top, k_lv, k_free = jax.random.split(key, 4)
+        k_eps, k_u, k_free = jax.random.split(key, 3)
         eps = None
         if self.corr_factor is not None:
             eps = jax.random.normal(k_eps, (B, self.corr_factor.shape[1]), dt)
+        # Every fixed-shape uniform of the draw in one call (each threefry call adds ~0.7 s of
+        # compilation): roots and frequent free features, then per level [S, b] + [S], then the
+        # sparse block's gaps and acceptance uniforms. optimization_barrier: XLA CPU otherwise
+        # fuses the random-bit computation into several consumers and recomputes it.
+        Z = self.sparse_start
+        n_top = R + (Z - T)
+        b_max = self.children.shape[1]
+        widths, S = [], R
+        for L in range(self.depth):
+            widths.append(S * b_max + S)
+            S = S if self.reducible[L] else S * b_max
+        K = self.n_arrivals if Z < n else 0
+        W = n_top + sum(widths) + 2 * K
+        u_all = jax.lax.optimization_barrier(jax.random.uniform(k_u, (B, W), dt))
+        u = u_all[:, :n_top]
+        pos = n_top
         # Roots and the frequent free features [T, Z): one uniform each. The rare free features
         # [Z, n) are drawn sparsely (_sparse_free).
-        Z = self.sparse_start
         top = jnp.concatenate([jnp.arange(R), jnp.arange(T, Z)]) if R and T < Z else None
-        n_top = R + (Z - T)
-        # optimization_barrier: XLA CPU otherwise fuses the random-bit computation into several
-        # consumers and recomputes it (measured 2-3x slower).
-        u = jax.lax.optimization_barrier(jax.random.uniform(k_top, (B, n_top), dt))
         if R == 0 or T == Z:
             sl = slice(0, R) if T == Z else slice(T, Z)
             v_top = self._values(u, self._fire_prob(eps, sl), sl)
@@ -521,43 +533,63 @@ class SynthBench(SamplingMixin):
         roots = v_top[:, :R]
         parts = [roots, jnp.zeros((B, T - R), dt), v_top[:, R:]]
         if Z < n:
-            parts.append(self._sparse_free(k_free, eps, B))
+            o = W - 2 * K
+            parts.append(self._sparse_free(u_all[:, o:o + K], u_all[:, o + K:], k_free, eps))
         f = jnp.concatenate([a for a in parts if a.shape[1]], axis=1) if n else jnp.zeros((B, 0), dt)
 
         slots = []
         pc = jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32), (B, R))  # parent slot columns
         pv = roots  # parent slot values
-        b_max = self.children.shape[1]
-        keys = jax.random.split(k_lv, max(self.depth, 1))
-        for L in range(self.depth):
-            k_u, k_w = jax.random.split(keys[L])
+
+        def level(pc, pv, uu, w):
+            """One level: the children of the parent slots ``(pc, pv) [B, S]``."""
             S = pc.shape[1]
             safe = jnp.maximum(pc, 0)
             cc = jnp.where((pc >= 0)[..., None], self.children[safe], -1)  # [B, S, b]
             ok = cc >= 0
             cs = jnp.maximum(cc, 0)
             p = jnp.where(ok, self._fire_prob(eps, cs), 0.0)
-            uu = jax.lax.optimization_barrier(jax.random.uniform(k_u, (B, S, b_max), dt))
             val = self._values(uu, p, cs)
             comp = ok & (val > 0) & (pv > 0)[..., None]
             # Mutual exclusion: the m-th competitor (m uniform in 0..count-1) survives.
             cnt = jnp.sum(comp, axis=-1)
-            w = jax.random.uniform(k_w, (B, S), dt)
             pick = jnp.minimum(jnp.floor(w * cnt).astype(jnp.int32), jnp.maximum(cnt - 1, 0))
             rank = jnp.cumsum(comp, axis=-1) - 1
             excl = self.exclusive[safe] & (pc >= 0)
             keep = comp & (~excl[..., None] | (rank == pick[..., None]))
-            mu_p = self.mean_mag[safe]
-            factor = (pv / mu_p) if self.rescale else jnp.ones_like(pv)
+            factor = (pv / self.mean_mag[safe]) if self.rescale else jnp.ones_like(pv)
             val = jnp.where(keep, val * factor[..., None], jnp.zeros((), dt))
             cc = jnp.where(keep, cc, -1)
-            slots.append((cc, val))
-            if self.reducible[L]:
-                j = jnp.argmax(keep, axis=-1)[..., None]
-                pc = jnp.take_along_axis(cc, j, axis=-1)[..., 0]
-                pv = jnp.take_along_axis(val, j, axis=-1)[..., 0]
-            else:
-                pc, pv = cc.reshape(B, S * b_max), val.reshape(B, S * b_max)
+            return cc, val, keep
+
+        def reduce(cc, val, keep):
+            j = jnp.argmax(keep, axis=-1)[..., None]
+            return jnp.take_along_axis(cc, j, axis=-1)[..., 0], jnp.take_along_axis(val, j, axis=-1)[..., 0]
+
+        if self.depth > 1 and all(self.reducible):
+            # Every level has R slots: one compiled level under lax.scan (compiles ~depth x faster).
+            width = R * b_max + R
+
+            def body(carry, L):
+                pc, pv = carry
+                seg = jax.lax.dynamic_slice_in_dim(u_all, n_top + L * width, width, axis=1)
+                cc, val, keep = level(pc, pv, seg[:, :R * b_max].reshape(B, R, b_max), seg[:, R * b_max:])
+                return reduce(cc, val, keep), (cc, val)
+
+            _, (ccs, vals) = jax.lax.scan(body, (pc, pv), jnp.arange(self.depth))
+            slots = [(ccs[L], vals[L]) for L in range(self.depth)]
+        else:
+            for L in range(self.depth):
+                S = pc.shape[1]
+                uu = u_all[:, pos:pos + S * b_max].reshape(B, S, b_max)
+                w = u_all[:, pos + S * b_max:pos + S * b_max + S]
+                pos += S * b_max + S
+                cc, val, keep = level(pc, pv, uu, w)
+                slots.append((cc, val))
+                if self.reducible[L]:
+                    pc, pv = reduce(cc, val, keep)
+                else:
+                    pc, pv = cc.reshape(B, S * b_max), val.reshape(B, S * b_max)
         if slots:
             cols = jnp.concatenate([c.reshape(B, -1) for c, _ in slots], axis=1)
             vals = jnp.concatenate([v.reshape(B, -1) for _, v in slots], axis=1)
