@@ -486,7 +486,8 @@ class SynthBench(SamplingMixin):
         result can depend on them.
 
         Conditional on the copula's factor draw ``eps [B, rank]`` the features fire independently
-        (``_fire_prob``), so: the roots and the free features draw one uniform each (``_values``);
+        (``_fire_prob``), so: the roots and the frequent free features draw one uniform each
+        (``_values``), the rare free features are drawn sparsely (``_sparse_free``);
         a child's firing only matters when its parent is active, so children are drawn per parent
         *slot*: level 1 has one slot per root, level L+1 one per surviving level-L child (a
         mutually exclusive parent keeps at most one child, so a level where every parent is
@@ -543,7 +544,6 @@ class SynthBench(SamplingMixin):
 
         def level(pc, pv, uu, w):
             """One level: the children of the parent slots ``(pc, pv) [B, S]``."""
-            S = pc.shape[1]
             safe = jnp.maximum(pc, 0)
             cc = jnp.where((pc >= 0)[..., None], self.children[safe], -1)  # [B, S, b]
             ok = cc >= 0
