@@ -97,7 +97,9 @@ def main(argv=None):
         + f"\n\napprox_max_k returned exactly the top-k sets on CPU: {exact}; on CPU it compiles to the custom "
         f"call(s) {approx_ops}, the same as lax.top_k, so any difference between the two rows is noise. The "
         f"block-max prefilter returned exactly lax.top_k's indices: {block_exact}. jsdl uses `lax.top_k` for TopK "
-        "(`select='approx'` opts into approx_max_k, which is approximate on TPU only). For BatchTopK the "
+        "on accelerators and for short rows, the block-max prefilter on CPU for rows of >= 4096 entries and for "
+        "BatchTopK's flat selection (`jsdl.shardops.local_top_k`; `select='approx'` opts into approx_max_k, which is "
+        "approximate on TPU only). For BatchTopK the "
         "flat top_k is the default: the two-stage selection is faster when no row saturates its cap, "
         "but then needs the flat one as an exact fallback (taken at initialisation on low-d data)."
     )

@@ -266,6 +266,9 @@ def _unit_columns(key, rows, cols, dtype):
     return w / jnp.linalg.norm(w, axis=0, keepdims=True)
 
 
+ENCODER_INITS = ("unit", "transpose")
+
+
 def init_params(
     key: jax.Array,
     spec: SDLSpec,
@@ -273,14 +276,18 @@ def init_params(
     d_target: int | None = None,
     *,
     decoder_norm: float = 1.0,
+    encoder: str = "unit",
     dtype: Any = None,
 ) -> SDLParams:
     """Initialise parameters for ``spec``.
 
     * ``W_D [n_r, n_q]``: i.i.d. Gaussian columns scaled to norm ``decoder_norm`` (default 1, as
       peers do before any decoder-norm handling).
-    * ``W_E = W_D^T`` when ``n_p = n_r`` (SAE, crosscoder, square transcoder), as SAELens, sparsify
-      and dictionary_learning do; otherwise unit-norm Gaussian rows drawn independently.
+    * ``W_E``: the decoder's transpose when ``n_p = n_r`` (SAE, crosscoder, square transcoder), as
+      SAELens, sparsify and dictionary_learning do; otherwise Gaussian rows drawn independently.
+      ``encoder="unit"`` (default) gives the rows unit norm (``W_E = W_D^T / decoder_norm``);
+      ``encoder="transpose"`` gives them the decoder's norm (``W_E = W_D^T`` exactly: SAELens's
+      init with ``decoder_norm=0.1``).
     * biases 0; JumpReLU threshold = the activation's ``threshold`` hyperparameter; skip W_S = 0.
 
     ``d_input``/``d_target`` are per-source widths for a crosscoder (``W_E`` is then
@@ -291,6 +298,8 @@ def init_params(
             raise ValueError(f"{nm} must be a positive int, got {v!r}")
     if decoder_norm <= 0:
         raise ValueError(f"decoder_norm must be > 0, got {decoder_norm!r}")
+    if encoder not in ENCODER_INITS:
+        raise ValueError(f"encoder must be one of {ENCODER_INITS}, got {encoder!r}")
     if d_target is None:
         d_target = d_input
     if spec.tied and d_target != d_input:
@@ -301,10 +310,11 @@ def init_params(
     k_d, k_e = jax.random.split(key)
     W_D = _unit_columns(k_d, n_r, n_q, dtype)
     W_D = W_D * decoder_norm
+    enc_norm = 1.0 if encoder == "unit" else decoder_norm
     if n_p == n_r:
-        W_E = W_D.T / decoder_norm
+        W_E = W_D.T * (enc_norm / decoder_norm)
     else:
-        W_E = _unit_columns(k_e, n_p, n_q, dtype).T
+        W_E = _unit_columns(k_e, n_p, n_q, dtype).T * enc_norm
     th = None
     info = spec.activation.info
     if info.needs_threshold:

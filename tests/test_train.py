@@ -583,3 +583,31 @@ def test_summary_recovery_equals_feature_recovery_for_every_member():
             for k in ("m_ip", "m_ip_dec"):
                 assert rec[k] == pytest.approx(r95[k], rel=1e-6)
             assert (rec["m_gt@0.9"], rec["m_gt_dec@0.9"]) == (r90["m_gt"], r90["m_gt_dec"])
+
+
+def test_init_options_saelens_initialisation():
+    """TrainConfig(init_decoder_norm=c, init_encoder="transpose") starts from jsdl's default init with
+    the decoder scaled by c and the encoder its exact transpose (SAELens's init for c = 0.1, as the
+    SynthSAEBench benchmark's wrapper built it); "unit" keeps unit encoder rows; bad values raise."""
+    from jsdl.objective import ENCODER_INITS, init_params
+    from jsdl.train import config as train_config
+    from jsdl.train import init_state
+
+    assert train_config.ENCODER_INITS == ENCODER_INITS
+    spec = jsdl.make_spec(activation="topk", n_latents=32, k=4)
+    base = init_state(jax.random.PRNGKey(0), spec, TrainConfig(), 16).params
+    sl = init_state(jax.random.PRNGKey(0), spec, TrainConfig(init_decoder_norm=0.1, init_encoder="transpose"), 16).params
+    np.testing.assert_allclose(sl.W_D, 0.1 * base.W_D, rtol=1e-6)
+    np.testing.assert_array_equal(sl.W_E, sl.W_D.T)
+    unit = init_state(jax.random.PRNGKey(0), spec, TrainConfig(init_decoder_norm=0.1), 16).params
+    np.testing.assert_allclose(np.linalg.norm(unit.W_E, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(unit.W_D, axis=0), 0.1, rtol=1e-5)
+    tc = jsdl.make_spec(method="transcoder", activation="topk", n_latents=32, k=4)
+    p = init_params(jax.random.PRNGKey(1), tc, 16, 8, decoder_norm=0.5, encoder="transpose")
+    np.testing.assert_allclose(np.linalg.norm(p.W_E, axis=1), 0.5, rtol=1e-5)
+    with pytest.raises(ValueError, match="init_encoder"):
+        TrainConfig(init_encoder="orthogonal")
+    with pytest.raises(ValueError, match="init_decoder_norm"):
+        TrainConfig(init_decoder_norm=0.0)
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        init_params(jax.random.PRNGKey(1), spec, 16, encoder="bad")

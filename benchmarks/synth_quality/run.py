@@ -84,27 +84,18 @@ def _widths(n_q):
     return tuple(w for w in (n_q // 8, n_q // 4, n_q // 2, n_q))
 
 
+JSDL_INIT = {"default": {}, "saelens": {"init_decoder_norm": 0.1, "init_encoder": "transpose"}}
+_INIT = {}
+
+
 def use_jsdl_init(kind):
-    """``"default"``: jsdl's initialisation (unit-norm decoder columns, ``W_E = W_D^T``).
-    ``"saelens"``: SAELens's (decoder rows of norm 0.1, ``W_E = W_D^T`` at that norm), by wrapping
-    the ``init_params`` that ``jsdl.train`` calls (the jitted init cache is cleared)."""
-    import jsdl.objective
-    import jsdl.train.loop as loop
-    import jsdl.train.state as state
-
-    orig = jsdl.objective.init_params
-    if kind == "default":
-        state.init_params = orig
-    elif kind == "saelens":
-        def init_params(key, spec, d_input, d_target=None, **kw):
-            p = orig(key, spec, d_input, d_target, **kw)
-            W_D = p.W_D * 0.1
-            return p.replace(W_D=W_D, W_E=W_D.T)
-
-        state.init_params = init_params
-    else:
-        raise ValueError(f"unknown init {kind!r}; choose default or saelens")
-    loop._jit_init_cached.cache_clear()
+    """``"default"``: jsdl's initialisation (unit-norm decoder columns, ``W_E = W_D^T`` with unit
+    rows). ``"saelens"``: SAELens's (decoder columns of norm 0.1, ``W_E = W_D^T`` at that norm):
+    ``TrainConfig(init_decoder_norm=0.1, init_encoder="transpose")``."""
+    if kind not in JSDL_INIT:
+        raise ValueError(f"unknown init {kind!r}; choose {', '.join(JSDL_INIT)}")
+    _INIT.clear()
+    _INIT.update(JSDL_INIT[kind])
 
 
 def jsdl_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed):
@@ -119,7 +110,7 @@ def jsdl_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed):
     spec = jsdl_spec(arch, n_q, k, synth_cfg.d_input, coef)
     steps = samples // batch
     cfg = TrainConfig(steps=steps, batch_size=batch, learning_rate=lr, grad_clip=1.0, dead_window=1000,
-                      log_every=max(steps // 4, 1), progress=False)
+                      log_every=max(steps // 4, 1), progress=False, **_INIT)
     state, _ = fit(jax.random.PRNGKey(seed), spec, bench, cfg)
     params = jax.block_until_ready(state.params)
     return params, spec, bench, time.perf_counter() - t0

@@ -23,6 +23,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 DECAYS = ("constant", "linear", "cosine")
 DECODER_NORMS = ("none", "unit")
 ANCHOR_SOURCES = ("ground_truth", "class_means")
+ENCODER_INITS = ("unit", "transpose")  # jsdl.objective.ENCODER_INITS (not imported: no JAX here)
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -48,6 +49,11 @@ class TrainConfig:
             to ``min_lr_ratio * eta``.
         coef_warmup_steps: penalty coefficients lambda_j ramp linearly from 0 to their value
             (SAELens / dictionary_learning "sparsity warm-up").
+    Initialisation (:func:`jsdl.init_params`)
+        init_decoder_norm: norm of the initial decoder columns (default 1).
+        init_encoder: ``unit`` (encoder rows of unit norm, the decoder's transpose rescaled) or
+            ``transpose`` (the decoder's transpose exactly). SAELens's init is
+            ``init_decoder_norm=0.1, init_encoder=transpose``.
     Decoder norm
         decoder_norm: ``none`` or ``unit``: before the update the gradient component parallel to each
             decoder column is removed; after it the columns are projected back to unit norm
@@ -106,6 +112,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     coef_warmup_steps: int = 0
     decoder_norm: str = "none"
+    init_decoder_norm: float = 1.0
+    init_encoder: str = "unit"
     min_threshold: float = 1e-6
     threshold_rate: float = 0.01
     dead_window: int = 200
@@ -148,6 +156,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 0, got {v!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"train.learning_rate must be > 0, got {self.learning_rate!r}")
+        if not self.init_decoder_norm > 0:
+            raise ValueError(f"train.init_decoder_norm must be > 0, got {self.init_decoder_norm!r}")
         if not self.min_threshold > 0:
             raise ValueError(f"train.min_threshold must be > 0 (JumpReLU thresholds stay positive), got {self.min_threshold!r}")
         if not 0 < self.threshold_rate <= 1:
@@ -155,7 +165,7 @@ class TrainConfig:
         if not 0 <= self.decay_start <= 1:
             raise ValueError(f"train.decay_start must be in [0, 1] (a fraction of steps), got {self.decay_start!r}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("decay", DECAYS), ("decoder_norm", DECODER_NORMS),
-                              ("anchor_source", ANCHOR_SOURCES)):
+                              ("anchor_source", ANCHOR_SOURCES), ("init_encoder", ENCODER_INITS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 

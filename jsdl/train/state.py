@@ -158,7 +158,8 @@ def init_state(
     k_init, k_data, k_train = jax.random.split(key, 3)
     if data_key is not None:
         k_data = raw_key(data_key)
-    params = init_params(k_init, spec, d_input, d_target, dtype=dtype)
+    params = init_params(k_init, spec, d_input, d_target, decoder_norm=config.init_decoder_norm,
+                         encoder=config.init_encoder, dtype=dtype)
     tx = make_optimizer(config)
     dtype = params.W_E.dtype
     n_q = spec.n_latents
