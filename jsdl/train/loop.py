@@ -301,20 +301,18 @@ def _exclude_kw(exclude):
     return {"exclude": np.asarray(exclude), "exclude_latents": np.arange(len(exclude))}
 
 
-@functools.lru_cache(maxsize=8)
-def _best_matches_fn(population: bool):
-    """Jitted best matches ``(s_enc [n], s_dec [n])`` of encoder rows vs ``W_p`` and decoder columns
-    vs ``W_r`` (:func:`jsdl.metrics.best_match`), vmapped over members for a population: one
-    compile instead of the dozens of eager ones of :func:`jsdl.metrics.feature_recovery`."""
+@jax.jit
+def _best_matches(params, W_p, W_r, keep_latents):
+    """Best matches ``(s_enc [n], s_dec [n])`` of encoder rows vs ``W_p`` and decoder columns vs
+    ``W_r`` (:func:`jsdl.metrics.best_match`), jitted: one compile instead of the dozens of eager
+    ones of :func:`jsdl.metrics.feature_recovery`. Population members go through it one at a time
+    (a vmap would hold every member's ``[n_q, n]`` similarity matrix at once)."""
 
-    def one(params, W_p, W_r, keep_latents):
-        def best(learned, true):
-            S = _metrics.similarity(learned, true)
-            return jnp.max(jnp.where(keep_latents[:, None], S, -jnp.inf), axis=0)
+    def best(learned, true):
+        S = _metrics.similarity(learned, true)
+        return jnp.max(jnp.where(keep_latents[:, None], S, -jnp.inf), axis=0)
 
-        return best(_metrics._directions(params, "encoder"), W_p), best(_metrics._directions(params, "decoder"), W_r)
-
-    return jax.jit(jax.vmap(one, in_axes=(0, None, None, None)) if population else one)
+    return best(_metrics._directions(params, "encoder"), W_p), best(_metrics._directions(params, "decoder"), W_r)
 
 
 def _recovery(params, data, exclude=None, *, population: bool = False) -> Optional[list]:
@@ -327,10 +325,11 @@ def _recovery(params, data, exclude=None, *, population: bool = False) -> Option
     ex = _exclude_kw(exclude)
     keep = _metrics._keep_mask(ex.get("exclude"), W_p.shape[1], "exclude")
     keep_latents = _metrics._keep_mask(ex.get("exclude_latents"), params.W_E.shape[-2], "exclude_latents")
-    s_enc, s_dec = jax.device_get(_best_matches_fn(population)(params, W_p, W_r, jnp.asarray(keep_latents)))
-    s_enc, s_dec = np.atleast_2d(s_enc)[:, keep], np.atleast_2d(s_dec)[:, keep]
+    members = [jax.tree.map(lambda x: x[i], params) for i in range(params.W_E.shape[0])] if population else [params]
+    kl = jnp.asarray(keep_latents)
     out = []
-    for e, dd in zip(s_enc, s_dec):
+    for p in members:
+        e, dd = (np.asarray(a)[keep] for a in jax.device_get(_best_matches(p, W_p, W_r, kl)))
         out.append({"n_evaluated": float(keep.sum()),
                     "m_gt": float(np.mean(e > 0.95)), "m_ip": float(np.mean(e)),
                     "m_gt_dec": float(np.mean(dd > 0.95)), "m_ip_dec": float(np.mean(dd)),
@@ -394,18 +393,28 @@ def _jit_init_cached(spec, config, d_in, d_t, dtype, population):
     if not population:
         return one_jit
     stack = jax.jit(lambda states: jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+    vmapped = jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0, 0)))
 
     def members(keys, data_key, lrs, coefs, kv):
-        # The single-model init once per member, stacked: the same values as vmapping it, but a
-        # population reuses the one-model compile (a vmapped init compiled ~2x slower on CPU, and a
-        # sweep of fits and populations shares it). Arguments go to the host first so that
-        # indexing them compiles nothing.
+        # The single-model init once per member, stacked: exactly each member's separate-run init
+        # (a vmapped init agrees to float32 rounding), and a population reuses the one-model
+        # compile (a vmapped init compiled ~2x slower on CPU; a sweep of fits and populations
+        # shares it). Arguments go to the host first so that
+        # indexing them compiles nothing. Stacking holds the members twice for a moment, so a
+        # population state above _STACK_INIT_MAX_BYTES is initialised by the vmapped init instead.
         keys, lrs, kv = np.asarray(keys), np.asarray(lrs), None if kv is None else np.asarray(kv)
         coefs = {n: np.asarray(c) for n, c in coefs.items()}
-        return stack([one_jit(keys[i], data_key, lrs[i], {n: c[i] for n, c in coefs.items()},
-                              None if kv is None else kv[i]) for i in range(len(keys))])
+        args = [(keys[i], data_key, lrs[i], {n: c[i] for n, c in coefs.items()}, None if kv is None else kv[i])
+                for i in range(len(keys))]
+        one_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(one, *args[0])))
+        if one_bytes * len(args) > _STACK_INIT_MAX_BYTES:
+            return vmapped(keys, data_key, lrs, coefs, kv)
+        return stack([one_jit(*a) for a in args])
 
     return members
+
+
+_STACK_INIT_MAX_BYTES = 1 << 28  # 256 MiB
 
 
 def _jit_init(spec, config, d_in, d_t, dtype, population):
