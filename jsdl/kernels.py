@@ -418,8 +418,9 @@ def fired_counts(codes: SparseCodes) -> jax.Array:
 def min_positive(codes: SparseCodes) -> jax.Array:
     """The smallest positive stored code (0 when there is none): the BatchTopK inference threshold
     of a batch, :func:`jsdl.activations.batchtopk_threshold` without the dense codes."""
-    m = jnp.min(jnp.where(codes.vals > 0, codes.vals, jnp.inf))
-    return jnp.where(jnp.isfinite(m), m, 0.0)
+    from jsdl.activations import batchtopk_threshold  # the same rule, applied to the stored values
+
+    return batchtopk_threshold(codes.vals)
 
 
 def sparse_forward(params, x_p, spec, *, impl: str = "auto", select: str = "lax"):

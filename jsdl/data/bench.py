@@ -541,6 +541,15 @@ class SamplingMixin:
         """Per-source target width."""
         return self.W_r.shape[0] // self.n_sources
 
+    # -- moments ---------------------------------------------------------------------------------
+    def _alone_weights_mc(self, key: jax.Array, n_samples: int) -> jax.Array:
+        """Monte Carlo ``M_d [n]`` of Thm 3.1: ``E[x_d^2 1(only d active)]`` over ``n_samples`` draws
+        of :meth:`sample_features` (for laws where it has no closed form)."""
+        x = jax.jit(self.sample_features, static_argnums=1)(key, n_samples)
+        act = x > 0
+        alone = act & (jnp.sum(act, axis=1, keepdims=True) == 1)
+        return jnp.mean(alone * x**2, axis=0)
+
     # -- streaming -------------------------------------------------------------------------------
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         """A batch ``Batch(x_p [B, n_p], x_r [B, n_r], features [B, n])``; jit-able (``batch_size``

@@ -460,10 +460,7 @@ class StructuredBench(SamplingMixin):
             return alone * m2
         if key is None:
             raise ValueError("feature_weights of a hierarchical or correlated bench is a Monte Carlo estimate: pass key")
-        x = jax.jit(self.sample_features, static_argnums=1)(key, n_samples)
-        act = x > 0
-        alone = act & (jnp.sum(act, axis=1, keepdims=True) == 1)
-        return jnp.mean(alone * x**2, axis=0)
+        return self._alone_weights_mc(key, n_samples)
 
     def feature_norms(self) -> jax.Array:
         """``||W_p[:, d]||`` ``[n]`` (1 for PGD benches; for the toy model, ~1 means represented)."""

@@ -611,11 +611,7 @@ class SynthBench(SamplingMixin):
     def feature_weights(self, key: Optional[jax.Array] = None, n_samples: int = 65536) -> jax.Array:
         """``M_d [n]`` of Thm 3.1, P(only feature d active) * E[f_d^2 | only d active], a Monte Carlo
         estimate from ``n_samples`` draws (default key: PRNGKey(0)). Children never fire alone."""
-        key = jax.random.PRNGKey(0) if key is None else key
-        f = jax.jit(self.sample_features, static_argnums=1)(key, n_samples)
-        act = f > 0
-        alone = act & (jnp.sum(act, axis=1, keepdims=True) == 1)
-        return jnp.mean(alone * f**2, axis=0)
+        return self._alone_weights_mc(jax.random.PRNGKey(0) if key is None else key, n_samples)
 
     def feature_norms(self) -> jax.Array:
         return jnp.linalg.norm(self.W_p, axis=0)
