@@ -274,3 +274,50 @@ def test_sparse_free_block_equals_dense_draw(path):
     c_s = np.corrcoef((fs[:, top] > 0).sum(1), (fs[:, blk] > 0).sum(1))[0, 1]
     c_d = np.corrcoef((fd[:, top] > 0).sum(1), (fd[:, blk] > 0).sum(1))[0, 1]
     assert abs(c_s - c_d) < 0.03, (c_s, c_d)
+
+
+@pytest.mark.parametrize("case", ["sparse", "dense", "overflow", "uncorrelated"])
+def test_draw_is_observe_of_the_features(case, monkeypatch):
+    """Bench.draw (used by sample and by every training step) builds x_p from the active sets:
+    its features are exactly sample_features(k_x) and x_p equals observe(features) up to float
+    rounding, on the sparse path, the dense one, the overflow fallback of the violation slots and
+    without correlation (no violations)."""
+    import jsdl.data.synth as synth_mod
+
+    kw = {**SMALL, "n_features": 640, "correlation_rank": 6, "correlation_scale": 0.15}
+    if case == "uncorrelated":
+        kw["correlation_rank"] = 0
+    b = make_synth(jax.random.PRNGKey(0), "tiny", **kw)
+    assert 0 < b.sparse_start < b.n_features
+    if case == "overflow":
+        assert b.viol_expected > 0
+        b = b.replace(viol_expected=1e-9)  # 32 violation slots per batch: always overflows
+    monkeypatch.setattr(synth_mod, "use_sparse_decode", lambda J, n: case != "dense")
+    for i in range(3):
+        key = jax.random.PRNGKey(i)
+        batch = jax.jit(b.draw, static_argnums=1)(key, 512)
+        f = jax.jit(b.sample_features, static_argnums=1)(jax.random.split(key)[0], 512)
+        np.testing.assert_array_equal(batch.features, f)
+        ref = b.observe(f).x_p
+        np.testing.assert_allclose(batch.x_p, ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(batch.x_r, batch.x_p)
+    # sample() is draw() for a fresh bench.
+    np.testing.assert_array_equal(b.sample(jax.random.PRNGKey(0), 64).x_p, b.draw(jax.random.PRNGKey(0), 64).x_p)
+
+
+def test_live_slots_are_the_positive_values():
+    """The samplers mark live slots by u < p Phi(mu / sigma) instead of by value > 0
+    (SynthBench._positive_fraction); the two agree up to float rounding."""
+    b = make_synth(jax.random.PRNGKey(0), "tiny", **{**SMALL, "n_features": 640, "correlation_rank": 6,
+                                                      "correlation_scale": 0.15})
+    def slots_of(key):
+        parts = b._parts(key, 4096)
+        return list(parts["slots"]) + [parts["free"]["slots"]]
+
+    slots = jax.jit(slots_of)(jax.random.PRNGKey(4))
+    n_live = n_bad = 0
+    for c, v in slots:
+        c, v = np.asarray(c), np.asarray(v)
+        n_live += int((c >= 0).sum())
+        n_bad += int(((c >= 0) != (v > 0)).sum())
+    assert n_live > 1000 and n_bad <= 2, (n_live, n_bad)

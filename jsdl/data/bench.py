@@ -384,7 +384,7 @@ def active_slots(key: jax.Array, batch_size: int, n: int, rate: float, capacity:
         return jnp.minimum(pos, n - 1), live, jnp.sum(live, axis=1, dtype=jnp.int32), draw, B * K
     E = max(active_capacity(B * n, rate), 1)
     flat = geometric_positions(key, 1, B * n, rate, E)[0]  # [E] ascending; >= B n: no more actives
-    start = jnp.searchsorted(flat, jnp.arange(B + 1, dtype=jnp.int32) * n).astype(jnp.int32)  # row b: [start_b, start_b+1)
+    start = jnp.searchsorted(flat, jnp.arange(B + 1, dtype=jnp.int32) * n, method="scan_unrolled").astype(jnp.int32)  # row b: [start_b, start_b+1)
     count = jnp.minimum(start[1:] - start[:-1], K)
     live = slot[None, :] < count[:, None]
     draw = jnp.where(live, start[:-1, None] + slot[None, :], 0)

@@ -53,8 +53,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jsdl.data.bench import SamplingMixin
+from jsdl.data import rng as _rng
+from jsdl.data.bench import SamplingMixin, decode_active, use_sparse_decode
 from jsdl.data.structured import build_hierarchy, hierarchy_depth
+from jsdl.kernels import SparseCodes
 from jsdl.objective import Batch
 
 __all__ = [
@@ -392,18 +394,24 @@ class SynthBench(SamplingMixin):
     kind: str = struct.field(pytree_node=False, default="synth_sae_bench")
 
     # -- sampling ----------------------------------------------------------------------------------
-    def _fire_prob(self, eps: Optional[jax.Array], idx) -> jax.Array:
+    def _fire_prob(self, eps: Optional[jax.Array], idx, proj: Optional[jax.Array] = None) -> jax.Array:
         """Firing probability of features ``idx`` given the copula factor draw ``eps [B, rank]``:
         ``P(z_i > Phi^-1(1 - p_i) | eps) = Phi(((eps F^T)_i - Phi^-1(1 - p_i)) / sqrt(1 - |F_i|^2))``;
-        ``p_i`` without correlation. ``idx``: a slice (-> ``[B, m]``) or an index array ``[B, ...]``."""
+        ``p_i`` without correlation. ``idx``: a slice (-> ``[B, m]``) or an index array ``[B, ...]``.
+        ``proj``: ``eps F^T [B, n]`` when the caller has it (an index array then reads its entries
+        instead of gathering ``[B, ..., rank]`` rows of ``F``: on a CPU the gather was most of the
+        tree's cost)."""
         if self.corr_factor is None:
             return self.probs[idx]
         if isinstance(idx, slice):
-            proj = eps @ self.corr_factor[idx].T
+            pr = eps @ self.corr_factor[idx].T if proj is None else proj[:, idx]
+        elif proj is not None:
+            B = idx.shape[0]
+            pr = jnp.take_along_axis(proj, idx.reshape(B, -1), axis=1).reshape(idx.shape)
         else:
             F = self.corr_factor[idx]  # [B, ..., rank]
-            proj = jnp.einsum("b...r,br->b...", F, eps)
-        return jax.scipy.special.ndtr((proj - self.thresholds[idx]) / self.corr_sqrt_diag[idx])
+            pr = jnp.einsum("b...r,br->b...", F, eps)
+        return jax.scipy.special.ndtr((pr - self.thresholds[idx]) / self.corr_sqrt_diag[idx])
 
     def _values(self, u: jax.Array, p: jax.Array, idx) -> jax.Array:
         """``relu(mu_i + sigma_i z)`` where ``u < p`` (the feature fires), else 0, with the magnitude
@@ -415,10 +423,24 @@ class SynthBench(SamplingMixin):
         z = -jax.scipy.special.ndtri(v)
         return jnp.where(u < p, jax.nn.relu(self.mean_mag[idx] + self.std_mag[idx] * z), jnp.zeros((), dt))
 
-    def _sparse_free(self, u_gap: jax.Array, u_acc: jax.Array, key: jax.Array, eps: Optional[jax.Array]) -> jax.Array:
-        """Values ``[B, n - Z]`` of the rare free features ``[Z, n)`` (``Z = sparse_start``), drawn
-        with random numbers only where a feature can fire; in distribution exactly the dense draw
-        (one uniform per feature), up to a truncation of probability < 1e-15 per sample.
+    def _positive_fraction(self) -> jax.Array:
+        """``Phi(mu_i / sigma_i) [n]``: a feature drawn with uniform ``u`` under firing probability
+        ``p`` (:meth:`_values`) has a positive value iff ``u < p`` and ``mu + sigma z > 0`` with
+        ``z = -Phi^-1(u / p)``, i.e. iff ``u < p Phi(mu / sigma)`` (``Phi^-1`` is increasing; the two
+        tests agree up to float rounding). The samplers decide which slots are live with this test
+        rather than with ``value > 0``: XLA CPU fuses the value's ndtri chain into every consumer
+        (an ``optimization_barrier`` does not survive its pipeline), so each use of the values
+        computed it once more (measured: most of the tree's cost)."""
+        return jax.scipy.special.ndtr(self.mean_mag / jnp.where(self.std_mag > 0, self.std_mag, 1e-30))
+
+    def _sparse_free(self, u_gap: jax.Array, u_acc: jax.Array, key: jax.Array, eps: Optional[jax.Array]) -> dict:
+        """The rare free features ``[Z, n)`` (``Z = sparse_start``), drawn with random numbers only
+        where a feature can fire; in distribution exactly the dense draw (one uniform per feature),
+        up to a truncation of probability < 1e-15 per sample. Returns their active sets (a dict
+        read by :meth:`_free_block`, which densifies them into ``[B, n - Z]``, and by
+        :meth:`draw`): ``slots = (cols, vals) [B, n_arrivals]`` (global columns, -1 / 0 where
+        empty), ``viol = (rows, cols, vals) [V]`` or None, ``overflow`` (None or a traced bool)
+        and ``dense`` (the block drawn densely, used when ``overflow``).
 
         *Candidates*: feature i is a candidate with probability ``q_i`` (``cand_prob``), independently,
         as the features whose interval ``[H_{i-1}, H_i)`` (``H = cand_hazard``, the cumulative sum of
@@ -440,49 +462,74 @@ class SynthBench(SamplingMixin):
         A firing feature's magnitude noise recycles its uniform (``_values``)."""
         dt = self.W_p.dtype
         n, Z = self.n_features, self.sparse_start
-        m, K = n - Z, self.n_arrivals
+        m = n - Z
         B = u_gap.shape[0]
         k_res, k_dense = jax.random.split(key)
-        rows_k = jnp.broadcast_to(jnp.arange(B)[:, None], (B, K))
         t_arr = jnp.cumsum(-jnp.log1p(-u_gap), axis=1)  # exponential gaps
-        idx = jnp.searchsorted(self.cand_hazard, t_arr, side="right").astype(jnp.int32)  # [B, K], m = none
+        idx = jnp.searchsorted(self.cand_hazard, t_arr, side="right", method="scan_unrolled").astype(jnp.int32)  # [B, K], m = none
         first = (idx < m) & jnp.concatenate([jnp.ones((B, 1), bool), idx[:, 1:] != idx[:, :-1]], axis=1)
         si = jnp.minimum(idx, m - 1)
         col = Z + si
         u = u_acc
         q = self.cand_prob[si]
-        acc = jnp.minimum(self._fire_prob(eps, col) / q, 1.0)
-        val_a = jnp.where(first, self._values(u, acc, col), jnp.zeros((), dt))
-        out = jnp.zeros((B, m), dt).at[rows_k, jnp.where(first, si, m)].set(val_a, mode="drop")
-        if self.corr_factor is None or self.viol_expected == 0:
-            return out
-        proj = eps @ self.corr_factor[Z:].T  # [B, m]
+        with_viol = self.corr_factor is not None and self.viol_expected > 0
+        proj = eps @ self.corr_factor[Z:].T if with_viol else None  # [B, m]
+        if proj is None:
+            P = self._fire_prob(eps, col)
+        else:  # read the block's projections rather than gather [B, K, rank] rows of F
+            pr = jnp.take_along_axis(proj, si, axis=1)
+            P = jax.scipy.special.ndtr((pr - self.thresholds[col]) / self.corr_sqrt_diag[col])
+        acc = jnp.minimum(P / q, 1.0)
+        # Live slots are marked by their column (-1 elsewhere), decided without the value (see
+        # _positive_fraction), so that the magnitude's ndtri chain has one consumer.
+        fires = first & (u < acc * self._positive_fraction()[col])
+        val_a = jnp.where(fires, self._values(u, acc, col), jnp.zeros((), dt))
+        col_a = jnp.where(fires, col, -1)
+        parts = dict(slots=(col_a, val_a), viol=None, overflow=None, dense=None)
+        if not with_viol:
+            return parts
         excess = proj - self.viol_margin
         V = int(math.ceil(_VIOL_SLACK * B * self.viol_expected + 32))  # the batch's violation slots
         rows_v, vi, live, overflow = _compact(excess > 0, V)
+        vcol = Z + vi
+        proj_v = proj[rows_v, vi]
+        p_v = jax.scipy.special.ndtr((proj_v - self.thresholds[vcol]) / self.corr_sqrt_diag[vcol])
+        q_v = self.cand_prob[vi]
+        r = jnp.where(live, jnp.maximum(p_v - q_v, 0.0) / (1.0 - q_v), 0.0)
+        r_u = _rng.uniform(k_res, (V,), dt)
+        val_r = self._values(r_u, r, vcol)
+        pos_frac = self._positive_fraction()
+        # The union: a feature that already fired as a candidate keeps its value ([V, K] compare
+        # with the row's candidates instead of reading a dense block).
+        fired = jnp.any(col_a[rows_v] == vcol[:, None], axis=1)
+        write = live & ~fired & (r_u < r * pos_frac[vcol])
 
-        def sparse(_):
-            vcol = Z + vi
-            proj_v = proj[rows_v, vi]
-            p_v = jax.scipy.special.ndtr((proj_v - self.thresholds[vcol]) / self.corr_sqrt_diag[vcol])
-            q_v = self.cand_prob[vi]
-            r = jnp.where(live, jnp.maximum(p_v - q_v, 0.0) / (1.0 - q_v), 0.0)
-            val_r = self._values(jax.random.uniform(k_res, (V,), dt), r, vcol)
-            write = live & ~(out[rows_v, vi] > 0)  # the union: a feature that already fired keeps its value
-            return out.at[rows_v, jnp.where(write, vi, m)].set(val_r, mode="drop")
-
-        def dense(_):
+        def dense():
             p = jax.scipy.special.ndtr((proj - self.thresholds[Z:]) / self.corr_sqrt_diag[Z:])
-            return self._values(jax.random.uniform(k_dense, (B, m), dt), p, slice(Z, n))
+            return self._values(_rng.uniform(k_dense, (B, m), dt), p, slice(Z, n))
 
-        return jax.lax.cond(overflow, dense, sparse, None)
+        parts.update(viol=(rows_v, jnp.where(write, vcol, -1), jnp.where(write, val_r, 0.0)), overflow=overflow,
+                     dense=dense)
+        return parts
+
+    def _free_block(self, parts: dict, B: int) -> jax.Array:
+        """The dense values ``[B, n - Z]`` of the sparse free block from :meth:`_sparse_free`."""
+        Z, m = self.sparse_start, self.n_features - self.sparse_start
+        cols, vals = parts["slots"]
+        rows = jnp.broadcast_to(jnp.arange(B)[:, None], cols.shape)
+        out = jnp.zeros((B, m), vals.dtype).at[rows, jnp.where(cols >= 0, cols - Z, m)].set(vals, mode="drop")
+        if parts["viol"] is None:
+            return out
+        rows_v, vcol, val_r = parts["viol"]
+        sparse = lambda: out.at[rows_v, jnp.where(vcol >= 0, vcol - Z, m)].set(val_r, mode="drop")  # noqa: E731
+        return jax.lax.cond(parts["overflow"], parts["dense"], sparse)
 
     def sample_features(self, key: jax.Array, batch_size: int) -> jax.Array:
         """Coefficients ``f [B, n]`` (module docstring, items 2-5). Jit-able."""
-        return self._sample(key, batch_size)[0]
+        return self._assemble(self._parts(key, batch_size), batch_size)
 
-    def _sample(self, key: jax.Array, batch_size: int):
-        """``(f [B, n], slots)``, drawn top down so that random numbers are drawn only where the
+    def _parts(self, key: jax.Array, batch_size: int) -> dict:
+        """The batch's draw as active sets, drawn top down so that random numbers are drawn only where the
         result can depend on them.
 
         Conditional on the copula's factor draw ``eps [B, rank]`` the features fire independently
@@ -498,18 +545,19 @@ class SynthBench(SamplingMixin):
         survives; survivors are scaled by ``f_parent / mu_parent`` (``scale_children_by_parent``)
         or gated. This is the reference's level-by-level gating and exclusion, in distribution
         exactly: the children of inactive parents, which it draws and then zeroes, are not drawn.
-        ``slots``: per level ``(cols [B, S, b], vals [B, S, b])``, -1 / 0 where empty."""
+        ``slots``: per level ``(cols, vals)``, ``[B, S]`` (the survivor of each slot) for a reducible
+        level, else ``[B, S, b]``; -1 / 0 where empty."""
         dt = self.W_p.dtype
         n, R, T = self.n_features, self.n_roots, self.tree_end
         B = batch_size
         k_eps, k_u, k_free = jax.random.split(key, 3)
-        eps = None
+        eps = proj = None
         if self.corr_factor is not None:
             eps = jax.random.normal(k_eps, (B, self.corr_factor.shape[1]), dt)
-        # Every fixed-shape uniform of the draw in one call (each threefry call adds ~0.7 s of
-        # compilation): roots and frequent free features, then per level [S, b] + [S], then the
-        # sparse block's gaps and acceptance uniforms. optimization_barrier: XLA CPU otherwise
-        # fuses the random-bit computation into several consumers and recomputes it.
+            proj = eps @ self.corr_factor[:T].T  # the tree's projections [B, T], read per level
+        # Every fixed-shape uniform of the draw in one call (jsdl.data.rng: the unrolled
+        # Threefry-2x32 keeping both words): roots and frequent free features, then per level
+        # [S, b] + [S], then the sparse block's gaps and acceptance uniforms.
         Z = self.sparse_start
         n_top = R + (Z - T)
         b_max = self.children.shape[1]
@@ -519,7 +567,7 @@ class SynthBench(SamplingMixin):
             S = S if self.reducible[L] else S * b_max
         K = self.n_arrivals if Z < n else 0
         W = n_top + sum(widths) + 2 * K
-        u_all = jax.lax.optimization_barrier(jax.random.uniform(k_u, (B, W), dt))
+        u_all = _rng.uniform(k_u, (B, W), dt)
         u = u_all[:, :n_top]
         pos = n_top
         # Roots and the frequent free features [T, Z): one uniform each. The rare free features
@@ -532,25 +580,28 @@ class SynthBench(SamplingMixin):
             p = jnp.concatenate([self._fire_prob(eps, slice(0, R)), self._fire_prob(eps, slice(T, Z))], axis=1)
             v_top = self._values(u, p, top)
         roots = v_top[:, :R]
-        parts = [roots, jnp.zeros((B, T - R), dt), v_top[:, R:]]
+        free = None
         if Z < n:
             o = W - 2 * K
-            parts.append(self._sparse_free(u_all[:, o:o + K], u_all[:, o + K:], k_free, eps))
-        f = jnp.concatenate([a for a in parts if a.shape[1]], axis=1) if n else jnp.zeros((B, 0), dt)
+            free = self._sparse_free(u_all[:, o:o + K], u_all[:, o + K:], k_free, eps)
 
         slots = []
         pc = jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32), (B, R))  # parent slot columns
         pv = roots  # parent slot values
 
-        def level(pc, pv, uu, w):
-            """One level: the children of the parent slots ``(pc, pv) [B, S]``."""
+        pos_frac = self._positive_fraction()
+
+        def level(pc, pv, uu, w, reduce):
+            """One level: the children of the parent slots ``(pc, pv) [B, S]``. ``reduce`` (every
+            parent keeps at most one child): ``(cols, vals) [B, S]``, the survivor of each slot
+            (-1 / 0 where none), with the magnitude computed for the survivors only; otherwise
+            ``[B, S, b]``."""
             safe = jnp.maximum(pc, 0)
             cc = jnp.where((pc >= 0)[..., None], self.children[safe], -1)  # [B, S, b]
             ok = cc >= 0
             cs = jnp.maximum(cc, 0)
-            p = jnp.where(ok, self._fire_prob(eps, cs), 0.0)
-            val = self._values(uu, p, cs)
-            comp = ok & (val > 0) & (pv > 0)[..., None]
+            p = jnp.where(ok, self._fire_prob(eps, cs, proj), 0.0)
+            comp = ok & (uu < p * pos_frac[cs]) & (pv > 0)[..., None]
             # Mutual exclusion: the m-th competitor (m uniform in 0..count-1) survives.
             cnt = jnp.sum(comp, axis=-1)
             pick = jnp.minimum(jnp.floor(w * cnt).astype(jnp.int32), jnp.maximum(cnt - 1, 0))
@@ -558,13 +609,15 @@ class SynthBench(SamplingMixin):
             excl = self.exclusive[safe] & (pc >= 0)
             keep = comp & (~excl[..., None] | (rank == pick[..., None]))
             factor = (pv / self.mean_mag[safe]) if self.rescale else jnp.ones_like(pv)
-            val = jnp.where(keep, val * factor[..., None], jnp.zeros((), dt))
-            cc = jnp.where(keep, cc, -1)
-            return cc, val, keep
-
-        def reduce(cc, val, keep):
-            j = jnp.argmax(keep, axis=-1)[..., None]
-            return jnp.take_along_axis(cc, j, axis=-1)[..., 0], jnp.take_along_axis(val, j, axis=-1)[..., 0]
+            if reduce:
+                j = jnp.argmax(keep, axis=-1)[..., None]
+                one = lambda a: jnp.take_along_axis(a, j, axis=-1)[..., 0]  # noqa: E731
+                hit = jnp.any(keep, axis=-1)
+                c1 = one(cc)
+                val = jnp.where(hit, self._values(one(uu), one(p), jnp.maximum(c1, 0)) * factor, jnp.zeros((), dt))
+                return jnp.where(hit, c1, -1), val
+            val = jnp.where(keep, self._values(uu, p, cs) * factor[..., None], jnp.zeros((), dt))
+            return jnp.where(keep, cc, -1), val
 
         if self.depth > 1 and all(self.reducible):
             # Every level has R slots: one compiled level under lax.scan (compiles ~depth x faster).
@@ -573,8 +626,8 @@ class SynthBench(SamplingMixin):
             def body(carry, L):
                 pc, pv = carry
                 seg = jax.lax.dynamic_slice_in_dim(u_all, n_top + L * width, width, axis=1)
-                cc, val, keep = level(pc, pv, seg[:, :R * b_max].reshape(B, R, b_max), seg[:, R * b_max:])
-                return reduce(cc, val, keep), (cc, val)
+                out = level(pc, pv, seg[:, :R * b_max].reshape(B, R, b_max), seg[:, R * b_max:], True)
+                return out, out
 
             _, (ccs, vals) = jax.lax.scan(body, (pc, pv), jnp.arange(self.depth))
             slots = [(ccs[L], vals[L]) for L in range(self.depth)]
@@ -584,18 +637,72 @@ class SynthBench(SamplingMixin):
                 uu = u_all[:, pos:pos + S * b_max].reshape(B, S, b_max)
                 w = u_all[:, pos + S * b_max:pos + S * b_max + S]
                 pos += S * b_max + S
-                cc, val, keep = level(pc, pv, uu, w)
+                cc, val = level(pc, pv, uu, w, self.reducible[L])
                 slots.append((cc, val))
-                if self.reducible[L]:
-                    pc, pv = reduce(cc, val, keep)
-                else:
-                    pc, pv = cc.reshape(B, S * b_max), val.reshape(B, S * b_max)
+                pc, pv = cc.reshape(B, -1), val.reshape(B, -1)
+        return dict(top=v_top, slots=slots, free=free)
+
+    def _top_columns(self) -> np.ndarray:
+        """The columns of ``_parts(...)["top"]``: the roots, then the frequent free features."""
+        return np.concatenate([np.arange(self.n_roots), np.arange(self.tree_end, self.sparse_start)]).astype(np.int32)
+
+    def _assemble(self, parts: dict, B: int) -> jax.Array:
+        """The dense features ``f [B, n]`` of a draw (:meth:`_parts`)."""
+        n, R, T = self.n_features, self.n_roots, self.tree_end
+        v_top = parts["top"]
+        dt = v_top.dtype
+        blocks = [v_top[:, :R], jnp.zeros((B, T - R), dt), v_top[:, R:]]
+        if parts["free"] is not None:
+            blocks.append(self._free_block(parts["free"], B))
+        f = jnp.concatenate([a for a in blocks if a.shape[1]], axis=1) if n else jnp.zeros((B, 0), dt)
+        slots = parts["slots"]
         if slots:
             cols = jnp.concatenate([c.reshape(B, -1) for c, _ in slots], axis=1)
             vals = jnp.concatenate([v.reshape(B, -1) for _, v in slots], axis=1)
             rows = jnp.broadcast_to(jnp.arange(B)[:, None], cols.shape)
             f = f.at[rows, jnp.where(cols >= 0, cols, n)].set(vals, mode="drop")
-        return jax.nn.relu(f), slots
+        return jax.nn.relu(f)
+
+    def draw(self, key: jax.Array, batch_size: int) -> Batch:
+        """Fresh samples: ``features`` is exactly ``sample_features(k_x, B)`` (``k_x, _ =
+        split(key)``, as :meth:`SamplingMixin.draw`), and ``x_p = f W_p^T + bias`` is summed from
+        the active sets (the roots and frequent free features as one small product, the tree's and
+        the sparse block's survivors with :func:`jsdl.data.bench.decode_active`, the violations as
+        a segment sum), equal to ``observe(features)`` up to float rounding. The dense ``[B, n]``
+        features are then only computed if the caller uses them (in a training step they are
+        not). If the sparse block overflowed its violation slots, or the active sets are not much
+        smaller than ``n`` (:func:`jsdl.data.bench.use_sparse_decode`), ``x_p`` is the dense
+        product."""
+        B, n = batch_size, self.n_features
+        k_x, _ = jax.random.split(key)
+        parts = self._parts(k_x, B)
+        feats = self._assemble(parts, B)
+        slots = list(parts["slots"])
+        free = parts["free"]
+        if free is not None:
+            slots.append(free["slots"])
+        J = sum(int(np.prod(c.shape[1:])) for c, _ in slots)
+        if not slots or not use_sparse_decode(J, n):
+            return self.observe(feats)
+        dt = feats.dtype
+        W_rows = self.W_p.T  # [n, d]
+        cols = jnp.concatenate([c.reshape(B, -1) for c, _ in slots], axis=1)
+        vals = jnp.concatenate([v.reshape(B, -1) for _, v in slots], axis=1)
+        # The live slots of each row first (decode_active stops after the batch's largest count).
+        live = cols >= 0
+        pos = jnp.where(live, jnp.cumsum(live, axis=1) - 1, J)
+        rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, J))
+        c1 = jnp.zeros((B, J), jnp.int32).at[rows, pos].set(cols.astype(jnp.int32), mode="drop")
+        v1 = jnp.zeros((B, J), dt).at[rows, pos].set(vals, mode="drop")
+        x = parts["top"] @ W_rows[self._top_columns()] if parts["top"].shape[1] else jnp.zeros((B, self.d_input), dt)
+        x = x + decode_active(SparseCodes(v1, c1, None, n), jnp.sum(live, axis=1), W_rows)
+        if free is not None and free["viol"] is not None:
+            rows_v, vcol, val_r = free["viol"]
+            x = x + jax.ops.segment_sum(val_r[:, None] * W_rows[jnp.maximum(vcol, 0)], rows_v, num_segments=B)
+            # (the dense features are rebuilt inside the branch, so that they stay unneeded unless taken)
+            x = jax.lax.cond(free["overflow"], lambda: self._assemble(parts, B) @ self.W_p.T, lambda: x)
+        x_p = x + self.bias
+        return Batch(x_p=x_p, x_r=x_p, features=feats)
 
     def observe(self, x: jax.Array, key: Optional[jax.Array] = None) -> Batch:
         """``Batch(x_p = f W_p^T + bias, x_r = x_p, features = f)``; noiseless (``key`` unused)."""
@@ -644,7 +751,7 @@ def _compact(mask: jax.Array, size: int, block: int = 32):
     cnt = jnp.sum(mb, axis=1, dtype=jnp.int32)  # [B nb]
     cum = jnp.cumsum(cnt)
     j = jnp.arange(size, dtype=jnp.int32)
-    blk = jnp.minimum(jnp.searchsorted(cum, j, side="right"), B * nb - 1).astype(jnp.int32)
+    blk = jnp.minimum(jnp.searchsorted(cum, j, side="right", method="scan_unrolled"), B * nb - 1).astype(jnp.int32)
     rank = j - (cum[blk] - cnt[blk])  # rank of entry j inside its block
     bits = mb[blk]  # [size, block]
     within = jnp.argmax(bits & (jnp.cumsum(bits, axis=1, dtype=jnp.int32) - 1 == rank[:, None]), axis=1)
