@@ -60,6 +60,7 @@ import numpy as np
 from flax import struct
 
 from jsdl import methods as _methods
+from jsdl.data import rng as _rng
 from jsdl.kernels import SparseCodes, densify, sparse_decode
 from jsdl.objective import Batch
 
@@ -290,8 +291,9 @@ def generate_feature_matrix(
 #: sampler (see :func:`active_capacity`).
 ACTIVE_TAIL = 1e-15
 #: The sparse sampler is used when its capacity K is at most ``n / SPARSE_SAMPLER_RATIO``: it draws
-#: about 2 random words per active feature (gap, magnitude) against 2 per feature for the dense
-#: draw, plus a cumulative sum, the [B, K] slot layout and a scatter into the dense features.
+#: a random word per active feature (the gap) and a magnitude per slot (``B K``) against 2 per
+#: feature for the dense draw, plus a cumulative sum, the [B, K] slot layout and a scatter into
+#: the dense features (the measurements below predate jsdl.data.rng).
 #: Measured on CPU (B = 4096, benchmarks/bench_data.py "crossover" table): at n = 4096 the sparse
 #: draw is 7.7x faster at K/n = 0.025 (S = 0.99), 1.6x at K/n = 0.14 and 0.85x at K/n = 0.25; at
 #: n = 1024 still 1.7x at K/n = 0.31.
@@ -351,7 +353,7 @@ def geometric_positions(key: jax.Array, batch_size: int, n: int, rate: float, ca
     if K == 0:
         return jnp.zeros((B, 0), jnp.int32)
     lam = -math.log1p(-rate)
-    u = jax.random.bits(key, (B, K), jnp.uint32)
+    u = _rng.bits(key, (B, K))
     neg_log_u = 32.0 * math.log(2.0) - jnp.log(u.astype(jnp.float32) + 0.5)
     # A gap >= n already ends the row; clamping keeps the running sum in int32.
     gaps = jnp.minimum(jnp.floor(neg_log_u * (1.0 / lam)), float(n)).astype(jnp.int32) + 1
@@ -364,11 +366,11 @@ def geometric_positions(key: jax.Array, batch_size: int, n: int, rate: float, ca
 
 def active_slots(key: jax.Array, batch_size: int, n: int, rate: float, capacity: int):
     """Active sets of ``batch_size`` rows of ``n`` independent Bernoulli(``rate``) features, laid out
-    in ``K = capacity`` slots per row: ``(cols [B, K], live [B, K], count [B], draw [B, K], n_draws)``.
-    ``cols`` are ascending in the live slots (``n - 1`` elsewhere), ``count = sum(live, 1)``, and
-    ``draw`` indexes a flat array of ``n_draws`` per-active random draws (e.g. magnitudes drawn
-    as ``[n_draws]`` and gathered with ``draw``), so that per-active randomness costs ~ the number
-    of actives, not ``B K``.
+    in ``K = capacity`` slots per row: ``(cols [B, K], live [B, K], count [B])``. ``cols`` are
+    ascending in the live slots (``n - 1`` elsewhere) and ``count = sum(live, 1)``. Per-active
+    randomness (magnitudes, thinning) is drawn per slot, ``[B, K]``, by the callers: with
+    :mod:`jsdl.data.rng` that is cheaper than drawing one number per active and gathering it
+    (XLA CPU fused the random words into the gather and computed them element by element).
 
     The ``B n`` trials are one sequence of geometric gaps (:func:`geometric_positions` with one row
     of length ``B n``), with capacity ``n_draws = active_capacity(B n, rate)`` (overflow < 1e-15
@@ -380,16 +382,15 @@ def active_slots(key: jax.Array, batch_size: int, n: int, rate: float, capacity:
     if B * n >= 2**31 - 1 or B == 1:
         pos = geometric_positions(key, B, n, rate, K)
         live = pos < n
-        draw = jnp.arange(B * K, dtype=jnp.int32).reshape(B, K)
-        return jnp.minimum(pos, n - 1), live, jnp.sum(live, axis=1, dtype=jnp.int32), draw, B * K
+        return jnp.minimum(pos, n - 1), live, jnp.sum(live, axis=1, dtype=jnp.int32)
     E = max(active_capacity(B * n, rate), 1)
     flat = geometric_positions(key, 1, B * n, rate, E)[0]  # [E] ascending; >= B n: no more actives
-    start = jnp.searchsorted(flat, jnp.arange(B + 1, dtype=jnp.int32) * n, method="scan_unrolled").astype(jnp.int32)  # row b: [start_b, start_b+1)
+    start = jnp.searchsorted(flat, jnp.arange(B + 1, dtype=jnp.int32) * n).astype(jnp.int32)  # row b: [start_b, start_b+1)
     count = jnp.minimum(start[1:] - start[:-1], K)
     live = slot[None, :] < count[:, None]
-    draw = jnp.where(live, start[:-1, None] + slot[None, :], 0)
-    cols = jnp.where(live, flat[draw] - jnp.arange(B, dtype=jnp.int32)[:, None] * n, n - 1)
-    return cols, live, count, draw, E
+    at = jnp.where(live, start[:-1, None] + slot[None, :], 0)
+    cols = jnp.where(live, flat[at] - jnp.arange(B, dtype=jnp.int32)[:, None] * n, n - 1)
+    return cols, live, count
 
 
 def decode_active(codes: SparseCodes, count: jax.Array, W_rows: jax.Array) -> jax.Array:
@@ -467,7 +468,7 @@ class SparseLaw:
     def sample_magnitudes(self, key: jax.Array, shape: tuple, dtype: Any = None) -> jax.Array:
         """``c_min + Exp(beta)`` of the given shape (eq. 31)."""
         dtype = dtype or jnp.zeros(()).dtype
-        return self.c_min + self.beta * jax.random.exponential(key, shape, dtype)
+        return self.c_min + self.beta * _rng.exponential(key, shape, dtype)
 
     def capacity(self, n: int) -> int:
         """Static slots per row of the sparse sampler (:func:`active_capacity` at rate 1 - S)."""
@@ -489,9 +490,8 @@ class SparseLaw:
         dtype = dtype or jnp.zeros(()).dtype
         K = self.capacity(n) if capacity is None else int(capacity)
         k_g, k_e = jax.random.split(key)
-        cols, live, count, draw, n_draws = active_slots(k_g, batch_size, n, 1.0 - self.sparsity, K)
-        mags = self.sample_magnitudes(k_e, (n_draws,), dtype)
-        vals = jnp.where(live, mags[draw], jnp.zeros((), dtype))
+        cols, live, count = active_slots(k_g, batch_size, n, 1.0 - self.sparsity, K)
+        vals = jnp.where(live, self.sample_magnitudes(k_e, (batch_size, K), dtype), jnp.zeros((), dtype))
         return SparseCodes(vals=vals, cols=cols, rows=None, n_latents=n), count
 
     def sample_features(self, key: jax.Array, batch_size: int, n: int, dtype: Any = None) -> jax.Array:
@@ -503,7 +503,7 @@ class SparseLaw:
         if self.sparse_sampler(n):
             return densify(self.sample_active(key, batch_size, n, dtype)[0])
         k_m, k_e = jax.random.split(key)
-        mask = jax.random.bernoulli(k_m, 1.0 - self.sparsity, (batch_size, n))
+        mask = _rng.bernoulli(k_m, 1.0 - self.sparsity, (batch_size, n))
         return jnp.where(mask, self.sample_magnitudes(k_e, (batch_size, n), dtype), jnp.zeros((), dtype))
 
     @classmethod

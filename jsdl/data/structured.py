@@ -41,6 +41,7 @@ import optax
 from flax import struct
 
 from jsdl.data import bench as _bench
+from jsdl.data import rng as _rng
 from jsdl.data.bench import SamplingMixin, _SELF
 from jsdl.kernels import SparseCodes, densify
 from jsdl.objective import Batch
@@ -305,8 +306,8 @@ class StructuredBench(SamplingMixin):
     def _base_mask(self, key, batch_size):
         n = self.n_features
         if self.corr_chol is None:
-            return jax.random.uniform(key, (batch_size, n), self.rates.dtype) < self.rates
-        z = jax.random.normal(key, (batch_size, n), self.rates.dtype) @ self.corr_chol.T
+            return _rng.uniform(key, (batch_size, n), self.rates.dtype) < self.rates
+        z = _rng.normal(key, (batch_size, n), self.rates.dtype) @ self.corr_chol.T
         return z < jax.scipy.special.ndtri(self.rates)
 
     def _propagate(self, mask):
@@ -319,8 +320,8 @@ class StructuredBench(SamplingMixin):
 
     def _magnitudes(self, key, shape, dtype):
         if self.magnitude == "uniform":
-            return self.c_min + self.beta * jax.random.uniform(key, shape, dtype)
-        return self.c_min + self.beta * jax.random.exponential(key, shape, dtype)
+            return self.c_min + self.beta * _rng.uniform(key, shape, dtype)
+        return self.c_min + self.beta * _rng.exponential(key, shape, dtype)
 
     @property
     def sparse_capacity(self) -> int:
@@ -354,8 +355,8 @@ class StructuredBench(SamplingMixin):
             raise ValueError("this bench has no sparse sampler (correlated masks, or rates too high); use sample_features")
         n, B, dtype = self.n_features, batch_size, self.W_p.dtype
         k_g, k_t, k_a = jax.random.split(key, 3)
-        col, cand, count, draw, n_draws = _bench.active_slots(k_g, B, n, self.rate_bound, K)
-        accept = jax.random.uniform(k_t, (n_draws,), dtype)[draw] * self.rate_bound < self.rates[col]
+        col, cand, count = _bench.active_slots(k_g, B, n, self.rate_bound, K)
+        accept = _rng.uniform(k_t, (B, K), dtype) * self.rate_bound < self.rates[col]
         cols, valid = [col], [cand & accept]
         for _ in range(self.depth):
             par = self.parent_of[cols[-1]]
@@ -370,8 +371,7 @@ class StructuredBench(SamplingMixin):
             rows = jnp.arange(B)[:, None]
             first = jnp.full((B, n), big, jnp.int32).at[rows, col_all].min(jnp.where(valid_all, slot, big))
             valid_all = valid_all & (first[rows, col_all] == slot)
-        mags = self._magnitudes(k_a, (L, n_draws), dtype)
-        a = jnp.concatenate([mags[l][draw] for l in range(L)], axis=1) * self.importance[col_all]
+        a = self._magnitudes(k_a, (B, L * K), dtype) * self.importance[col_all]
         bad = jnp.max(self.rates) > self.rate_bound
         vals = jnp.where(bad, jnp.nan, jnp.where(valid_all, a, jnp.zeros((), dtype)))
         blocks = [SparseCodes(vals=vals[:, l * K:(l + 1) * K], cols=col_all[:, l * K:(l + 1) * K], rows=None,

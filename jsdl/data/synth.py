@@ -466,7 +466,7 @@ class SynthBench(SamplingMixin):
         B = u_gap.shape[0]
         k_res, k_dense = jax.random.split(key)
         t_arr = jnp.cumsum(-jnp.log1p(-u_gap), axis=1)  # exponential gaps
-        idx = jnp.searchsorted(self.cand_hazard, t_arr, side="right", method="scan_unrolled").astype(jnp.int32)  # [B, K], m = none
+        idx = jnp.searchsorted(self.cand_hazard, t_arr, side="right").astype(jnp.int32)  # [B, K], m = none
         first = (idx < m) & jnp.concatenate([jnp.ones((B, 1), bool), idx[:, 1:] != idx[:, :-1]], axis=1)
         si = jnp.minimum(idx, m - 1)
         col = Z + si
@@ -751,7 +751,7 @@ def _compact(mask: jax.Array, size: int, block: int = 32):
     cnt = jnp.sum(mb, axis=1, dtype=jnp.int32)  # [B nb]
     cum = jnp.cumsum(cnt)
     j = jnp.arange(size, dtype=jnp.int32)
-    blk = jnp.minimum(jnp.searchsorted(cum, j, side="right", method="scan_unrolled"), B * nb - 1).astype(jnp.int32)
+    blk = jnp.minimum(jnp.searchsorted(cum, j, side="right"), B * nb - 1).astype(jnp.int32)
     rank = j - (cum[blk] - cnt[blk])  # rank of entry j inside its block
     bits = mb[blk]  # [size, block]
     within = jnp.argmax(bits & (jnp.cumsum(bits, axis=1, dtype=jnp.int32) - 1 == rank[:, None]), axis=1)
