@@ -45,6 +45,7 @@ ground-truth dictionary is ``W_p = W_r = E^T [d, n]`` and ``Batch.features = f``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, Optional, Union
 
@@ -804,6 +805,20 @@ def _sparse_free_tables(p: np.ndarray, thresholds: np.ndarray, F: Optional[np.nd
     return dict(start=Z, K=K, V=expected, H=H, q=q_eff, margin=margin)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _construction_draws(key, n: int, d: int, rank: int, dt):
+    """The random draws of :func:`make_synth` in one compiled program (each eager draw of a new
+    shape compiled its own, ~0.35 s apiece): the hierarchy's seed, the raw correlation factor
+    ``[n, rank]``, the magnitude stds' normals ``[n]``, the feature vectors ``[n, d]`` and the unit
+    bias direction ``[d]``."""
+    k_h, k_c, k_s, k_v, k_b = jax.random.split(key, 5)
+    seed = jax.random.randint(k_h, (), 0, 2**31 - 1)
+    b = jax.random.normal(k_b, (d,), dt)
+    b = b / jnp.maximum(jnp.linalg.norm(b), 1e-8)
+    return (seed, jax.random.normal(k_c, (n, rank)), jax.random.normal(k_s, (n,)),
+            jax.random.normal(k_v, (n, d), dt), b)
+
+
 def make_synth(key: jax.Array, config: Union[SynthConfig, str, Mapping[str, Any], None] = None,
                *, dtype: Any = None, **overrides: Any) -> SynthBench:
     """Build a :class:`SynthBench` from ``key`` and a :class:`SynthConfig` (or a preset name, or a
@@ -813,8 +828,8 @@ def make_synth(key: jax.Array, config: Union[SynthConfig, str, Mapping[str, Any]
     cfg = synth_config("16k" if config is None else config, **overrides)
     dt = jnp.zeros((), dtype).dtype if dtype is not None else jnp.zeros(()).dtype
     n, d = cfg.n_features, cfg.d_input
-    k_h, k_c, k_s, k_v, k_b = jax.random.split(key, 5)
-    seed = int(jax.random.randint(k_h, (), 0, 2**31 - 1))
+    seed, F_raw, s_raw, E, b = _construction_draws(key, n, d, max(cfg.correlation_rank, 1), jnp.dtype(dt))
+    seed = int(seed)
 
     parent_of, level, exclusive = synth_hierarchy(cfg, seed)
     p = zipf_probabilities(n, cfg.zipf_exponent, cfg.max_prob, cfg.min_prob)
@@ -826,7 +841,7 @@ def make_synth(key: jax.Array, config: Union[SynthConfig, str, Mapping[str, Any]
 
     corr_factor = corr_sqrt_diag = None
     if cfg.correlation_rank > 0:
-        F = np.asarray(jax.random.normal(k_c, (n, cfg.correlation_rank)), np.float64) * cfg.correlation_scale
+        F = np.asarray(F_raw, np.float64) * cfg.correlation_scale
         ss = (F**2).sum(1)
         cap = 1.0 - ss < _MIN_DIAG
         F[cap] *= np.sqrt((1.0 - _MIN_DIAG) / ss[cap])[:, None]
@@ -835,15 +850,10 @@ def make_synth(key: jax.Array, config: Union[SynthConfig, str, Mapping[str, Any]
 
     mean_mag = np.linspace(cfg.magnitude_mean_start, cfg.magnitude_mean_end, n) if n > 1 else np.asarray(
         [cfg.magnitude_mean_start])
-    std_mag = np.abs(cfg.magnitude_std_mean + cfg.magnitude_std_std * np.asarray(jax.random.normal(k_s, (n,)), np.float64))
+    std_mag = np.abs(cfg.magnitude_std_mean + cfg.magnitude_std_std * np.asarray(s_raw, np.float64))
 
-    E = jax.random.normal(k_v, (n, d), dt)
     E = orthogonalize(E, cfg.orthogonalize_steps, cfg.orthogonalize_lr, cfg.orthogonalize_chunk)
-    if cfg.bias > 0:
-        b = jax.random.normal(k_b, (d,), dt)
-        b = b / jnp.maximum(jnp.linalg.norm(b), 1e-8) * cfg.bias
-    else:
-        b = jnp.zeros((d,), dt)
+    b = b * cfg.bias if cfg.bias > 0 else jnp.zeros((d,), dt)
 
     depth = hierarchy_depth(parent_of)
     n_children = np.bincount(parent_of[parent_of >= 0], minlength=n)
