@@ -270,7 +270,8 @@ def table(rows):
 
 
 def generator_only(n, batch, threads, reps=10):
-    """Seconds per batch of jsdl's jitted sampler (features + observation) and SAELens's
+    """Seconds per batch of jsdl's jitted sampler (features + observation; and ``x_p`` alone, what
+    a training step uses: the dense features are then not built) and SAELens's
     ``SyntheticModel.sample_with_features``, alternating, the recipe at ``n`` features (d = n/16)."""
     import jax
     import torch
@@ -285,6 +286,7 @@ def generator_only(n, batch, threads, reps=10):
                        correlation_rank=25 if n >= 4096 else 8, orthogonalize_steps=0)
     bench = make_synth(jax.random.PRNGKey(0), cfg)
     fn = jax.jit(bench.sample, static_argnums=1)
+    fx = jax.jit(lambda key: bench.sample(key, batch).x_p)
     model = SyntheticModel(saelens_model_config(cfg, 0), device="cpu")
     box = {"i": 0}
 
@@ -292,13 +294,18 @@ def generator_only(n, batch, threads, reps=10):
         box["i"] += 1
         jax.block_until_ready(fn(jax.random.PRNGKey(box["i"]), batch))
 
+    def jx():
+        box["i"] += 1
+        jax.block_until_ready(fx(jax.random.PRNGKey(box["i"])))
+
     def s():
         model.sample_with_features(batch)
 
-    t = common.alternate({"jsdl": j, "saelens": s}, reps)
+    t = common.alternate({"jsdl": j, "jsdl_x": jx, "saelens": s}, reps)
     print(f"generator only, n={n} d={cfg.d_input} batch {batch} (load {load_avg()}): "
-          f"jsdl {common.spread(t['jsdl'])}, SAELens {common.spread(t['saelens'])}, "
-          f"ratio {common.med(t['saelens']) / common.med(t['jsdl']):.2f}x")
+          f"jsdl {common.spread(t['jsdl'])} (x_p alone {common.spread(t['jsdl_x'])}), "
+          f"SAELens {common.spread(t['saelens'])}, ratio {common.med(t['saelens']) / common.med(t['jsdl']):.2f}x "
+          f"(x_p alone {common.med(t['saelens']) / common.med(t['jsdl_x']):.2f}x)")
 
 
 def main(argv=None):
