@@ -373,7 +373,7 @@ def active_slots(key: jax.Array, batch_size: int, n: int, rate: float, capacity:
     (XLA CPU fused the random words into the gather and computed them element by element).
 
     The ``B n`` trials are one sequence of geometric gaps (:func:`geometric_positions` with one row
-    of length ``B n``), with capacity ``n_draws = active_capacity(B n, rate)`` (overflow < 1e-15
+    of length ``B n``), with capacity ``E = active_capacity(B n, rate)`` (overflow < 1e-15
     per batch); row b's actives are the positions in ``[b n, (b+1) n)``, of which the first ``K``
     are kept (a row has more than ``K = active_capacity(n, rate)`` actives with probability < 1e-15).
     When ``B n`` does not fit in int32, each row is drawn as its own sequence of ``K`` gaps."""

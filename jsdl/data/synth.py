@@ -399,9 +399,8 @@ class SynthBench(SamplingMixin):
         """Firing probability of features ``idx`` given the copula factor draw ``eps [B, rank]``:
         ``P(z_i > Phi^-1(1 - p_i) | eps) = Phi(((eps F^T)_i - Phi^-1(1 - p_i)) / sqrt(1 - |F_i|^2))``;
         ``p_i`` without correlation. ``idx``: a slice (-> ``[B, m]``) or an index array ``[B, ...]``.
-        ``proj``: ``eps F^T [B, n]`` when the caller has it (an index array then reads its entries
-        instead of gathering ``[B, ..., rank]`` rows of ``F``: on a CPU the gather was most of the
-        tree's cost)."""
+        ``proj``: ``eps F^T`` for the columns ``[0, proj.shape[1])`` when the caller has it (an
+        index array then reads its entries instead of gathering ``[B, ..., rank]`` rows of ``F``)."""
         if self.corr_factor is None:
             return self.probs[idx]
         if isinstance(idx, slice):
