@@ -249,7 +249,7 @@ def report(results, cross, gen, args, load0, load1):
     out = [
         machine_info(),
         f"- load average at the end: {load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f} (at the start {load0[0]:.1f} / "
-        f"{load0[1]:.1f} / {load0[2]:.1f}); run under `nice -n 10`",
+        f"{load0[1]:.1f} / {load0[2]:.1f}); niceness {os.nice(0)}",
         f"- device: {jax.devices()[0].device_kind} ({jax.default_backend()}); command: `{cmd.strip()}`",
         "",
         f"Per benchmark shape of bench_step.py, S = {S}, d_input = d, feature matrices random unit columns; old = the",
