@@ -6,7 +6,7 @@ partitionable Threefry) spend one Threefry-2x32 block (20 rounds on two words) p
 keeping ``x1 ^ x2``, and on CPU jax lowers the hash as a rolled loop of 5 iterations whose carried
 state XLA copies each iteration. :func:`bits` computes the same hash (the same key schedule,
 rotations and 20 rounds as ``jax.random``'s Threefry-2x32) on a counter per *pair* of outputs and
-keeps both output words, with the rounds unrolled: measured on the 2-core CPU, about 3-4x faster
+keeps both output words, with the rounds unrolled: measured on the 2-core CPU, 3.5-7x faster
 per 32-bit word (``benchmarks/NOTES.md``). Counters run along the last axis within each row
 (``[..., ceil(m / 2)]``), so every row is a function of the key and its index only: a batch
 generated sharded along its leading axis needs no communication, as with jax's partitionable
