@@ -13,8 +13,10 @@ Matched settings: batch size, learning rate, Adam (0.9, 0.999), constant schedul
 clipping 1.0; k for TopK/BatchTopK/Matryoshka = the true L0 of the n_q most frequent features;
 AuxK (k_aux = d/2, coefficient 1, dead after 1000 steps) for the TopK family as SAELens's defaults;
 ReLU penalises sum_i |f_i| ||W_dec,i|| (SAELens "standard" = jsdl ``weighted_l1``) and JumpReLU the
-step L0 (bandwidth 0.05, initial threshold 0.01) with the same coefficients on both sides, set by
-``--calibrate`` (a short jsdl sweep to the true L0) or given. BatchTopK/Matryoshka are evaluated
+step L0 (bandwidth 0.05, initial threshold ``--jumprelu-threshold``, default 0.01 as SAELens's) with
+coefficients set per framework by ``--calibrate`` (a bracket search to the true L0) or given.
+Initialisation: each framework's default unless ``--jsdl-init saelens`` (jsdl starts as SAELens
+does) or ``--saelens-init jsdl`` (SAELens ``decoder_init_norm=1``, i.e. jsdl's default). BatchTopK/Matryoshka are evaluated
 as SAELens's runner does (the training SAE, batch-level top-k over eval batches of the training
 batch size).
 
@@ -76,7 +78,8 @@ def jsdl_spec(arch, n_q, k, d, coef):
     if arch == "relu":
         return jsdl.make_spec("sae", "relu", n_q, penalties={"weighted_l1": coef})
     if arch == "jumprelu":
-        return jsdl.make_spec("sae", "jumprelu", n_q, penalties={"l0": coef}, threshold=0.01, bandwidth=0.05)
+        return jsdl.make_spec("sae", "jumprelu", n_q, penalties={"l0": coef}, threshold=JUMPRELU["threshold"],
+                              bandwidth=JUMPRELU["bandwidth"])
     raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}")
 
 
@@ -86,6 +89,12 @@ def _widths(n_q):
 
 JSDL_INIT = {"default": {}, "saelens": {"init_decoder_norm": 0.1, "init_encoder": "transpose"}}
 _INIT = {}
+# SAELens's ``decoder_init_norm``: 0.1 is its default; "jsdl" = 1.0, unit-norm decoder rows and
+# ``W_enc = W_dec^T``, which is jsdl's default initialisation.
+SAELENS_INIT = {"default": 0.1, "jsdl": 1.0}
+_SAELENS_INIT = {"decoder_init_norm": 0.1}
+# JumpReLU hyperparameters, the same in both frameworks (``--jumprelu-threshold``).
+JUMPRELU = {"threshold": 0.01, "bandwidth": 0.05}
 
 
 def use_jsdl_init(kind):
@@ -166,7 +175,7 @@ def saelens_model_config(c, seed):
 
 
 def saelens_sae(arch, n_q, k, d, coef):
-    common = dict(d_in=d, d_sae=n_q, dtype="float32", device="cpu")
+    common = dict(d_in=d, d_sae=n_q, dtype="float32", device="cpu", **_SAELENS_INIT)
     if arch == "topk":
         from sae_lens import TopKTrainingSAE as C, TopKTrainingSAEConfig as Cfg
 
@@ -187,7 +196,8 @@ def saelens_sae(arch, n_q, k, d, coef):
     if arch == "jumprelu":
         from sae_lens import JumpReLUTrainingSAE as C, JumpReLUTrainingSAEConfig as Cfg
 
-        return C(Cfg(l0_coefficient=coef, jumprelu_init_threshold=0.01, jumprelu_bandwidth=0.05, **common))
+        return C(Cfg(l0_coefficient=coef, jumprelu_init_threshold=JUMPRELU["threshold"],
+                     jumprelu_bandwidth=JUMPRELU["bandwidth"], **common))
     raise ValueError(arch)
 
 
@@ -327,6 +337,10 @@ def main(argv=None):
                     help="torch intra-op threads (1: on the shared 2-core machine 2 threads were slower)")
     ap.add_argument("--jsdl-init", choices=("default", "saelens"), default="default",
                     help="jsdl's parameter initialisation (saelens: decoder norm 0.1, W_E = W_D^T)")
+    ap.add_argument("--saelens-init", choices=tuple(SAELENS_INIT), default="default",
+                    help="SAELens's decoder_init_norm (jsdl: 1.0, jsdl's default initialisation)")
+    ap.add_argument("--jumprelu-threshold", type=float, default=0.01,
+                    help="initial JumpReLU threshold, both frameworks (SAELens's default 0.01)")
     ap.add_argument("--out", default="synth_quality.json")
     ap.add_argument("--write-results", action="store_true", help="write the table into benchmarks/RESULTS.md")
     ap.add_argument("--from-json", help="only print the table of a JSON written by an earlier run")
@@ -358,6 +372,8 @@ def main(argv=None):
     from jsdl.data import make_synth
 
     use_jsdl_init(a.jsdl_init)
+    _SAELENS_INIT["decoder_init_norm"] = SAELENS_INIT[a.saelens_init]
+    JUMPRELU["threshold"] = a.jumprelu_threshold
     probe = make_synth(jax.random.PRNGKey(1000), synth_cfg, orthogonalize_steps=0)
     l0_top, l0_all = true_l0_top(probe, n_q)
     k = max(1, int(round(l0_top)))
@@ -400,7 +416,9 @@ def main(argv=None):
                     sae, model, wall = saelens_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed)
                     r = saelens_eval(sae, model, n_eval, batch)
                 r = {kk: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for kk, v in r.items()}
-                r.update(arch=arch, framework=fw, seed=seed, coef=coef, init=a.jsdl_init if fw == "jsdl" else "saelens", k=k, samples=samples, wall_s=wall,
+                r.update(arch=arch, framework=fw, seed=seed, coef=coef, k=k,
+                         init=a.jsdl_init if fw == "jsdl" else f"saelens (decoder_init_norm {SAELENS_INIT[a.saelens_init]})",
+                         jumprelu_threshold=a.jumprelu_threshold if arch == "jumprelu" else None, samples=samples, wall_s=wall,
                          samples_per_s=samples / wall, load_before=load0, load_after=load_avg())
                 rows.append(r)
                 log(f"[synth_quality] seed {seed} {arch:10s} {fw:8s} MCC {r['mcc']:.3f} F1 {r['f1']:.3f} "
