@@ -16,9 +16,9 @@ ReLU penalises sum_i |f_i| ||W_dec,i|| (SAELens "standard" = jsdl ``weighted_l1`
 step L0 (bandwidth 0.05, initial threshold ``--jumprelu-threshold``, default 0.01 as SAELens's) with
 coefficients set per framework by ``--calibrate`` (a bracket search to the true L0) or given.
 Initialisation: each framework's default unless ``--jsdl-init saelens`` (jsdl starts as SAELens
-does) or ``--saelens-init jsdl`` (SAELens ``decoder_init_norm=1``, i.e. jsdl's default). BatchTopK/Matryoshka are evaluated
-as SAELens's runner does (the training SAE, batch-level top-k over eval batches of the training
-batch size).
+does) or ``--saelens-init jsdl`` (SAELens ``decoder_init_norm=1``, i.e. jsdl's default).
+BatchTopK/Matryoshka are evaluated as SAELens's runner does (the training SAE, batch-level top-k
+over eval batches of the training batch size).
 
 Usage (bench environment, ``make .venv-bench/.jsdl-bench-installed``)::
 
@@ -416,9 +416,11 @@ def main(argv=None):
                     sae, model, wall = saelens_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed)
                     r = saelens_eval(sae, model, n_eval, batch)
                 r = {kk: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for kk, v in r.items()}
+                sl_init = f"saelens (decoder_init_norm {SAELENS_INIT[a.saelens_init]})"
                 r.update(arch=arch, framework=fw, seed=seed, coef=coef, k=k,
-                         init=a.jsdl_init if fw == "jsdl" else f"saelens (decoder_init_norm {SAELENS_INIT[a.saelens_init]})",
-                         jumprelu_threshold=a.jumprelu_threshold if arch == "jumprelu" else None, samples=samples, wall_s=wall,
+                         init=a.jsdl_init if fw == "jsdl" else sl_init,
+                         jumprelu_threshold=a.jumprelu_threshold if arch == "jumprelu" else None,
+                         samples=samples, wall_s=wall,
                          samples_per_s=samples / wall, load_before=load0, load_after=load_avg())
                 rows.append(r)
                 log(f"[synth_quality] seed {seed} {arch:10s} {fw:8s} MCC {r['mcc']:.3f} F1 {r['f1']:.3f} "
