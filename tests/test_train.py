@@ -634,3 +634,40 @@ def test_population_init_stacked_equals_vmapped(monkeypatch):
         one, _ = fit(jax.random.fold_in(jax.random.PRNGKey(1), seed), spec, b, cfg, stop_at=0)
         np.testing.assert_array_equal(member(s1, i).params.W_E, one.params.W_E)
         np.testing.assert_array_equal(member(s1, i).params.W_D, one.params.W_D)
+
+
+def test_threshold_for_l0_starts_jumprelu_at_the_target_sparsity():
+    """threshold_for_l0 puts exactly round(l0 N) pre-activations of the probe batch above the
+    threshold. ``init_state`` with fit's key gives fit's initial parameters, so a JumpReLU fit started
+    from the threshold fires exactly l0 latents per sample on the probe batch (another key does not),
+    and about l0 on fresh batches, where the default small threshold fires about half of them. Bad
+    inputs raise."""
+    from jsdl.data import make_bench
+    from jsdl.objective import pre_activations
+    from jsdl.train import init_state, threshold_for_l0
+
+    bench = make_bench(jax.random.PRNGKey(0), n_features=32, d_input=16, sparsity=0.9, max_interference=0.5)
+    kw = dict(activation="jumprelu", n_latents=64, penalties={"l0": 1e-3}, bandwidth=0.05)
+    spec = jsdl.make_spec(threshold=0.001, **kw)
+    cfg = TrainConfig(steps=1, batch_size=2048, learning_rate=1e-4, log_every=1, progress=False, plots=False)
+    key = jax.random.PRNGKey(3)
+    probe = init_state(key, spec, cfg, 16).params
+    batch = bench.sample(jax.random.PRNGKey(5), 2048)
+    theta = threshold_for_l0(probe, spec, batch.x_p, 4.0)
+    assert theta > 0
+    assert int((np.asarray(pre_activations(probe, batch.x_p, spec)) > theta).sum()) == 4 * 2048
+    spec_t = jsdl.make_spec(threshold=theta, **kw)
+    _, h = fit(key, spec_t, iter([batch]), cfg)
+    assert abs(h["l0"][0] - 4.0) < 1e-3, h["l0"]  # the same parameters on the same batch
+    _, h = fit(jax.random.PRNGKey(4), spec_t, iter([batch]), cfg)
+    assert abs(h["l0"][0] - 4.0) > 1e-3, h["l0"]  # other initial parameters
+    _, h = fit(key, spec_t, bench, cfg)
+    assert 3.4 <= h["l0"][0] <= 4.6, h["l0"]  # fresh samples
+    _, h0 = fit(key, spec, bench, cfg)
+    assert h0["l0"][0] > 12, h0["l0"]
+    with pytest.raises(ValueError, match="l0 must be in"):
+        threshold_for_l0(probe, spec, batch.x_p, 64.0)
+    with pytest.raises(ValueError, match="x_p must be"):
+        threshold_for_l0(probe, spec, batch.x_p[:, :8], 4.0)
+    with pytest.raises(ValueError, match="selects no entry"):
+        threshold_for_l0(probe, spec, batch.x_p[:10], 0.01)

@@ -37,6 +37,7 @@ _WHERE = {
     "init_state": "state",
     "spec_from_dict": "state",
     "spec_to_dict": "state",
+    "threshold_for_l0": "state",
     "Stepper": "step",
     "make_mesh": "step",
     "model_step": "step",
@@ -67,6 +68,7 @@ __all__ = [
     "resample_dead",
     "spec_from_dict",
     "spec_to_dict",
+    "threshold_for_l0",
 ]
 
 
