@@ -209,8 +209,9 @@ def threshold_for_l0(params: SDLParams, spec: SDLSpec, x_p: Any, l0: float) -> f
 
     The starting L0 is not the final one. On the SynthSAEBench ``cpu`` recipe (true L0 8.3, 1M
     samples, lr 1e-3), two seeds each:
-    - starting at L0 8.3 (threshold 3.3) ended at L0 3.4-3.5 (MCC 0.50);
-    - starting at L0 40 (threshold 2.0) ended at 8.3 (MCC 0.66).
+
+    - starting at L0 8.3 (threshold 3.3) ended at L0 3.4-3.5 (MCC 0.49-0.50);
+    - starting at L0 40 (threshold 2.0) ended at 8.3 (MCC 0.66-0.67).
 
     Treat the starting L0 as a hyperparameter to calibrate.
 
