@@ -211,7 +211,7 @@ def threshold_for_l0(params: SDLParams, spec: SDLSpec, x_p: Any, l0: float) -> f
     samples, lr 1e-3), two seeds each:
 
     - starting at L0 8.3 (threshold 3.3) ended at L0 3.4-3.5 (MCC 0.49-0.50);
-    - starting at L0 40 (threshold 2.0) ended at 8.3 (MCC 0.66-0.67).
+    - starting at L0 40 (threshold 2.0) ended at 8.3 (MCC 0.655-0.671).
 
     Treat the starting L0 as a hyperparameter to calibrate.
 
