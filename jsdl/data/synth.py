@@ -411,6 +411,11 @@ class SynthBench(SamplingMixin):
         else:
             F = self.corr_factor[idx]  # [B, ..., rank]
             pr = jnp.einsum("b...r,br->b...", F, eps)
+        return self._prob_given(pr, idx)
+
+    def _prob_given(self, pr: jax.Array, idx) -> jax.Array:
+        """``Phi((pr - Phi^-1(1 - p_i)) / sqrt(1 - |F_i|^2))``: the firing probability of features
+        ``idx`` given their copula projections ``pr = (eps F^T)_idx`` (same shape as ``idx``)."""
         return jax.scipy.special.ndtr((pr - self.thresholds[idx]) / self.corr_sqrt_diag[idx])
 
     def _values(self, u: jax.Array, p: jax.Array, idx) -> jax.Array:
@@ -477,12 +482,12 @@ class SynthBench(SamplingMixin):
         if proj is None:
             P = self._fire_prob(eps, col)
         else:  # read the block's projections rather than gather [B, K, rank] rows of F
-            pr = jnp.take_along_axis(proj, si, axis=1)
-            P = jax.scipy.special.ndtr((pr - self.thresholds[col]) / self.corr_sqrt_diag[col])
+            P = self._prob_given(jnp.take_along_axis(proj, si, axis=1), col)
         acc = jnp.minimum(P / q, 1.0)
         # Live slots are marked by their column (-1 elsewhere), decided without the value (see
         # _positive_fraction), so that the magnitude's ndtri chain has one consumer.
-        fires = first & (u < acc * self._positive_fraction()[col])
+        pos_frac = self._positive_fraction()
+        fires = first & (u < acc * pos_frac[col])
         val_a = jnp.where(fires, self._values(u, acc, col), jnp.zeros((), dt))
         col_a = jnp.where(fires, col, -1)
         parts = dict(slots=(col_a, val_a), viol=None, overflow=None, dense=None)
@@ -493,19 +498,18 @@ class SynthBench(SamplingMixin):
         rows_v, vi, live, overflow = _compact(excess > 0, V)
         vcol = Z + vi
         proj_v = proj[rows_v, vi]
-        p_v = jax.scipy.special.ndtr((proj_v - self.thresholds[vcol]) / self.corr_sqrt_diag[vcol])
+        p_v = self._prob_given(proj_v, vcol)
         q_v = self.cand_prob[vi]
         r = jnp.where(live, jnp.maximum(p_v - q_v, 0.0) / (1.0 - q_v), 0.0)
         r_u = _rng.uniform(k_res, (V,), dt)
         val_r = self._values(r_u, r, vcol)
-        pos_frac = self._positive_fraction()
         # The union: a feature that already fired as a candidate keeps its value ([V, K] compare
         # with the row's candidates instead of reading a dense block).
         fired = jnp.any(col_a[rows_v] == vcol[:, None], axis=1)
         write = live & ~fired & (r_u < r * pos_frac[vcol])
 
         def dense():
-            p = jax.scipy.special.ndtr((proj - self.thresholds[Z:]) / self.corr_sqrt_diag[Z:])
+            p = self._prob_given(proj, slice(Z, n))
             return self._values(_rng.uniform(k_dense, (B, m), dt), p, slice(Z, n))
 
         parts.update(viol=(rows_v, jnp.where(write, vcol, -1), jnp.where(write, val_r, 0.0)), overflow=overflow,
