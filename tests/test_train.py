@@ -671,3 +671,55 @@ def test_threshold_for_l0_starts_jumprelu_at_the_target_sparsity():
         threshold_for_l0(probe, spec, batch.x_p[:, :8], 4.0)
     with pytest.raises(ValueError, match="selects no entry"):
         threshold_for_l0(probe, spec, batch.x_p[:10], 0.01)
+
+
+def test_init_threshold_l0_starts_every_model_at_the_given_sparsity(tmp_path):
+    """``TrainConfig(init_threshold_l0=m)``: fit sets the thresholds that threshold_for_l0 gives for
+    fit's own initial parameters on the probe (a bench: 4096 samples from a key folded off the run
+    key; an iterator: its first batch, which training still consumes), so the first step fires
+    exactly m latents per sample on that batch; each member of a population gets its own value; the
+    summary records it; the compiled step is shared with runs without it; misuse raises."""
+    from jsdl.data import make_bench
+    from jsdl.train import init_state, threshold_for_l0
+    from jsdl.train.step import step_config
+
+    bench = make_bench(jax.random.PRNGKey(0), n_features=32, d_input=16, sparsity=0.9, max_interference=0.5)
+    spec = jsdl.make_spec("sae", "jumprelu", 64, penalties={"l0": 1e-3}, threshold=0.001, bandwidth=0.05)
+    cfg = TrainConfig(steps=2, batch_size=1024, learning_rate=1e-4, log_every=1, progress=False, plots=False,
+                      init_threshold_l0=6.0)
+    key = jax.random.PRNGKey(3)
+    assert step_config(cfg) == step_config(dataclasses.replace(cfg, init_threshold_l0=None))
+    p0 = init_state(key, spec, cfg, 16).params
+    # an iterator: the probe is the first batch, and training still starts with it
+    batches = [bench.sample(jax.random.PRNGKey(i), 1024) for i in (7, 8)]
+    _, h = fit(key, spec, iter(batches), cfg)
+    theta = threshold_for_l0(p0, spec, batches[0].x_p, 6.0)
+    assert h["summary"]["init_threshold"] == pytest.approx(theta, rel=1e-6)
+    assert abs(h["l0"][0] - 6.0) < 1e-3, h["l0"]  # step 0 ran on the probe batch with those parameters
+    assert len(h["l0"]) == 2  # no batch was lost
+    # a bench: a probe of its own, so a fresh training batch fires about 6
+    _, h = fit(key, spec, bench, cfg)
+    probe = jax.jit(lambda k: bench.sample(k, 4096).x_p)(jax.random.fold_in(key, 0x7E5))
+    assert h["summary"]["init_threshold"] == pytest.approx(threshold_for_l0(p0, spec, probe, 6.0), rel=1e-6)
+    assert 5.0 <= h["l0"][0] <= 7.0, h["l0"]
+    # a run directory records the value in run.json; a resume keeps it (and does not probe again)
+    out = str(tmp_path / "run")
+    fit(key, spec, bench, cfg, out_dir=out)
+    _, hr = fit(key, spec, bench, dataclasses.replace(cfg, steps=3), out_dir=out, resume=True)
+    with open(os.path.join(out, "run.json")) as f:
+        assert json.load(f)["init_thresholds"] == [pytest.approx(h["summary"]["init_threshold"])]
+    assert hr["summary"]["init_threshold"] == pytest.approx(h["summary"]["init_threshold"])
+    # a population: one threshold per member, each its own parameters' value
+    pop_state, hs = fit_population(key, [spec, spec], bench, dataclasses.replace(cfg, steps=1))
+    ths = [hh["summary"]["init_threshold"] for hh in hs]
+    assert ths[0] != ths[1]
+    for hh in hs:
+        assert 5.0 <= hh["l0"][0] <= 7.0, hh["l0"]
+    # misuse
+    topk = jsdl.make_spec("sae", "topk", 64, k=4)
+    with pytest.raises(ValueError, match="no learned threshold"):
+        fit(key, topk, bench, cfg)
+    with pytest.raises(ValueError, match="init_threshold_l0 must be > 0"):
+        TrainConfig(init_threshold_l0=0.0)
+    with pytest.raises(ValueError, match="l0 must be in"):
+        fit(key, spec, bench, dataclasses.replace(cfg, init_threshold_l0=64.0))

@@ -61,6 +61,12 @@ class TrainConfig:
             crosscoder the whole stacked column (all sources) is normalised; tied models
             normalise the rows of W_E.
     Thresholds
+        init_threshold_l0: start every JumpReLU threshold where the initial parameters fire this many
+            latents per sample on average (:func:`jsdl.train.threshold_for_l0` on a probe batch of
+            4096 samples of the data, drawn with a key of its own), instead of at the
+            activation's ``threshold``. None (default): the activation's ``threshold``. The L0
+            falls during training, so this is a starting point to calibrate, not the target
+            (docs/training.md).
         min_threshold: JumpReLU thresholds are clipped to ``>= min_threshold`` (> 0) after each step.
         threshold_rate: BatchTopK inference threshold running average rate
             theta <- (1 - r) theta + r * min positive code (first step: theta = that value).
@@ -114,6 +120,7 @@ class TrainConfig:
     decoder_norm: str = "none"
     init_decoder_norm: float = 1.0
     init_encoder: str = "unit"
+    init_threshold_l0: Optional[float] = None
     min_threshold: float = 1e-6
     threshold_rate: float = 0.01
     dead_window: int = 200
@@ -158,6 +165,8 @@ class TrainConfig:
             raise ValueError(f"train.learning_rate must be > 0, got {self.learning_rate!r}")
         if not self.init_decoder_norm > 0:
             raise ValueError(f"train.init_decoder_norm must be > 0, got {self.init_decoder_norm!r}")
+        if self.init_threshold_l0 is not None and not self.init_threshold_l0 > 0:
+            raise ValueError(f"train.init_threshold_l0 must be > 0 (latents per sample), got {self.init_threshold_l0!r}")
         if not self.min_threshold > 0:
             raise ValueError(f"train.min_threshold must be > 0 (JumpReLU thresholds stay positive), got {self.min_threshold!r}")
         if not 0 < self.threshold_rate <= 1:

@@ -579,9 +579,51 @@ def _finish(run: _RunDir, plan, config, state, histories, summaries, timing, div
     rundir.mark_finished(run.dir, step, step >= config.steps and (plan.population or not diverged))
 
 
+_THRESHOLD_PROBE = 4096  # samples of the probe batch of train.init_threshold_l0 (from a bench)
+
+
+def _check_init_threshold(spec: SDLSpec, config: TrainConfig) -> None:
+    if config.init_threshold_l0 is not None and not spec.activation.info.needs_threshold:
+        raise ValueError(f"train.init_threshold_l0 sets the initial JumpReLU thresholds, but activation "
+                         f"{spec.activation.name!r} has no learned threshold; leave it unset")
+
+
+def _threshold_probe(key, data, mode: str):
+    """The probe inputs ``x_p`` of ``train.init_threshold_l0``: 4096 samples from a bench (a key of
+    their own, folded from the run key: not a training batch), or the iterator's first batch
+    (put back, so training still starts with it). Returns ``(data, x_p)``."""
+    if mode == "bench":
+        k = jax.random.fold_in(key, 0x7E5)
+        return data, jax.jit(lambda kk: data.sample(kk, _THRESHOLD_PROBE).x_p)(k)
+    if jax.process_count() > 1:
+        raise ValueError("train.init_threshold_l0 with an iterator of batches on several processes is not "
+                         "supported (each process sees other rows); use a bench, or set the activation's threshold")
+    it = iter(data)
+    first = next(it)
+    return itertools.chain([first], it), first.x_p
+
+
+def _start_thresholds(state: TrainState, plan: _Plan, l0: float, x_p) -> tuple[TrainState, list]:
+    """``state`` with every JumpReLU threshold at the value where its (initial) parameters fire ``l0``
+    latents per sample on ``x_p`` (:func:`jsdl.train.threshold_for_l0`), per member of a
+    population. Returns the state and the thresholds (one per model)."""
+    from jsdl.train.state import threshold_for_l0
+
+    params = state.params
+    if not plan.population:
+        th = threshold_for_l0(params, plan.spec, x_p, l0)
+        new = jnp.full_like(params.threshold, th)
+        return state.replace(params=params.replace(threshold=new)), [th]
+    ths = [threshold_for_l0(jax.tree.map(lambda a, i=i: a[i], params), plan.spec, x_p, l0)
+           for i in range(len(plan.members))]
+    new = jnp.asarray(ths, params.threshold.dtype)[:, None] * jnp.ones_like(params.threshold)
+    return state.replace(params=params.replace(threshold=new)), ths
+
+
 def _run(key, plan: _Plan, data, config: TrainConfig, *, out_dir, resume, anchors, devices, progress, stop_at,
          callback, record, dtype):
     """The steps shared by :func:`fit` and :func:`fit_population`; returns (state, histories)."""
+    _check_init_threshold(plan.spec, config)
     mode, data, d_in, d_t, data_rec = _prepare_data(plan.spec, data, config)
     anchors, anchor_feats = _setup_anchors(key, data, config, anchors)
     rec = _run_record(plan, config, mode, data, data_rec, d_in, d_t, anchor_feats, record)
@@ -590,6 +632,14 @@ def _run(key, plan: _Plan, data, config: TrainConfig, *, out_dir, resume, anchor
     run = None if out_dir is None else _RunDir(os.path.abspath(os.fspath(out_dir)), resume, rec)
     try:
         state, histories = _init_or_restore(plan, config, d_in, d_t, dtype, run, resume)
+        init_thresholds = None
+        if config.init_threshold_l0 is not None and not resume:
+            data, probe = _threshold_probe(key, data, mode)
+            state, init_thresholds = _start_thresholds(state, plan, config.init_threshold_l0, probe)
+            if run is not None and run.primary:
+                rundir.record_fields(run.dir, init_thresholds=init_thresholds)
+        elif run is not None and resume:
+            init_thresholds = run.old.get("init_thresholds")  # what the run started from
         stepper = get_stepper(plan.spec, config, data_mode=mode, n_members=len(plan.members) if plan.population else None,
                               devices=devices, bench=data if mode == "bench" else None)
         state = stepper.place_state(state)
@@ -598,6 +648,9 @@ def _run(key, plan: _Plan, data, config: TrainConfig, *, out_dir, resume, anchor
         state, timing, diverged = _loop(stepper, state, data, mode, anchors, config, io,
                                         progress=_progress_enabled(progress, config), stop_at=stop_at)
         summaries = _summaries(plan, state, histories, timing, diverged, mode, data, anchor_feats, stepper.mesh.size)
+        if init_thresholds is not None:
+            for s, th in zip(summaries, init_thresholds):
+                s["init_threshold"] = th
         if run is not None:
             _finish(run, plan, config, state, histories, summaries, timing, diverged, mode, data, anchor_feats)
     finally:

@@ -283,6 +283,15 @@ def record_resume(run_dir: str, old: dict, new: dict, step: int, allowed: dict) 
     return rec
 
 
+def record_fields(run_dir: str, **fields: Any) -> None:
+    """Add ``fields`` to run.json (read, update, atomic write)."""
+    path = os.path.join(run_dir, "run.json")
+    with open(path) as f:
+        rec = json.load(f)
+    rec.update(fields)
+    write_json(path, rec)
+
+
 def mark_finished(run_dir: str, step: int, finished: bool) -> None:
     path = os.path.join(run_dir, "run.json")
     with open(path) as f:

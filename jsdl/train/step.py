@@ -333,8 +333,10 @@ _CACHE_MAX = 32
 def step_config(config: TrainConfig) -> TrainConfig:
     """``config`` with the fields the compiled step never reads set to fixed values (the learning
     rate is read from ``state.hyper``; logging, checkpointing, anchors and the resampling schedule
-    are host-side), so runs that differ only in those share one compiled step."""
+    are host-side; ``init_threshold_l0`` is applied to the initial state on the host), so runs that
+    differ only in those share one compiled step."""
     return dataclasses.replace(config, learning_rate=1.0, log_every=1, checkpoint_every=0, keep_checkpoints=1,
+                               init_threshold_l0=None,
                                progress=False, plots=False, anchors=0, anchor_coef=0.0,
                                anchor_source="ground_truth", resample_every=0, resample_until=0)
 
