@@ -17,6 +17,7 @@ Peak memory: XLA's compiled memory analysis of the jsdl step (arguments + tempor
 for the TopK rows the peak RSS of a child process that runs 2 steps of one variant.
 
 Usage: python benchmarks/bench_step.py [--shapes small,medium,large] [--reps 3] [--archs ...]
+       python benchmarks/bench_step.py --shapes large --profile topk   (where the jsdl step goes, per XLA op)
 """
 from __future__ import annotations
 
@@ -371,6 +372,30 @@ def format_rows(rows) -> str:
     return "\n".join(out)
 
 
+def profile_step(arch: str, shape: str, calls: int = 3, top: int = 24) -> str:
+    """Where the jsdl step of ``arch`` at ``shape`` goes: its XLA ops from a profiler trace (the
+    largest ``top``), each with the JAX operation it came from; markdown."""
+    import jax
+
+    from jsdl.kernels import SparseCodes  # noqa: F401  (jsdl imported before tracing)
+
+    d, n_q, k, B = SHAPES[shape]
+    x = np.random.default_rng(0).standard_normal((B, d)).astype(np.float32)
+    run, _, info = jsdl_step(arch, x, n_q, k)
+    run()
+    run()
+    ops, total = common.trace_ops(run, calls, info["compiled"].as_text())
+    wall = common.med(common.timeit(run, calls))
+    lines = [f"jsdl {arch} step at {SHAPES[shape]}: {common.fmt(wall)} per step (wall, median of {calls}); the ops "
+             f"below sum to {total:.0f} ms per step (ops of one step can overlap on the {os.cpu_count()} cores). "
+             "`per step` > 1: the op runs inside a loop body, times summed. Origin: the op's `op_name` in the "
+             "compiled HLO (`jvp()` = forward, `transpose(jvp())` = backward).", "",
+             "| XLA op | ms per step | share | runs per step | origin (JAX op) |", "|---|---|---|---|---|"]
+    for n, (t, c, o) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"| `{n}` | {t:.1f} | {100 * t / total:.1f}% | {c:g} | `{o or '-'}` |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="small,medium,large")
@@ -378,10 +403,20 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     ap.add_argument("--no-write", action="store_true", help="print the table instead of updating RESULTS.md")
+    ap.add_argument("--profile", metavar="ARCH", help="only profile jsdl's ARCH step at the last of --shapes "
+                    "(per-op times from a JAX profiler trace) and write that section")
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "ARCH", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(*args.child)
+        return 0
+    if args.profile:
+        shape = [s for s in args.shapes.split(",") if s][-1]
+        body = (f"Command: `python benchmarks/bench_step.py --shapes {shape} --profile {args.profile}`.\n\n"
+                + profile_step(args.profile, shape, calls=args.reps))
+        print(body)
+        if not args.no_write:
+            common.write_section(f"Where the training step goes ({args.profile}, {shape})", body)
         return 0
     try:
         import sae_lens  # noqa: F401

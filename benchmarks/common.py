@@ -44,6 +44,43 @@ def alternate(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) 
     return times
 
 
+def trace_ops(run: Callable[[], object], calls: int, hlo_text: str = "") -> tuple[dict, float]:
+    """Per-op time of ``calls`` calls of ``run`` from a JAX profiler trace: ``({op: (ms per call,
+    times per call, JAX origin)}, ms per call in all)``. Ops inside a loop body run several times
+    per call and are summed; the origin is the op's ``op_name`` metadata in ``hlo_text`` (the
+    compiled module's ``as_text()``), when given. Ops of one call can overlap on several cores."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+    import shutil
+    import tempfile
+
+    import jax
+
+    origin = {}
+    for m in re.finditer(r'^\s*%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo_text, re.M):
+        origin[m.group(1)] = m.group(2)
+    d = tempfile.mkdtemp(prefix="jsdl_trace_")
+    try:
+        with jax.profiler.trace(d):
+            for _ in range(calls):
+                run()
+        f = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
+        events = json.load(gzip.open(f))["traceEvents"]
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    tot, cnt = collections.Counter(), collections.Counter()
+    skip = ("$", "Thunk", "Pjit", "Common", "np.", "Execute", "Slinky", "Parse", "Allocate", "Handle", "end:")
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith(skip) and "profiler" not in e["name"]:
+            tot[e["name"]] += e["dur"]
+            cnt[e["name"]] += 1
+    ops = {n: (t / 1e3 / calls, cnt[n] / calls, origin.get(n, "")) for n, t in tot.items()}
+    return ops, sum(t for t, _, _ in ops.values())
+
+
 def med(ts) -> float:
     return float(np.median(ts))
 

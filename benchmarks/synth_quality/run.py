@@ -92,7 +92,7 @@ _INIT = {}
 # SAELens's ``decoder_init_norm``: 0.1 is its default; "jsdl" = 1.0, unit-norm decoder rows and
 # ``W_enc = W_dec^T``, which is jsdl's default initialisation.
 SAELENS_INIT = {"default": 0.1, "jsdl": 1.0}
-_SAELENS_INIT = {"decoder_init_norm": 0.1}
+_SAELENS_INIT = {"decoder_init_norm": 0.1, "apply_b_dec_to_input": True}
 # JumpReLU hyperparameters, the same in both frameworks (``--jumprelu-threshold``).
 JUMPRELU = {"threshold": 0.01, "bandwidth": 0.05}
 
@@ -339,6 +339,9 @@ def main(argv=None):
                     help="jsdl's parameter initialisation (saelens: decoder norm 0.1, W_E = W_D^T)")
     ap.add_argument("--saelens-init", choices=tuple(SAELENS_INIT), default="default",
                     help="SAELens's decoder_init_norm (jsdl: 1.0, jsdl's default initialisation)")
+    ap.add_argument("--saelens-bdec-in", choices=("true", "false"), default="true",
+                    help="SAELens's apply_b_dec_to_input (default true: it encodes x - b_dec; jsdl encodes x, "
+                         "which false matches)")
     ap.add_argument("--jumprelu-threshold", type=float, default=0.01,
                     help="initial JumpReLU threshold, both frameworks (SAELens's default 0.01)")
     ap.add_argument("--out", default="synth_quality.json")
@@ -373,6 +376,7 @@ def main(argv=None):
 
     use_jsdl_init(a.jsdl_init)
     _SAELENS_INIT["decoder_init_norm"] = SAELENS_INIT[a.saelens_init]
+    _SAELENS_INIT["apply_b_dec_to_input"] = a.saelens_bdec_in == "true"
     JUMPRELU["threshold"] = a.jumprelu_threshold
     probe = make_synth(jax.random.PRNGKey(1000), synth_cfg, orthogonalize_steps=0)
     l0_top, l0_all = true_l0_top(probe, n_q)
@@ -416,7 +420,8 @@ def main(argv=None):
                     sae, model, wall = saelens_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed)
                     r = saelens_eval(sae, model, n_eval, batch)
                 r = {kk: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for kk, v in r.items()}
-                sl_init = f"saelens (decoder_init_norm {SAELENS_INIT[a.saelens_init]})"
+                sl_init = (f"saelens (decoder_init_norm {SAELENS_INIT[a.saelens_init]}"
+                           + ("" if a.saelens_bdec_in == "true" else ", apply_b_dec_to_input false") + ")")
                 r.update(arch=arch, framework=fw, seed=seed, coef=coef, k=k,
                          init=a.jsdl_init if fw == "jsdl" else sl_init,
                          jumprelu_threshold=a.jumprelu_threshold if arch == "jumprelu" else None,
