@@ -375,10 +375,6 @@ def format_rows(rows) -> str:
 def profile_step(arch: str, shape: str, calls: int = 3, top: int = 24) -> str:
     """Where the jsdl step of ``arch`` at ``shape`` goes: its XLA ops from a profiler trace (the
     largest ``top``), each with the JAX operation it came from; markdown."""
-    import jax
-
-    from jsdl.kernels import SparseCodes  # noqa: F401  (jsdl imported before tracing)
-
     d, n_q, k, B = SHAPES[shape]
     x = np.random.default_rng(0).standard_normal((B, d)).astype(np.float32)
     run, _, info = jsdl_step(arch, x, n_q, k)
