@@ -314,10 +314,17 @@ def _ortho_grad(E: jax.Array) -> jax.Array:
         + 4.0 * n * (sq - 1.0)[:, None] * E
 
 
+def _unit_rows(E: jax.Array) -> jax.Array:
+    return E / jnp.maximum(jnp.linalg.norm(E, axis=1, keepdims=True), 1e-8)
+
+
 @functools.partial(jax.jit, static_argnums=(1,))
 def _orthogonalize_run(E: jax.Array, steps: int, lr: jax.Array) -> jax.Array:
     import optax
 
+    E = _unit_rows(E)
+    if steps == 0:
+        return E
     opt = optax.adam(lr)
 
     def body(_, carry):
@@ -325,7 +332,7 @@ def _orthogonalize_run(E: jax.Array, steps: int, lr: jax.Array) -> jax.Array:
         upd, s = opt.update(_ortho_grad(P), s, P)
         return optax.apply_updates(P, upd), s
 
-    return jax.lax.fori_loop(0, steps, body, (E, opt.init(E)))[0]
+    return _unit_rows(jax.lax.fori_loop(0, steps, body, (E, opt.init(E)))[0])
 
 
 def orthogonalize(E: jax.Array, steps: int, lr: float, chunk: Optional[int] = None) -> jax.Array:
@@ -334,11 +341,7 @@ def orthogonalize(E: jax.Array, steps: int, lr: float, chunk: Optional[int] = No
     of steps (the learning rate is an argument). ``chunk`` is accepted and unused: the gradient
     no longer forms pairwise blocks."""
     del chunk
-    E = E / jnp.maximum(jnp.linalg.norm(E, axis=1, keepdims=True), 1e-8)
-    if steps == 0:
-        return E
-    E = _orthogonalize_run(E, int(steps), jnp.asarray(lr, E.dtype))
-    return E / jnp.maximum(jnp.linalg.norm(E, axis=1, keepdims=True), 1e-8)
+    return _orthogonalize_run(E, int(steps), np.asarray(lr, E.dtype))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -765,8 +768,7 @@ def _sparse_free_tables(p: np.ndarray, thresholds: np.ndarray, F: Optional[np.nd
     the first free index drawn sparsely, cumulative candidate hazards ``H`` (float32, as used on
     device) and the candidate probabilities ``q`` they imply, the violation margins, the arrival
     capacity ``K`` and the violation capacity ``V``."""
-    from scipy.special import ndtr, ndtri
-    from scipy.stats import poisson
+    from scipy.special import ndtr, ndtri, pdtr, pdtrc, pdtrik
 
     n = p.shape[0]
     if F is None:
@@ -790,8 +792,13 @@ def _sparse_free_tables(p: np.ndarray, thresholds: np.ndarray, F: Optional[np.nd
         q_eff = -np.expm1(-width)  # the candidate probabilities the float32 intervals realise
         if F is not None or np.all(q_eff >= p[Z:]):
             break
-    K = int(poisson.isf(_TRUNCATION, float(H[-1]))) + 1
-    while poisson.sf(K, float(H[-1])) >= _TRUNCATION:
+    # K: one above scipy.stats.poisson.isf(_TRUNCATION, mu) (its formula: importing scipy.stats costs
+    # ~1 s), raised until P(Poisson(mu) > K) < _TRUNCATION.
+    mu, p_hi = float(H[-1]), 1.0 - _TRUNCATION
+    k_up = np.ceil(pdtrik(p_hi, mu))
+    k_lo = max(k_up - 1.0, 0.0)
+    K = int(k_lo if pdtr(k_lo, mu) >= p_hi else k_up) + 1
+    while pdtrc(K, mu) >= _TRUNCATION:
         K += 1
     if F is None:
         if np.any(q_eff < p[Z:]):  # pragma: no cover
@@ -805,16 +812,23 @@ def _sparse_free_tables(p: np.ndarray, thresholds: np.ndarray, F: Optional[np.nd
     return dict(start=Z, K=K, V=expected, H=H, q=q_eff, margin=margin)
 
 
+def _dev(x, dt) -> jax.Array:
+    """``x`` as a device array of dtype ``dt``, converted on the host (a device-side conversion
+    compiles a program per shape, and so does ``jnp.asarray`` of a host array here: make_synth
+    compiled ~15 of them)."""
+    return jax.device_put(np.asarray(x, dtype=np.dtype(dt)))
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _construction_draws(key, n: int, d: int, rank: int, dt):
+def _construction_draws(key, n: int, d: int, rank: int, dt, bias):
     """The random draws of :func:`make_synth` in one compiled program (each eager draw of a new
     shape compiled its own, ~0.35 s apiece): the hierarchy's seed, the raw correlation factor
-    ``[n, rank]``, the magnitude stds' normals ``[n]``, the feature vectors ``[n, d]`` and the unit
-    bias direction ``[d]``."""
+    ``[n, rank]``, the magnitude stds' normals ``[n]``, the feature vectors ``[n, d]`` and the
+    bias ``[d]`` (a random direction of norm ``bias``; zeros for ``bias = 0``)."""
     k_h, k_c, k_s, k_v, k_b = jax.random.split(key, 5)
     seed = jax.random.randint(k_h, (), 0, 2**31 - 1)
     b = jax.random.normal(k_b, (d,), dt)
-    b = b / jnp.maximum(jnp.linalg.norm(b), 1e-8)
+    b = b / jnp.maximum(jnp.linalg.norm(b), 1e-8) * bias
     return (seed, jax.random.normal(k_c, (n, rank)), jax.random.normal(k_s, (n,)),
             jax.random.normal(k_v, (n, d), dt), b)
 
@@ -826,9 +840,10 @@ def make_synth(key: jax.Array, config: Union[SynthConfig, str, Mapping[str, Any]
     hierarchy's random choices, the correlation factor, the magnitude stds, the feature vectors
     and the bias (all on the host, once); ``sample(key, B)`` draws batches on device."""
     cfg = synth_config("16k" if config is None else config, **overrides)
-    dt = jnp.zeros((), dtype).dtype if dtype is not None else jnp.zeros(()).dtype
+    dt = jax.dtypes.canonicalize_dtype(jnp.float64 if dtype is None else dtype)  # float32 unless x64
     n, d = cfg.n_features, cfg.d_input
-    seed, F_raw, s_raw, E, b = _construction_draws(key, n, d, max(cfg.correlation_rank, 1), jnp.dtype(dt))
+    seed, F_raw, s_raw, E, b = _construction_draws(key, n, d, max(cfg.correlation_rank, 1), jnp.dtype(dt),
+                                                   float(max(cfg.bias, 0.0)))
     seed = int(seed)
 
     parent_of, level, exclusive = synth_hierarchy(cfg, seed)
@@ -845,15 +860,14 @@ def make_synth(key: jax.Array, config: Union[SynthConfig, str, Mapping[str, Any]
         ss = (F**2).sum(1)
         cap = 1.0 - ss < _MIN_DIAG
         F[cap] *= np.sqrt((1.0 - _MIN_DIAG) / ss[cap])[:, None]
-        corr_factor = jnp.asarray(F, dt)
-        corr_sqrt_diag = jnp.asarray(np.sqrt(1.0 - (F**2).sum(1)), dt)
+        corr_factor = _dev(F, dt)
+        corr_sqrt_diag = _dev(np.sqrt(1.0 - (F**2).sum(1)), dt)
 
     mean_mag = np.linspace(cfg.magnitude_mean_start, cfg.magnitude_mean_end, n) if n > 1 else np.asarray(
         [cfg.magnitude_mean_start])
     std_mag = np.abs(cfg.magnitude_std_mean + cfg.magnitude_std_std * np.asarray(s_raw, np.float64))
 
     E = orthogonalize(E, cfg.orthogonalize_steps, cfg.orthogonalize_lr)
-    b = b * cfg.bias if cfg.bias > 0 else jnp.zeros((d,), dt)
 
     depth = hierarchy_depth(parent_of)
     n_children = np.bincount(parent_of[parent_of >= 0], minlength=n)
@@ -872,14 +886,14 @@ def make_synth(key: jax.Array, config: Union[SynthConfig, str, Mapping[str, Any]
 
     # The rare free features [sparse_start, n) are drawn sparsely (SynthBench._sparse_free).
     sp = _sparse_free_tables(p.astype(np.float64), thresholds, None if corr_factor is None else F, tree_end)
-    W = E.T
+    W = _dev(np.asarray(E).T, dt)  # on the host: an eager transpose would compile a program
     return SynthBench(
-        W_p=W, W_r=W, bias=b, probs=jnp.asarray(p, dt), thresholds=jnp.asarray(thresholds, dt),
-        mean_mag=jnp.asarray(mean_mag, dt), std_mag=jnp.asarray(std_mag, dt),
-        parent_of=jnp.asarray(parent_of, jnp.int32), children=jnp.asarray(children, jnp.int32),
-        exclusive=jnp.asarray(excl), corr_factor=corr_factor, corr_sqrt_diag=corr_sqrt_diag, settings=cfg,
+        W_p=W, W_r=W, bias=b, probs=_dev(p, dt), thresholds=_dev(thresholds, dt),
+        mean_mag=_dev(mean_mag, dt), std_mag=_dev(std_mag, dt),
+        parent_of=_dev(parent_of, np.int32), children=_dev(children, np.int32),
+        exclusive=_dev(excl, bool), corr_factor=corr_factor, corr_sqrt_diag=corr_sqrt_diag, settings=cfg,
         depth=depth, n_roots=n_roots, tree_end=tree_end, reducible=reducible,
         rescale=cfg.scale_children_by_parent, sparse_start=sp["start"], n_arrivals=sp["K"],
-        viol_expected=sp["V"], cand_hazard=jnp.asarray(sp["H"], dt), cand_prob=jnp.asarray(sp["q"], dt),
-        viol_margin=None if sp["margin"] is None else jnp.asarray(sp["margin"], dt),
+        viol_expected=sp["V"], cand_hazard=_dev(sp["H"], dt), cand_prob=_dev(sp["q"], dt),
+        viol_margin=None if sp["margin"] is None else _dev(sp["margin"], dt),
     )
