@@ -7,10 +7,11 @@ SAELens (and SAEBench, sae-dashboard, Neuronpedia, which read it) stores an SAE 
 
 and SAELens encodes ``sigma((x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc)``, decodes
 ``f @ W_dec + b_dec``. jsdl (paper eqs. 1-2) encodes ``sigma(x W_E^T + b_E)`` with ``W_E [n_q, n_p]``
-and decodes ``x_q W_D^T + b_D`` with ``W_D [n_r, n_q]``, so the map is
+(``sigma((x - b_D) W_E^T + b_E)`` for a ``pre_bias`` spec) and decodes ``x_q W_D^T + b_D`` with
+``W_D [n_r, n_q]``, so the map is
 
     W_enc = W_E^T,  W_dec = W_D^T (W_E for a tied model),  b_enc = b_E,  b_dec = b_D,
-    apply_b_dec_to_input = False   (jsdl does not subtract b_D before encoding).
+    apply_b_dec_to_input = pre_bias   (False unless the spec subtracts b_D before encoding).
 
 Architectures (``cfg["architecture"]``):
 
@@ -167,6 +168,8 @@ def to_saelens(params, spec, *, input_scale: float | None = None, target_scale: 
     activation. Scales (see :func:`fold_normalization`) are folded in first; ``metadata`` is
     merged into ``cfg["metadata"]`` (e.g. ``model_name``, ``hook_name``)."""
     _check_exportable(params, spec)
+    if spec.pre_bias and target_scale not in (None, input_scale):
+        raise ValueError("a pre_bias model encodes x - b_D, so its input and target scales must be equal to fold")
     folded = input_scale not in (None, 1.0) or target_scale not in (None, 1.0)
     params = fold_normalization(params, spec, input_scale, target_scale)
     n_q, d_in = params.W_E.shape
@@ -218,8 +221,8 @@ def to_saelens(params, spec, *, input_scale: float | None = None, target_scale: 
         "d_sae": int(n_q),
         "dtype": str(np.dtype(dtype)),
         "device": "cpu",
-        # jsdl encodes sigma(W_E x + b_E) without subtracting b_D first.
-        "apply_b_dec_to_input": False,
+        # jsdl encodes sigma(W_E x + b_E), or sigma(W_E (x - b_D) + b_E) for a pre_bias spec.
+        "apply_b_dec_to_input": bool(spec.pre_bias),
         # Normalisation, if any, is folded into the weights above.
         "normalize_activations": "none",
         "reshape_activations": "none",
@@ -282,8 +285,9 @@ def _from_jsdl_export(state, cfg, jm):
         threshold = state["threshold"]
         if tuple(th_shape) != threshold.shape:
             threshold = threshold.reshape(-1)[: int(np.prod(th_shape))].reshape(th_shape) if th_shape else threshold[0]
-    if cfg.get("apply_b_dec_to_input", True):
-        raise ValueError("a jsdl export has apply_b_dec_to_input=False; this cfg.json was edited")
+    if bool(cfg.get("apply_b_dec_to_input", True)) != spec.pre_bias:
+        raise ValueError(f"a jsdl export of this spec has apply_b_dec_to_input={spec.pre_bias}; this cfg.json "
+                         "was edited")
     params = SDLParams(
         W_E=jnp.asarray(W_enc.T),
         W_D=None if spec.tied else jnp.asarray(W_dec.T),

@@ -32,6 +32,7 @@ __all__ = [
     "make_spec",
     "init_params",
     "encode",
+    "encoder_input",
     "pre_activations",
     "decode",
     "sdl_loss",
@@ -97,6 +98,10 @@ class SDLSpec:
     penalties: tuple of ``(Penalty, coef)``.
     n_latents: n_q.
     tied: W_D = W_E^T. bias: learn b_E and b_D.
+    pre_bias: encode ``x_p - b_D`` instead of ``x_p``: ``z = W_E (x_p - b_D) + b_E`` (the
+        "pre-encoder bias" of Bricken et al. 2023; SAELens's ``apply_b_dec_to_input``). The same
+        functions as without it (``b_E`` absorbs ``-W_E b_D``), trained along another path:
+        ``b_D`` also gets a gradient through the encoder. Self-reconstructing methods only.
     n_sources: crosscoder source count (1 otherwise).
     prefixes / prefix_weights: matryoshka nested prefix sizes (ending at n_q) and loss weights.
     aux_k / aux_coef: AuxK (Gao et al.) number of dead latents used and loss weight (0 = off).
@@ -116,6 +121,7 @@ class SDLSpec:
     aux_k: int = struct.field(pytree_node=False, default=0)
     aux_coef: float = struct.field(pytree_node=False, default=0.0)
     sparse: Any = struct.field(pytree_node=False, default="auto")
+    pre_bias: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def method_info(self) -> _methods.MethodInfo:
@@ -130,7 +136,8 @@ class SDLSpec:
             "(" + ", ".join(f"{k}={v}" for k, v in self.activation.hyper) + ")" if self.activation.hyper else ""
         )
         pens = ", ".join(f"{c:g}*{p.name}" for p, c in self.penalties) or "none"
-        return f"{self.method} n_q={self.n_latents} sigma={act} penalties=[{pens}]" + (" tied" if self.tied else "")
+        return (f"{self.method} n_q={self.n_latents} sigma={act} penalties=[{pens}]" + (" tied" if self.tied else "")
+                + (" pre_bias" if self.pre_bias else ""))
 
 
 def _coef(value, where: str) -> float:
@@ -157,6 +164,7 @@ def make_spec(
     aux_k: int = 0,
     aux_coef: float = 0.0,
     sparse: Any = "auto",
+    pre_bias: bool = False,
     **activation_hyper: Any,
 ) -> SDLSpec:
     """Build and validate an :class:`SDLSpec` from names and hyperparameters.
@@ -165,7 +173,8 @@ def make_spec(
     ``{"coef": c, **hyper}``. ``activation_hyper`` go to the activation (e.g. ``k=32`` for
     topk/batchtopk, ``threshold``/``bandwidth`` for jumprelu). Method options: ``n_sources``
     (crosscoder, >= 2), ``prefixes`` and ``prefix_weights`` (matryoshka; default 4 doubling prefixes
-    with equal weights), ``aux_k``/``aux_coef`` (AuxK). Everything is checked here, before any
+    with equal weights), ``aux_k``/``aux_coef`` (AuxK), ``pre_bias`` (encode ``x_p - b_D``; see
+    :class:`SDLSpec`). Everything is checked here, before any
     compilation; errors name the argument, the value and what is allowed."""
     info = _methods.get(method)
     if not isinstance(n_latents, int) or isinstance(n_latents, bool) or n_latents < 1:
@@ -231,6 +240,13 @@ def make_spec(
     else:
         prefixes, prefix_weights = (), ()
 
+    if not isinstance(pre_bias, bool):
+        raise TypeError(f"pre_bias must be a bool, got {pre_bias!r}")
+    if pre_bias and not bias:
+        raise ValueError("pre_bias=True subtracts the decoder bias b_D from the input: it needs bias=True")
+    if pre_bias and not info.self_target:
+        raise ValueError(f"pre_bias=True needs a method that reconstructs its input (b_D lives in the target "
+                         f"space); {method!r} does not")
     aux_coef = _coef(aux_coef, "aux_coef")
     if not isinstance(aux_k, int) or aux_k < 0:
         raise ValueError(f"aux_k must be a non-negative int, got {aux_k!r}")
@@ -252,6 +268,7 @@ def make_spec(
         aux_k=aux_k,
         aux_coef=aux_coef,
         sparse=_sparse_mode(sparse),
+        pre_bias=pre_bias,
     )
 
 
@@ -357,9 +374,17 @@ def _check_params(params: SDLParams, spec: SDLSpec, x_p, x_r):
             )
 
 
+def encoder_input(params: SDLParams, x_p: jax.Array, spec: SDLSpec) -> jax.Array:
+    """What the encoder multiplies: ``x_p - b_D`` for a ``pre_bias`` spec, else ``x_p`` (2-D)."""
+    if spec.pre_bias and params.b_D is not None:
+        return x_p - params.b_D
+    return x_p
+
+
 def pre_activations(params: SDLParams, x_p: jax.Array, spec: SDLSpec) -> jax.Array:
-    """z = W_E x_p + b_E, shape ``[B, n_q]`` (x_p already 2-D)."""
-    z = x_p @ params.W_E.T
+    """z = W_E x_p + b_E (``W_E (x_p - b_D) + b_E`` for a ``pre_bias`` spec), shape ``[B, n_q]``
+    (x_p already 2-D)."""
+    z = encoder_input(params, x_p, spec) @ params.W_E.T
     if params.b_E is not None:
         z = z + params.b_E
     return z
@@ -459,7 +484,8 @@ def sdl_loss(
         total = total + coefs.get(pen.name, coef) * val
     if spec.aux_coef > 0 and dead_mask is not None:
         if sparse:
-            a = _kernels.sparse_auxk_loss(x_p, params, z, x_r - x_hat, dead_mask, spec.aux_k)
+            a = _kernels.sparse_auxk_loss(encoder_input(params, x_p, spec), params, z, x_r - x_hat, dead_mask,
+                                          spec.aux_k)
         else:
             a = _pen.auxk_loss(z, x_r - x_hat, params.decoder, dead_mask, spec.aux_k)
         aux["auxk"] = a
@@ -498,6 +524,7 @@ def spec_to_dict(spec: SDLSpec) -> dict:
         "aux_k": spec.aux_k,
         "aux_coef": spec.aux_coef,
         "sparse": spec.sparse,
+        "pre_bias": spec.pre_bias,
     }
 
 
@@ -516,6 +543,7 @@ def spec_from_dict(d: Mapping[str, Any]) -> SDLSpec:
         aux_k=int(d.get("aux_k", 0)),
         aux_coef=float(d.get("aux_coef", 0.0)),
         sparse=d.get("sparse", "auto"),
+        pre_bias=bool(d.get("pre_bias", False)),
         **{k: (tuple(v) if isinstance(v, list) else v) for k, v in (d.get("activation_hyper") or {}).items()},
     )
     if info.multi_source:

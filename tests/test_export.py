@@ -37,6 +37,9 @@ CASES = [
     dict(method="tied_sae", activation="relu", penalties={"l1": 1e-3}),
     dict(method="sae", activation="topk", k=3, bias=False),
     dict(method="matryoshka", activation="batchtopk", k=4, prefixes=(5, 10, 20, 40)),
+    # encodes x - b_D: exported with apply_b_dec_to_input = True
+    dict(method="sae", activation="jumprelu", threshold=0.1, bandwidth=0.05, penalties={"l0": 1e-2}, pre_bias=True),
+    dict(method="sae", activation="topk", k=5, pre_bias=True),
 ]
 
 

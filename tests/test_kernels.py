@@ -384,3 +384,27 @@ def test_block_top_k_rejects_bad_shapes():
         block_top_k(jnp.zeros((2, 100)), 4)
     with pytest.raises(ValueError, match="n / block >= k"):
         block_top_k(jnp.zeros((2, 64)), 4)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_pre_bias_sparse_equals_dense_float64_with_auxk(x64, activation):
+    """``pre_bias`` (encode x - b_D): the sparse kernels give the dense path's loss and gradients,
+    AuxK and a penalty included; b_D's gradient then also flows through the encoder."""
+    d, n_q, k, B = 10, 64, 4, 32
+    kw = dict(activation=activation, n_latents=n_q, k=k, penalties={"weighted_l1": 1e-2}, aux_k=6, aux_coef=0.5,
+              pre_bias=True)
+    sp, de = _spec_pair(**kw)
+    params = _perturb(jax.random.PRNGKey(4), jsdl.init_params(jax.random.PRNGKey(3), sp, d, dtype=jnp.float64), 0.5)
+    batch = jsdl.Batch(x_p=jax.random.normal(jax.random.PRNGKey(5), (B, d), jnp.float64))
+    dead = jnp.arange(n_q) % 3 == 0
+    ls, auxs, gs = _loss_and_grads(sp, params, batch, dead_mask=dead)
+    ld, auxd, gd = _loss_and_grads(de, params, batch, dead_mask=dead)
+    assert float(auxs["auxk"]) > 0
+    np.testing.assert_allclose(ls, ld, rtol=1e-12)
+    _assert_close(gs, gd, rtol=1e-10, atol=1e-12)
+    # the same model without pre_bias (b_E absorbs -W_E b_D) has the same loss, another b_D gradient
+    plain = jsdl.make_spec(sparse=True, **{**kw, "pre_bias": False})
+    folded = params.replace(b_E=params.b_E - params.W_E @ params.b_D)
+    lp, _, gp = _loss_and_grads(plain, folded, batch, dead_mask=dead)
+    np.testing.assert_allclose(lp, ls, rtol=1e-12)
+    np.testing.assert_allclose(gp.b_D - gs.b_D, gs.b_E @ params.W_E, rtol=1e-9, atol=1e-12)

@@ -449,3 +449,47 @@ def test_spec_json_round_trip(kw):
 
     spec = jsdl.make_spec(**kw)
     assert jsdl.spec_from_dict(json.loads(json.dumps(jsdl.spec_to_dict(spec)))) == spec
+
+
+@pytest.mark.parametrize("activation,hyper", [("relu", {}), ("jumprelu", {"threshold": 0.05, "bandwidth": 0.1}),
+                                               ("topk", {"k": 3})])
+def test_pre_bias_is_a_reparameterisation_with_the_right_gradient(x64, activation, hyper):
+    """``pre_bias``: z = W_E (x - b_D) + b_E. Its loss equals the plain model's with b_E - W_E b_D,
+    and the gradient of every parameter (b_D's path through the encoder included) matches central
+    finite differences in float64."""
+    d, n_q, B = 6, 16, 24
+    pens = {"l1": 1e-2} if activation == "relu" else {"l0": 1e-2} if activation == "jumprelu" else {}
+    spec = jsdl.make_spec("sae", activation, n_q, penalties=pens, pre_bias=True, sparse=False, **hyper)
+    assert spec.pre_bias and "pre_bias" in spec.describe()
+    assert jsdl.spec_from_dict(jsdl.spec_to_dict(spec)) == spec
+    params = jsdl.init_params(jax.random.PRNGKey(0), spec, d, dtype=jnp.float64)
+    params = params.replace(b_D=jax.random.normal(jax.random.PRNGKey(1), (d,), jnp.float64),
+                            b_E=0.1 * jax.random.normal(jax.random.PRNGKey(2), (n_q,), jnp.float64))
+    batch = jsdl.Batch(x_p=jax.random.normal(jax.random.PRNGKey(3), (B, d), jnp.float64))
+    loss = lambda p, s=spec: jsdl.sdl_loss(p, batch, s)[0]  # noqa: E731
+    plain = jsdl.make_spec("sae", activation, n_q, penalties=pens, sparse=False, **hyper)
+    np.testing.assert_allclose(loss(params.replace(b_E=params.b_E - params.W_E @ params.b_D), plain), loss(params),
+                               rtol=1e-12)
+    z = jsdl.pre_activations(params, batch.x_p, spec)
+    np.testing.assert_allclose(z, (batch.x_p - params.b_D) @ params.W_E.T + params.b_E, rtol=1e-12)
+    if activation == "jumprelu":
+        return  # its threshold gradient is a straight-through estimate, not the derivative
+    g = jax.grad(loss)(params)
+    leaves, tree = jax.tree.flatten(params)
+    dirs = jax.tree.unflatten(tree, [jax.random.normal(jax.random.PRNGKey(10 + i), l.shape, l.dtype)
+                                     for i, l in enumerate(leaves)])
+    eps = 1e-6
+    shift = lambda s: jax.tree.map(lambda p, v: p + s * v, params, dirs)  # noqa: E731
+    fd = (loss(shift(eps)) - loss(shift(-eps))) / (2 * eps)
+    an = sum(jnp.sum(a * v) for a, v in zip(jax.tree.leaves(g), jax.tree.leaves(dirs)))
+    np.testing.assert_allclose(an, fd, rtol=1e-6)
+    assert float(jnp.abs(g.b_D).max()) > 0
+
+
+def test_pre_bias_errors():
+    with pytest.raises(ValueError, match="needs bias=True"):
+        jsdl.make_spec("sae", "relu", 8, bias=False, pre_bias=True)
+    with pytest.raises(ValueError, match="reconstructs its input"):
+        jsdl.make_spec("transcoder", "relu", 8, pre_bias=True)
+    with pytest.raises(TypeError, match="pre_bias must be a bool"):
+        jsdl.make_spec("sae", "relu", 8, pre_bias=1)

@@ -70,16 +70,16 @@ def load_avg() -> str:
 def jsdl_spec(arch, n_q, k, d, coef):
     import jsdl
 
-    aux = dict(aux_k=d // 2, aux_coef=1.0)
+    aux = dict(aux_k=d // 2, aux_coef=1.0, **_SPEC)
     if arch in ("topk", "batchtopk"):
         return jsdl.make_spec("sae", arch, n_q, k=k, **aux)
     if arch == "matryoshka":
         return jsdl.make_spec("matryoshka", "batchtopk", n_q, k=k, prefixes=_widths(n_q), **aux)
     if arch == "relu":
-        return jsdl.make_spec("sae", "relu", n_q, penalties={"weighted_l1": coef})
+        return jsdl.make_spec("sae", "relu", n_q, penalties={"weighted_l1": coef}, **_SPEC)
     if arch == "jumprelu":
         return jsdl.make_spec("sae", "jumprelu", n_q, penalties={"l0": coef}, threshold=JUMPRELU["threshold"],
-                              bandwidth=JUMPRELU["bandwidth"])
+                              bandwidth=JUMPRELU["bandwidth"], **_SPEC)
     raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}")
 
 
@@ -89,6 +89,8 @@ def _widths(n_q):
 
 JSDL_INIT = {"default": {}, "saelens": {"init_decoder_norm": 0.1, "init_encoder": "transpose"}}
 _INIT = {}
+# Spec options of every jsdl model (``--jsdl-pre-bias``: encode x - b_D, as SAELens does by default).
+_SPEC = {"pre_bias": False}
 # SAELens's ``decoder_init_norm``: 0.1 is its default; "jsdl" = 1.0, unit-norm decoder rows and
 # ``W_enc = W_dec^T``, which is jsdl's default initialisation.
 SAELENS_INIT = {"default": 0.1, "jsdl": 1.0}
@@ -339,6 +341,8 @@ def main(argv=None):
                     help="jsdl's parameter initialisation (saelens: decoder norm 0.1, W_E = W_D^T)")
     ap.add_argument("--saelens-init", choices=tuple(SAELENS_INIT), default="default",
                     help="SAELens's decoder_init_norm (jsdl: 1.0, jsdl's default initialisation)")
+    ap.add_argument("--jsdl-pre-bias", action="store_true",
+                    help="jsdl encodes x - b_D (make_spec(pre_bias=True)), as SAELens's default apply_b_dec_to_input")
     ap.add_argument("--saelens-bdec-in", choices=("true", "false"), default="true",
                     help="SAELens's apply_b_dec_to_input (default true: it encodes x - b_dec; jsdl encodes x, "
                          "which false matches)")
@@ -377,6 +381,7 @@ def main(argv=None):
     use_jsdl_init(a.jsdl_init)
     _SAELENS_INIT["decoder_init_norm"] = SAELENS_INIT[a.saelens_init]
     _SAELENS_INIT["apply_b_dec_to_input"] = a.saelens_bdec_in == "true"
+    _SPEC["pre_bias"] = bool(a.jsdl_pre_bias)
     JUMPRELU["threshold"] = a.jumprelu_threshold
     probe = make_synth(jax.random.PRNGKey(1000), synth_cfg, orthogonalize_steps=0)
     l0_top, l0_all = true_l0_top(probe, n_q)
@@ -423,7 +428,7 @@ def main(argv=None):
                 sl_init = (f"saelens (decoder_init_norm {SAELENS_INIT[a.saelens_init]}"
                            + ("" if a.saelens_bdec_in == "true" else ", apply_b_dec_to_input false") + ")")
                 r.update(arch=arch, framework=fw, seed=seed, coef=coef, k=k,
-                         init=a.jsdl_init if fw == "jsdl" else sl_init,
+                         init=(a.jsdl_init + (", pre_bias" if a.jsdl_pre_bias else "")) if fw == "jsdl" else sl_init,
                          jumprelu_threshold=a.jumprelu_threshold if arch == "jumprelu" else None,
                          samples=samples, wall_s=wall,
                          samples_per_s=samples / wall, load_before=load0, load_after=load_avg())

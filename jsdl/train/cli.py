@@ -52,6 +52,7 @@ class SpecConfig:
     prefix_weights: Optional[list] = None
     aux_k: int = 0
     aux_coef: float = 0.0
+    pre_bias: bool = False
     hyper: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
