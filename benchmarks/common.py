@@ -161,7 +161,8 @@ def log(*a) -> None:
 
 # Section order of RESULTS.md: ours (by title prefix) first, then every other section as found.
 ORDER = ("Training step: jsdl vs SAELens (small", "Training step: jsdl vs SAELens (medium",
-         "Training step: jsdl vs SAELens (large", "Training step", "Top-k selection", "Data",
+         "Training step: jsdl vs SAELens (large", "Training step", "Where the training step goes",
+         "Top-k selection", "Data",
          "Training: population", "Landscape", "Sharding", "SynthSAEBench")
 
 

@@ -4,6 +4,7 @@ A full run (no ``--only``) starts the file afresh: the header (machine, versions
 then one section per script, in this order:
 
 * ``step``       bench_step.py       training step vs SAELens and vs its floor, small/medium/large
+* ``profile``    bench_step.py       where jsdl's TopK step goes, per XLA op (largest shape)
 * ``topk``       bench_topk.py       top-k selection methods on CPU
 * ``data``       bench_data.py       generators alone and as a share of the training step
 * ``population`` bench_population.py population vs sequential runs (+ per-op profile)
@@ -15,7 +16,7 @@ then one section per script, in this order:
 can regenerate (what limits a number, what was tried) live in benchmarks/NOTES.md.
 ``--quick`` (or ``JSDL_BENCH_QUICK=1`` for the scripts) asks for a smoke run.
 
-Usage: python benchmarks/run.py [--quick] [--reps N] [--only step,topk,data,population,hvp,mesh,synth]
+Usage: python benchmarks/run.py [--quick] [--reps N] [--only step,profile,topk,data,population,hvp,mesh,synth]
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402
 
-ALL = ("step", "topk", "data", "population", "hvp", "mesh", "synth")
+ALL = ("step", "profile", "topk", "data", "population", "hvp", "mesh", "synth")
 
 
 def run_script(name: str, args: list[str], quick: bool = False, env: dict | None = None) -> int:
@@ -52,6 +53,7 @@ def commands(quick: bool, reps: int) -> dict[str, tuple[str, list[str], dict]]:
     synth = ["--samples", "20000", "--eval-samples", "5000", "--archs", "topk"] if quick else []
     return {
         "step": ("bench_step.py", ["--shapes", shapes, "--reps", str(reps)], {}),
+        "profile": ("bench_step.py", ["--shapes", shapes.split(",")[-1], "--profile", "topk", "--reps", str(reps)], {}),
         "topk": ("bench_topk.py", ["--quick"] if quick else ["--reps", str(reps)], {}),
         "data": ("bench_data.py", ["--reps", str(reps)], {}),
         "population": ("bench_population.py", ["--reps", "1" if quick else "2", "--profile"], {}),

@@ -38,3 +38,16 @@ def test_bench_step_floor_and_table(arch):
            "jsdl": "jsdl", "flops_mm": 2.0 * B * d * n_q, "failed": {}, "torch_threads": None}
     table = bench_step.format_rows([row])
     assert "jsdl step / floor" in table and f"| {arch} |" in table
+
+
+def test_bench_step_profile_names_each_op_and_its_origin(capsys):
+    """``bench_step.py --profile topk``: the per-op table of the real step, each op traced to the
+    JAX operation it came from (the encoder product, the top-k), loop-body ops counted per step."""
+    import bench_step
+
+    bench_step.main(["--shapes", "small", "--profile", "topk", "--reps", "1", "--no-write"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 10
+    assert any("jvp()/dot_general" in r for r in rows) and any("top_k" in r for r in rows)
+    assert any("| 8 |" in r for r in rows)  # a k-slot loop body runs k = 8 times per step
