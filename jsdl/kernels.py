@@ -398,7 +398,10 @@ def use_sparse(spec, dtype=None) -> bool:
 
 def sparse_encode(params, x_p, spec, *, impl: str = "auto", select: str = "lax"):
     """The encoder half of :func:`sparse_forward`: ``(codes, z)`` of a TopK/BatchTopK spec, with
-    ``codes`` :class:`SparseCodes` and ``z [B, n_q]`` gradient-free."""
+    ``codes`` :class:`SparseCodes` and ``z [B, n_q]`` gradient-free. A ``pre_bias`` spec encodes
+    ``x_p - b_D`` (:func:`jsdl.objective.encoder_input`)."""
+    if spec.pre_bias and params.b_D is not None:
+        x_p = x_p - params.b_D
     hyper = spec.activation.hyper_dict()
     fn = topk_codes if spec.activation.name == "topk" else batchtopk_codes
     # A population with a varying k (Activation.with_k) selects k_max = hyper k and keeps each
@@ -427,8 +430,7 @@ def sparse_forward(params, x_p, spec, *, impl: str = "auto", select: str = "lax"
     """Sparse counterpart of ``z = W_E x_p + b_E; x_q = sigma(z); x_r^ = decode(x_q)`` for a
     TopK/BatchTopK spec. Returns ``(z, codes, x_hat)`` with ``z [B, n_q]`` gradient-free (it only
     selects), ``codes`` :class:`SparseCodes` and ``x_hat [B, n_r]`` (plus the skip ``W_S x_p``)."""
-    x_e = x_p - params.b_D if spec.pre_bias and params.b_D is not None else x_p  # objective.encoder_input
-    codes, z = sparse_encode(params, x_e, spec, impl=impl, select=select)
+    codes, z = sparse_encode(params, x_p, spec, impl=impl, select=select)
     x_hat = sparse_decode(codes, decoder_rows(params), params.b_D, impl=impl)
     if params.W_S is not None:
         x_hat = x_hat + x_p @ params.W_S.T

@@ -276,8 +276,8 @@ def test_train_step_compiles_once_and_shares_the_encoder():
     assert len(dots) == 1, dots
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_sparse_code_statistics_equal_dense(activation):
+@pytest.mark.parametrize("activation,pre_bias", [("topk", False), ("batchtopk", False), ("batchtopk", True)])
+def test_sparse_code_statistics_equal_dense(activation, pre_bias):
     """fired_counts / min_positive of sparse codes equal the dense codes' firing counts and BatchTopK
     threshold, and the training step built on them keeps the same dead-latent statistics and
     inference threshold as the dense path, without a [B, n_q] array in the compiled sparse step."""
@@ -286,11 +286,13 @@ def test_sparse_code_statistics_equal_dense(activation):
     from jsdl.train import Stepper, TrainConfig, init_state
 
     d, n_q, k, B = 16, 64, 3, 24
-    sp, de = _spec_pair(activation=activation, n_latents=n_q, k=k)
-    params = _perturb(jax.random.PRNGKey(3), jsdl.init_params(jax.random.PRNGKey(4), sp, d))
+    sp, de = _spec_pair(activation=activation, n_latents=n_q, k=k, pre_bias=pre_bias)
+    params = _perturb(jax.random.PRNGKey(3), jsdl.init_params(jax.random.PRNGKey(4), sp, d), 0.5 if pre_bias else 0.1)
     x = _batch(jax.random.PRNGKey(5), B, d).x_p
     codes, _ = K.sparse_encode(params, x, sp)
     dense = K.densify(codes)
+    # the sparse codes are the dense path's codes (for pre_bias: of x - b_D)
+    np.testing.assert_allclose(dense, jsdl.encode(params, x, de), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(K.fired_counts(codes), jnp.sum(dense != 0, axis=0))
     np.testing.assert_array_equal(K.min_positive(codes), batchtopk_threshold(dense))
     empty = K.SparseCodes(vals=jnp.zeros((2, k)), cols=jnp.zeros((2, k), jnp.int32), n_latents=n_q)
