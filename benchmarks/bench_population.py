@@ -20,13 +20,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import jax
@@ -101,26 +96,13 @@ def profile_ops(size: dict, members: int, steps: int = 200, top: int = 12) -> tu
     data, spec, cfg = setup(size, steps)
     run = lambda: fit_population(jax.random.PRNGKey(0), Grid(spec, seeds=list(range(members))), data, cfg)  # noqa: E731
     run()
-    d = tempfile.mkdtemp(prefix="jsdl_pop_trace_")
-    try:
-        with jax.profiler.trace(d):
-            run()
-        f = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
-        events = json.load(gzip.open(f))["traceEvents"]
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-    tot, cnt = collections.Counter(), collections.Counter()
-    skip = ("$", "Thunk", "Pjit", "Common", "np.", "Execute", "Slinky", "Parse")
-    for e in events:
-        if e.get("ph") == "X" and not e["name"].startswith(skip):
-            tot[e["name"]] += e["dur"]
-            cnt[e["name"]] += 1
+    ops, _ = common.trace_ops(run, 1)
     # Ops run once per step (or once more for the first) are top level; loop-body ops run k times.
-    topl = {n: t for n, t in tot.items() if cnt[n] <= steps + 1}
-    total = sum(topl.values()) / 1e3 / steps
+    topl = {n: t for n, (t, c, _) in ops.items() if c <= steps + 1}
+    total = sum(topl.values()) / steps
     lines = ["| XLA op (top level) | ms per step | share |", "|---|---|---|"]
     for n, t in sorted(topl.items(), key=lambda x: -x[1])[:top]:
-        lines.append(f"| `{n}` | {t / 1e3 / steps:.3f} | {100 * t / 1e3 / steps / total:.0f}% |")
+        lines.append(f"| `{n}` | {t / steps:.3f} | {100 * t / steps / total:.0f}% |")
     return "\n".join(lines), total
 
 
