@@ -100,12 +100,19 @@ def rel(a, b):
         out = max(out, float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30)))
     return out
 
+# JumpReLU's gate is discontinuous: the float summation order of data parallelism flips a latent
+# across its threshold within ~20 steps (transcoder:jumprelu@8x1 differed by 1e-7 after 10 steps,
+# 1e-4 after 20 and 0.5% after 50), and the trajectories then separate. Its equality is checked
+# over the steps before that.
+JUMP_STEPS = 10
+
 def compare(names, meshes, decoder_norm="none"):
     out = {}
     for name in names:
         sp = spec_of(name)
         b = BENCH[name.split(":")[0]]
-        cfg = dataclasses.replace(CFG, decoder_norm=decoder_norm)
+        cfg = dataclasses.replace(CFG, decoder_norm=decoder_norm,
+                                  steps=JUMP_STEPS if name.endswith(":jumprelu") else CFG.steps)
         s1, h1 = fit(KEY, sp, b, cfg, devices=jax.devices()[:1])
         init = jsdl.init_params(jax.random.split(KEY, 3)[0], sp, int(s1.params.W_E.shape[1]) // sp.n_sources,
                                 int(s1.params.decoder.shape[0]) // sp.n_sources)
