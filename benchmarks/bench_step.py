@@ -446,10 +446,11 @@ def main(argv=None):
         "step (Adam, grad clip 1.0, dead-latent statistics, metrics on device); SAELens = its "
         "`training_forward_pass` + backward + `clip_grad_norm_` + Adam + the trainer's firing "
         "statistics. FLOP/s counts a dense SAE step as 5 matmuls (10 B d n_q flops) for every "
-        "variant, so for the sparse path it is the *dense-equivalent* rate. Floor = the parts an exact "
-        "step of this design does not avoid (issue 17's definition), each part jitted alone in the same alternation: TopK/BatchTopK one encoder product "
-        "`x W_E^T + b_E` + the top-k selection + one Adam update; ReLU/JumpReLU five products + Adam "
-        "(`floor_parts`). XLA memory = arguments + "
+        "variant, so for the sparse path it is the *dense-equivalent* rate. Floor = issue 17's lower "
+        "bound, each part jitted alone in the same alternation: TopK/BatchTopK one encoder product "
+        "`x W_E^T + b_E` + the top-k selection + one Adam update (an exact sparse step also needs its "
+        "k-slot gathers and scatter-adds, which this floor leaves out; benchmarks/NOTES.md, \"Speed round 4\"); "
+        "ReLU/JumpReLU five products + Adam (`floor_parts`). XLA memory = arguments + "
         "temporaries + outputs of the compiled step.\n\n" + table
     )
     if mem_lines:

@@ -400,8 +400,9 @@ def sparse_encode(params, x_p, spec, *, impl: str = "auto", select: str = "lax")
     """The encoder half of :func:`sparse_forward`: ``(codes, z)`` of a TopK/BatchTopK spec, with
     ``codes`` :class:`SparseCodes` and ``z [B, n_q]`` gradient-free. A ``pre_bias`` spec encodes
     ``x_p - b_D`` (:func:`jsdl.objective.encoder_input`)."""
-    if spec.pre_bias and params.b_D is not None:
-        x_p = x_p - params.b_D
+    from jsdl.objective import encoder_input  # (objective imports this module)
+
+    x_p = encoder_input(params, x_p, spec)
     hyper = spec.activation.hyper_dict()
     fn = topk_codes if spec.activation.name == "topk" else batchtopk_codes
     # A population with a varying k (Activation.with_k) selects k_max = hyper k and keeps each

@@ -293,11 +293,7 @@ def record_fields(run_dir: str, **fields: Any) -> None:
 
 
 def mark_finished(run_dir: str, step: int, finished: bool) -> None:
-    path = os.path.join(run_dir, "run.json")
-    with open(path) as f:
-        rec = json.load(f)
-    rec["finished"], rec["final_step"] = bool(finished), int(step)
-    write_json(path, rec)
+    record_fields(run_dir, finished=bool(finished), final_step=int(step))
 
 
 # ----------------------------------------------------------------------------------------------

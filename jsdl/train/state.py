@@ -215,8 +215,9 @@ def threshold_for_l0(params: SDLParams, spec: SDLSpec, x_p: Any, l0: float) -> f
 
     Treat the starting L0 as a hyperparameter to calibrate.
 
-    Only ``W_E`` and ``b_E`` of ``params`` are read (the initial parameters do not depend on the
-    threshold's value)."""
+    Only ``W_E`` and ``b_E`` of ``params`` are read, and ``b_D`` for a ``pre_bias`` spec (the initial
+    parameters do not depend on the threshold's value). ``TrainConfig(init_threshold_l0=...)`` does
+    all of this inside ``fit``."""
     from jsdl.objective import pre_activations
 
     x_p = jnp.asarray(x_p)
