@@ -508,6 +508,17 @@ def test_topk_recovery_issue_setting():
     assert hist["summary"]["recovery"]["m_gt_dec@0.9"] == rec["m_gt_dec"]
 
 
+def test_cli_summary_line_names_the_initial_threshold_that_replaced_the_spec_hyperparameter():
+    """With ``train.init_threshold_l0`` the spec's ``threshold`` hyperparameter is not where training
+    started: the CLI's summary line says which threshold it was; without it, nothing is added."""
+    from jsdl.train.cli import _summary_line
+
+    s = {"final": {"step": 3, "loss": 1.0, "fvu": 0.5, "l0": 6.0, "dead_frac": 0.0}, "steps_per_s": 10.0}
+    assert "initial threshold" not in _summary_line("spec", s)
+    line = _summary_line("spec", {**s, "init_threshold": 0.123456})
+    assert "initial threshold 0.1235 (train.init_threshold_l0)" in line
+
+
 def test_cli_train_and_resume(tmp_path, capsys):
     from jsdl.cli import main
 

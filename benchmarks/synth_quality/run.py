@@ -116,6 +116,9 @@ def jsdl_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed):
     from jsdl.data import make_synth
     from jsdl.train import TrainConfig, fit
 
+    # Every run is timed as a fresh process would be: nothing compiled by an earlier run (another
+    # seed or budget in this process) is reused.
+    jax.clear_caches()
     t0 = time.perf_counter()
     bench = make_synth(jax.random.PRNGKey(1000 + seed), synth_cfg)
     spec = jsdl_spec(arch, n_q, k, synth_cfg.d_input, coef)
@@ -281,6 +284,130 @@ def table(rows):
     return "\n".join(out)
 
 
+def _cells(rows, arch, fw, samples=None):
+    return [r for r in rows if r["arch"] == arch and r["framework"] == fw
+            and (samples is None or r["samples"] == samples)]
+
+
+def _ms(rs, key):
+    v = np.array([r[key] for r in rs], float)
+    return v.mean(), (v.std() if len(v) > 1 else float("nan"))
+
+
+def _archs(rows):
+    return [a for a in ARCHS if any(r["arch"] == a for r in rows)]
+
+
+def budget_table(rows):
+    """Per architecture and budget: both frameworks' MCC, F1 and wall seconds (means over seeds) and
+    jsdl's end-to-end samples/s over SAELens's (the ratio of the mean walls)."""
+    out = ["| arch | samples | seeds | jsdl MCC | jsdl F1 | jsdl wall s | SAELens MCC | SAELens F1 | SAELens wall s | "
+           "end-to-end samples/s, jsdl / SAELens |", "|" + "---|" * 10]
+    for arch in _archs(rows):
+        for n in sorted({r["samples"] for r in rows if r["arch"] == arch}):
+            j, s = _cells(rows, arch, "jsdl", n), _cells(rows, arch, "saelens", n)
+            if not j or not s:
+                continue
+            f = lambda rs, k: "{:.3f} ± {:.3f}".format(*_ms(rs, k)) if len(rs) > 1 else f"{rs[0][k]:.3f}"  # noqa: E731
+            out.append(f"| {arch} | {n:,} | {min(len(j), len(s))} | {f(j, 'mcc')} | {f(j, 'f1')} | "
+                       f"{_ms(j, 'wall_s')[0]:.1f} | {f(s, 'mcc')} | {f(s, 'f1')} | {_ms(s, 'wall_s')[0]:.1f} | "
+                       f"**{_ms(s, 'wall_s')[0] / _ms(j, 'wall_s')[0]:.1f}x** |")
+    return "\n".join(out)
+
+
+def cost_model(rs):
+    """Least squares ``wall = fixed + samples / rate`` over runs at several budgets: (fixed seconds,
+    steady samples/s). The fixed part is what a run pays whatever its length: building the generator
+    (orthogonalisation), compilation or framework start-up, the end-of-run work inside the timed call."""
+    n = np.array([r["samples"] for r in rs], float)
+    w = np.array([r["wall_s"] for r in rs], float)
+    slope, fixed = np.polyfit(n, w, 1)
+    return float(fixed), float(1.0 / slope)
+
+
+def cost_table(rows):
+    out = ["| arch | framework | runs | fixed s | steady samples/s | ms per 1024 samples | "
+           "steady samples/s, jsdl / SAELens |", "|" + "---|" * 7]
+    for arch in _archs(rows):
+        fits = {}
+        for fw in ("jsdl", "saelens"):
+            rs = _cells(rows, arch, fw)
+            if len({r["samples"] for r in rs}) < 2:
+                continue
+            fits[fw] = (len(rs),) + cost_model(rs)
+        for fw, (m, fixed, rate) in fits.items():
+            ratio = (f"**{fits['jsdl'][2] / fits['saelens'][2]:.1f}x**" if fw == "jsdl" and "saelens" in fits else "")
+            out.append(f"| {arch} | {fw} | {m} | {fixed:.1f} | {rate:,.0f} | {1024e3 / rate:.1f} | {ratio} |")
+    return "\n".join(out)
+
+
+def match_table(rows):
+    """Time to SAELens's quality: SAELens's mean MCC (and F1) at its largest budget, and the smallest
+    budget at which jsdl's mean reaches it (no interpolation: a conservative time for jsdl)."""
+    out = ["| arch | metric | SAELens at its largest budget | SAELens wall s | jsdl's first budget at or above | "
+           "jsdl wall s | wall time to that quality, SAELens / jsdl |", "|" + "---|" * 7]
+    for arch in _archs(rows):
+        sb = [r["samples"] for r in _cells(rows, arch, "saelens")]
+        jb = sorted({r["samples"] for r in _cells(rows, arch, "jsdl")})
+        if not sb or not jb:
+            continue
+        top = _cells(rows, arch, "saelens", max(sb))
+        for key, name in (("mcc", "MCC"), ("f1", "F1")):
+            target, sw = _ms(top, key)[0], _ms(top, "wall_s")[0]
+            hit = next((n for n in jb if _ms(_cells(rows, arch, "jsdl", n), key)[0] >= target), None)
+            if hit is None:
+                out.append(f"| {arch} | {name} | {target:.3f} at {max(sb):,} | {sw:.1f} | not reached "
+                           f"(best {max(_ms(_cells(rows, arch, 'jsdl', n), key)[0] for n in jb):.3f}) | | |")
+                continue
+            jw = _ms(_cells(rows, arch, "jsdl", hit), "wall_s")[0]
+            got = _ms(_cells(rows, arch, "jsdl", hit), key)[0]
+            out.append(f"| {arch} | {name} | {target:.3f} at {max(sb):,} | {sw:.1f} | {got:.3f} at {hit:,} | "
+                       f"{jw:.1f} | **{sw / jw:.1f}x** |")
+    return "\n".join(out)
+
+
+def plot(rows, path):
+    """MCC and F1 (means over seeds, bars: their std) against end-to-end wall seconds, one panel
+    per architecture and metric; each point a run at one budget, labelled with its samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = _archs(rows)
+    fig, axes = plt.subplots(2, len(archs), figsize=(4.2 * len(archs), 6.4), squeeze=False)
+    style = {"jsdl": dict(color="C0", marker="o"), "saelens": dict(color="C3", marker="s")}
+    for c, arch in enumerate(archs):
+        for r_, (key, name) in enumerate((("mcc", "MCC"), ("f1", "F1"))):
+            ax = axes[r_, c]
+            for fw, label in (("jsdl", "jsdl"), ("saelens", "SAELens")):
+                ns = sorted({r["samples"] for r in _cells(rows, arch, fw)})
+                if not ns:
+                    continue
+                w = [_ms(_cells(rows, arch, fw, n), "wall_s")[0] for n in ns]
+                m = [_ms(_cells(rows, arch, fw, n), key) for n in ns]
+                ax.errorbar(w, [v for v, _ in m], yerr=[0 if np.isnan(e) else e for _, e in m], label=label,
+                            capsize=2, **style[fw])
+                for x, (y, _), n in zip(w, m, ns):
+                    ax.annotate(f"{n / 1e3:g}k", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                                color=style[fw]["color"])
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3, which="both")
+            ax.set_title(f"{arch}: {name}" if r_ == 0 else "")
+            ax.set_ylabel(name)
+            if r_ == 1:
+                ax.set_xlabel("end-to-end wall s (generator, compilation, training)")
+            if c == 0 and r_ == 0:
+                ax.legend(loc="lower right")
+    seeds = sorted({r["seed"] for r in rows})
+    fig.suptitle(f"SynthSAEBench `cpu` recipe: quality against wall time (seeds {', '.join(map(str, seeds))}; "
+                 "points: training budgets)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log(f"[synth_quality] wrote {path}")
+
+
 def generator_only(n, batch, threads, reps=10):
     """Seconds per batch of jsdl's jitted sampler (features + observation; and ``x_p`` alone, what
     a training step uses: the dense features are then not built) and SAELens's
@@ -325,7 +452,8 @@ def main(argv=None):
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--samples", type=int, help="training samples per run (default: the scale's)")
+    ap.add_argument("--samples", help="training samples per run (default: the scale's); a comma-separated list "
+                                      "runs every budget (quality per compute: --plot, the cost model)")
     ap.add_argument("--eval-samples", type=int)
     ap.add_argument("--frameworks", default="jsdl,saelens")
     ap.add_argument("--coef-relu", type=float)
@@ -350,12 +478,20 @@ def main(argv=None):
                     help="initial JumpReLU threshold, both frameworks (SAELens's default 0.01)")
     ap.add_argument("--out", default="synth_quality.json")
     ap.add_argument("--write-results", action="store_true", help="write the table into benchmarks/RESULTS.md")
-    ap.add_argument("--from-json", help="only print the table of a JSON written by an earlier run")
+    ap.add_argument("--from-json", help="only print the table (and --plot) of a JSON written by an earlier run")
+    ap.add_argument("--plot", metavar="PNG", help="MCC and F1 against end-to-end wall seconds, per architecture "
+                                                  "(runs at several --samples budgets)")
     ap.add_argument("--generator-only", type=int, metavar="N_FEATURES",
                     help="time one batch of the two generators alone (the recipe at N_FEATURES), alternating")
     a = ap.parse_args(argv)
     if a.from_json:
-        print(table(json.load(open(a.from_json))["rows"]))
+        rows = json.load(open(a.from_json))["rows"]
+        if len({r["samples"] for r in rows}) > 1:
+            print(budget_table(rows) + "\n\n" + cost_table(rows) + "\n\n" + match_table(rows))
+        else:
+            print(table(rows))
+        if a.plot:
+            plot(rows, a.plot)
         return
     if a.generator_only:
         return generator_only(a.generator_only, SCALES[a.scale][3], a.torch_threads)
@@ -363,7 +499,8 @@ def main(argv=None):
     from jsdl.data.synth import synth_config
 
     preset, n_q, samples, batch, lr, n_eval = SCALES[a.scale]
-    samples = a.samples or samples
+    budgets = [int(float(v)) for v in a.samples.split(",")] if a.samples else [samples]
+    samples = max(budgets)
     n_eval = a.eval_samples or n_eval
     synth_cfg = synth_config(preset)
     archs = [s for s in a.archs.split(",") if s]
@@ -415,7 +552,7 @@ def main(argv=None):
     rows = []
     for seed in seeds:
         for arch in archs:
-            for fw in fws:
+            for samples, fw in [(b, fw) for b in budgets for fw in fws]:
                 coef = coefs[fw].get(arch, 0.0)
                 load0 = load_avg()
                 if fw == "jsdl":
@@ -439,15 +576,20 @@ def main(argv=None):
                 with open(a.out, "w") as f:
                     json.dump(dict(scale=a.scale, synth=synth_cfg.to_dict(), n_q=n_q, k=k, true_l0=l0_all,
                                    true_l0_top=l0_top, coefs=coefs, calibration=calibration, batch=batch, lr=lr, rows=rows), f, indent=1)
-    print(table(rows))
+    sweep = len(budgets) > 1
+    print(budget_table(rows) + "\n\n" + cost_table(rows) + "\n\n" + match_table(rows) if sweep else table(rows))
+    if a.plot:
+        plot(rows, a.plot)
     if a.write_results:
         import common
 
         body = (f"Command: `nice .venv-bench/bin/python benchmarks/synth_quality/run.py {' '.join(argv or sys.argv[1:])}`\n\n"
                 f"Recipe `{preset}` ({synth_cfg.n_features} features, d={synth_cfg.d_input}), SAE width {n_q}, "
-                f"k={k} (true L0 of the top {n_q} features {l0_top:.2f}; all features {l0_all:.2f}), {samples:,} "
-                f"samples, batch {batch}, lr {lr:g}, coefficients {coefs}. Metrics on {n_eval:,} fresh samples.\n\n"
-                + table(rows) + "\n")
+                f"k={k} (true L0 of the top {n_q} features {l0_top:.2f}; all features {l0_all:.2f}), "
+                f"{', '.join(f'{b:,}' for b in budgets)} samples, batch {batch}, lr {lr:g}, coefficients {coefs}. "
+                f"Metrics on {n_eval:,} fresh samples.\n\n"
+                + (budget_table(rows) + "\n\n" + cost_table(rows) + "\n\n" + match_table(rows) if sweep else table(rows))
+                + "\n")
         common.write_section("SynthSAEBench quality per compute (synth_quality)", body)
 
 

@@ -389,6 +389,9 @@ def _summary_line(name: str, s: dict) -> str:
     parts = [name, f"step {f.get('step')}", f"loss {f.get('loss', float('nan')):.4g}",
              f"FVU {f.get('fvu', float('nan')):.3g}", f"L0 {f.get('l0', float('nan')):.3g}",
              f"dead {f.get('dead_frac', float('nan')):.1%}", f"{s.get('steps_per_s', float('nan')):.0f} steps/s"]
+    if s.get("init_threshold") is not None:
+        # train.init_threshold_l0 replaced the activation's threshold hyperparameter shown in the spec.
+        parts.insert(1, f"initial threshold {s['init_threshold']:.4g} (train.init_threshold_l0)")
     rec = s.get("recovery")
     if rec and "m_gt" in rec:
         parts.append(f"M_GT {rec['m_gt']:.3f}")
