@@ -450,7 +450,11 @@ def sdl_loss(
     if sparse:
         # TopK/BatchTopK through gathers and scatter-adds of k rows per sample (jsdl.kernels);
         # z is gradient-free there (it only selects). Dense codes are built only for penalties.
-        z, sparse_codes, x_hat = _kernels.sparse_forward(params, x_p, spec)
+        if spec.method_info.nested:  # every prefix's reconstruction from one sparse decode
+            z, sparse_codes, x_hats = _kernels.sparse_forward_nested(params, x_p, spec)
+            x_hat = x_hats[-1]
+        else:
+            z, sparse_codes, x_hat = _kernels.sparse_forward(params, x_p, spec)
         codes = _kernels.densify(sparse_codes) if spec.penalties else None
         l0 = _kernels.sparse_l0(sparse_codes)
     else:
@@ -458,7 +462,9 @@ def sdl_loss(
         codes = spec.activation(z, params)
 
     def decode_prefix(c, m):
-        return decode(params, c, spec, x_p, n_prefix=m)
+        if not sparse:
+            return decode(params, c, spec, x_p, n_prefix=m)
+        return x_hat if m is None else x_hats[spec.prefixes.index(m)]
 
     if not sparse:
         x_hat = decode_prefix(codes, None)
