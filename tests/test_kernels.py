@@ -402,6 +402,20 @@ def test_block_top_k_is_lax_top_k(shape, k):
     np.testing.assert_array_equal(t1, t2)
 
 
+def test_local_top_k_rule_for_flat_and_row_selections():
+    """On CPU the block prefilter needs at least 2 k blocks per row, and 4 k for a flat (1-D,
+    BatchTopK) selection, where it was measured slower below that (shardops.local_top_k)."""
+    from jsdl.shardops import local_top_k
+
+    def n_top_k(shape, k):
+        return str(jax.make_jaxpr(lambda z: local_top_k(z, k))(jnp.zeros(shape))).count("top_k[")
+
+    assert jax.default_backend() == "cpu"
+    assert n_top_k((1024 * 512,), 8 * 1024) == 1  # 16384 blocks < 4 k: one lax.top_k
+    assert n_top_k((1024 * 512,), 4 * 1024) == 2  # 16384 blocks = 4 k: block maxima + candidates
+    assert n_top_k((4, 8192), 128) == 2  # a row: 256 blocks >= 2 k
+
+
 def test_block_top_k_rejects_bad_shapes():
     from jsdl.shardops import block_top_k
 
