@@ -69,7 +69,8 @@ def unit(key, d, n):
 
 W16, W12 = unit(jax.random.PRNGKey(1), 16, 24), unit(jax.random.PRNGKey(2), 12, 24)
 W2x8 = unit(jax.random.PRNGKey(3), 16, 24)
-BENCH = {"sae": ToyBench(W16, W16), "transcoder": ToyBench(W16, W12), "crosscoder": ToyBench(W2x8, W2x8, 2)}
+BENCH = {"sae": ToyBench(W16, W16), "transcoder": ToyBench(W16, W12), "crosscoder": ToyBench(W2x8, W2x8, 2),
+         "matryoshka": ToyBench(W16, W16)}
 CFG = TrainConfig(steps=50, batch_size=64, learning_rate=3e-3, log_every=25, progress=False, plots=False,
                   dead_window=5, resample_every=20)
 KEY = jax.random.PRNGKey(0)
@@ -88,6 +89,8 @@ def spec_of(name):
         return jsdl.make_spec(activation="topk", k=4, aux_k=8, aux_coef=0.1, sparse=False, **kw)
     if act == "batchtopk":
         return jsdl.make_spec(activation="batchtopk", k=4, sparse=False, **kw)
+    if act == "batchtopk_sparse":
+        return jsdl.make_spec(activation="batchtopk", k=4, sparse=True, **kw)
     if act == "jumprelu":
         return jsdl.make_spec(activation="jumprelu", penalties={"l0": 1e-3}, threshold=0.05, bandwidth=0.05, **kw)
     raise KeyError(name)
@@ -170,7 +173,7 @@ def test_meshes_equal_one_device_default_subset():
     the slow test below)."""
     out = _run(r'''
 out = compare(["sae:topk_sparse"], [(4, 2), (1, 8)])
-out.update(compare(["sae:batchtopk", "sae:jumprelu"], [(2, 4)]))
+out.update(compare(["sae:batchtopk", "sae:jumprelu", "matryoshka:batchtopk_sparse"], [(2, 4)]))
 out.update(compare(["transcoder:topk_dense"], [(4, 2)], decoder_norm="unit"))
 POP_MESHES = [(2, 4)]
 ''' + POPULATION_AND_TOPK + '''
