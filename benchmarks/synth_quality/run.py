@@ -478,14 +478,15 @@ def main(argv=None):
                     help="initial JumpReLU threshold, both frameworks (SAELens's default 0.01)")
     ap.add_argument("--out", default="synth_quality.json")
     ap.add_argument("--write-results", action="store_true", help="write the table into benchmarks/RESULTS.md")
-    ap.add_argument("--from-json", help="only print the table (and --plot) of a JSON written by an earlier run")
+    ap.add_argument("--from-json", help="only print the table (and --plot) of the JSON written by an earlier run "
+                                        "(several, comma-separated: their rows together)")
     ap.add_argument("--plot", metavar="PNG", help="MCC and F1 against end-to-end wall seconds, per architecture "
                                                   "(runs at several --samples budgets)")
     ap.add_argument("--generator-only", type=int, metavar="N_FEATURES",
                     help="time one batch of the two generators alone (the recipe at N_FEATURES), alternating")
     a = ap.parse_args(argv)
     if a.from_json:
-        rows = json.load(open(a.from_json))["rows"]
+        rows = [r for f in a.from_json.split(",") for r in json.load(open(f))["rows"]]
         if len({r["samples"] for r in rows}) > 1:
             print(budget_table(rows) + "\n\n" + cost_table(rows) + "\n\n" + match_table(rows))
         else:
