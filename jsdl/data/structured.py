@@ -42,7 +42,7 @@ from flax import struct
 
 from jsdl.data import bench as _bench
 from jsdl.data import rng as _rng
-from jsdl.data.bench import SamplingMixin, _SELF
+from jsdl.data.bench import SamplingMixin, _SELF, jit_when_eager
 from jsdl.kernels import SparseCodes, densify
 from jsdl.objective import Batch
 
@@ -386,6 +386,7 @@ class StructuredBench(SamplingMixin):
                                 n_latents=blocks[0].n_latents))
         return jnp.where(jnp.max(self.rates) > self.rate_bound, jnp.nan, x)
 
+    @jit_when_eager
     def sample_features(self, key: jax.Array, batch_size: int) -> jax.Array:
         """Coefficients ``x [B, n]`` (base masks, hierarchy, magnitudes; module docstring). With
         the sparse sampler (``sparse_capacity > 0``) the scatter of :meth:`sample_active`; else
@@ -402,6 +403,7 @@ class StructuredBench(SamplingMixin):
         ``noise_std`` or ``target_noise_std`` is non-zero)."""
         return self._observe(x, lambda W: x @ W.T, key)
 
+    @jit_when_eager
     def draw(self, key: jax.Array, batch_size: int) -> Batch:
         """Fresh samples: as :meth:`SamplingMixin.draw`, but with the sparse sampler the active
         sets are drawn once (``features`` = their scatter = ``sample_features(k_x, B)``) and

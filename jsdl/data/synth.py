@@ -55,7 +55,7 @@ import numpy as np
 from flax import struct
 
 from jsdl.data import rng as _rng
-from jsdl.data.bench import SamplingMixin, decode_active, use_sparse_decode
+from jsdl.data.bench import SamplingMixin, decode_active, jit_when_eager, use_sparse_decode
 from jsdl.data.structured import build_hierarchy, hierarchy_depth
 from jsdl.kernels import SparseCodes
 from jsdl.objective import Batch
@@ -528,6 +528,7 @@ class SynthBench(SamplingMixin):
         sparse = lambda: out.at[rows_v, jnp.where(vcol >= 0, vcol - Z, m)].set(val_r, mode="drop")  # noqa: E731
         return jax.lax.cond(parts["overflow"], parts["dense"], sparse)
 
+    @jit_when_eager
     def sample_features(self, key: jax.Array, batch_size: int) -> jax.Array:
         """Coefficients ``f [B, n]`` (module docstring, items 2-5). Jit-able."""
         return self._assemble(self._parts(key, batch_size), batch_size)
@@ -667,6 +668,7 @@ class SynthBench(SamplingMixin):
             f = f.at[rows, jnp.where(cols >= 0, cols, n)].set(vals, mode="drop")
         return jax.nn.relu(f)
 
+    @jit_when_eager
     def draw(self, key: jax.Array, batch_size: int) -> Batch:
         """Fresh samples: ``features`` is exactly ``sample_features(k_x, B)`` (``k_x, _ =
         split(key)``, as :meth:`SamplingMixin.draw`), and ``x_p = f W_p^T + bias`` is summed from
