@@ -59,7 +59,10 @@ def test_sparse_equals_dense_loss_and_grads(activation, tied):
         assert gs.W_D is None
 
 
-def test_sparse_equals_dense_float64_with_penalty_auxk_and_transcoder(x64):
+@pytest.mark.parametrize("fold", [False, True])
+def test_sparse_equals_dense_float64_with_penalty_auxk_and_transcoder(x64, fold, monkeypatch):
+    # fold: the encoder bias folded into the product (kernels.preacts), forced at this small d
+    monkeypatch.setattr(K, "FOLD_BIAS_MIN_D", 0 if fold else 10**9)
     key = jax.random.PRNGKey(3)
     d, dt, n_q, k, B = 10, 7, 64, 4, 32
     kw = dict(method="transcoder", activation="topk", n_latents=n_q, k=k, penalties={"weighted_l1": 1e-2},
@@ -77,6 +80,32 @@ def test_sparse_equals_dense_float64_with_penalty_auxk_and_transcoder(x64):
     np.testing.assert_allclose(auxs["auxk"], auxd["auxk"], rtol=1e-12)
     np.testing.assert_allclose(ls, ld, rtol=1e-12)
     _assert_close(gs, gd, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_folded_encoder_bias_equals_the_sum(x64, activation, monkeypatch):
+    """kernels.preacts folds b_E into the sparse path's selection product ([x, 1, 0..] [W_E, b_E,
+    0..]^T) on CPU from d = FOLD_BIAS_MIN_D on: a re-association, so the loss, metrics and every
+    gradient equal those of the plain x W_E^T + b_E in float64, with AuxK (a second selection)."""
+    assert K.FOLD_BIAS_MIN_D == 256
+    d, n_q, B = 12, 64, 16
+    spec = jsdl.make_spec("sae", activation, n_q, k=4, sparse=True, aux_k=6, aux_coef=0.5)
+    params = _perturb(jax.random.PRNGKey(7), jsdl.init_params(jax.random.PRNGKey(6), spec, d, dtype=jnp.float64))
+    batch = jsdl.Batch(x_p=jax.random.normal(jax.random.PRNGKey(8), (B, d), jnp.float64))
+    dead = jnp.arange(n_q) % 3 == 0
+    out = {}
+    for fold in (False, True):
+        monkeypatch.setattr(K, "FOLD_BIAS_MIN_D", 0 if fold else 10**9)
+        hlo = jax.jit(lambda p: K.preacts(batch.x_p, p.W_E, p.b_E)).lower(params).as_text()
+        assert ("concatenate" in hlo) == fold
+        out[fold] = _loss_and_grads(spec, params, batch, dead_mask=dead)
+    (l0, a0, g0), (l1, a1, g1) = out[False], out[True]
+    assert float(a0["auxk"]) > 0
+    np.testing.assert_allclose(l1, l0, rtol=1e-12)
+    for name in a0:
+        np.testing.assert_allclose(a1[name], a0[name], rtol=1e-11, atol=1e-13, err_msg=name)
+    _assert_close(g1, g0, rtol=1e-10, atol=1e-12)
+    assert float(jnp.abs(g1.b_E).max()) > 0
 
 
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
