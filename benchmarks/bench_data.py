@@ -78,7 +78,7 @@ def random_hierarchy(n, d):
         W_p=W, W_r=W, rates=jnp.asarray(rates, jnp.float32), importance=jnp.ones((n,), jnp.float32),
         parent_of=jnp.asarray(parent_of, jnp.int32), child_idx=jnp.asarray(edges, jnp.int32),
         parent_idx=jnp.asarray(parent_of[edges], jnp.int32), depth=1, kind="hierarchical",
-        rate_bound=float(rates.max()),
+        rate_bound=float(rates.max()), sorted_parents=True,
     )
 
 

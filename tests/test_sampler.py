@@ -279,6 +279,51 @@ def test_structured_hierarchy_closure_and_magnitudes():
         assert stats.kstest(v - b.c_min, "expon", args=(0, b.beta)).pvalue > 1e-4
 
 
+def test_sorted_parents_find_the_first_slots_without_a_dense_array(monkeypatch):
+    """With a breadth-first hierarchy (parents_are_sorted) the sparse sampler finds repeated
+    ancestors on the [B, K] blocks (_first_slots_sorted); the kept slots, features and x_p equal
+    the dense scatter-min's exactly, with repeats inside a block (siblings) and across blocks (a
+    parent that also fires alone). A hierarchy numbered otherwise is detected and keeps the dense
+    rule."""
+    from jsdl.data import make_hierarchical_bench, make_structured_bench
+    from jsdl.data import structured
+    from jsdl.data.structured import build_hierarchy, parents_are_sorted
+
+    monkeypatch.setattr(structured, "SORTED_DEDUP_MIN_ENTRIES", 0)  # the block rule at any B n
+    b = make_hierarchical_bench(jax.random.PRNGKey(22), n_roots=20, branching=3, depth=2, d_input=16,
+                                max_interference=0.6, child_rate=0.05, parent_alone_rate=0.05)
+    assert b.sorted_parents and b.sparse_capacity > 0
+    dense = b.replace(sorted_parents=False)
+    key, B = jax.random.PRNGKey(3), 2000
+    (blocks_s, cnt_s), (blocks_d, cnt_d) = [jax.jit(x.sample_active, static_argnums=1)(key, B) for x in (b, dense)]
+    np.testing.assert_array_equal(cnt_s, cnt_d)
+    for u, v in zip(blocks_s, blocks_d):
+        np.testing.assert_array_equal(u.vals, v.vals)
+        np.testing.assert_array_equal(u.cols, v.cols)
+    # the test is not vacuous: repeats were dropped within the ancestor block and across blocks
+    c0 = np.asarray(blocks_s[0].cols)
+    live0, live1 = np.asarray(blocks_s[0].vals) > 0, np.asarray(blocks_s[1].vals) > 0
+    po = np.asarray(b.parent_of)
+    has_parent = live0 & (po[c0] >= 0)
+    assert has_parent.sum() > live1.sum()  # siblings share a parent: fewer parents than children
+    alone_and_parent = sum(len(set(c0[r][live0[r]]) & set(po[c0[r][live0[r]]])) for r in range(B))
+    assert alone_and_parent > 0
+    for x in (b, dense):
+        out = jax.jit(x.draw, static_argnums=1)(key, B)
+        np.testing.assert_array_equal(out.features, jax.jit(dense.draw, static_argnums=1)(key, B).features)
+    po = build_hierarchy(20, 3, 2)
+    assert parents_are_sorted(po)
+    perm = np.r_[np.arange(20), 20 + np.random.default_rng(0).permutation(len(po) - 20)]  # renumber non-roots
+    inv = np.argsort(perm)
+    shuffled = np.where(po[perm] >= 0, inv[np.maximum(po[perm], 0)], -1)
+    assert not parents_are_sorted(shuffled)
+    s = make_structured_bench(jax.random.PRNGKey(1), len(po), 16, 0.7, sparsity=0.99, hierarchy=shuffled)
+    assert not s.sorted_parents and s.sparse_capacity > 0
+    f = np.asarray(s.sample(jax.random.PRNGKey(2), 500).features) > 0
+    child = np.flatnonzero(shuffled >= 0)
+    assert not (f[:, child] & ~f[:, shuffled[child]]).any()  # the closure holds on the dense rule
+
+
 def test_structured_dense_fallbacks():
     from jsdl.data import make_structured_bench
 
