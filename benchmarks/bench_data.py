@@ -184,6 +184,7 @@ def measure_shape(shape, n, reps, archs):
         fns[f"{arch} step, fixed batch"] = step_fn(spec, d, B, fixed)
         fns[f"{arch} step + bench old"] = step_fn(spec, d, B, OldBench(bench))
         fns[f"{arch} step + bench new"] = step_fn(spec, d, B, bench)
+        fns[f"{arch} step + hier new"] = step_fn(spec, d, B, hier)
     log(f"[bench_data] {shape} n={n}: compiling and timing {len(fns)} variants x {reps} reps ...")
     t = alternate(fns, reps)
     for name, ts in t.items():
@@ -274,27 +275,29 @@ def report(results, cross, gen, args, load0, load1):
                 f"{pct(o / step)} | **{pct(nw / step)}** |")
     out += [
         "",
-        "**Inside the training step** (`Stepper.step` generating its batch on device from the Bench, as",
-        "`jsdl.fit` does; the dense features are not used by the step, so XLA drops their scatter). Data",
-        "share = (t with generation - t on a fixed batch) / t with generation, per round of the alternation",
-        "(the two runs of a round are back to back), median over rounds [and from the minima]:",
+        "**Inside the training step** (`Stepper.step` generating its batch on device from the Bench, or",
+        "from the hierarchical bench with the current sampler, as `jsdl.fit` does; the dense features are",
+        "not used by the step, so XLA drops their scatter). Data share = (t with generation - t on a fixed",
+        "batch) / t with generation, per round of the alternation (the runs of a round are back to back),",
+        "median over rounds [and from the minima]:",
         "",
-        "| shape (d, n_q, k, B) | n | step | fixed batch | + old sampler | + new sampler | data share old | data share new |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shape (d, n_q, k, B) | n | step | fixed batch | + old sampler | + new sampler | + hierarchical | "
+        "data share old | data share new | data share hierarchical |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         t = r["times"]
         for arch in r["archs"]:
             f = np.asarray(t[f"{arch} step, fixed batch"])
             share = {}
-            for v in ("old", "new"):
-                g = np.asarray(t[f"{arch} step + bench {v}"])
+            for v, name in (("old", "bench old"), ("new", "bench new"), ("hier", "hier new")):
+                g = np.asarray(t[f"{arch} step + {name}"])
                 share[v] = (f"{pct(max(float(np.median((g - f) / g)), 0.0))} "
                             f"[{pct(max((g.min() - f.min()) / g.min(), 0.0))}]")
             out.append(
                 f"| ({r['d']}, {r['n_q']}, {r['k']}, {r['B']}) | {r['n']} | {arch} | {spread(t[f'{arch} step, fixed batch'])} | "
                 f"{spread(t[f'{arch} step + bench old'])} | {spread(t[f'{arch} step + bench new'])} | "
-                f"{share['old']} | **{share['new']}** |")
+                f"{spread(t[f'{arch} step + hier new'])} | {share['old']} | **{share['new']}** | **{share['hier']}** |")
     if cross is not None:
         rows_s, rows_d = cross
         out += [

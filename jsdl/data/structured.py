@@ -137,7 +137,7 @@ def parents_are_sorted(parent_of: Any) -> bool:
 # many B n on, else with one scatter-min into a dense [B, n] int32 array, which is faster while that
 # array is small. Measured (benchmarks/NOTES.md, "Speed round 6"), dense vs blocks: B n = 4.2M
 # (n 4096, B 1024) 2.0 vs 3.5 ms; 8.4M (n 4096, B 2048) 18.3 vs 6.2 ms; 67M (n 16384, B 4096)
-# ~115 ms vs ~45 ms.
+# ~115 vs ~47 ms (the difference of two variants of the whole draw).
 SORTED_DEDUP_MIN_ENTRIES = 1 << 23
 
 
