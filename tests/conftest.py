@@ -17,6 +17,25 @@ def key():
     return jax.random.PRNGKey(0)
 
 
+@pytest.fixture
+def compiles():
+    """A list that collects one entry per XLA backend compile while the test runs (a
+    ``jax.monitoring`` listener, removed afterwards); ``compiles.clear()`` starts a new count."""
+    import jax.monitoring
+
+    seen = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def run_multidevice(code: str, n_devices: int = 8, timeout: int = 600) -> str:
     """Run ``code`` in a fresh Python with ``n_devices`` forced CPU devices; return its stdout.
 

@@ -281,13 +281,11 @@ def test_dynamic_k_population_activation_matches_dense(activation):
         _assert_close(gs, gd, rtol=1e-4, atol=1e-5)
 
 
-def test_train_step_compiles_once_and_shares_the_encoder():
+def test_train_step_compiles_once_and_shares_the_encoder(compiles):
     """Lean step: the jsdl.train step compiles once however many steps and log intervals
     run (jax.monitoring compile events counted over two fits of different lengths), data is
     sampled inside the compiled step, and the sparse step holds a single dictionary-size matmul and
     a single top_k (the statistics share the loss's selection through CSE)."""
-    import jax.monitoring
-
     from jsdl.data import make_bench
     from jsdl.train import Stepper, TrainConfig, fit, init_state
 
@@ -295,23 +293,13 @@ def test_train_step_compiles_once_and_shares_the_encoder():
     spec = jsdl.make_spec("sae", "topk", n_q, k=k)
     assert K.use_sparse(spec, jnp.float32)
     bench = make_bench(jax.random.PRNGKey(0), n_features=32, d_input=d)
-    compiles = []
-
-    def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        counts = []
-        for steps in (4, 12):
-            compiles.clear()
-            cfg = TrainConfig(steps=steps, batch_size=32, log_every=2, progress=False, plots=False)
-            state, hist = fit(jax.random.PRNGKey(1), spec, bench, cfg)
-            counts.append(len(compiles))
-        assert int(state.step) == 12
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+    counts = []
+    for steps in (4, 12):
+        compiles.clear()
+        cfg = TrainConfig(steps=steps, batch_size=32, log_every=2, progress=False, plots=False)
+        state, hist = fit(jax.random.PRNGKey(1), spec, bench, cfg)
+        counts.append(len(compiles))
+    assert int(state.step) == 12
     # The second, 3x longer fit with 3x the log intervals compiles no more than the first.
     assert counts[1] <= counts[0], counts
 

@@ -354,44 +354,32 @@ def test_bench_data_script_smoke(capsys):
     assert "| (16, 256, 4, 64) | 256 | topk |" in out
 
 
-def test_eager_sampling_runs_one_compiled_program():
+def test_eager_sampling_runs_one_compiled_program(compiles):
     """An eager ``sample`` / ``draw`` / ``sample_features`` call runs as one jitted program
     (jit_when_eager): one backend compile per (bench structure, batch size), none for a second key,
     bit-equal to the user's own ``jax.jit`` of the method; inside a trace it is the plain method
     (vmap over keys works); a bench that is not a pytree falls back to the plain method."""
-    import jax.monitoring
-
     from jsdl.data import make_bench, make_hierarchical_bench
     from jsdl.data.bench import SamplingMixin, jit_when_eager
 
-    compiles = []
-
-    def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        for bench in (make_bench(jax.random.PRNGKey(0), n_features=40, d_input=12, max_interference=0.5),
-                      make_hierarchical_bench(jax.random.PRNGKey(1), n_roots=4, branching=3, d_input=12,
-                                              max_interference=0.5)):
-            for name in ("sample", "draw", "sample_features") if hasattr(bench, "kind") else ("sample",):
-                method = getattr(bench, name)
-                compiles.clear()
-                a = method(jax.random.PRNGKey(3), 24)
-                assert len(compiles) == 1, (name, len(compiles))
-                compiles.clear()
-                b = method(jax.random.PRNGKey(4), 24)
-                assert compiles == [], (name, "recompiled for a new key")
-                ref = jax.jit(getattr(bench, name), static_argnums=1)(jax.random.PRNGKey(3), 24)
-                for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(ref)):
-                    np.testing.assert_array_equal(u, v)
-                assert not np.array_equal(jax.tree.leaves(a)[0], jax.tree.leaves(b)[0])
-            xs = jax.vmap(lambda k: bench.sample(k, 8).x_p)(jax.random.split(jax.random.PRNGKey(5), 3))
-            np.testing.assert_allclose(xs[1], bench.sample(jax.random.split(jax.random.PRNGKey(5), 3)[1], 8).x_p,
-                                       rtol=1e-6, atol=1e-6)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+    for bench in (make_bench(jax.random.PRNGKey(0), n_features=40, d_input=12, max_interference=0.5),
+                  make_hierarchical_bench(jax.random.PRNGKey(1), n_roots=4, branching=3, d_input=12,
+                                          max_interference=0.5)):
+        for name in ("sample", "draw", "sample_features") if hasattr(bench, "kind") else ("sample",):
+            method = getattr(bench, name)
+            compiles.clear()
+            a = method(jax.random.PRNGKey(3), 24)
+            assert len(compiles) == 1, (name, len(compiles))
+            compiles.clear()
+            b = method(jax.random.PRNGKey(4), 24)
+            assert compiles == [], (name, "recompiled for a new key")
+            ref = jax.jit(getattr(bench, name), static_argnums=1)(jax.random.PRNGKey(3), 24)
+            for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(ref)):
+                np.testing.assert_array_equal(u, v)
+            assert not np.array_equal(jax.tree.leaves(a)[0], jax.tree.leaves(b)[0])
+        xs = jax.vmap(lambda k: bench.sample(k, 8).x_p)(jax.random.split(jax.random.PRNGKey(5), 3))
+        np.testing.assert_allclose(xs[1], bench.sample(jax.random.split(jax.random.PRNGKey(5), 3)[1], 8).x_p,
+                                   rtol=1e-6, atol=1e-6)
 
     class Plain(SamplingMixin):  # not a pytree: the decorator must call the method as it is
         calls = 0
