@@ -248,6 +248,8 @@ def test_structured_hierarchy_closure_and_magnitudes():
     b = make_hierarchical_bench(jax.random.PRNGKey(22), n_roots=60, branching=3, depth=2, d_input=32,
                                 max_interference=0.5, child_rate=0.02, parent_alone_rate=0.005)
     assert b.sparse_capacity > 0 and b.depth == 2
+    # x_p is summed block by block: each block's K slots are <= n / 8, the three together are not
+    assert 8 * b.sparse_capacity <= b.n_features < 8 * (b.depth + 1) * b.sparse_capacity
     B = 30000
     key = jax.random.PRNGKey(23)
     batch = jax.jit(b.sample, static_argnums=1)(key, B)
@@ -308,9 +310,11 @@ def test_sorted_parents_find_the_first_slots_without_a_dense_array(monkeypatch):
     assert has_parent.sum() > live1.sum()  # siblings share a parent: fewer parents than children
     alone_and_parent = sum(len(set(c0[r][live0[r]]) & set(po[c0[r][live0[r]]])) for r in range(B))
     assert alone_and_parent > 0
+    ref = jax.jit(dense.draw, static_argnums=1)(key, B)
     for x in (b, dense):
         out = jax.jit(x.draw, static_argnums=1)(key, B)
-        np.testing.assert_array_equal(out.features, jax.jit(dense.draw, static_argnums=1)(key, B).features)
+        np.testing.assert_array_equal(out.features, ref.features)
+        np.testing.assert_allclose(out.x_p, out.features @ b.W_p.T, rtol=1e-5, atol=1e-5)
     po = build_hierarchy(20, 3, 2)
     assert parents_are_sorted(po)
     perm = np.r_[np.arange(20), 20 + np.random.default_rng(0).permutation(len(po) - 20)]  # renumber non-roots

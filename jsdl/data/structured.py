@@ -458,14 +458,18 @@ class StructuredBench(SamplingMixin):
     def draw(self, key: jax.Array, batch_size: int) -> Batch:
         """Fresh samples: as :meth:`SamplingMixin.draw`, but with the sparse sampler the active
         sets are drawn once (``features`` = their scatter = ``sample_features(k_x, B)``) and
-        ``x W^T`` is the sum of the active columns (:func:`jsdl.data.bench.decode_active`) when
-        :func:`jsdl.data.bench.use_sparse_decode` says so (equal up to float rounding)."""
+        ``x W^T`` is the sum of the active columns (:func:`jsdl.data.bench.decode_active`, block by
+        block) when :func:`jsdl.data.bench.use_sparse_decode` says so for one block's capacity K
+        (equal up to float rounding). The rule is applied per block, not to the ``(depth + 1) K``
+        slots together: the dense alternative also scatters the features, and the ancestor blocks
+        are mostly empty. Measured at n = 512, B = 1024 (benchmarks/NOTES.md, "Speed round 6"):
+        the sum was faster for K = 33-51 with 2 blocks and K = 32-45 with 3."""
         if not self.sparse_capacity:
             return SamplingMixin.draw(self, key, batch_size)
         k_x, k_obs = jax.random.split(key)
         blocks, count = self.sample_active(k_x, batch_size)
         x = self._densify(blocks)
-        if _bench.use_sparse_decode(len(blocks) * self.sparse_capacity, self.n_features):
+        if _bench.use_sparse_decode(self.sparse_capacity, self.n_features):
             def project(W):
                 return sum(_bench.decode_active(b, count, W.T) for b in blocks)
         else:
