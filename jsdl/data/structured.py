@@ -141,12 +141,6 @@ def parents_are_sorted(parent_of: Any) -> bool:
 SORTED_DEDUP_MIN_ENTRIES = 1 << 23
 
 
-def _exclusive_cummax(a: jax.Array) -> jax.Array:
-    """``max(a[:, :j])`` for each column j (-1 for j = 0), along axis 1."""
-    c = jax.lax.cummax(a, axis=1)
-    return jnp.concatenate([jnp.full((a.shape[0], 1), -1, a.dtype), c[:, :-1]], axis=1)
-
-
 def _first_slots_sorted(cols: list, valid: list) -> list:
     """For blocks ``cols[l], valid[l] [B, K]`` (block l: the l-th ancestors of block 0's features;
     in each block the valid columns of a row are non-decreasing, which holds when block 0 is
@@ -158,13 +152,14 @@ def _first_slots_sorted(cols: list, valid: list) -> list:
     columns (made non-decreasing by a running maximum that repeats the last valid column)."""
     keep, searchable = [], []
     for c, v in zip(cols, valid):
-        ce = jnp.where(v, c, -1)
-        k = v & (_exclusive_cummax(ce) != c)
+        run = jax.lax.cummax(jnp.where(v, c, -1), axis=1)  # the last valid column up to each slot
+        prev = jnp.pad(run[:, :-1], ((0, 0), (1, 0)), constant_values=-1)  # ... before each slot
+        k = v & (prev != c)
         for s in searchable:
             at = jnp.minimum(jax.vmap(lambda a, q: jnp.searchsorted(a, q))(s, c), s.shape[1] - 1)
             k = k & (jnp.take_along_axis(s, at, axis=1) != c)
         keep.append(k)
-        searchable.append(jax.lax.cummax(ce, axis=1))
+        searchable.append(run)
     return keep
 
 
