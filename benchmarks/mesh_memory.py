@@ -36,7 +36,7 @@ def main():
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
         batch = jsdl.Batch(jax.ShapeDtypeStruct((B, D), jnp.float32, sharding=st.batch_sharding))
         mem = st.step.lower(abstract, batch, None).compile().memory_analysis()
-        po = [abstract.params, abstract.opt_state]
+        po = [abstract.stored, abstract.opt_state]
         total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(po))
         per_dev = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
                       for x, s in zip(jax.tree.leaves(po), jax.tree.leaves(jax.tree.map(lambda a: a.sharding, po))))

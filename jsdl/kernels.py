@@ -500,15 +500,17 @@ def sparse_auxk_loss(x_p, params, z, residual, dead_mask, k_aux: int, *, impl: s
     residual = jax.lax.stop_gradient(residual)
     k_aux = min(int(k_aux), z.shape[-1])
 
-    def loss(x_p, params, z, residual):
+    def loss(x_p, W_E, b_E, W_rows, z, residual):
         masked = jnp.where(dead_mask[None, :], jax.nn.relu(z), 0.0)
         _, cols = select_topk(masked, k_aux)
         cols = cols.astype(jnp.int32)
-        vals = jax.nn.relu(gather_preact(x_p, params.W_E, params.b_E, cols, None, z=z, impl=impl))
+        vals = jax.nn.relu(gather_preact(x_p, W_E, b_E, cols, None, z=z, impl=impl))
         vals = vals * dead_mask[cols].astype(vals.dtype)
-        rec = sparse_decode(SparseCodes(vals, cols, None, z.shape[-1]), decoder_rows(params), None, impl=impl)
+        rec = sparse_decode(SparseCodes(vals, cols, None, z.shape[-1]), W_rows, None, impl=impl)
         num = jnp.sum((residual - rec) ** 2)
         den = jnp.sum((residual - residual.mean(0)) ** 2) + 1e-12
         return num / den
 
-    return when_any_dead(dead_mask, loss, x_p, params, z, residual)
+    # The decoder enters the lax.cond as rows: a training state storing the rows (RowParams) then
+    # passes them through untransposed (a transpose cannot cancel across the cond's boundary).
+    return when_any_dead(dead_mask, loss, x_p, params.W_E, params.b_E, decoder_rows(params), z, residual)

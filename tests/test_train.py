@@ -231,6 +231,83 @@ def test_population_rejects_structurally_different_specs():
 
 
 # ----------------------------------------------------------------------------------------------
+# how the state stores the decoder (RowParams)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_decoder_rows_storage_equals_column_storage(x64, activation):
+    """An untied decoder on the sparse path is stored as rows (``RowParams.W_Dt = W_D^T``). Steps
+    on that storage equal steps on ``W_D`` (float64, unit decoder norm with its gradient projection,
+    AuxK, resampling of dead latents, Adam moments reset per latent), and the compiled step moves
+    no decoder-sized array through a transpose, which the column storage does."""
+    from jsdl.train import RowParams, Stepper, init_state
+
+    d, n_q, B = 16, 40, 32
+    spec = jsdl.make_spec(activation=activation, n_latents=n_q, k=3, aux_k=6, aux_coef=1 / 32, sparse=True)
+    cfg = dataclasses.replace(CFG, batch_size=B, decoder_norm="unit", dead_window=2, resample_every=3)
+    b = toy(d=d)
+    out, hlo = {}, {}
+    for rows in (False, True):
+        st = Stepper(spec, cfg, data_mode="bench", devices=jax.devices()[:1], bench=b)
+        s = st.place_state(init_state(jax.random.PRNGKey(2), spec, cfg, d, rows=rows))
+        assert isinstance(s.stored, RowParams) == rows == s.decoder_rows
+        data = st.place_data(b)
+        for t in range(7):
+            s = st.step(s, data, None)
+            if t % 3 == 2:
+                s = st.resample(s, data)
+        out[rows] = s
+        hlo[rows] = st.step.lower(s, data, None).compile().as_text()
+    assert float(jnp.sum(out[True].dead.since_fired == 0)) < n_q  # something was dead and resampled
+    a, c = out[True], out[False]
+    chex.assert_trees_all_close(a.params, c.params, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(a.params.W_D, axis=0), 1.0, rtol=1e-12)
+    for m_rows, m_cols in zip(jax.tree.leaves(a.opt_state, is_leaf=lambda x: isinstance(x, RowParams)),
+                              jax.tree.leaves(c.opt_state, is_leaf=lambda x: isinstance(x, jsdl.SDLParams))):
+        if isinstance(m_rows, RowParams):  # Adam moments, stored like the parameters
+            chex.assert_trees_all_close(jsdl.train.state.as_params(m_rows), m_cols, rtol=1e-10, atol=1e-12)
+        else:
+            chex.assert_trees_all_close(m_rows, m_cols, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(a.dead.since_fired, c.dead.since_fired)
+
+    def transposes(text):
+        return [l for l in text.splitlines() if " transpose(" in l and (f"[{d},{n_q}]" in l or f"[{n_q},{d}]" in l)]
+
+    assert not transposes(hlo[True]), transposes(hlo[True])
+    assert transposes(hlo[False])  # the column storage transposes the decoder (what rows remove)
+
+
+def test_decoder_rows_follow_the_sparse_path():
+    """Rows exactly where the sparse kernels run with an untied decoder; ``params`` always reads
+    ``SDLParams`` and ``replace(params=...)`` stores them as the state does; the latent axis of
+    ``W_Dt`` is sharded over "model"."""
+    from jsdl.train import RowParams, init_state
+    from jsdl.train.mesh import state_partition_specs
+
+    cases = {("topk", "sae", "auto"): True, ("topk", "sae", False): False, ("topk", "tied_sae", "auto"): False,
+             ("relu", "sae", "auto"): False, ("batchtopk", "transcoder", "auto"): True}
+    for (act, method, sparse), rows in cases.items():
+        kw = {"k": 2} if "topk" in act else {}
+        spec = jsdl.make_spec(method, act, 32, sparse=sparse, **kw)
+        s = init_state(jax.random.PRNGKey(0), spec, CFG, 8)
+        assert isinstance(s.stored, RowParams) == rows, (act, method, sparse)
+        p = s.params
+        assert isinstance(p, jsdl.SDLParams)
+        if p.W_D is not None:
+            assert p.W_D.shape == (8, 32)
+            s2 = s.replace(params=p.replace(W_D=2 * p.W_D))
+            assert type(s2.stored) is type(s.stored)
+            np.testing.assert_array_equal(s2.params.W_D, 2 * p.W_D)
+        if rows:
+            specs = state_partition_specs(s, 32)
+            assert specs.stored.W_Dt == jax.sharding.PartitionSpec("model")
+            assert specs.opt_state[0].mu.W_Dt == jax.sharding.PartitionSpec("model")
+    with pytest.raises(TypeError, match="not both"):
+        s.replace(params=s.params, stored=s.stored)
+
+
+# ----------------------------------------------------------------------------------------------
 # checkpoints and resume
 # ----------------------------------------------------------------------------------------------
 
@@ -265,6 +342,42 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert os.path.isfile(os.path.join(d, "metrics.jsonl"))
     rows = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == hfull["step"]
+
+
+def test_resume_reads_a_checkpoint_of_the_previous_state_format(tmp_path, monkeypatch):
+    """Checkpoints written before the decoder could be stored as rows (state format 1: the field
+    ``params``, SDLParams everywhere, no ``state_format`` in the metadata) resume into the rows
+    storage and continue exactly as an uninterrupted run."""
+    from jsdl.records import to_jsonable
+    from jsdl.train.checkpoint import Checkpointer
+    from jsdl.train.state import RowParams, state_to_v1
+
+    b = toy()
+    spec = jsdl.make_spec(activation="topk", n_latents=32, k=3)
+    cfg = dataclasses.replace(CFG, steps=30, checkpoint_every=15)
+    key = jax.random.PRNGKey(3)
+    full, _ = fit(key, spec, b, cfg)
+    assert isinstance(full.stored, RowParams)
+    written = []
+
+    def save_v1(self, step, state, meta):
+        ocp = self._ocp
+        self.manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state_to_v1(state)),
+                                                             meta=ocp.args.JsonSave(to_jsonable(meta))), force=True)
+        self.manager.wait_until_finished()
+        written.append(int(step))
+
+    d = str(tmp_path / "run")
+    with monkeypatch.context() as m:
+        m.setattr(Checkpointer, "save", save_v1)
+        fit(key, spec, b, cfg, out_dir=d, stop_at=15)
+    assert written == [15]
+    assert "state_format" not in Checkpointer(d, create=False).meta(15)
+    res, _ = fit(key, spec, b, cfg, out_dir=d, resume=True)
+    assert isinstance(res.stored, RowParams)
+    close(res.params, full.params)
+    close(res.opt_state, full.opt_state)
+    assert Checkpointer(d, create=False).meta(30)["state_format"] == 2
 
 
 def test_resume_with_iterator_skips_consumed_batches(tmp_path):

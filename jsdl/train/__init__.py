@@ -38,6 +38,7 @@ _WHERE = {
     "spec_from_dict": "state",
     "spec_to_dict": "state",
     "threshold_for_l0": "state",
+    "RowParams": "state",
     "Stepper": "step",
     "make_mesh": "step",
     "model_step": "step",
@@ -49,6 +50,7 @@ __all__ = [
     "Grid",
     "NonFiniteLossError",
     "ResumeError",
+    "RowParams",
     "RunLockedError",
     "Stepper",
     "TrainConfig",
@@ -96,5 +98,6 @@ if TYPE_CHECKING:  # static analysers and the API docs see the names
     from jsdl.train.loop import (Grid, NonFiniteLossError, TrainingInterrupted, fit, fit_population,  # noqa: F401
                                  load_run, member, population_data_key)
     from jsdl.train.rundir import ResumeError, RunLockedError  # noqa: F401
-    from jsdl.train.state import DeadStats, TrainState, init_state, spec_from_dict, spec_to_dict  # noqa: F401
+    from jsdl.train.state import (DeadStats, RowParams, TrainState, init_state, spec_from_dict,  # noqa: F401
+                                  spec_to_dict)
     from jsdl.train.step import Stepper, make_mesh, model_step  # noqa: F401

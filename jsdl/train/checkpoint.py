@@ -5,14 +5,15 @@ A run directory holds::
     run.json            spec, train config, data record, input widths (written at the start)
     metrics.jsonl       one JSON line per log interval
     checkpoints/<step>/ orbax step folders: item "state" (the full TrainState) and item "meta"
-                        (JSON: step, spec, config, data record, history so far)
+                        (JSON: step, spec, config, data record, history so far, state_format)
     summary.json, *.png at the end
 
 Saves are atomic (orbax writes to a temporary folder and renames it), the last
 ``keep_checkpoints`` are kept, and a restore returns everything a resumed run needs (params,
 optimiser state, step, dead statistics, RNG keys, metric sums, history). Restores use an abstract
 target built from the recorded spec and config, so NamedTuple optimiser states come back as
-NamedTuples (orbax without a target would turn them into lists).
+NamedTuples (orbax without a target would turn them into lists). Checkpoints of an older state
+format (``meta["state_format"]``, :data:`jsdl.train.state.STATE_FORMAT`) are read and converted.
 """
 from __future__ import annotations
 
@@ -75,7 +76,10 @@ class Checkpointer:
     def save(self, step: int, state, meta: dict) -> None:
         """Save synchronously. Ctrl-C during the save is held until the save is complete (then
         raised), so an interrupt never leaves orbax half-way through its threads."""
+        from jsdl.train.state import STATE_FORMAT
+
         ocp = self._ocp
+        meta = {**meta, "state_format": STATE_FORMAT}
         with _sigint_deferred():
             if int(step) in self.manager.all_steps():
                 self.manager.delete(int(step))
@@ -114,6 +118,15 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint found in {self.dir!r} (the folder has no complete step folders)")
         if step not in self.steps():
             raise CheckpointError(f"no checkpoint for step {step} in {self.dir!r}; available: {self.steps()}")
+        from jsdl.train import state as _state
+
+        fmt = int(self.meta(step).get("state_format", 1))
+        if fmt > _state.STATE_FORMAT:
+            raise CheckpointError(f"checkpoint step {step} in {self.dir!r} has state format {fmt}, newer than this "
+                                  f"jsdl reads ({_state.STATE_FORMAT}); upgrade jsdl")
+        target = abstract_state
+        if fmt == 1:  # field "params", SDLParams everywhere (written before RowParams)
+            abstract_state = _state.state_to_v1(abstract_state)
         # A checkpoint written on another device layout (a sharded or multi-process run) needs a
         # target placement: leaves without one go to the first local device (one process) or are
         # replicated over all devices (several processes; the training step then reshards them).
@@ -143,7 +156,10 @@ class Checkpointer:
                 f"checkpoint {os.path.join(self.dir, str(step))!r} is unreadable or corrupt "
                 f"({type(err).__name__}: {str(err)[:300]}; available steps: {self.steps()})"
             ) from err
-        return out["state"], out["meta"]
+        state = out["state"]
+        if fmt == 1:
+            state = _state.state_from_v1(state, isinstance(target.stored, _state.RowParams))
+        return state, out["meta"]
 
     def meta(self, step: Optional[int] = None) -> dict:
         ocp = self._ocp

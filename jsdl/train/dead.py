@@ -16,13 +16,15 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from jsdl import methods as _methods
 from jsdl.objective import SDLParams, decode, pre_activations
 from jsdl.train.config import TrainConfig
-from jsdl.train.state import DeadStats, TrainState
+from jsdl.train.state import DeadStats, RowParams, TrainState
 
 __all__ = ["dead_mask", "update_dead", "ghost_grads_loss", "resample_dead", "reset_opt_state"]
 
@@ -71,33 +73,31 @@ def ghost_grads_loss(params: SDLParams, batch, spec, dead: jax.Array, mse: jax.A
     return jnp.where(jnp.any(dead), factor * ghost_mse, 0.0)
 
 
-def _latent_mask(params: SDLParams, keep: jax.Array) -> SDLParams:
-    """A pytree shaped like ``params`` whose leaves broadcast ``keep [n_q]`` over latent-indexed
-    axes (W_E rows, W_D columns, b_E, threshold) and are 1 elsewhere."""
+def _latent_mask(params, keep: jax.Array):
+    """A pytree shaped like ``params`` (:class:`SDLParams` or the training state's
+    :class:`~jsdl.train.state.RowParams`) whose leaves broadcast ``keep [n_q]`` over latent-indexed
+    axes (W_E rows, W_D columns, W_Dt rows, b_E, threshold) and are 1 elsewhere."""
     one = jnp.ones((), keep.dtype)
-    return SDLParams(
-        W_E=keep[:, None],
-        W_D=None if params.W_D is None else keep[None, :],
-        b_E=None if params.b_E is None else keep,
-        b_D=None if params.b_D is None else one,
-        threshold=None if params.threshold is None else keep,
-        W_S=None if params.W_S is None else one,
-    )
+    latent = {"W_E": keep[:, None], "W_D": keep[None, :], "W_Dt": keep[:, None], "b_E": keep, "threshold": keep}
+    return params.replace(**{f.name: None if getattr(params, f.name) is None else latent.get(f.name, one)
+                             for f in dataclasses.fields(params)})
 
 
-def reset_opt_state(opt_state, params: SDLParams, reset: jax.Array):
+def reset_opt_state(opt_state, params, reset: jax.Array):
     """Zero the optimiser state (e.g. Adam mu, nu) of the latents where ``reset [n_q]`` is True.
 
-    Every sub-tree of ``opt_state`` that is an :class:`SDLParams` (optax keeps moments in the
-    parameters' structure) is multiplied by the latent mask; counters are left alone."""
-    mask = _latent_mask(params, 1.0 - reset.astype(params.W_E.dtype))
+    Every sub-tree of ``opt_state`` that is an :class:`SDLParams` or a
+    :class:`~jsdl.train.state.RowParams` (optax keeps moments in the parameters' structure) is
+    multiplied by the latent mask of its own storage; counters are left alone."""
+    dtype = params.W_E.dtype
 
     def fix(sub):
-        if isinstance(sub, SDLParams):
+        if isinstance(sub, (SDLParams, RowParams)):
+            mask = _latent_mask(sub, 1.0 - reset.astype(dtype))
             return jax.tree.map(lambda leaf, m: leaf * m.astype(leaf.dtype), sub, mask)
         return sub
 
-    return jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, SDLParams))
+    return jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, (SDLParams, RowParams)))
 
 
 def resample_dead(key: jax.Array, state: TrainState, batch, spec, config: TrainConfig) -> TrainState:

@@ -37,7 +37,7 @@ from jsdl.train.checkpoint import CheckpointError, Checkpointer, to_jsonable
 from jsdl.train.config import TrainConfig, to_dict
 from jsdl.train.mesh import process_batch_rows, to_host
 from jsdl.train.rundir import load_run
-from jsdl.train.state import METRIC_NAMES, TrainState, init_state, lr_multiplier, raw_key, spec_to_dict
+from jsdl.train.state import METRIC_NAMES, TrainState, as_params, init_state, lr_multiplier, raw_key, spec_to_dict
 from jsdl.train.population import Grid, member, members_from, population_data_key
 from jsdl.train.step import Stepper, get_stepper, step_config, step_spec
 
@@ -546,7 +546,7 @@ def _init_or_restore(plan: _Plan, config, d_in, d_t, dtype, run: Optional[_RunDi
 def _summaries(plan: _Plan, state, histories, timing, diverged, mode, data, anchor_feats, n_devices) -> list[dict]:
     recovery = None
     if mode == "bench" and not timing["stopped_early"]:
-        recovery = _recovery(to_host(state.params), data, anchor_feats, population=plan.population)
+        recovery = _recovery(as_params(to_host(state.stored)), data, anchor_feats, population=plan.population)
     out = []
     for i, h in enumerate(histories):
         final = {k: h[k][-1] for k in h if isinstance(h[k], list) and h[k]}
@@ -570,7 +570,7 @@ def _finish(run: _RunDir, plan, config, state, histories, summaries, timing, div
     if config.plots and not timing["stopped_early"]:
         from jsdl.train.plots import write_plots
 
-        params_all = to_host(state.params)
+        params_all = as_params(to_host(state.stored))
         n = len(histories)
         plist = [jax.tree.map(lambda x: x[i], params_all) for i in range(n)] if plan.population else [params_all]
         labels = [f"#{i}" for i in range(n)] if plan.population else [""]

@@ -36,6 +36,7 @@ AXES = ("data", "model")
 _LATENT_AXIS = {
     "W_E": -2,          # [n_q, n_p]
     "W_D": -1,          # [n_r, n_q]
+    "W_Dt": -2,         # [n_q, n_r] (the training state's RowParams: the decoder as rows)
     "b_E": -1,          # [n_q]
     "threshold": -1,    # [n_q]
     "since_fired": -1,  # DeadStats [n_q]

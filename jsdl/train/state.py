@@ -7,7 +7,8 @@ pytree with a leading member axis on every leaf.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,11 @@ from jsdl.train.config import TrainConfig
 __all__ = [
     "DeadStats",
     "TrainState",
+    "RowParams",
+    "decoder_rows",
+    "as_stored",
+    "as_params",
+    "relayout_opt_state",
     "METRIC_NAMES",
     "make_optimizer",
     "lr_multiplier",
@@ -52,16 +58,127 @@ class DeadStats:
 
 
 @struct.dataclass
+class RowParams:
+    """How the training state stores the parameters of an untied model on the sparse path: the
+    fields of :class:`jsdl.SDLParams`, but the decoder as rows, ``W_Dt = W_D^T [n_q, n_r]``
+    (:func:`decoder_rows`).
+
+    The sparse kernels gather and scatter decoder *columns*, i.e. rows of ``W_D^T``. Stored as
+    ``W_D [n_r, n_q]``, every step transposed the decoder in (50 MB at n_q 16384, d 768), its
+    gradient out, and clipped and Adam-updated a gradient read transposed: ~12% of the large TopK
+    step (benchmarks/NOTES.md, "Speed round 7"). Stored as rows, the loss sees ``W_D = W_Dt^T``
+    and XLA cancels the two transposes. The dense path keeps ``W_D`` (there rows were 4-7% slower).
+
+    Read parameters through :attr:`TrainState.params`, which always returns :class:`SDLParams`."""
+
+    W_E: jax.Array
+    W_Dt: jax.Array
+    b_E: Optional[jax.Array] = None
+    b_D: Optional[jax.Array] = None
+    threshold: Optional[jax.Array] = None
+    W_S: Optional[jax.Array] = None
+
+
+def _swap(x):
+    """``x`` with its last two axes swapped (also for ``jax.ShapeDtypeStruct`` and numpy arrays)."""
+    if x is None:
+        return None
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((*x.shape[:-2], x.shape[-1], x.shape[-2]), x.dtype)
+    return x.swapaxes(-1, -2)
+
+
+def decoder_rows(spec: SDLSpec, dtype=None) -> bool:
+    """Whether the training state of ``spec`` stores the decoder as rows (:class:`RowParams`): an
+    untied decoder trained on the sparse path (:func:`jsdl.kernels.use_sparse`)."""
+    from jsdl import kernels
+
+    return not spec.method_info.tied and kernels.use_sparse(spec, dtype)
+
+
+def as_stored(params: SDLParams, rows: bool) -> Union[SDLParams, RowParams]:
+    """``params`` in the training state's storage: :class:`RowParams` when ``rows`` (and the model
+    has a decoder matrix), else ``params`` itself."""
+    if isinstance(params, RowParams):
+        params = as_params(params)
+    if not rows or params.W_D is None:
+        return params
+    return RowParams(W_E=params.W_E, W_Dt=_swap(params.W_D), b_E=params.b_E, b_D=params.b_D,
+                     threshold=params.threshold, W_S=params.W_S)
+
+
+def as_params(stored: Union[SDLParams, RowParams]) -> SDLParams:
+    """The :class:`jsdl.SDLParams` of a stored parameter pytree (the inverse of :func:`as_stored`)."""
+    if not isinstance(stored, RowParams):
+        return stored
+    return SDLParams(W_E=stored.W_E, W_D=_swap(stored.W_Dt), b_E=stored.b_E, b_D=stored.b_D,
+                     threshold=stored.threshold, W_S=stored.W_S)
+
+
+def relayout_opt_state(opt_state, rows: bool):
+    """``opt_state`` with every parameter-shaped sub-tree (optax keeps moments in the parameters'
+    structure) converted to the storage :func:`as_stored` gives for ``rows``."""
+    return jax.tree.map(lambda sub: as_stored(sub, rows) if isinstance(sub, (SDLParams, RowParams)) else sub,
+                        opt_state, is_leaf=lambda x: isinstance(x, (SDLParams, RowParams)))
+
+
+@struct.dataclass
 class TrainState:
     """Everything needed to continue a run.
 
-    params: :class:`jsdl.SDLParams`; opt_state: optax state; step: int32 scalar;
+    stored: the parameters as stored for training, :class:`jsdl.SDLParams` or, for an untied
+    decoder on the sparse path, :class:`RowParams` (the decoder as rows); read them as
+    :attr:`params`, which is always :class:`jsdl.SDLParams`, and write them with
+    ``state.replace(params=...)``, which stores them the same way;
+    opt_state: optax state (its moments in the storage of ``stored``); step: int32 scalar;
     dead: :class:`DeadStats`; key: raw uint32 PRNG key ``[2]`` for resampling;
     data_key: raw key of the synthetic data stream (batch t uses ``fold_in(data_key, t)``);
     hyper: traced hyperparameters ``{"lr": scalar, "coefs": {penalty: scalar}, "k": int32 scalar}``
     (``k`` only when a population varies TopK k); metrics: on-device sums of METRIC_NAMES since the
     last log, with ``count`` and ``bad_step`` (first step with a non-finite loss, -1 if none).
     """
+
+    stored: Union[SDLParams, RowParams]
+    opt_state: Any
+    step: jax.Array
+    dead: DeadStats
+    key: jax.Array
+    data_key: jax.Array
+    hyper: dict
+    metrics: dict
+
+    @property
+    def params(self) -> SDLParams:
+        """The parameters as :class:`jsdl.SDLParams` (``W_D [n_r, n_q]``), whatever the storage."""
+        return as_params(self.stored)
+
+    @property
+    def decoder_rows(self) -> bool:
+        """Whether the decoder is stored as rows (:class:`RowParams`)."""
+        return isinstance(self.stored, RowParams)
+
+
+def _replace_state(self, **updates) -> "TrainState":
+    """``dataclasses.replace``; ``params=`` (:class:`jsdl.SDLParams`) is stored as ``stored`` in
+    the state's storage."""
+    if "params" in updates:
+        if "stored" in updates:
+            raise TypeError("pass params= or stored=, not both")
+        updates["stored"] = as_stored(updates.pop("params"), isinstance(self.stored, RowParams))
+    return dataclasses.replace(self, **updates)
+
+
+TrainState.replace = _replace_state  # flax's struct.dataclass sets its own replace; this one knows params=
+
+
+# Checkpoints: format 2 holds a TrainState (field ``stored``); format 1, written before the
+# decoder could be stored as rows, named the field ``params`` and always held SDLParams.
+STATE_FORMAT = 2
+
+
+@struct.dataclass
+class TrainStateV1:
+    """The field names of a format-1 checkpoint (see :data:`STATE_FORMAT`); only for reading one."""
 
     params: SDLParams
     opt_state: Any
@@ -73,6 +190,20 @@ class TrainState:
     metrics: dict
 
 
+def state_to_v1(state: TrainState) -> TrainStateV1:
+    """``state`` (arrays or ``jax.ShapeDtypeStruct``) as a format-1 tree: SDLParams everywhere."""
+    return TrainStateV1(params=as_params(state.stored), opt_state=relayout_opt_state(state.opt_state, False),
+                        step=state.step, dead=state.dead, key=state.key, data_key=state.data_key,
+                        hyper=state.hyper, metrics=state.metrics)
+
+
+def state_from_v1(old: TrainStateV1, rows: bool) -> TrainState:
+    """A format-1 tree as a :class:`TrainState` storing the decoder as rows when ``rows``."""
+    return TrainState(stored=as_stored(old.params, rows), opt_state=relayout_opt_state(old.opt_state, rows),
+                      step=old.step, dead=old.dead, key=old.key, data_key=old.data_key, hyper=old.hyper,
+                      metrics=old.metrics)
+
+
 def raw_key(key) -> jax.Array:
     """A raw uint32 key from a typed key or a raw key."""
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
@@ -81,16 +212,11 @@ def raw_key(key) -> jax.Array:
     return key
 
 
-def _decay_mask(params: SDLParams):
-    # Thresholds and biases are not weight-decayed.
-    return params.replace(
-        b_E=None if params.b_E is None else False,
-        b_D=None if params.b_D is None else False,
-        threshold=None if params.threshold is None else False,
-        W_E=True,
-        W_D=None if params.W_D is None else True,
-        W_S=None if params.W_S is None else True,
-    )
+def _decay_mask(params):
+    # Thresholds and biases are not weight-decayed (params: SDLParams or RowParams).
+    decayed = ("W_E", "W_D", "W_Dt", "W_S")
+    return params.replace(**{f.name: None if getattr(params, f.name) is None else f.name in decayed
+                             for f in dataclasses.fields(params)})
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -151,10 +277,12 @@ def init_state(
     coefs: Optional[dict] = None,
     k: Any = None,
     dtype: Any = None,
+    rows: Optional[bool] = None,
 ) -> TrainState:
     """Initial state. ``key`` is split into (init, data, train) keys; ``data_key`` overrides the data
     key (a population feeds every member the same stream). ``learning_rate``/``coefs``/``k`` override
-    the config/spec values (populations)."""
+    the config/spec values (populations). ``rows`` overrides :func:`decoder_rows` (how the state
+    stores the decoder; the parameters are the same either way)."""
     key = raw_key(key)
     k_init, k_data, k_train = jax.random.split(key, 3)
     if data_key is not None:
@@ -163,6 +291,7 @@ def init_state(
                          encoder=config.init_encoder, dtype=dtype)
     tx = make_optimizer(config)
     dtype = params.W_E.dtype
+    stored = as_stored(params, decoder_rows(spec, dtype) if rows is None else rows)
     n_q = spec.n_latents
     dead = DeadStats(
         since_fired=jnp.zeros((n_q,), jnp.int32),
@@ -179,8 +308,8 @@ def init_state(
     if k is not None:
         hyper["k"] = jnp.asarray(k, jnp.int32)
     return TrainState(
-        params=params,
-        opt_state=tx.init(params),
+        stored=stored,
+        opt_state=tx.init(stored),
         step=jnp.zeros((), jnp.int32),
         dead=dead,
         key=k_train,

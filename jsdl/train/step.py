@@ -47,7 +47,8 @@ from jsdl.objective import SDLParams, SDLSpec, pre_activations, sdl_loss
 from jsdl.train import mesh as _mesh
 from jsdl.train.config import TrainConfig
 from jsdl.train.dead import dead_mask, ghost_grads_loss, resample_dead, update_dead
-from jsdl.train.state import METRIC_NAMES, TrainState, coef_multiplier, lr_multiplier, make_optimizer
+from jsdl.train.state import (METRIC_NAMES, RowParams, TrainState, as_params, coef_multiplier, lr_multiplier,
+                              make_optimizer)
 
 __all__ = ["with_dynamic_k", "model_step", "make_mesh", "Stepper", "get_stepper"]
 
@@ -73,24 +74,31 @@ def to_compute(tree, config: TrainConfig):
 # ----------------------------------------------------------------------------------------------
 
 
-def _remove_parallel_grad(grads: SDLParams, params: SDLParams) -> SDLParams:
+def _decoder_field(params) -> tuple[str, int]:
+    """(field, axis over a decoder column's entries) of the decoder in stored ``params``: the rows
+    ``W_Dt`` of :class:`RowParams`, the columns of ``W_D``, or the rows of ``W_E`` when tied."""
+    if isinstance(params, RowParams):
+        return "W_Dt", 1
+    if params.W_D is not None:
+        return "W_D", 0
+    return "W_E", 1
+
+
+def _remove_parallel_grad(grads, params):
     """g_D,i <- g_D,i - (g_D,i . w_D,i / ||w_D,i||^2) w_D,i for every decoder column (rows of W_E
-    when tied), so the step does not (to first order) change the column norms."""
-    if params.W_D is not None:
-        W, g = params.W_D, grads.W_D
-        coef = jnp.sum(g * W, axis=0, keepdims=True) / jnp.maximum(jnp.sum(W * W, axis=0, keepdims=True), 1e-12)
-        return grads.replace(W_D=g - coef * W)
-    W, g = params.W_E, grads.W_E
-    coef = jnp.sum(g * W, axis=1, keepdims=True) / jnp.maximum(jnp.sum(W * W, axis=1, keepdims=True), 1e-12)
-    return grads.replace(W_E=g - coef * W)
+    when tied), so the step does not (to first order) change the column norms. ``grads`` and
+    ``params`` in the state's storage (:class:`jsdl.SDLParams` or :class:`RowParams`)."""
+    name, ax = _decoder_field(params)
+    W, g = getattr(params, name), getattr(grads, name)
+    coef = jnp.sum(g * W, axis=ax, keepdims=True) / jnp.maximum(jnp.sum(W * W, axis=ax, keepdims=True), 1e-12)
+    return grads.replace(**{name: g - coef * W})
 
 
-def _unit_decoder(params: SDLParams) -> SDLParams:
-    if params.W_D is not None:
-        n = jnp.linalg.norm(params.W_D, axis=0, keepdims=True)
-        return params.replace(W_D=params.W_D / jnp.maximum(n, 1e-12))
-    n = jnp.linalg.norm(params.W_E, axis=1, keepdims=True)
-    return params.replace(W_E=params.W_E / jnp.maximum(n, 1e-12))
+def _unit_decoder(params):
+    name, ax = _decoder_field(params)
+    W = getattr(params, name)
+    n = jnp.linalg.norm(W, axis=ax, keepdims=True)
+    return params.replace(**{name: W / jnp.maximum(n, 1e-12)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +124,10 @@ def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: Trai
     """One optimiser step of one model on ``batch`` (global arrays). Pure; jit/vmap-able."""
     tx = tx or make_optimizer(config)
     step = state.step
-    params = state.params
+    # The optimiser works on the parameters as stored (RowParams: the decoder as rows, which the
+    # sparse kernels use without a transpose); the loss sees SDLParams (as_params).
+    stored = state.stored
+    params = as_params(stored)
     cm = coef_multiplier(step, config)
     coefs = {n: c * cm.astype(c.dtype) for n, c in state.hyper["coefs"].items()}
     run_spec = with_dynamic_k(spec, state.hyper.get("k"))
@@ -127,29 +138,29 @@ def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: Trai
     # and batch; the cast's transpose returns float32 gradients to the float32 optimiser state.
     cbatch, canchors = to_compute(batch, config), to_compute(anchors, config)
 
-    def loss_fn(p):
-        pc = to_compute(p, config)
+    def loss_fn(s):
+        pc = to_compute(as_params(s), config)
         loss, aux = sdl_loss(pc, cbatch, run_spec, coefs=coefs, dead_mask=dead if spec.aux_coef > 0 else None,
                              anchors=canchors)
         if config.ghost_grads:
             g = ghost_grads_loss(pc, cbatch, run_spec, dead, aux["mse"])
             loss = loss + g
             aux = {**aux, "ghost": g, "loss": loss}
-        out_dtype = p.W_E.dtype
+        out_dtype = s.W_E.dtype
         return loss.astype(out_dtype), {k: v.astype(out_dtype) for k, v in aux.items()}
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(stored)
     fired, batch_threshold, B = _code_statistics(to_compute(params, config), cbatch, run_spec)
 
     if info.inference_threshold and grads.threshold is not None:
         # The BatchTopK inference threshold is estimated, never trained: keep it out of the optimiser.
         grads = grads.replace(threshold=jnp.zeros_like(grads.threshold))
     if config.decoder_norm == "unit":
-        grads = _remove_parallel_grad(grads, params)
-    updates, opt_state = tx.update(grads, state.opt_state, params)
+        grads = _remove_parallel_grad(grads, stored)
+    updates, opt_state = tx.update(grads, state.opt_state, stored)
     lr = state.hyper["lr"] * lr_multiplier(step, config).astype(state.hyper["lr"].dtype)
     updates = jax.tree.map(lambda u: -lr.astype(u.dtype) * u, updates)
-    new = optax.apply_updates(params, updates)
+    new = optax.apply_updates(stored, updates)
     if config.decoder_norm == "unit":
         new = _unit_decoder(new)
     if info.needs_threshold and new.threshold is not None:
@@ -162,7 +173,7 @@ def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: Trai
 
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
-    new = keep(new, params)
+    new = keep(new, stored)
     opt_state = keep(opt_state, state.opt_state)
 
     stats = update_dead(state.dead, fired, B, config)
@@ -176,7 +187,7 @@ def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: Trai
     m["count"] = m["count"] + finite.astype(jnp.int32)
     m["bad_step"] = jnp.where((m["bad_step"] < 0) & ~finite, step, m["bad_step"])
 
-    return state.replace(params=new, opt_state=opt_state, step=step + 1, dead=stats, metrics=m)
+    return state.replace(stored=new, opt_state=opt_state, step=step + 1, dead=stats, metrics=m)
 
 
 # ----------------------------------------------------------------------------------------------
