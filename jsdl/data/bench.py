@@ -158,14 +158,30 @@ def interference_lower_bound_check(n: int, d: int, M: float) -> Optional[str]:
     return None
 
 
-def max_interference(W: Any) -> float:
+# Entries of one block of the Gram matrix in max_interference (float64: 256 MiB).
+_GRAM_BLOCK_ENTRIES = 1 << 25
+
+
+def max_interference(W: Any, *, block_entries: int = _GRAM_BLOCK_ENTRIES) -> float:
     """Largest signed off-diagonal overlap max_{i != j} <w_i, w_j> of the normalised columns of
-    ``W [dim, n]``, computed in float64 on the host."""
+    ``W [dim, n]``, computed in float64 on the host.
+
+    The Gram matrix is formed a block of rows at a time (at most ``block_entries`` entries each):
+    the whole ``[n, n]`` matrix is 2 GiB at n = 16384, and numpy's OpenBLAS (0.3.31, numpy 2.4)
+    crashed the process with a segmentation fault on that product."""
     W = np.asarray(W, dtype=np.float64)
     W = W / np.maximum(np.linalg.norm(W, axis=0, keepdims=True), 1e-300)
-    G = W.T @ W
-    np.fill_diagonal(G, -np.inf)
-    return float(G.max()) if G.size > 1 else -math.inf
+    n = W.shape[1]
+    if n < 2:
+        return -math.inf
+    rows = max(1, int(block_entries) // n)
+    best = -math.inf
+    for i in range(0, n, rows):
+        G = W[:, i:i + rows].T @ W
+        r = np.arange(G.shape[0])
+        G[r, i + r] = -np.inf
+        best = max(best, float(G.max()))
+    return best
 
 
 _max_overlap = max_interference  # alias: `max_interference` is also an argument name below
