@@ -394,3 +394,55 @@ def test_eager_sampling_runs_one_compiled_program(compiles):
             return jnp.ones((batch_size, 3))
 
     assert Plain().sample_features(jax.random.PRNGKey(0), 2).shape == (2, 3) and Plain.calls == 1
+
+
+def test_feature_rows_cache_changes_no_sample_and_removes_the_step_transpose():
+    """``with_feature_rows`` keeps ``W^T`` on the bench (what ``jsdl.train`` passes to its step).
+    Every bench that sums feature rows draws bit-identical samples with and without it; a bench
+    that uses the dense product is returned unchanged; the training step drawing from the bench
+    compiles without a transpose of the feature matrix, which it has without the cache."""
+    import jsdl
+    from jsdl.data import make_hierarchical_bench, make_synth
+    from jsdl.train import Stepper, TrainConfig, init_state
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+    W = _unit(k1, 16, 1024)
+    benches = {
+        "bench": Bench(W_p=W, W_r=W, sparsity=0.99),
+        "bench transcoder": Bench(W_p=W, W_r=_unit(k2, 12, 1024), sparsity=0.99, method="transcoder"),
+        "hierarchical": make_hierarchical_bench(jax.random.PRNGKey(22), n_roots=60, branching=3, depth=2,
+                                                d_input=32, max_interference=0.5, child_rate=0.02,
+                                                parent_alone_rate=0.005),
+        "synth": make_synth(jax.random.PRNGKey(0), "tiny", n_features=160, d_input=24, n_roots=4, branching=3,
+                            depth=2, correlation_rank=4, orthogonalize_steps=5, max_prob=0.3, min_prob=0.01),
+    }
+    draw = jax.jit(lambda b, key: b.sample(key, 64))
+    for name, b in benches.items():
+        assert b.decodes_rows(), name
+        r = b.with_feature_rows()
+        want = {"W_p", "W_r"} if name == "bench transcoder" else {"W_p"}
+        assert b.rows_cache is None and set(r.rows_cache) == want, name
+        for m in want:
+            np.testing.assert_array_equal(r.rows_cache[m], np.asarray(getattr(b, m)).T)
+        for i in range(2):
+            key = jax.random.PRNGKey(40 + i)
+            a, c = draw(b, key), draw(r, key)
+            for f in ("x_p", "x_r", "features"):
+                np.testing.assert_array_equal(getattr(a, f), getattr(c, f), err_msg=f"{name} {f}")
+    dense = Bench(W_p=W[:, :64], W_r=W[:, :64], sparsity=0.5)
+    assert not dense.decodes_rows() and dense.with_feature_rows() is dense
+
+    b = benches["bench"]
+    spec = jsdl.make_spec("sae", "topk", 48, k=4)
+    cfg = TrainConfig(steps=3, batch_size=32, progress=False, plots=False)
+    st = Stepper(spec, cfg, data_mode="bench", devices=jax.devices()[:1], bench=b)
+    state = st.place_state(init_state(jax.random.PRNGKey(0), spec, cfg, 16))
+    placed = st.place_data(b)
+    assert placed.rows_cache is not None
+
+    def transposes(data):  # W_p^T read in the column-major layout of a transposed view, then copied
+        hlo = st.step.lower(state, data, None).compile().as_text()
+        return [l for l in hlo.splitlines() if "f32[1024,16]{0,1}" in l]
+
+    assert not transposes(placed)
+    assert transposes(jax.device_put(b))  # without the cache the step transposes W_p

@@ -580,6 +580,34 @@ class SamplingMixin:
     compiled program per batch size (:func:`jit_when_eager`); decorate a subclass's own
     ``sample_features`` with it to get the same."""
 
+    # -- feature rows for the sparse decode -------------------------------------------------------
+    def feature_rows(self, name: str) -> jax.Array:
+        """``W^T [n, dim]`` of the feature matrix ``name`` (``"W_p"`` or ``"W_r"``): the copy kept by
+        :meth:`with_feature_rows` when there is one, else ``W.T``."""
+        cache = getattr(self, "rows_cache", None)
+        if cache is not None and name in cache:
+            return cache[name]
+        return getattr(self, name).T
+
+    def decodes_rows(self) -> bool:
+        """Whether :meth:`draw` sums feature rows (:func:`decode_active`), so that it reads
+        :meth:`feature_rows`."""
+        return False
+
+    def with_feature_rows(self):
+        """This bench with ``W^T`` of the feature matrices its draw decodes kept alongside (field
+        ``rows_cache``), when it decodes feature rows (:meth:`decodes_rows`); else ``self``.
+
+        The training step receives the bench as an argument and draws its batch inside the compiled
+        program, so a ``W.T`` there is a transpose every step: 30 ms of a 0.9 s step at n = 16384,
+        d = 768 (benchmarks/NOTES.md, "Speed round 7"). ``jsdl.train`` keeps the rows on the bench it
+        passes (``Stepper.place_data``). Samples are identical either way; the cache costs one more
+        copy of the feature matrices."""
+        if not self.decodes_rows() or not hasattr(self, "rows_cache"):
+            return self
+        names = ("W_p",) if getattr(self, "method", "sae") in _SELF else ("W_p", "W_r")
+        return self.replace(rows_cache={n: np.ascontiguousarray(np.asarray(getattr(self, n)).T) for n in names})
+
     # -- shapes ----------------------------------------------------------------------------------
     @property
     def n_features(self) -> int:
@@ -660,7 +688,8 @@ class Bench(SamplingMixin):
 
     Fields: ``W_p [n_p, n]`` (crosscoder: the L per-source unit-column matrices stacked, n_p = L d),
     ``W_r [n_r, n]`` (``== W_p`` for self-reconstruction methods), ``W_skip [n_r, n_p]`` or None
-    (skip transcoder), ``data_key`` (finite dataset, else None); static: ``sparsity`` S, ``c_min``,
+    (skip transcoder), ``data_key`` (finite dataset, else None), ``rows_cache`` (None, or the
+    feature matrices' transposes: :meth:`with_feature_rows`); static: ``sparsity`` S, ``c_min``,
     ``beta``, ``method``, ``n_sources``, ``max_interference`` M, ``realized_interference`` (max over
     sources of W_p's realised M), ``realized_interference_r`` (W_r's), ``dataset_size`` (0 =
     streaming), ``skip_scale``, ``generation`` (PGD settings and iteration counts, as (name, value)
@@ -670,6 +699,7 @@ class Bench(SamplingMixin):
     W_r: jax.Array
     W_skip: Optional[jax.Array] = None
     data_key: Optional[jax.Array] = None
+    rows_cache: Optional[dict] = None
     sparsity: float = struct.field(pytree_node=False, default=0.99)
     c_min: float = struct.field(pytree_node=False, default=DEFAULT_C_MIN)
     beta: float = struct.field(pytree_node=False, default=DEFAULT_BETA)
@@ -696,14 +726,15 @@ class Bench(SamplingMixin):
     def observe(self, x: jax.Array, key: Optional[jax.Array] = None) -> Batch:
         """``Batch(x_p = x W_p^T, x_r = x W_r^T (+ x_p W_skip^T), features = x)`` (eq. 32); the
         Bench is noiseless so ``key`` is unused."""
-        return self._observe(x, lambda W: x @ W.T)
+        return self._observe(x, lambda name: x @ getattr(self, name).T)
 
     def _observe(self, x, project):
-        x_p = project(self.W_p)
+        # project(name): x W^T for the feature matrix "W_p" or "W_r"
+        x_p = project("W_p")
         if self.method in _SELF:
             x_r = x_p
         else:
-            x_r = project(self.W_r)
+            x_r = project("W_r")
             if self.W_skip is not None:
                 x_r = x_r + x_p @ self.W_skip.T
         return Batch(x_p=x_p, x_r=x_r, features=x)
@@ -722,8 +753,12 @@ class Bench(SamplingMixin):
         codes, count = law.sample_active(k_x, batch_size, n, self.W_p.dtype)
         x = densify(codes)
         if use_sparse_decode(codes.vals.shape[1], n):
-            return self._observe(x, lambda W: decode_active(codes, count, W.T))
-        return self._observe(x, lambda W: x @ W.T)
+            return self._observe(x, lambda name: decode_active(codes, count, self.feature_rows(name)))
+        return self._observe(x, lambda name: x @ getattr(self, name).T)
+
+    def decodes_rows(self) -> bool:
+        law, n = self.law, self.n_features
+        return bool(law.sparse_sampler(n)) and use_sparse_decode(law.capacity(n), n)
 
     # -- moments (paper Thm 3.1) -----------------------------------------------------------------
     def feature_weights(self) -> jax.Array:

@@ -322,6 +322,7 @@ class StructuredBench(SamplingMixin):
     data_key: Optional[jax.Array] = None
     corr_chol: Optional[jax.Array] = None
     toy: Optional[ToyModel] = None
+    rows_cache: Optional[dict] = None
     c_min: float = struct.field(pytree_node=False, default=_bench.DEFAULT_C_MIN)
     beta: float = struct.field(pytree_node=False, default=_bench.DEFAULT_BETA)
     magnitude: str = struct.field(pytree_node=False, default="exponential")
@@ -447,7 +448,7 @@ class StructuredBench(SamplingMixin):
     def observe(self, x: jax.Array, key: Optional[jax.Array] = None) -> Batch:
         """``Batch(x_p, x_r, features=x)`` with additive Gaussian noise (needs ``key`` when
         ``noise_std`` or ``target_noise_std`` is non-zero)."""
-        return self._observe(x, lambda W: x @ W.T, key)
+        return self._observe(x, lambda name: x @ getattr(self, name).T, key)
 
     @jit_when_eager
     def draw(self, key: jax.Array, batch_size: int) -> Batch:
@@ -465,25 +466,29 @@ class StructuredBench(SamplingMixin):
         blocks, count = self.sample_active(k_x, batch_size)
         x = self._densify(blocks)
         if _bench.use_sparse_decode(self.sparse_capacity, self.n_features):
-            def project(W):
-                return sum(_bench.decode_active(b, count, W.T) for b in blocks)
+            def project(name):
+                rows = self.feature_rows(name)
+                return sum(_bench.decode_active(b, count, rows) for b in blocks)
         else:
-            def project(W):
-                return x @ W.T
+            def project(name):
+                return x @ getattr(self, name).T
         return self._observe(x, project, k_obs)
+
+    def decodes_rows(self) -> bool:
+        return bool(self.sparse_capacity) and _bench.use_sparse_decode(self.sparse_capacity, self.n_features)
 
     def _observe(self, x, project, key):
         noisy = self.noise_std > 0 or (self.target_noise_std > 0 and self.method not in _SELF)
         if noisy and key is None:
             raise ValueError("this bench adds noise: observe(x, key) needs a key")
         k1, k2 = jax.random.split(key) if noisy else (None, None)
-        x_p = project(self.W_p)
+        x_p = project("W_p")  # project(name): x W^T for the feature matrix "W_p" or "W_r"
         if self.noise_std > 0:
             x_p = x_p + self.noise_std * jax.random.normal(k1, x_p.shape, x_p.dtype)
         if self.method in _SELF:
             x_r = x_p
         else:
-            x_r = project(self.W_r)
+            x_r = project("W_r")
             if self.W_skip is not None:
                 x_r = x_r + x_p @ self.W_skip.T
             if self.target_noise_std > 0:

@@ -380,6 +380,7 @@ class SynthBench(SamplingMixin):
     cand_prob: Optional[jax.Array] = None
     viol_margin: Optional[jax.Array] = None
     data_key: Optional[jax.Array] = None
+    rows_cache: Optional[dict] = None
     settings: SynthConfig = struct.field(pytree_node=False, default=SYNTH_16K)
     depth: int = struct.field(pytree_node=False, default=0)
     n_roots: int = struct.field(pytree_node=False, default=0)
@@ -668,6 +669,9 @@ class SynthBench(SamplingMixin):
             f = f.at[rows, jnp.where(cols >= 0, cols, n)].set(vals, mode="drop")
         return jax.nn.relu(f)
 
+    def decodes_rows(self) -> bool:
+        return True  # draw sums the feature rows of its sparse block (decode_active)
+
     @jit_when_eager
     def draw(self, key: jax.Array, batch_size: int) -> Batch:
         """Fresh samples: ``features`` is exactly ``sample_features(k_x, B)`` (``k_x, _ =
@@ -691,7 +695,7 @@ class SynthBench(SamplingMixin):
         if not slots or not use_sparse_decode(J, n):
             return self.observe(feats)
         dt = feats.dtype
-        W_rows = self.W_p.T  # [n, d]
+        W_rows = self.feature_rows("W_p")  # [n, d]
         cols = jnp.concatenate([c.reshape(B, -1) for c, _ in slots], axis=1)
         vals = jnp.concatenate([v.reshape(B, -1) for _, v in slots], axis=1)
         # The live slots of each row first (decode_active stops after the batch's largest count).

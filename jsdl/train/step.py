@@ -284,7 +284,12 @@ class Stepper:
         this process's rows only (its share of the global batch, in process order) and is assembled
         into the global array with ``jax.make_array_from_process_local_data``."""
         if self.data_mode == "bench":
-            return jax.device_put(data, self.replicated) if self.bench_is_arg else None
+            if not self.bench_is_arg:
+                return None
+            # The feature matrices' transposes, kept on the bench, so that the step's draw does not
+            # transpose them every step (SamplingMixin.with_feature_rows; same samples).
+            rows = getattr(data, "with_feature_rows", None)
+            return jax.device_put(rows() if rows is not None else data, self.replicated)
         if jax.process_count() > 1:
             return jax.tree.map(
                 lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)), data)
