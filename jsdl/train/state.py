@@ -190,18 +190,19 @@ class TrainStateV1:
     metrics: dict
 
 
+_V1_SAME = ("step", "dead", "key", "data_key", "hyper", "metrics")  # fields both formats share
+
+
 def state_to_v1(state: TrainState) -> TrainStateV1:
     """``state`` (arrays or ``jax.ShapeDtypeStruct``) as a format-1 tree: SDLParams everywhere."""
     return TrainStateV1(params=as_params(state.stored), opt_state=relayout_opt_state(state.opt_state, False),
-                        step=state.step, dead=state.dead, key=state.key, data_key=state.data_key,
-                        hyper=state.hyper, metrics=state.metrics)
+                        **{n: getattr(state, n) for n in _V1_SAME})
 
 
 def state_from_v1(old: TrainStateV1, rows: bool) -> TrainState:
     """A format-1 tree as a :class:`TrainState` storing the decoder as rows when ``rows``."""
     return TrainState(stored=as_stored(old.params, rows), opt_state=relayout_opt_state(old.opt_state, rows),
-                      step=old.step, dead=old.dead, key=old.key, data_key=old.data_key, hyper=old.hyper,
-                      metrics=old.metrics)
+                      **{n: getattr(old, n) for n in _V1_SAME})
 
 
 def raw_key(key) -> jax.Array:
