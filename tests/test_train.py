@@ -235,17 +235,18 @@ def test_population_rejects_structurally_different_specs():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_decoder_rows_storage_equals_column_storage(x64, activation):
+@pytest.mark.parametrize("activation,optimizer", [("topk", "adam"), ("batchtopk", "adamw")])
+def test_decoder_rows_storage_equals_column_storage(x64, activation, optimizer):
     """An untied decoder on the sparse path is stored as rows (``RowParams.W_Dt = W_D^T``). Steps
     on that storage equal steps on ``W_D`` (float64, unit decoder norm with its gradient projection,
-    AuxK, resampling of dead latents, Adam moments reset per latent), and the compiled step moves
-    no decoder-sized array through a transpose, which the column storage does."""
+    AuxK, resampling of dead latents, Adam moments reset per latent, AdamW's decay mask), and the
+    compiled step moves no decoder-sized array through a transpose, which the column storage does."""
     from jsdl.train import RowParams, Stepper, init_state
 
     d, n_q, B = 16, 40, 32
     spec = jsdl.make_spec(activation=activation, n_latents=n_q, k=3, aux_k=6, aux_coef=1 / 32, sparse=True)
-    cfg = dataclasses.replace(CFG, batch_size=B, decoder_norm="unit", dead_window=2, resample_every=3)
+    cfg = dataclasses.replace(CFG, batch_size=B, decoder_norm="unit", dead_window=2, resample_every=3,
+                              optimizer=optimizer, weight_decay=0.05 if optimizer == "adamw" else 0.0)
     b = toy(d=d)
     out, hlo = {}, {}
     for rows in (False, True):
