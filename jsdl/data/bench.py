@@ -752,11 +752,12 @@ class Bench(SamplingMixin):
         k_x, _ = jax.random.split(key)
         codes, count = law.sample_active(k_x, batch_size, n, self.W_p.dtype)
         x = densify(codes)
-        if use_sparse_decode(codes.vals.shape[1], n):
+        if self.decodes_rows():
             return self._observe(x, lambda name: decode_active(codes, count, self.feature_rows(name)))
         return self._observe(x, lambda name: x @ getattr(self, name).T)
 
     def decodes_rows(self) -> bool:
+        # the sparse sampler's K = law.capacity(n) slots per row, summed when use_sparse_decode says so
         law, n = self.law, self.n_features
         return bool(law.sparse_sampler(n)) and use_sparse_decode(law.capacity(n), n)
 

@@ -465,7 +465,7 @@ class StructuredBench(SamplingMixin):
         k_x, k_obs = jax.random.split(key)
         blocks, count = self.sample_active(k_x, batch_size)
         x = self._densify(blocks)
-        if _bench.use_sparse_decode(self.sparse_capacity, self.n_features):
+        if self.decodes_rows():
             def project(name):
                 rows = self.feature_rows(name)
                 return sum(_bench.decode_active(b, count, rows) for b in blocks)

@@ -23,7 +23,7 @@ __all__ = [
     "DeadStats",
     "TrainState",
     "RowParams",
-    "decoder_rows",
+    "stores_decoder_rows",
     "as_stored",
     "as_params",
     "relayout_opt_state",
@@ -61,7 +61,7 @@ class DeadStats:
 class RowParams:
     """How the training state stores the parameters of an untied model on the sparse path: the
     fields of :class:`jsdl.SDLParams`, but the decoder as rows, ``W_Dt = W_D^T [n_q, n_r]``
-    (:func:`decoder_rows`).
+    (:func:`stores_decoder_rows`).
 
     The sparse kernels gather and scatter decoder *columns*, i.e. rows of ``W_D^T``. Stored as
     ``W_D [n_r, n_q]``, every step transposed the decoder in (50 MB at n_q 16384, d 768), its
@@ -88,7 +88,7 @@ def _swap(x):
     return x.swapaxes(-1, -2)
 
 
-def decoder_rows(spec: SDLSpec, dtype=None) -> bool:
+def stores_decoder_rows(spec: SDLSpec, dtype=None) -> bool:
     """Whether the training state of ``spec`` stores the decoder as rows (:class:`RowParams`): an
     untied decoder trained on the sparse path (:func:`jsdl.kernels.use_sparse`)."""
     from jsdl import kernels
@@ -282,7 +282,7 @@ def init_state(
 ) -> TrainState:
     """Initial state. ``key`` is split into (init, data, train) keys; ``data_key`` overrides the data
     key (a population feeds every member the same stream). ``learning_rate``/``coefs``/``k`` override
-    the config/spec values (populations). ``rows`` overrides :func:`decoder_rows` (how the state
+    the config/spec values (populations). ``rows`` overrides :func:`stores_decoder_rows` (how the state
     stores the decoder; the parameters are the same either way)."""
     key = raw_key(key)
     k_init, k_data, k_train = jax.random.split(key, 3)
@@ -292,7 +292,7 @@ def init_state(
                          encoder=config.init_encoder, dtype=dtype)
     tx = make_optimizer(config)
     dtype = params.W_E.dtype
-    stored = as_stored(params, decoder_rows(spec, dtype) if rows is None else rows)
+    stored = as_stored(params, stores_decoder_rows(spec, dtype) if rows is None else rows)
     n_q = spec.n_latents
     dead = DeadStats(
         since_fired=jnp.zeros((n_q,), jnp.int32),
