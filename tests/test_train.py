@@ -310,6 +310,80 @@ def test_decoder_rows_follow_the_sparse_path():
 
 
 # ----------------------------------------------------------------------------------------------
+# the optimiser: the step's own Adam update against optax's
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer,clip", [("adam", 0.0), ("adam", 1.0), ("adamw", 1.0)])
+def test_adam_update_equals_the_optax_chain(x64, optimizer, clip):
+    """``adam_update`` (the step's Adam/AdamW, written out per array) gives optax's parameters and
+    state: clipping off, and on in both of its branches (the gradient scaled below and above the
+    limit), AdamW's decay mask, decoder rows. A non-finite step returns the optimiser state
+    unchanged; other optimisers are refused."""
+    import optax
+
+    from jsdl.train.state import adam_update, as_stored, make_optimizer
+
+    cfg = dataclasses.replace(CFG, optimizer=optimizer, grad_clip=clip, weight_decay=0.1 if optimizer == "adamw" else 0.0)
+    spec = jsdl.make_spec(activation="jumprelu", n_latents=12)
+    params = as_stored(jsdl.init_params(jax.random.PRNGKey(0), spec, 6, dtype=jnp.float64), True)
+    tx = make_optimizer(cfg)
+    ref_p, ref_o = params, tx.init(params)
+    p, o = params, tx.init(params)
+    lr = jnp.asarray(0.01, jnp.float64)
+    norms = []
+    for t, scale in enumerate([0.01, 30.0, 0.02, 50.0]):
+        g = jax.tree.map(lambda a, t=t: scale * jax.random.normal(jax.random.PRNGKey(10 + t), a.shape, a.dtype), params)
+        g_norm = optax.tree.norm(g)
+        norms.append(float(g_norm))
+        u, ref_o = tx.update(g, ref_o, ref_p)
+        ref_p = optax.apply_updates(ref_p, jax.tree.map(lambda x: -lr * x, u))
+        p, o = adam_update(g, o, p, lr, g_norm, jnp.asarray(True), cfg)
+        # Equal to rounding: a few ulps (the same formula compiled in two XLA programs already
+        # differs by one ulp here), and the clipping multiplies by min(1, c / |g|) where optax divides.
+        chex.assert_trees_all_close((p, o), (ref_p, ref_o), rtol=1e-14, atol=1e-17)
+    if clip:
+        assert min(norms) < clip < max(norms)  # both branches of the clipping ran
+    g_nan = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), params)
+    p2, o2 = adam_update(g_nan, o, p, lr, optax.tree.norm(g_nan), jnp.asarray(False), cfg)
+    chex.assert_trees_all_equal(o2, o)
+    with pytest.raises(ValueError, match="adam"):
+        adam_update(g, o, p, lr, g_norm, jnp.asarray(True), dataclasses.replace(cfg, optimizer="sgd"))
+
+
+@pytest.mark.parametrize("optimizer,clip,norm", [("adam", 0.0, "unit"), ("adamw", 1e-3, "none")])
+def test_step_with_its_adam_equals_the_step_with_optax(x64, monkeypatch, optimizer, clip, norm):
+    """Training steps through ``adam_update`` equal steps through optax's ``tx.update`` (float64:
+    TopK with AuxK on the row storage, the unit decoder norm, AdamW with clipping), and a batch with a
+    NaN leaves parameters and optimiser state exactly as they were, in both."""
+    import jsdl.train.step as step_mod
+    from jsdl.train import Stepper, init_state
+
+    d, n_q, B = 8, 24, 16
+    spec = jsdl.make_spec(activation="topk", n_latents=n_q, k=3, aux_k=6, aux_coef=1 / 32, sparse=True)
+    cfg = dataclasses.replace(CFG, batch_size=B, optimizer=optimizer, grad_clip=clip, decoder_norm=norm,
+                              weight_decay=0.05 if optimizer == "adamw" else 0.0, dead_window=2)
+    xs = [jax.random.normal(jax.random.PRNGKey(t), (B, d), jnp.float64) for t in range(6)]
+    xs[3] = xs[3].at[0, 0].set(jnp.nan)
+    out = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(step_mod, "fuses_adam", lambda config: False)
+        st = Stepper(spec, cfg, data_mode="batch", devices=jax.devices()[:1])
+        s = st.place_state(init_state(jax.random.PRNGKey(2), spec, cfg, d))
+        for t, x in enumerate(xs):
+            before = jax.tree.map(np.asarray, (s.stored, s.opt_state))  # the step donates s
+            s = st.step(s, st.place_data(jsdl.Batch(x_p=x)), None)
+            if t == 3:  # the NaN batch
+                chex.assert_trees_all_equal(jax.tree.map(np.asarray, (s.stored, s.opt_state)), before)
+                assert int(s.metrics["bad_step"]) == 3
+        out[fused] = s
+    chex.assert_trees_all_close((out[True].stored, out[True].opt_state), (out[False].stored, out[False].opt_state),
+                                rtol=1e-12, atol=1e-15)
+    assert out[True].decoder_rows
+
+
+# ----------------------------------------------------------------------------------------------
 # checkpoints and resume
 # ----------------------------------------------------------------------------------------------
 

@@ -29,6 +29,8 @@ __all__ = [
     "relayout_opt_state",
     "METRIC_NAMES",
     "make_optimizer",
+    "fuses_adam",
+    "adam_update",
     "lr_multiplier",
     "coef_multiplier",
     "init_state",
@@ -233,6 +235,64 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     if config.optimizer == "adamw" and config.weight_decay > 0:
         parts.append(optax.add_decayed_weights(config.weight_decay, mask=_decay_mask))
     return optax.chain(*parts) if parts else optax.identity()
+
+
+def fuses_adam(config: TrainConfig) -> bool:
+    """Whether the training step applies :func:`make_optimizer`'s chain through :func:`adam_update`
+    (Adam and AdamW) rather than through ``tx.update``."""
+    return config.optimizer in ("adam", "adamw")
+
+
+def adam_update(grads, opt_state, params, lr, g_norm, finite, config: TrainConfig):
+    """One step of :func:`make_optimizer`'s chain for Adam/AdamW (global-norm clipping, Adam,
+    decoupled weight decay), the learning rate ``lr`` applied, written out per parameter array.
+
+    Returns ``(new params, new optimiser state)``; the state has optax's structure, so
+    :func:`make_optimizer`'s ``init`` and checkpoints are unchanged. The new parameters equal
+    ``apply_updates(params, -lr * tx.update(grads, opt_state, params)[0])`` to rounding (a few ulps). When ``finite`` is false the optimiser state is returned unchanged (the moments and
+    the count); the parameters are not guarded here: the step selects the old ones itself, after the
+    decoder-norm and threshold updates (``model_step``). ``g_norm`` is ``optax.tree.norm(grads)``.
+
+    Why not ``tx.update``: there the parameter update reads the *unguarded* new moments while the
+    state keeps the guarded ones. XLA then computes them in separate fusions that read the old
+    moments twice and, the state being donated, copies both moments to update them in place. Here
+    the parameter update reads exactly the moments the state keeps, and XLA emits one fusion per
+    parameter array: the large TopK step's optimiser went from ~86 to ~30 ms (benchmarks/NOTES.md,
+    "Speed round 8")."""
+    if not fuses_adam(config):
+        raise ValueError(f"adam_update applies to optimizer adam/adamw, not {config.optimizer!r}")
+    i = next(j for j, s in enumerate(opt_state) if isinstance(s, optax.ScaleByAdamState))
+    adam = opt_state[i]
+    b1, b2, eps = config.b1, config.b2, config.eps
+    count = optax.safe_increment(adam.count)
+    clip = config.grad_clip
+    decay = config.weight_decay if config.optimizer == "adamw" else 0.0
+    decayed = _decay_mask(params)
+    # min(1, c / |g|): written as a select of 1 and c / |g|, XLA turned g * scale back into g / |g|
+    scale = jnp.minimum(1.0, clip / g_norm) if clip > 0 else None
+
+    new_p, new_m, new_v = {}, {}, {}
+    for f in dataclasses.fields(params):
+        p, g = getattr(params, f.name), getattr(grads, f.name)
+        if p is None:
+            continue
+        m, v = getattr(adam.mu, f.name), getattr(adam.nu, f.name)
+        dt = p.dtype
+        if clip > 0:
+            # optax.clip_by_global_norm computes (g / g_norm) * clip; a scalar factor instead (equal to
+            # rounding) keeps the clipped gradient out of memory: XLA does not duplicate a divide into
+            # the two moments' fusions, so it wrote g / g_norm to memory and read it twice.
+            g = g * scale.astype(g.dtype)
+        m2 = jnp.where(finite, (1 - b1) * g + b1 * m, m)
+        v2 = jnp.where(finite, (1 - b2) * (g**2) + b2 * v, v)
+        u = optax.tree.bias_correction(m2, b1, count) / (jnp.sqrt(optax.tree.bias_correction(v2, b2, count)) + eps)
+        if decay > 0 and getattr(decayed, f.name):
+            u = u + decay * p
+        new_p[f.name] = (p + -lr.astype(dt) * u).astype(dt)
+        new_m[f.name], new_v[f.name] = m2, v2
+    adam = adam._replace(count=jnp.where(finite, count, adam.count), mu=adam.mu.replace(**new_m),
+                         nu=adam.nu.replace(**new_v))
+    return params.replace(**new_p), (*opt_state[:i], adam, *opt_state[i + 1:])
 
 
 def lr_multiplier(step, config: TrainConfig, xp=jnp):

@@ -47,8 +47,8 @@ from jsdl.objective import SDLParams, SDLSpec, pre_activations, sdl_loss
 from jsdl.train import mesh as _mesh
 from jsdl.train.config import TrainConfig
 from jsdl.train.dead import dead_mask, ghost_grads_loss, resample_dead, update_dead
-from jsdl.train.state import (METRIC_NAMES, RowParams, TrainState, as_params, coef_multiplier, lr_multiplier,
-                              make_optimizer)
+from jsdl.train.state import (METRIC_NAMES, RowParams, TrainState, adam_update, as_params, coef_multiplier,
+                              fuses_adam, lr_multiplier, make_optimizer)
 
 __all__ = ["with_dynamic_k", "model_step", "make_mesh", "Stepper", "get_stepper"]
 
@@ -122,7 +122,7 @@ def _code_statistics(cparams: SDLParams, cbatch, spec: SDLSpec):
 
 def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: TrainConfig, tx=None) -> TrainState:
     """One optimiser step of one model on ``batch`` (global arrays). Pure; jit/vmap-able."""
-    tx = tx or make_optimizer(config)
+    tx = tx or (None if fuses_adam(config) else make_optimizer(config))
     step = state.step
     # The optimiser works on the parameters as stored (RowParams: the decoder as rows, which the
     # sparse kernels use without a transpose); the loss sees SDLParams (as_params).
@@ -157,10 +157,17 @@ def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: Trai
         grads = grads.replace(threshold=jnp.zeros_like(grads.threshold))
     if config.decoder_norm == "unit":
         grads = _remove_parallel_grad(grads, stored)
-    updates, opt_state = tx.update(grads, state.opt_state, stored)
+    g_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(g_norm)
+    keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
     lr = state.hyper["lr"] * lr_multiplier(step, config).astype(state.hyper["lr"].dtype)
-    updates = jax.tree.map(lambda u: -lr.astype(u.dtype) * u, updates)
-    new = optax.apply_updates(stored, updates)
+    if fuses_adam(config):
+        new, opt_state = adam_update(grads, state.opt_state, stored, lr, g_norm, finite, config)
+    else:
+        updates, opt_state = tx.update(grads, state.opt_state, stored)
+        updates = jax.tree.map(lambda u: -lr.astype(u.dtype) * u, updates)
+        new = optax.apply_updates(stored, updates)
+        opt_state = keep(opt_state, state.opt_state)
     if config.decoder_norm == "unit":
         new = _unit_decoder(new)
     if info.needs_threshold and new.threshold is not None:
@@ -171,10 +178,7 @@ def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: Trai
         ema = jnp.where(step == 0, th, (1.0 - r) * params.threshold + r * th)
         new = new.replace(threshold=jnp.broadcast_to(ema, params.threshold.shape))
 
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-    keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
     new = keep(new, stored)
-    opt_state = keep(opt_state, state.opt_state)
 
     stats = update_dead(state.dead, fired, B, config)
     stats = keep(stats, state.dead)
