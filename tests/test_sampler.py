@@ -163,6 +163,21 @@ def test_decode_active_equals_the_dense_product():
     out, ref = check_vmap(jax.random.PRNGKey(8))
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
+    @jax.jit
+    def check_blocks(key):  # several blocks sharing count, decoded in one loop: the sum of their decodes
+        codes, count = law.sample_active(key, B, n)
+        other = codes.replace(vals=-2.0 * codes.vals, cols=(codes.cols * 7 + 3) % n)
+        both = decode_active([codes, other], count, W.T)
+        return both, decode_active(codes, count, W.T) + decode_active(other, count, W.T), (densify(codes) + densify(other)) @ W.T
+
+    both, apart, ref = check_blocks(jax.random.PRNGKey(9))
+    np.testing.assert_allclose(both, apart, atol=1e-5)
+    np.testing.assert_allclose(both, ref, atol=1e-5)
+    assert np.abs(ref).max() > 1.0
+    codes, count = law.sample_active(jax.random.PRNGKey(9), B, n)
+    with pytest.raises(ValueError, match="shapes"):
+        decode_active([codes, law.sample_active(jax.random.PRNGKey(9), B + 1, n)[0]], count, W.T)
+
 
 def _unit(key, d, n):
     W = jax.random.normal(key, (d, n))

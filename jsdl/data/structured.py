@@ -454,9 +454,9 @@ class StructuredBench(SamplingMixin):
     def draw(self, key: jax.Array, batch_size: int) -> Batch:
         """Fresh samples: as :meth:`SamplingMixin.draw`, but with the sparse sampler the active
         sets are drawn once (``features`` = their scatter = ``sample_features(k_x, B)``) and
-        ``x W^T`` is the sum of the active columns (:func:`jsdl.data.bench.decode_active`, block by
-        block) when :func:`jsdl.data.bench.use_sparse_decode` says so for one block's capacity K
-        (equal up to float rounding). The rule is applied per block, not to the ``(depth + 1) K``
+        ``x W^T`` is the sum of the active columns (:func:`jsdl.data.bench.decode_active`, all
+        blocks in one loop) when :func:`jsdl.data.bench.use_sparse_decode` says so for one block's
+        capacity K (equal up to float rounding). The rule is applied per block, not to the ``(depth + 1) K``
         slots together: the dense alternative also scatters the features, and the ancestor blocks
         are mostly empty. Measured at n = 512, B = 1024 (benchmarks/NOTES.md, "Speed round 6"):
         the sum was faster for K = 33-51 with 2 blocks and K = 32-45 with 3."""
@@ -468,7 +468,7 @@ class StructuredBench(SamplingMixin):
         if self.decodes_rows():
             def project(name):
                 rows = self.feature_rows(name)
-                return sum(_bench.decode_active(b, count, rows) for b in blocks)
+                return _bench.decode_active(blocks, count, rows)
         else:
             def project(name):
                 return x @ getattr(self, name).T
