@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import struct  # noqa: E402
 
-from common import log, machine_info, med, spread, write_section  # noqa: E402
+from common import host_tuning, log, machine_info, med, spread, write_section  # noqa: E402
 from bench_step import SHAPES  # noqa: E402
 from jsdl.data import Bench, StructuredBench, build_hierarchy, make_bench  # noqa: E402
 from jsdl.data import bench as _bench  # noqa: E402
@@ -252,6 +252,7 @@ def report(results, cross, gen, args, load0, load1):
         f"- load average at the end: {load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f} (at the start {load0[0]:.1f} / "
         f"{load0[1]:.1f} / {load0[2]:.1f}); niceness {os.nice(0)}",
         f"- device: {jax.devices()[0].device_kind} ({jax.default_backend()}); command: `{cmd.strip()}`",
+        f"- {args.host} (`jsdl.hosttune`, as `jsdl train` for a large step; `JSDL_HOST_TUNING=off` measures without)",
         "",
         f"Per benchmark shape of bench_step.py, S = {S}, d_input = d, feature matrices random unit columns; old = the",
         "replaced sampler (a Bernoulli mask and a magnitude for every entry, x W_p^T dense), new = active sets",
@@ -360,6 +361,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
+    args.host = host_tuning()
     load0 = os.getloadavg()
     archs = args.archs.split(",")
     results = []

@@ -403,12 +403,13 @@ def main(argv=None):
                     "(per-op times from a JAX profiler trace) and write that section")
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "ARCH", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    host = common.host_tuning()
     if args.child:
         child(*args.child)
         return 0
     if args.profile:
         shape = [s for s in args.shapes.split(",") if s][-1]
-        body = (f"Command: `python benchmarks/bench_step.py --shapes {shape} --profile {args.profile}`.\n\n"
+        body = (f"Command: `python benchmarks/bench_step.py --shapes {shape} --profile {args.profile}` ({host}).\n\n"
                 + profile_step(args.profile, shape, calls=args.reps))
         print(body)
         if not args.no_write:
@@ -451,7 +452,8 @@ def main(argv=None):
         "`x W_E^T + b_E` + the top-k selection + one Adam update (an exact sparse step also needs its "
         "k-slot gathers and scatter-adds, which this floor leaves out; benchmarks/NOTES.md, \"Speed round 4\"); "
         "ReLU/JumpReLU five products + Adam (`floor_parts`). XLA memory = arguments + "
-        "temporaries + outputs of the compiled step.\n\n" + table
+        f"temporaries + outputs of the compiled step. Process: {host} (`jsdl.hosttune`; both frameworks "
+        "run in it; `JSDL_HOST_TUNING=off` measures without).\n\n" + table
     )
     if mem_lines:
         body += f"\n\nPeak RSS, TopK at {SHAPES[shapes[-1]]} (child process, 2 steps):\n" + "\n".join(mem_lines)

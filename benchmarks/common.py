@@ -21,6 +21,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
 
 
+def host_tuning() -> str:
+    """Tune the process as ``jsdl train`` tunes a large step (:func:`jsdl.hosttune.tune_host`:
+    synchronous CPU dispatch, glibc keeping large blocks) unless ``JSDL_HOST_TUNING=off``; call it
+    before the first JAX array. Both frameworks of a comparison run in this process, so both get
+    it. Returns the line to record with the results."""
+    from jsdl import hosttune
+
+    if hosttune.mode() == "off":
+        return "host tuning: off (JSDL_HOST_TUNING=off)"
+    return hosttune.tune_host()
+
+
 def timeit(fn: Callable[[], object], reps: int) -> list[float]:
     """Wall-clock seconds of ``reps`` calls of ``fn`` (which must block until its work is done)."""
     out = []

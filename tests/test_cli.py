@@ -1,6 +1,7 @@
 """The `jsdl` shell: lazy subcommands (no JAX for --help), `python -m jsdl`, documented exit codes,
 every command wired, and library plots that leave the matplotlib backend alone."""
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -135,3 +136,66 @@ def test_demo_plot_leaves_the_backend_alone(tmp_path):
     finally:
         matplotlib.use(before)
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+
+def test_host_tuning_policy():
+    """``JSDL_HOST_TUNING`` (auto, on, off) and the size rule of ``auto``: a step of members x batch
+    x latents >= 2^23 entries is tuned, a smaller one is not."""
+    from jsdl import hosttune as ht
+
+    assert ht.mode({}) == "auto"
+    assert [ht.mode({ht.ENV: v}) for v in ("on", "1", "off", "false", "auto")] == ["on", "on", "off", "off", "auto"]
+    with pytest.raises(ValueError, match=ht.ENV):
+        ht.mode({ht.ENV: "sometimes"})
+    assert not ht.wants_tuning(1024, 512, environ={})  # the small benchmark shape
+    assert ht.wants_tuning(4096, 4096, environ={})  # the medium one (64 MiB of pre-activations)
+    assert ht.wants_tuning(1024, 512, members=16, environ={})
+    assert ht.wants_tuning(8, 8, environ={ht.ENV: "on"})
+    assert not ht.wants_tuning(4096, 4096, environ={ht.ENV: "off"})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and page-fault counts: Linux only")
+def test_tune_host_stops_the_page_faults_of_large_temporaries(tmp_path):
+    """In a fresh process, ``tune_host`` switches the CPU client to synchronous dispatch and glibc to
+    keeping large blocks: a jitted function with a 64 MiB temporary then faults in no pages per call
+    (untuned: one fault per 4 KiB page, every call). After an array exists it says dispatch stayed
+    asynchronous. ``jsdl train`` records the tuning in run.json (forced on for a small run here)."""
+    code = """
+import resource, sys
+import jsdl.hosttune as h
+if sys.argv[1] == "late":
+    import jax.numpy as jnp; jnp.ones(1)
+line = h.tune_host() if sys.argv[1] != "off" else "off"
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: (x * 2.0).reshape(4096, 4096).T.sum(axis=0))
+x = jnp.ones((4096 * 4096,), jnp.float32)
+for _ in range(2): f(x).block_until_ready()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4): f(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 4, jax.config.values["jax_cpu_enable_async_dispatch"])
+print(line)
+"""
+    out = {}
+    for arg in ("off", "on", "late"):
+        r = _python("-c", code, arg)
+        assert r.returncode == 0, r.stderr
+        faults, async_on = r.stdout.split("\n")[0].split()
+        out[arg] = (float(faults), async_on == "True", r.stdout.split("\n")[1])
+    assert out["off"][0] > 10000 and out["off"][1]  # 64 MiB of 4 KiB pages, faulted in every call
+    assert out["on"][0] < 100 and not out["on"][1], out
+    assert "synchronous CPU dispatch" in out["on"][2] and "M_MMAP_MAX 0" in out["on"][2]
+    assert out["late"][1] and "left on" in out["late"][2]
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed: 0\nspec: {method: sae, activation: topk, n_latents: 8, k: 2}\n"
+                   "data: {n_features: 8, d_input: 4, sparsity: 0.9, max_interference: 0.9}\n"
+                   "train: {steps: 3, batch_size: 8, log_every: 3, plots: false}\n")
+    for setting, expect in (("on", "synchronous CPU dispatch"), ("auto", None)):
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JSDL_HOST_TUNING=setting)
+        run = tmp_path / f"run_{setting}"
+        r = subprocess.run([sys.executable, "-m", "jsdl", "train", str(cfg), "--out", str(run), "--no-progress"],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        rec = json.load(open(run / "run.json"))["record"]["host_tuning"]
+        assert (rec is None) if expect is None else (expect in rec), rec

@@ -333,6 +333,17 @@ def _files_data(cfg, spec, record):
     return src.batches(B, seed=src.seed, rows=process_batch_rows(B, cfg.train.mesh))
 
 
+def _members(cfg: RunConfig) -> int:
+    """How many models the run trains at once (the size of its population grid)."""
+    p = cfg.population
+    if p is None:
+        return 1
+    n = max(len(p.seeds), 1) * max(len(p.k), 1) * max(len(p.learning_rate), 1)
+    for values in p.coefs.values():
+        n *= max(len(values), 1)
+    return n
+
+
 def run(args) -> int:
     if bool(args.config) == bool(args.resume):
         raise ValueError("give either CONFIG.yaml or --resume DIR (not both, not neither)")
@@ -351,12 +362,16 @@ def run(args) -> int:
     spec = cfg.spec.build()
     if args.distributed:
         _distributed(args, cfg)
+    # Before JAX creates its CPU client: a large step reuses its host temporaries (jsdl.hosttune).
+    from jsdl import hosttune
+
+    host = hosttune.tune_host() if hosttune.wants_tuning(cfg.train.batch_size, spec.n_latents, _members(cfg)) else None
     import jax
 
     from jsdl.train.loop import Grid, NonFiniteLossError, TrainingInterrupted, fit, fit_population
 
     key = jax.random.PRNGKey(cfg.seed)
-    record = {"config": cfg.to_dict(), "plugins": plugin_recs}
+    record = {"config": cfg.to_dict(), "plugins": plugin_recs, "host_tuning": host}
     if cfg.data.files is not None:
         data = _files_data(cfg, spec, record)
     else:
