@@ -258,11 +258,15 @@ def test_cli_activation_checks(tmp_path, capsys):
     path = tmp_path / "my_act.py"
     path.write_text("import jax.numpy as jnp\nimport jsdl\n\n@jsdl.activations.register('_lab_cli_act')\n"
                     "def act(z, params=None, *, inference=False, shift=0.0):\n    return jnp.where(z > shift, z, 0.0)\n")
-    assert main(["penalty-lab", "_lab_cli_act", "--activation", "--import", str(path)]) == 0
-    assert "key_property | pass" in capsys.readouterr().out
-    assert main(["penalty-lab", "_lab_cli_act", "--activation", "--hyper", "shift=0.3"]) == 2  # old syntax
-    assert "--hyper is gone" in capsys.readouterr().err
-    assert main(["penalty-lab", "_lab_cli_act", "--activation", "--set", "activation.shift=0.3"]) == 1  # not homogeneous
+    try:
+        assert main(["penalty-lab", "_lab_cli_act", "--activation", "--import", str(path)]) == 0
+        assert "key_property | pass" in capsys.readouterr().out
+        assert main(["penalty-lab", "_lab_cli_act", "--activation", "--hyper", "shift=0.3"]) == 2  # old syntax
+        assert "--hyper is gone" in capsys.readouterr().err
+        assert main(["penalty-lab", "_lab_cli_act", "--activation", "--set", "activation.shift=0.3"]) == 1  # not homogeneous
+    finally:  # the registry is process-wide: test_objective checks that every activation has a case
+        if "_lab_cli_act" in jsdl.activations.names():
+            jsdl.activations.REGISTRY.unregister("_lab_cli_act")
 
 
 @pytest.mark.slow  # two tiny lab runs, ~65 s on the loaded 2-core machine

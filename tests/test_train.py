@@ -923,3 +923,30 @@ def test_init_threshold_l0_starts_every_model_at_the_given_sparsity(tmp_path):
         TrainConfig(init_threshold_l0=0.0)
     with pytest.raises(ValueError, match="l0 must be in"):
         fit(key, spec, bench, dataclasses.replace(cfg, init_threshold_l0=64.0))
+
+
+def test_a_large_cpu_step_in_an_untuned_process_warns_once(monkeypatch):
+    """``fit`` of a step that ``jsdl.hosttune`` would tune, in a process nobody tuned, says how to
+    make it faster, once per process; not when tuned, nor with ``JSDL_HOST_TUNING=off``."""
+    import warnings
+
+    from jsdl import hosttune
+    from jsdl.train import loop
+
+    monkeypatch.setattr(hosttune, "LARGE_STEP_ENTRIES", 64)  # make this tiny step "large"
+    monkeypatch.setattr(hosttune, "_applied", {})
+    monkeypatch.setattr(loop, "_HINTED", set())
+    monkeypatch.delenv(hosttune.ENV, raising=False)
+    spec = jsdl.make_spec(activation="topk", n_latents=16, k=2)
+    cfg = dataclasses.replace(CFG, steps=2, batch_size=8, log_every=2)
+    with pytest.warns(UserWarning, match="tune_host"):
+        fit(jax.random.PRNGKey(0), spec, toy(), cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(jax.random.PRNGKey(0), spec, toy(), cfg)  # once per process
+        monkeypatch.setattr(loop, "_HINTED", set())
+        monkeypatch.setenv(hosttune.ENV, "off")
+        fit(jax.random.PRNGKey(0), spec, toy(), cfg)
+        monkeypatch.setenv(hosttune.ENV, "auto")
+        monkeypatch.setattr(hosttune, "_applied", {"line": "host tuning: test"})
+        fit(jax.random.PRNGKey(0), spec, toy(), cfg)

@@ -642,6 +642,7 @@ def _run(key, plan: _Plan, data, config: TrainConfig, *, out_dir, resume, anchor
             init_thresholds = run.old.get("init_thresholds")  # what the run started from
         stepper = get_stepper(plan.spec, config, data_mode=mode, n_members=len(plan.members) if plan.population else None,
                               devices=devices, bench=data if mode == "bench" else None)
+        _hint_host_tuning(stepper, config, len(plan.members) if plan.population else 1)
         state = stepper.place_state(state)
         io = _LoopIO(histories, None if run is None else run.dir, None if run is None else run.ckpt,
                      {"spec": rec["spec"], "config": rec["config"]}, plan.population, callback)
@@ -670,6 +671,25 @@ def _run(key, plan: _Plan, data, config: TrainConfig, *, out_dir, resume, anchor
 # ----------------------------------------------------------------------------------------------
 # fit
 # ----------------------------------------------------------------------------------------------
+
+
+_HINTED: set = set()
+
+
+def _hint_host_tuning(stepper, config: TrainConfig, members: int) -> None:
+    """Once per process: a large step on CPU in a process that :func:`jsdl.hosttune.tune_host` did
+    not tune (``jsdl train`` tunes it itself) gets a warning saying how to make it faster."""
+    from jsdl import hosttune
+
+    if _HINTED or hosttune.status() is not None or hosttune.mode() == "off":
+        return
+    if stepper.mesh.devices.flat[0].platform != "cpu" or not hosttune.wants_tuning(
+            config.batch_size, stepper.spec.n_latents, members):
+        return
+    _HINTED.add(True)
+    warnings.warn("this CPU step is large: it runs ~10% faster when jsdl.hosttune.tune_host() is called at the "
+                  "start of the process, before any JAX array (docs/training.md, 'Speed on a CPU host'; "
+                  "JSDL_HOST_TUNING=off silences this)", stacklevel=3)
 
 
 def fit(
