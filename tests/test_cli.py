@@ -160,7 +160,8 @@ def test_tune_host_stops_the_page_faults_of_large_temporaries(tmp_path):
     """In a fresh process, ``tune_host`` switches the CPU client to synchronous dispatch and glibc to
     keeping large blocks: a jitted function with a 64 MiB temporary then faults in no pages per call
     (untuned: one fault per 4 KiB page, every call). After an array exists it says dispatch stayed
-    asynchronous. ``jsdl train`` records the tuning in run.json (forced on for a small run here)."""
+    asynchronous. ``jsdl train`` (one process, and two through ``jsdl launch``) records the tuning in
+    run.json (forced on for a small run here), and tuned or not it trains the same numbers."""
     code = """
 import resource, sys
 import jsdl.hosttune as h
@@ -191,11 +192,15 @@ print(line)
     cfg.write_text("seed: 0\nspec: {method: sae, activation: topk, n_latents: 8, k: 2}\n"
                    "data: {n_features: 8, d_input: 4, sparsity: 0.9, max_interference: 0.9}\n"
                    "train: {steps: 3, batch_size: 8, log_every: 3, plots: false}\n")
-    for setting, expect in (("on", "synchronous CPU dispatch"), ("auto", None)):
+    losses = {}
+    for setting, cmd, expect in (("on", ["train"], "synchronous CPU dispatch"), ("auto", ["train"], None),
+                                 ("on", ["launch", "-n", "2"], "synchronous CPU dispatch")):
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JSDL_HOST_TUNING=setting)
-        run = tmp_path / f"run_{setting}"
-        r = subprocess.run([sys.executable, "-m", "jsdl", "train", str(cfg), "--out", str(run), "--no-progress"],
+        run = tmp_path / f"run_{setting}_{cmd[0]}"
+        r = subprocess.run([sys.executable, "-m", "jsdl", *cmd, str(cfg), "--out", str(run), "--no-progress"],
                            capture_output=True, text=True, env=env, timeout=300)
-        assert r.returncode == 0, r.stderr
-        rec = json.load(open(run / "run.json"))["record"]["host_tuning"]
+        assert r.returncode == 0, r.stdout + r.stderr
+        rec = json.load(open(run / "run.json"))["record"]["host_tuning"]  # two processes: tuned before they meet
         assert (rec is None) if expect is None else (expect in rec), rec
+        losses[setting, cmd[0]] = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl")]
+    assert losses["on", "train"] == losses["auto", "train"]  # the same program, dispatched differently

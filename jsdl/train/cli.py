@@ -360,12 +360,13 @@ def run(args) -> int:
 
     check_unlocked(out_dir)
     spec = cfg.spec.build()
-    if args.distributed:
-        _distributed(args, cfg)
-    # Before JAX creates its CPU client: a large step reuses its host temporaries (jsdl.hosttune).
+    # Before JAX creates its CPU client (the distributed start-up's config check creates it): a
+    # large step reuses its host temporaries (jsdl.hosttune).
     from jsdl import hosttune
 
     host = hosttune.tune_host() if hosttune.wants_tuning(cfg.train.batch_size, spec.n_latents, _members(cfg)) else None
+    if args.distributed:
+        _distributed(args, cfg)
     import jax
 
     from jsdl.train.loop import Grid, NonFiniteLossError, TrainingInterrupted, fit, fit_population
