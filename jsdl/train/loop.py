@@ -689,7 +689,7 @@ def _hint_host_tuning(stepper, config: TrainConfig, members: int) -> None:
     _HINTED.add(True)
     warnings.warn("this CPU step is large: it runs ~10% faster when jsdl.hosttune.tune_host() is called at the "
                   "start of the process, before any JAX array (docs/training.md, 'Speed on a CPU host'; "
-                  "JSDL_HOST_TUNING=off silences this)", stacklevel=3)
+                  "JSDL_HOST_TUNING=off silences this)", stacklevel=4)
 
 
 def fit(

@@ -249,16 +249,17 @@ def adam_update(grads, opt_state, params, lr, g_norm, finite, config: TrainConfi
 
     Returns ``(new params, new optimiser state)``; the state has optax's structure, so
     :func:`make_optimizer`'s ``init`` and checkpoints are unchanged. The new parameters equal
-    ``apply_updates(params, -lr * tx.update(grads, opt_state, params)[0])`` to rounding (a few ulps). When ``finite`` is false the optimiser state is returned unchanged (the moments and
-    the count); the parameters are not guarded here: the step selects the old ones itself, after the
+    ``apply_updates(params, -lr * tx.update(grads, opt_state, params)[0])`` to rounding (a few
+    ulps). When ``finite`` is false the optimiser state is returned unchanged (the moments and the
+    count); the parameters are not guarded here: the step selects the old ones itself, after the
     decoder-norm and threshold updates (``model_step``). ``g_norm`` is ``optax.tree.norm(grads)``.
 
     Why not ``tx.update``: there the parameter update reads the *unguarded* new moments while the
-    state keeps the guarded ones. XLA then computes them in separate fusions that read the old
-    moments twice and, the state being donated, copies both moments to update them in place. Here
-    the parameter update reads exactly the moments the state keeps, and XLA emits one fusion per
-    parameter array: the large TopK step's optimiser went from ~86 to ~30 ms (benchmarks/NOTES.md,
-    "Speed round 8")."""
+    state keeps the guarded ones. XLA then computes both from the old moments in separate fusions
+    and, the state being donated, first copies both moments to update them in place. Here the
+    parameter update reads exactly the moments the state keeps: no copies, and the large TopK
+    step's optimiser went from ~86 to ~40 ms (31 ms timed alone; benchmarks/NOTES.md, "Speed
+    round 8")."""
     if not fuses_adam(config):
         raise ValueError(f"adam_update applies to optimizer adam/adamw, not {config.optimizer!r}")
     i = next(j for j, s in enumerate(opt_state) if isinstance(s, optax.ScaleByAdamState))
