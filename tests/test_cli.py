@@ -155,7 +155,14 @@ def test_host_tuning_policy():
     assert not ht.wants_tuning(4096, 4096, environ={ht.ENV: "off"})
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and page-fault counts: Linux only")
+def _glibc() -> bool:
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _glibc(), reason="glibc's mallopt and page-fault counts")
 def test_tune_host_stops_the_page_faults_of_large_temporaries(tmp_path):
     """In a fresh process, ``tune_host`` switches the CPU client to synchronous dispatch and glibc to
     keeping large blocks: a jitted function with a 64 MiB temporary then faults in no pages per call
@@ -183,8 +190,10 @@ print(line)
         assert r.returncode == 0, r.stderr
         faults, async_on = r.stdout.split("\n")[0].split()
         out[arg] = (float(faults), async_on == "True", r.stdout.split("\n")[1])
-    assert out["off"][0] > 10000 and out["off"][1]  # 64 MiB of 4 KiB pages, faulted in every call
-    assert out["on"][0] < 100 and not out["on"][1], out
+    assert out["off"][1] and not out["on"][1], out
+    assert out["on"][0] < 100, out
+    if out["off"][0] > 1000:  # 64 MiB of 4 KiB pages faulted in every call (fewer where THP is "always")
+        assert out["on"][0] < out["off"][0] / 100, out
     assert "synchronous CPU dispatch" in out["on"][2] and "M_MMAP_MAX 0" in out["on"][2]
     assert out["late"][1] and "left on" in out["late"][2]
 
