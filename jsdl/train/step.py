@@ -122,7 +122,6 @@ def _code_statistics(cparams: SDLParams, cbatch, spec: SDLSpec):
 
 def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: TrainConfig, tx=None) -> TrainState:
     """One optimiser step of one model on ``batch`` (global arrays). Pure; jit/vmap-able."""
-    tx = tx or (None if fuses_adam(config) else make_optimizer(config))
     step = state.step
     # The optimiser works on the parameters as stored (RowParams: the decoder as rows, which the
     # sparse kernels use without a transpose); the loss sees SDLParams (as_params).
@@ -164,7 +163,7 @@ def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: Trai
     if fuses_adam(config):
         new, opt_state = adam_update(grads, state.opt_state, stored, lr, g_norm, finite, config)
     else:
-        updates, opt_state = tx.update(grads, state.opt_state, stored)
+        updates, opt_state = (tx or make_optimizer(config)).update(grads, state.opt_state, stored)
         updates = jax.tree.map(lambda u: -lr.astype(u.dtype) * u, updates)
         new = optax.apply_updates(stored, updates)
         opt_state = keep(opt_state, state.opt_state)
@@ -239,7 +238,7 @@ class Stepper:
         # A bench made of arrays is passed as an argument (not baked into the program as constants).
         self.bench_is_arg = bench is not None and _is_array_pytree(bench)
         self._bench_static = None if self.bench_is_arg else bench
-        tx = make_optimizer(config)
+        tx = None if fuses_adam(config) else make_optimizer(config)  # Adam/AdamW: the step's own update
         one = lambda s, b, a: model_step(s, b, a, spec=spec, config=config, tx=tx)  # noqa: E731
         res = lambda k, s, b: resample_dead(k, s, b, spec, config)  # noqa: E731
         self._one = jax.vmap(one, in_axes=(0, None, None)) if self.population else one
