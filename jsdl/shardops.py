@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["model_axis_size", "top_k", "top_k_indices", "batch_top_k_indices", "local_top_k", "block_top_k"]
+from jsdl import native as _native
+
+__all__ = ["model_axis_size", "data_axis_size", "top_k", "top_k_indices", "batch_top_k_indices", "local_top_k", "block_top_k"]
 
 BLOCK = 32  # block size of block_top_k; local_top_k uses it on CPU for rows of >= BLOCK_MIN_N entries
 BLOCK_MIN_N = 4096
@@ -48,12 +50,17 @@ def block_top_k(z: jax.Array, k: int, block: int = BLOCK) -> tuple[jax.Array, ja
 
 
 def local_top_k(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """``(values, indices)`` of ``lax.top_k(z, k)`` on one device: :func:`block_top_k` on CPU for
+    """``(values, indices)`` of ``lax.top_k(z, k)`` on one device. On CPU, for float32, jsdl's native
+    kernel (:func:`jsdl.native.top_k_indices`, 2-4x faster than XLA's TopK at every benchmark shape)
+    with the values read by a gather; without it, :func:`block_top_k` on CPU for
     long rows (``n >= BLOCK_MIN_N`` entries, at least ``2 k`` blocks; for a flat BatchTopK
     selection, a 1-D ``z``, at least ``4 k`` blocks), ``lax.top_k`` otherwise. The flat rule is
     measured (benchmarks/NOTES.md, "Speed round 5"): selecting ``K = k B`` of ``B n`` entries
     (B = 1024), blocks are as fast or faster from ``n / k = 128`` on (``n = 1024, k = 8``: equal;
     ``n = 4096, k = 32``: 36 vs 42 ms) and slower below (``n = 512, k = 8``: 5.6-6.5 vs 4.6-5.5 ms)."""
+    if _native.supports_top_k(z, k):
+        idx = _native.top_k_indices(z, k)
+        return jnp.take_along_axis(z, idx, axis=-1), idx
     n = z.shape[-1]
     min_blocks = (4 if z.ndim == 1 else 2) * k
     if (jax.default_backend() == "cpu" and n >= BLOCK_MIN_N and n % BLOCK == 0 and n // BLOCK >= min_blocks
@@ -80,26 +87,36 @@ def model_axis_size() -> int:
     return int(m.shape["model"])
 
 
+def data_axis_size() -> int:
+    """Size of the ``"data"`` axis of the mesh in the tracing context (1 without one)."""
+    m = _mesh()
+    if m is None or "data" not in m.axis_names:
+        return 1
+    return int(m.shape["data"])
+
+
 def top_k_indices(z: jax.Array, k: int) -> jax.Array:
     """Indices ``[..., k]`` of the ``k`` largest entries along the last axis of ``z`` (descending,
     as ``lax.top_k``). With a "model" mesh axis of size M dividing ``z.shape[-1]``: per-shard
-    top-k, gather of the ``M k`` candidates, top-k of those."""
-    M = model_axis_size()
+    top-k, gather of the ``M k`` candidates, top-k of those. With a "data" axis of size D dividing
+    ``z.shape[0]`` (rows, a batch) each device selects in its own rows: XLA's partitioner would
+    otherwise all-gather the whole ``z`` for ``lax.top_k`` (and for jsdl's native kernel) on every
+    device, measured on jax 0.10.2 with 8 CPU devices."""
+    M, D = model_axis_size(), data_axis_size()
     n = z.shape[-1]
-    if M == 1 or n % M or z.ndim < 1:
+    split_model = M > 1 and n % M == 0 and z.ndim >= 1
+    split_data = D > 1 and z.ndim >= 2 and z.shape[0] % D == 0
+    if not (split_model or split_data):
         return local_top_k(z, k)[1]
     mesh = _mesh()
-    n_loc = n // M
+    lead = ("data" if split_data else None,) + (None,) * (z.ndim - 2) if z.ndim >= 2 else ()
+    axes = ({"model"} if split_model else set()) | ({"data"} if split_data else set())
+    n_loc = n // M if split_model else n
     k_loc = min(k, n_loc)
-    lead = (None,) * (z.ndim - 1)
-    axes = {"model"}
-    D = int(mesh.shape["data"]) if "data" in mesh.axis_names else 1
-    if D > 1 and z.ndim >= 2 and z.shape[0] % D == 0:
-        # Rows are independent: split them over "data" too (else the partitioner gathers them).
-        lead = ("data",) + lead[1:]
-        axes = {"data", "model"}
 
     def local(zl):
+        if not split_model:
+            return local_top_k(zl, k)[1]
         v, i = local_top_k(zl, k_loc)
         i = i + jax.lax.axis_index("model") * n_loc
         v = jax.lax.all_gather(v, "model", axis=zl.ndim - 1, tiled=True)
@@ -107,14 +124,14 @@ def top_k_indices(z: jax.Array, k: int) -> jax.Array:
         _, pos = jax.lax.top_k(v, k)
         return jnp.take_along_axis(i, pos, axis=-1)
 
-    f = jax.shard_map(local, mesh=mesh, in_specs=P(*lead, "model"), out_specs=P(*lead), axis_names=axes,
-                      check_vma=False)
+    f = jax.shard_map(local, mesh=mesh, in_specs=P(*lead, "model" if split_model else None), out_specs=P(*lead),
+                      axis_names=axes, check_vma=False)
     return f(jax.lax.stop_gradient(z))
 
 
 def top_k(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """``(values, indices)`` like ``jax.lax.top_k(z, k)`` (differentiable in the values), sharding-aware."""
-    if model_axis_size() == 1:
+    if model_axis_size() == 1 and data_axis_size() == 1:
         return local_top_k(z, k)
     idx = top_k_indices(z, k)
     return jnp.take_along_axis(z, idx, axis=-1), idx

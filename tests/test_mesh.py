@@ -38,6 +38,16 @@ s = st.place_state(init_state(KEY, spec_of("sae:topk_sparse"), CFG, 16))
 for _ in range(3):
     s = st.step(s, st.place_data(BENCH["sae"]), None)
 out["compiles"] = st.step._cache_size()
+# A data-parallel TopK step (latents not split) selects in each device's rows: no all-gather of z.
+data_gathers = {}
+for name in ("sae:topk_sparse", "sae:topk_dense"):
+    st8 = Stepper(spec_of(name), dataclasses.replace(CFG, mesh={"data": 8, "model": 1}), data_mode="bench",
+                  bench=BENCH["sae"])
+    s8 = st8.place_state(init_state(KEY, spec_of(name), CFG, 16))
+    txt8 = st8.step.lower(s8, st8.place_data(BENCH["sae"]), None).compile().as_text()
+    data_gathers[name] = [int(np.prod([int(x) for x in re.search(r"\[([0-9,]+)\]", l).group(1).split(",")]))
+                          for l in txt8.splitlines() if re.search(r"all-gather\(", l)]
+out["data_gathers"] = data_gathers
 out["topk"] = {"equal": bool((np.asarray(i) == np.asarray(ri)).all()), "max_gather": max(sizes), "B_n": B * n,
                "batch_set_equal": set((np.asarray(r) * n + np.asarray(c)).tolist()) == set(np.asarray(fi).tolist())}
 '''
@@ -165,6 +175,9 @@ def _check_population_and_topk(out: dict, pops):
     assert t["equal"] and t["batch_set_equal"], t
     # per device: (B / data) rows x (model x k) candidates, far from the B x n_q operand
     assert t["max_gather"] <= 64 // 2 * 4 * 4, t
+    # data parallel: nothing of the size of z [B = 64, n_q = 64] is gathered (before the fix: two)
+    for name, sizes in out["data_gathers"].items():
+        assert all(size < 64 * 64 for size in sizes), (name, sizes)
 
 
 @pytest.mark.multidevice
@@ -175,6 +188,7 @@ def test_meshes_equal_one_device_default_subset():
 out = compare(["sae:topk_sparse"], [(4, 2), (1, 8)])
 out.update(compare(["sae:batchtopk", "sae:jumprelu", "matryoshka:batchtopk_sparse"], [(2, 4)]))
 out.update(compare(["transcoder:topk_dense"], [(4, 2)], decoder_norm="unit"))
+out.update(compare(["sae:topk_dense"], [(8, 1)]))
 POP_MESHES = [(2, 4)]
 ''' + POPULATION_AND_TOPK + '''
 print("RESULT" + json.dumps(out))

@@ -1,0 +1,201 @@
+"""Native CPU kernels: XLA FFI custom calls that jsdl compiles on first use.
+
+XLA's CPU ``TopK`` is a serial ``std::partial_sort`` per row, at about 3.5 ns per entry. It is the
+largest single op of a small TopK step and of every population step, and costs the same per
+member in both (benchmarks/NOTES.md). :func:`top_k_indices` is an exact replacement on CPU
+(``topk.cc`` next to this file): one SIMD pass per row behind a running threshold, rows spread over
+XLA's intra-op threads, a long row (BatchTopK's flat selection) cut into segments whose candidates
+are merged. It returns the indices ``jax.lax.top_k`` returns, in the same order (IEEE total order:
+``+NaN`` first and ``-NaN`` last, ``+0`` before ``-0``, ties to the lower index), for float32
+operands on the CPU backend; callers read the values with a gather, which carries the gradient.
+
+The library is built with the host's C++ compiler (``$CXX``, else ``g++``, ``c++`` or ``clang++``)
+against the FFI headers that ship with jaxlib, for this CPU (``-march=native``), into
+``$JSDL_CACHE_DIR/native`` (default ``$XDG_CACHE_HOME/jsdl/native``, ``~/.cache/jsdl/native``),
+under a name that hashes the source, jaxlib's version, the compiler and the CPU, so a change of any
+of them builds again. A build takes about 2 s; concurrent processes each build and the last
+atomic rename wins.
+
+``JSDL_NATIVE`` sets the policy: ``auto`` (default: use the kernels when they build, else fall back
+to XLA's ops with one warning), ``on`` (a failed build is an error) or ``off`` (never build, always
+XLA's ops). :func:`status` says what this process uses. Nothing changes on accelerators: there the
+callers keep ``jax.lax.top_k``.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["ENV", "mode", "available", "status", "library_path", "build", "top_k_indices", "supports_top_k",
+           "MAX_THREADS"]
+
+ENV = "JSDL_NATIVE"
+"""Environment variable: ``auto`` (default), ``on`` or ``off``."""
+
+MAX_THREADS = 64
+"""Upper bound on the threads one call uses (it also never uses more than XLA's pool + 1)."""
+
+SOURCE = Path(__file__).with_name("topk.cc")
+_TARGET = "jsdl_top_k_indices"
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def mode(environ=os.environ) -> str:
+    """The policy from ``JSDL_NATIVE``: ``auto``, ``on`` or ``off`` (1/true/yes = on, 0/false/no = off)."""
+    v = environ.get(ENV, "auto").strip().lower()
+    if v in ("on", "1", "true", "yes"):
+        return "on"
+    if v in ("off", "0", "false", "no"):
+        return "off"
+    if v in ("auto", ""):
+        return "auto"
+    raise ValueError(f"{ENV}={environ.get(ENV)!r}: use auto, on or off")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("JSDL_CACHE_DIR")
+    if root:
+        return Path(root) / "native"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "jsdl" / "native"
+
+
+def _compiler() -> Optional[str]:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx) or cxx
+    for name in ("g++", "c++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("flags", "model name", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _flags(include: str) -> list[str]:
+    return ["-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-w", f"-I{include}"]
+
+
+def library_path() -> Path:
+    """Where this source, jaxlib, compiler and CPU put the library (it may not exist yet)."""
+    import jax
+    import jaxlib
+
+    cxx = _compiler() or "none"
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), cxx.encode(), _cpu_id().encode(),
+                 " ".join(_flags(str(jax.ffi.include_dir()))).encode()):
+        h.update(part)
+        h.update(b"\0")
+    return _cache_dir() / f"libjsdl_native-{h.hexdigest()[:16]}.so"
+
+
+def build(force: bool = False) -> Path:
+    """Compile the library if it is not in the cache (or if ``force``); return its path. Raises
+    ``RuntimeError`` with the compiler's output when it cannot be built."""
+    import jax
+
+    path = library_path()
+    if path.exists() and not force:
+        return path
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    cmd = [cxx, *_flags(str(jax.ffi.include_dir())), str(SOURCE), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+        os.replace(tmp, path)  # atomic: a concurrent build of the same source replaces an identical file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _load() -> bool:
+    """Build (if needed), load and register the kernels once per process; whether they are usable."""
+    if "ok" in _state:
+        return _state["ok"]
+    with _lock:
+        if "ok" in _state:
+            return _state["ok"]
+        m = mode()
+        if m == "off":
+            _state.update(ok=False, line="native kernels: off (JSDL_NATIVE=off)")
+            return False
+        try:
+            import jax
+
+            path = build()
+            lib = ctypes.CDLL(str(path))
+            jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JsdlTopKIndices), platform="cpu")
+            jax.ffi.register_ffi_target_as_batch_partitionable(_TARGET)
+            _state.update(ok=True, lib=lib, path=path, line=f"native kernels: on ({path})")
+        except Exception as e:  # noqa: BLE001 - any failure means: fall back, or raise under "on"
+            if m == "on":
+                raise RuntimeError(f"{ENV}=on but the native kernels are unavailable: {e}") from e
+            warnings.warn(f"jsdl's native CPU kernels are unavailable ({str(e).splitlines()[0]}); using XLA's "
+                          f"top_k. Set {ENV}=off to silence this.", RuntimeWarning, stacklevel=3)
+            _state.update(ok=False, line=f"native kernels: unavailable ({str(e).splitlines()[0]})")
+        return _state["ok"]
+
+
+def available() -> bool:
+    """Whether the native kernels are built and registered in this process (builds them on the
+    first call under ``auto``/``on``)."""
+    return _load()
+
+
+def status() -> str:
+    """One line: whether this process uses the native kernels, and from where."""
+    _load()
+    return _state["line"]
+
+
+def supports_top_k(z, k: int) -> bool:
+    """Whether :func:`top_k_indices` takes this operand: float32, on the CPU backend, ``1 <= k <= n``
+    with ``n < 2^31``, and the kernels available."""
+    import jax
+
+    n = z.shape[-1] if z.ndim else 0
+    return (z.ndim >= 1 and z.dtype == np.float32 and 1 <= k <= n and n < 2**31
+            and jax.default_backend() == "cpu" and available())
+
+
+def top_k_indices(z, k: int):
+    """Indices ``[..., k]`` of the ``k`` largest entries along the last axis of float32 ``z``, in
+    ``jax.lax.top_k``'s order (module docstring). CPU only; check :func:`supports_top_k` first. Not
+    differentiable (indices): read values with ``jnp.take_along_axis(z, idx, -1)``. Leading axes are
+    rows: ``vmap`` adds one, and a partitioner may split them (the target is batch-partitionable)."""
+    import jax
+    import jax.numpy as jnp
+
+    if not supports_top_k(z, k):
+        raise ValueError(f"native top_k needs float32 on CPU with 1 <= k <= n; got {z.dtype} {z.shape}, k={k}")
+    out = jax.ShapeDtypeStruct(z.shape[:-1] + (k,), jnp.int32)
+    call = jax.ffi.ffi_call(_TARGET, out, vmap_method="broadcast_all")
+    return call(jax.lax.stop_gradient(z), k=np.int64(k), max_threads=np.int64(MAX_THREADS))

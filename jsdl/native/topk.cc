@@ -1,0 +1,245 @@
+// jsdl native CPU kernel: exact top-k indices along the last axis (an XLA FFI custom call).
+//
+// Same result as jax.lax.top_k on CPU: entries ordered by value descending in IEEE total order
+// (+NaN first, -NaN last, +0 before -0), ties to the lower index. One pass over each row keeps a
+// threshold t (the k-th largest key among the candidates so far); a SIMD compare skips blocks
+// with no entry above t, entries above it are appended to a buffer of 2k + 64 candidates that is
+// cut back to k (std::nth_element) when full. Rows are spread over XLA's intra-op thread pool;
+// few long rows (a flat BatchTopK selection) are cut into segments whose candidates are merged.
+//
+// Built and loaded by jsdl/native/__init__.py; see docs/api/native.md.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Cand {
+  int32_t key;
+  int32_t idx;
+};
+
+inline bool Before(const Cand& a, const Cand& b) {
+  return a.key > b.key || (a.key == b.key && a.idx < b.idx);
+}
+
+// A float's bits as an int32 whose signed order is IEEE total order.
+inline int32_t KeyOf(int32_t b) { return b ^ ((b >> 31) & 0x7fffffff); }
+
+// Small k: the candidates kept sorted (insertion), so the threshold is always the current k-th
+// largest and the fewest entries pass it. Large k: a buffer cut back by nth_element (below).
+constexpr int64_t kSortedMaxK = 64;
+
+void SortedTopK(const int32_t* row, int64_t lo, int64_t hi, int64_t k, Cand* out) {
+  int64_t m = 0;
+  auto insert = [&](int64_t i, int32_t key) {
+    // i is larger than every kept index, so it goes after the kept entries with an equal key.
+    int64_t p = m < k ? m++ : k - 1;
+    while (p > 0 && out[p - 1].key < key) {
+      out[p] = out[p - 1];
+      --p;
+    }
+    out[p] = {key, static_cast<int32_t>(i)};
+  };
+  for (int64_t i = lo; i < lo + k; ++i) insert(i, KeyOf(row[i]));
+  int64_t i = lo + k;
+  auto offer = [&](int64_t j, int32_t key) {
+    if (key > out[k - 1].key) insert(j, key);
+  };
+#if defined(__AVX512F__)
+  const __m512i low31 = _mm512_set1_epi32(0x7fffffff);
+  for (; i + 16 <= hi; i += 16) {
+    __m512i b = _mm512_loadu_si512(reinterpret_cast<const void*>(row + i));
+    __m512i key = _mm512_xor_si512(b, _mm512_and_si512(_mm512_srai_epi32(b, 31), low31));
+    uint32_t mask = _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(out[k - 1].key));
+    while (mask) {
+      int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      offer(i + j, KeyOf(row[i + j]));
+    }
+  }
+#elif defined(__AVX2__)
+  const __m256i low31 = _mm256_set1_epi32(0x7fffffff);
+  for (; i + 8 <= hi; i += 8) {
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+    __m256i key = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi32(b, 31), low31));
+    __m256i gt = _mm256_cmpgt_epi32(key, _mm256_set1_epi32(out[k - 1].key));
+    uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(gt)));
+    while (mask) {
+      int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      offer(i + j, KeyOf(row[i + j]));
+    }
+  }
+#endif
+  for (; i < hi; ++i) offer(i, KeyOf(row[i]));
+}
+
+// Top-k of row[lo, hi) (hi - lo >= k), indices relative to the row; the k candidates, sorted.
+void SegmentTopK(const int32_t* row, int64_t lo, int64_t hi, int64_t k, std::vector<Cand>& buf,
+                 Cand* out) {
+  if (k <= kSortedMaxK) return SortedTopK(row, lo, hi, k, out);
+  const size_t cap = static_cast<size_t>(2 * k + 64);
+  buf.clear();
+  buf.reserve(cap);
+  int32_t t = INT32_MAX;
+  for (int64_t i = lo; i < lo + k; ++i) {
+    int32_t key = KeyOf(row[i]);
+    buf.push_back({key, static_cast<int32_t>(i)});
+    t = std::min(t, key);
+  }
+  auto compact = [&]() {
+    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), Before);
+    buf.resize(k);
+    t = buf[k - 1].key;
+  };
+  auto offer = [&](int64_t i, int32_t key) {
+    if (key > t) {
+      buf.push_back({key, static_cast<int32_t>(i)});
+      if (buf.size() == cap) compact();
+    }
+  };
+  int64_t i = lo + k;
+#if defined(__AVX512F__)
+  const __m512i low31 = _mm512_set1_epi32(0x7fffffff);
+  for (; i + 16 <= hi; i += 16) {
+    __m512i b = _mm512_loadu_si512(reinterpret_cast<const void*>(row + i));
+    __m512i key = _mm512_xor_si512(b, _mm512_and_si512(_mm512_srai_epi32(b, 31), low31));
+    uint32_t mask = _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(t));
+    while (mask) {
+      int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      offer(i + j, KeyOf(row[i + j]));
+    }
+  }
+#elif defined(__AVX2__)
+  const __m256i low31 = _mm256_set1_epi32(0x7fffffff);
+  for (; i + 8 <= hi; i += 8) {
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+    __m256i key = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi32(b, 31), low31));
+    __m256i gt = _mm256_cmpgt_epi32(key, _mm256_set1_epi32(t));
+    uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(gt)));
+    while (mask) {
+      int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      offer(i + j, KeyOf(row[i + j]));
+    }
+  }
+#else
+  for (; i + 16 <= hi; i += 16) {
+    int32_t mx = INT32_MIN;
+    for (int j = 0; j < 16; ++j) mx = std::max(mx, KeyOf(row[i + j]));
+    if (mx > t)
+      for (int j = 0; j < 16; ++j) offer(i + j, KeyOf(row[i + j]));
+  }
+#endif
+  for (; i < hi; ++i) offer(i, KeyOf(row[i]));
+  if (buf.size() > static_cast<size_t>(k)) compact();
+  std::sort(buf.begin(), buf.end(), Before);
+  std::copy(buf.begin(), buf.begin() + k, out);
+}
+
+// Runs work(item) for item in [0, items) on the calling thread and up to threads - 1 pool threads.
+// The caller waits only for items that a thread has started, never for a task still queued, so a
+// busy or single-threaded pool cannot deadlock it.
+struct Progress {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> busy{0};
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+template <typename Work>
+void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t items, Work work) {
+  auto progress = std::make_shared<Progress>();
+  auto run = [items, work](Progress* p) {
+    for (;;) {
+      p->busy.fetch_add(1);
+      int64_t item = p->next.fetch_add(1);
+      if (item < items) work(item);
+      if (p->busy.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> lock(p->mu);
+        p->cv.notify_all();
+      }
+      if (item >= items) return;
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([progress, run]() { run(progress.get()); });
+  run(progress.get());
+  std::unique_lock<std::mutex> lock(progress->mu);
+  progress->cv.wait(lock, [&] { return progress->busy.load() == 0; });
+}
+
+ffi::Error TopKIndices(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::ResultBuffer<ffi::S32> idx,
+                       int64_t k, int64_t max_threads) {
+  auto dims = z.dimensions();
+  if (dims.size() == 0) return ffi::Error::InvalidArgument("jsdl_top_k: operand must have rank >= 1");
+  const int64_t n = dims.back();
+  int64_t rows = 1;
+  for (size_t d = 0; d + 1 < dims.size(); ++d) rows *= dims[d];
+  if (k < 1 || k > n) return ffi::Error::InvalidArgument("jsdl_top_k: need 1 <= k <= n");
+  if (n > INT32_MAX) return ffi::Error::InvalidArgument("jsdl_top_k: rows longer than 2^31 - 1");
+  if (rows == 0) return ffi::Error::Success();
+  const int32_t* zp = reinterpret_cast<const int32_t*>(z.typed_data());
+  int32_t* ip = idx->typed_data();
+
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(max_threads, pool.num_threads() + 1));
+  if (rows * n < (int64_t{1} << 15)) threads = 1;  // not worth waking a thread
+  // Few long rows: cut each row into segments of at least max(4k, 2^14) entries.
+  int64_t segments = 1;
+  if (rows < 2 * threads) {
+    int64_t seg_min = std::max<int64_t>(4 * k, int64_t{1} << 14);
+    segments = std::max<int64_t>(1, std::min<int64_t>((2 * threads + rows - 1) / rows, n / seg_min));
+  }
+  if (segments == 1) {
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64, rows / (8 * threads)));
+    const int64_t items = (rows + chunk - 1) / chunk;
+    ParallelFor(pool, std::min(threads, items), items, [=](int64_t item) {
+      std::vector<Cand> buf;
+      std::vector<Cand> out(k);
+      for (int64_t r = item * chunk; r < std::min(rows, (item + 1) * chunk); ++r) {
+        SegmentTopK(zp + r * n, 0, n, k, buf, out.data());
+        for (int64_t j = 0; j < k; ++j) ip[r * k + j] = out[j].idx;
+      }
+    });
+    return ffi::Error::Success();
+  }
+  std::vector<Cand> cands(static_cast<size_t>(rows * segments * k));
+  const int64_t seg_len = n / segments;
+  ParallelFor(pool, std::min(threads, rows * segments), rows * segments, [&](int64_t item) {
+    const int64_t r = item / segments, s = item % segments;
+    const int64_t lo = s * seg_len, hi = s + 1 == segments ? n : lo + seg_len;
+    std::vector<Cand> buf;
+    SegmentTopK(zp + r * n, lo, hi, k, buf, cands.data() + item * k);
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    auto first = cands.begin() + r * segments * k, last = first + segments * k;
+    std::nth_element(first, first + (k - 1), last, Before);
+    std::sort(first, first + k, Before);
+    for (int64_t j = 0; j < k; ++j) ip[r * k + j] = first[j].idx;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsdlTopKIndices, TopKIndices,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("max_threads"));
