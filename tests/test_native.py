@@ -1,0 +1,157 @@
+"""jsdl's native CPU top-k (jsdl/native): the same indices and values as ``jax.lax.top_k`` on every
+path of the kernel (sorted candidates for k <= 64, the nth_element buffer above, segments for few
+long rows, SIMD blocks and scalar tails), the same gradient through ``shardops.local_top_k``, vmap,
+and the JSDL_NATIVE policy with a failed build. Everything needs the kernel built: on a machine with
+a C++ compiler a failed build fails these tests instead of skipping them."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jsdl import native, shardops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+if shutil.which(os.environ.get("CXX", "g++")) is None and native.mode() != "on":
+    pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler: jsdl.native not built")
+
+
+def _native(z, k):
+    idx = jax.jit(native.top_k_indices, static_argnums=1)(z, k)
+    return jnp.take_along_axis(z, idx, axis=-1), idx
+
+
+def _assert_equal_to_lax(z, k):
+    z = jnp.asarray(z)
+    v0, i0 = jax.jit(jax.lax.top_k, static_argnums=1)(z, k)
+    v1, i1 = _native(z, k)
+    np.testing.assert_array_equal(np.asarray(i1), np.asarray(i0))
+    np.testing.assert_array_equal(np.asarray(v1), np.asarray(v0))  # NaNs compare equal here
+
+
+def test_builds_where_a_compiler_exists():
+    assert native.available(), native.status()
+    assert native.status().startswith("native kernels: on")
+    assert native.library_path().exists()
+
+
+@pytest.mark.parametrize("shape,k", [
+    ((64, 512), 8),  # sorted candidates, SIMD blocks
+    ((7, 33), 5),  # a scalar tail after two blocks
+    ((3, 16), 16),  # k = n
+    ((1, 5), 1),  # shorter than one block
+    ((5, 1000), 700),  # the buffer path (k > 64), k close to n
+    ((16, 4096), 384),  # the buffer path, AuxK-like
+    ((4, 8, 300), 12),  # several leading axes are rows
+    ((2**18 + 3,), 1000),  # one long row: segments merged, odd length
+    ((3, 2**16), 40),  # few long rows: segments per row
+])
+def test_equals_lax_top_k(shape, k):
+    z = np.random.default_rng(sum(shape) + k).standard_normal(shape).astype(np.float32)
+    _assert_equal_to_lax(z, k)
+
+
+def test_ties_and_special_values_follow_lax_order():
+    """IEEE total order: +NaN first, -NaN last, +0 before -0; equal values by lower index."""
+    rng = np.random.default_rng(0)
+    _assert_equal_to_lax(rng.integers(0, 4, (50, 300)).astype(np.float32), 20)
+    _assert_equal_to_lax(rng.integers(0, 3, (2, 2**16)).astype(np.float32), 100)  # ties across segments
+    neg_nan = np.frombuffer(np.uint32(0xFFC00000).tobytes(), np.float32)[0]
+    special = np.array([np.nan, neg_nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -1.0], np.float32)
+    z = rng.choice(special, (40, 200))
+    for k in (1, 10, 200):
+        _assert_equal_to_lax(z, k)
+
+
+def test_adversarial_orders():
+    """Ascending rows move the threshold at every entry; descending rows never."""
+    z = np.sort(np.random.default_rng(1).standard_normal((8, 5000)).astype(np.float32), axis=1)
+    for k in (8, 64, 65, 500):
+        _assert_equal_to_lax(z, k)
+        _assert_equal_to_lax(z[:, ::-1].copy(), k)
+
+
+def test_local_top_k_uses_it_with_the_same_gradient_and_vmap():
+    z = jnp.asarray(np.random.default_rng(2).standard_normal((4, 64, 512)).astype(np.float32))
+    jaxpr = str(jax.make_jaxpr(lambda z: shardops.local_top_k(z, 8))(z))
+    assert "jsdl_top_k_indices" in jaxpr and "top_k[" not in jaxpr
+    w = jnp.arange(8.0)
+    g0 = jax.grad(lambda z: jnp.sum(jax.lax.top_k(z, 8)[0] ** 2 * w))(z)
+    g1 = jax.grad(lambda z: jnp.sum(shardops.local_top_k(z, 8)[0] ** 2 * w))(z)
+    np.testing.assert_array_equal(g1, g0)
+    i0 = jax.lax.top_k(z, 8)[1]
+    i1 = jax.jit(jax.vmap(lambda zm: shardops.local_top_k(zm, 8)[1]))(z)
+    np.testing.assert_array_equal(i1, i0)
+
+
+def test_what_it_does_not_take():
+    z64 = jnp.zeros((4, 8), jnp.float64) if jax.config.jax_enable_x64 else None
+    if z64 is not None:
+        assert not native.supports_top_k(z64, 2)
+    z = jnp.zeros((4, 8), jnp.float32)
+    assert native.supports_top_k(z, 8)
+    assert not native.supports_top_k(z, 9) and not native.supports_top_k(z, 0)
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        native.top_k_indices(z, 9)
+    # what it does not take falls back to lax.top_k
+    assert "top_k[" in str(jax.make_jaxpr(lambda z: shardops.local_top_k(z, 2))(jnp.zeros((4, 8), jnp.bfloat16)))
+
+
+def test_mode_parsing():
+    assert native.mode({}) == "auto"
+    assert native.mode({"JSDL_NATIVE": "1"}) == "on" and native.mode({"JSDL_NATIVE": "Off"}) == "off"
+    with pytest.raises(ValueError, match="JSDL_NATIVE"):
+        native.mode({"JSDL_NATIVE": "sometimes"})
+
+
+def _child(code, **env):
+    e = dict(os.environ, PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=e,
+                          cwd=ROOT, timeout=300)
+
+
+PROBE = """
+    import warnings, jax, jax.numpy as jnp, numpy as np
+    from jsdl import native, shardops
+    z = jnp.asarray(np.random.default_rng(0).standard_normal((32, 256)).astype(np.float32))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        v, i = shardops.local_top_k(z, 8)
+    assert (np.asarray(i) == np.asarray(jax.lax.top_k(z, 8)[1])).all()
+    print("STATUS", native.status())
+    print("WARNINGS", len([x for x in w if "native" in str(x.message)]))
+"""
+
+
+def test_policy_in_fresh_processes(tmp_path):
+    """off: never built; auto with no compiler: one warning, XLA's top_k, same result; on with no
+    compiler: an error; a fresh cache directory: two processes build concurrently and both load."""
+    off = _child(PROBE, JSDL_NATIVE="off", JSDL_CACHE_DIR=str(tmp_path / "off"))
+    assert off.returncode == 0, off.stderr
+    assert "STATUS native kernels: off" in off.stdout and not (tmp_path / "off").exists()
+
+    broken = dict(JSDL_CACHE_DIR=str(tmp_path / "broken"), CXX=str(tmp_path / "no-such-compiler"))
+    auto = _child(PROBE, JSDL_NATIVE="auto", **broken)
+    assert auto.returncode == 0, auto.stderr
+    assert "STATUS native kernels: unavailable" in auto.stdout and "WARNINGS 1" in auto.stdout, auto.stdout
+
+    on = _child(PROBE, JSDL_NATIVE="on", **broken)
+    assert on.returncode != 0 and "JSDL_NATIVE=on but the native kernels are unavailable" in on.stderr
+
+    fresh = dict(JSDL_NATIVE="on", JSDL_CACHE_DIR=str(tmp_path / "fresh"))
+    e = dict(os.environ, PYTHONPATH=str(ROOT), **fresh)
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(PROBE)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert "STATUS native kernels: on" in out and "WARNINGS 0" in out
+    libs = list((tmp_path / "fresh" / "native").iterdir())
+    assert len(libs) == 1 and libs[0].suffix == ".so", libs  # no temporary left behind
