@@ -373,6 +373,10 @@ def run(args) -> int:
 
     key = jax.random.PRNGKey(cfg.seed)
     record = {"config": cfg.to_dict(), "plugins": plugin_recs, "host_tuning": host}
+    if jax.default_backend() == "cpu":  # the CPU's top-k: jsdl's native kernel or XLA's (jsdl.native)
+        from jsdl import native
+
+        record["native"] = native.status()
     if cfg.data.files is not None:
         data = _files_data(cfg, spec, record)
     else:
