@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jsdl import native as _native
 from jsdl import shardops as _shardops
 
 __all__ = [
@@ -161,6 +162,8 @@ def _gather_dot(u, W, cols, rows, impl):
     if impl == "gather":
         ur = u[:, None, :] if rows is None else u[rows]
         return jnp.sum(ur * W[cols], axis=-1)
+    if _native.supports_scatter_rows(u, W):  # equal to rounding (the dot's summation order differs)
+        return _native.gather_dot(u, W, cols, rows)
 
     def body(j, out):
         uj = u if rows is None else jnp.take(u, _slot(rows, j), axis=0)
@@ -177,6 +180,8 @@ def _scatter_rows(vals, src, cols, rows, n, impl):
         s = src[:, None, :] if rows is None else src[rows]
         upd = (vals[..., None] * s).reshape(-1, m)
         return jax.ops.segment_sum(upd, cols.reshape(-1), num_segments=n)
+    if _native.supports_scatter_rows(vals, src):  # the same sums, to the bit, without k passes over [n, m]
+        return _native.scatter_rows(vals, src, cols, rows, n)
 
     def body(j, acc):
         sj = src if rows is None else jnp.take(src, _slot(rows, j), axis=0)
@@ -193,6 +198,11 @@ def _decode_rows(vals, Wr, cols, rows, B, impl):
         if rows is None:
             return jnp.sum(upd, axis=1)
         return jax.ops.segment_sum(upd.reshape(-1, m), rows.reshape(-1), num_segments=B)
+    if _native.supports_scatter_rows(vals, Wr):
+        # The same sums to the bit: entries scattered to their samples, source rows Wr[cols].
+        target = rows if rows is not None else jax.lax.broadcasted_iota(jnp.int32, cols.shape, 0)
+        # XLA fuses the TopK loop's product and sum (acc + upd) into one multiply-add.
+        return _native.scatter_rows(vals, Wr, target, cols, B, fused=rows is None)
 
     def body(j, acc):
         upd = _slot(vals, j)[:, None] * jnp.take(Wr, _slot(cols, j), axis=0)

@@ -155,3 +155,101 @@ def test_policy_in_fresh_processes(tmp_path):
         assert "STATUS native kernels: on" in out and "WARNINGS 0" in out
     libs = list((tmp_path / "fresh" / "native").iterdir())
     assert len(libs) == 1 and libs[0].suffix == ".so", libs  # no temporary left behind
+
+
+def _xla_kernels(monkeypatch):
+    """jsdl.kernels with the native kernels switched off (XLA's slot loops), for reference."""
+    from jsdl import kernels as K
+
+    monkeypatch.setattr(native, "supports_scatter_rows", lambda *a: False)
+    return K
+
+
+def _entries(rng, B, k, n, S, rows):
+    cols = jnp.asarray(rng.integers(0, n, (B, k)).astype(np.int32))
+    r = jnp.asarray(rng.integers(0, S, (B, k)).astype(np.int32)) if rows else None
+    vals = jnp.asarray(rng.standard_normal((B, k)).astype(np.float32))
+    return vals, cols, r
+
+
+@pytest.mark.parametrize("rows", [False, True])
+@pytest.mark.parametrize("B,k,n,m", [(64, 4, 100, 16), (256, 8, 512, 70), (512, 16, 64, 33)])
+def test_scatter_and_decode_equal_xla_loops_to_the_bit(monkeypatch, B, k, n, m, rows):
+    """dW = scatter of vals x src rows (both backward scatters) and the decode (TopK: XLA fuses its
+    product and sum; BatchTopK: it scatters) against XLA's slot loops, every bit; n = 64 < B
+    makes most latents collect several entries."""
+    from jsdl import kernels as K
+
+    rng = np.random.default_rng(B + k + n + m + rows)
+    vals, cols, r = _entries(rng, B, k, n, B, rows)
+    src = jnp.asarray(rng.standard_normal((B, m)).astype(np.float32))
+    Wr = jnp.asarray(rng.standard_normal((n, m)).astype(np.float32))
+    scatter = jax.jit(lambda v, s, c, r: K._scatter_rows(v, s, c, r, n, "slots"))
+    decode = jax.jit(lambda v, W, c, r: K._decode_rows(v, W, c, r, B, "slots"))
+    assert "jsdl_scatter_rows" in scatter.lower(vals, src, cols, r).as_text()
+    got_s, got_d = scatter(vals, src, cols, r), decode(vals, Wr, cols, r)
+    with monkeypatch.context() as mp:
+        Kx = _xla_kernels(mp)
+        ref_s = jax.jit(lambda v, s, c, r: Kx._scatter_rows(v, s, c, r, n, "slots"))(vals, src, cols, r)
+        ref_d = jax.jit(lambda v, W, c, r: Kx._decode_rows(v, W, c, r, B, "slots"))(vals, Wr, cols, r)
+    np.testing.assert_array_equal(np.asarray(got_s), np.asarray(ref_s))
+    np.testing.assert_array_equal(np.asarray(got_d), np.asarray(ref_d))
+    # and the vectorised form (segment sums), to rounding
+    np.testing.assert_allclose(got_s, K._scatter_rows(vals, src, cols, r, n, "gather"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_gather_dot_equals_xla_to_rounding(monkeypatch, rows):
+    from jsdl import kernels as K
+
+    rng = np.random.default_rng(3 + rows)
+    B, k, n, m = 300, 8, 200, 77  # m not a multiple of 16: a scalar tail
+    _, cols, r = _entries(rng, B, k, n, B, rows)
+    u = jnp.asarray(rng.standard_normal((B, m)).astype(np.float32))
+    W = jnp.asarray(rng.standard_normal((n, m)).astype(np.float32))
+    got = jax.jit(lambda u, W, c, r: K._gather_dot(u, W, c, r, "slots"))(u, W, cols, r)
+    with monkeypatch.context() as mp:
+        Kx = _xla_kernels(mp)
+        ref = jax.jit(lambda u, W, c, r: Kx._gather_dot(u, W, c, r, "slots"))(u, W, cols, r)
+    np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-6 * float(jnp.max(jnp.abs(ref))))
+    exact = np.einsum("bkm,bkm->bk", np.asarray(u, np.float64)[np.asarray(r) if rows else np.arange(B)[:, None]],
+                      np.asarray(W, np.float64)[np.asarray(cols)])
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_vmapped_groups_and_dropped_latents(monkeypatch):
+    """A population (vmap over members: leading axes are groups) equals each member alone, and latent
+    indices follow JAX's ``.at[c].add``: -1 is the last latent, n + 3 is dropped."""
+    from jsdl import kernels as K
+
+    rng = np.random.default_rng(5)
+    M, B, k, n, m = 3, 64, 4, 50, 24
+    vals = jnp.asarray(rng.standard_normal((M, B, k)).astype(np.float32))
+    cols = jnp.asarray(rng.integers(0, n, (M, B, k)).astype(np.int32)).at[0, 0, 0].set(n + 3).at[1, 2, 1].set(-1)
+    src = jnp.asarray(rng.standard_normal((M, B, m)).astype(np.float32))
+    pop = jax.jit(jax.vmap(lambda v, s, c: K._scatter_rows(v, s, c, None, n, "slots")))(vals, src, cols)
+    with monkeypatch.context() as mp:
+        Kx = _xla_kernels(mp)
+        for i in range(M):
+            ref = jax.jit(lambda v, s, c: Kx._scatter_rows(v, s, c, None, n, "slots"))(vals[i], src[i], cols[i])
+            np.testing.assert_array_equal(np.asarray(pop[i]), np.asarray(ref))
+
+
+def test_sparse_step_gradients_match_the_dense_path():
+    """The whole sparse TopK and BatchTopK loss (its scatters, decode and gather_dot native) has the
+    dense path's gradient to float32 rounding."""
+    import jsdl
+
+    rng = np.random.default_rng(7)
+    d, n_q, B = 24, 96, 128
+    x = jnp.asarray(rng.standard_normal((B, d)).astype(np.float32))
+    batch = jsdl.Batch(x, x, None)
+    for act in ("topk", "batchtopk"):
+        sp = jsdl.make_spec(activation=act, n_latents=n_q, k=6, sparse=True)
+        dn = jsdl.make_spec(activation=act, n_latents=n_q, k=6, sparse=False)
+        p = jsdl.init_params(jax.random.PRNGKey(1), sp, d, d)
+        gs = jax.grad(lambda p: jsdl.sdl_loss(p, batch, sp)[0])(p)
+        gd = jax.grad(lambda p: jsdl.sdl_loss(p, batch, dn)[0])(p)
+        assert "jsdl_scatter_rows" in str(jax.make_jaxpr(lambda p: jax.grad(lambda p: jsdl.sdl_loss(p, batch, sp)[0])(p))(p))
+        for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gd)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))) + 1e-7)

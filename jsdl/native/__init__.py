@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 
 __all__ = ["ENV", "mode", "available", "status", "library_path", "build", "top_k_indices", "supports_top_k",
-           "MAX_THREADS"]
+           "scatter_rows", "gather_dot", "supports_scatter_rows", "MAX_THREADS"]
 
 ENV = "JSDL_NATIVE"
 """Environment variable: ``auto`` (default), ``on`` or ``off``."""
@@ -46,8 +46,11 @@ ENV = "JSDL_NATIVE"
 MAX_THREADS = 64
 """Upper bound on the threads one call uses (it also never uses more than XLA's pool + 1)."""
 
-SOURCE = Path(__file__).with_name("topk.cc")
-_TARGET = "jsdl_top_k_indices"
+HERE = Path(__file__).parent
+SOURCES = (HERE / "topk.cc", HERE / "scatter.cc")
+HEADERS = (HERE / "parallel.h",)
+_TARGETS = {"jsdl_top_k_indices": "JsdlTopKIndices", "jsdl_scatter_rows": "JsdlScatterRows",
+            "jsdl_gather_dot": "JsdlGatherDot"}
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -93,7 +96,10 @@ def _cpu_id() -> str:
 
 
 def _flags(include: str) -> list[str]:
-    return ["-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-w", f"-I{include}"]
+    # -ffp-contract=off: no fused multiply-adds, so the scatter rounds each product and each sum as
+    # XLA does, and equals it to the bit.
+    return ["-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-ffp-contract=off", "-w", f"-I{include}",
+            f"-I{HERE}"]
 
 
 def library_path() -> Path:
@@ -103,7 +109,7 @@ def library_path() -> Path:
 
     cxx = _compiler() or "none"
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), cxx.encode(), _cpu_id().encode(),
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), jaxlib.__version__.encode(), cxx.encode(), _cpu_id().encode(),
                  " ".join(_flags(str(jax.ffi.include_dir()))).encode()):
         h.update(part)
         h.update(b"\0")
@@ -124,11 +130,11 @@ def build(force: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
-    cmd = [cxx, *_flags(str(jax.ffi.include_dir())), str(SOURCE), "-o", tmp]
+    cmd = [cxx, *_flags(str(jax.ffi.include_dir())), *map(str, SOURCES), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"building {', '.join(f.name for f in SOURCES)} failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
         os.replace(tmp, path)  # atomic: a concurrent build of the same source replaces an identical file
     finally:
         if os.path.exists(tmp):
@@ -152,8 +158,9 @@ def _load() -> bool:
 
             path = build()
             lib = ctypes.CDLL(str(path))
-            jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JsdlTopKIndices), platform="cpu")
-            jax.ffi.register_ffi_target_as_batch_partitionable(_TARGET)
+            for target, symbol in _TARGETS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+            jax.ffi.register_ffi_target_as_batch_partitionable("jsdl_top_k_indices")
             _state.update(ok=True, lib=lib, path=path, line=f"native kernels: on ({path})")
         except Exception as e:  # noqa: BLE001 - any failure means: fall back, or raise under "on"
             if m == "on":
@@ -197,5 +204,56 @@ def top_k_indices(z, k: int):
     if not supports_top_k(z, k):
         raise ValueError(f"native top_k needs float32 on CPU with 1 <= k <= n; got {z.dtype} {z.shape}, k={k}")
     out = jax.ShapeDtypeStruct(z.shape[:-1] + (k,), jnp.int32)
-    call = jax.ffi.ffi_call(_TARGET, out, vmap_method="broadcast_all")
+    call = jax.ffi.ffi_call("jsdl_top_k_indices", out, vmap_method="broadcast_all")
     return call(jax.lax.stop_gradient(z), k=np.int64(k), max_threads=np.int64(MAX_THREADS))
+
+
+def supports_scatter_rows(vals, src) -> bool:
+    """Whether :func:`scatter_rows` takes these operands: float32, on the CPU backend, the kernels
+    available."""
+    import jax
+
+    return (vals.dtype == np.float32 and src.dtype == np.float32 and vals.ndim >= 2 and src.ndim == vals.ndim
+            and jax.default_backend() == "cpu" and available())
+
+
+def scatter_rows(vals, src, cols, rows, n: int, *, fused: bool = False):
+    """``out[c] = sum over entries (b, j) with cols[b, j] = c of vals[b, j] src[r]``, ``r = rows[b, j]``
+    (or ``b`` when ``rows`` is None): ``vals, cols, rows [..., B, k]``, ``src [..., S, m]`` ->
+    ``[..., n, m]``; leading axes (vmap) are independent groups.
+
+    The backward of the sparse kernels' gathers (``jsdl.kernels._scatter_rows``), equal to the bit
+    to XLA's loop of one scatter-add per slot: the entries are counting-sorted by latent and each
+    latent's row is summed in that loop's order (slot, then sample), with each product and sum
+    rounded as XLA rounds them: separately, or with ``fused=True`` as one fused multiply-add (what
+    XLA's CPU backend emits when a loop adds the products into its accumulator in one fusion).
+    Latents are spread over XLA's threads. Not differentiable; CPU
+    only (check :func:`supports_scatter_rows`)."""
+    import jax
+    import jax.numpy as jnp
+
+    if not supports_scatter_rows(vals, src):
+        raise ValueError(f"native scatter_rows needs float32 on CPU; got {vals.dtype}, {src.dtype}")
+    out = jax.ShapeDtypeStruct(src.shape[:-2] + (int(n), src.shape[-1]), jnp.float32)
+    call = jax.ffi.ffi_call("jsdl_scatter_rows", out, vmap_method="broadcast_all")
+    has_rows = rows is not None
+    return call(vals, src, cols.astype(jnp.int32), (rows if has_rows else cols).astype(jnp.int32),
+                has_rows=np.int64(has_rows), fused=np.int64(bool(fused)), max_threads=np.int64(MAX_THREADS))
+
+
+def gather_dot(u, W, cols, rows):
+    """``out[b, j] = <u[r], W[cols[b, j]]>``, ``r = rows[b, j]`` (or ``b`` when ``rows`` is None):
+    ``u [..., S, m]``, ``W [..., n, m]``, ``cols, rows [..., B, k]`` -> ``[..., B, k]``; leading axes
+    are groups. The sparse decoder's backward for the codes (``jsdl.kernels._gather_dot``); equal
+    to XLA's to float rounding (16 partial sums per dot), not to the bit. Not differentiable; CPU
+    only (check :func:`supports_scatter_rows` with ``u, W``)."""
+    import jax
+    import jax.numpy as jnp
+
+    if not supports_scatter_rows(u, W):
+        raise ValueError(f"native gather_dot needs float32 on CPU; got {u.dtype}, {W.dtype}")
+    out = jax.ShapeDtypeStruct(u.shape[:-2] + cols.shape[-2:], jnp.float32)
+    call = jax.ffi.ffi_call("jsdl_gather_dot", out, vmap_method="broadcast_all")
+    has_rows = rows is not None
+    return call(u, W, cols.astype(jnp.int32), (rows if has_rows else cols).astype(jnp.int32),
+                has_rows=np.int64(has_rows), max_threads=np.int64(MAX_THREADS))

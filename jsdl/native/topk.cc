@@ -9,18 +9,15 @@
 //
 // Built and loaded by jsdl/native/__init__.py; see docs/api/native.md.
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -152,37 +149,6 @@ void SegmentTopK(const int32_t* row, int64_t lo, int64_t hi, int64_t k, std::vec
   std::copy(buf.begin(), buf.begin() + k, out);
 }
 
-// Runs work(item) for item in [0, items) on the calling thread and up to threads - 1 pool threads.
-// The caller waits only for items that a thread has started, never for a task still queued, so a
-// busy or single-threaded pool cannot deadlock it.
-struct Progress {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> busy{0};
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-template <typename Work>
-void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t items, Work work) {
-  auto progress = std::make_shared<Progress>();
-  auto run = [items, work](Progress* p) {
-    for (;;) {
-      p->busy.fetch_add(1);
-      int64_t item = p->next.fetch_add(1);
-      if (item < items) work(item);
-      if (p->busy.fetch_sub(1) == 1) {
-        std::lock_guard<std::mutex> lock(p->mu);
-        p->cv.notify_all();
-      }
-      if (item >= items) return;
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([progress, run]() { run(progress.get()); });
-  run(progress.get());
-  std::unique_lock<std::mutex> lock(progress->mu);
-  progress->cv.wait(lock, [&] { return progress->busy.load() == 0; });
-}
-
 ffi::Error TopKIndices(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::ResultBuffer<ffi::S32> idx,
                        int64_t k, int64_t max_threads) {
   auto dims = z.dimensions();
@@ -196,8 +162,7 @@ ffi::Error TopKIndices(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Resul
   const int32_t* zp = reinterpret_cast<const int32_t*>(z.typed_data());
   int32_t* ip = idx->typed_data();
 
-  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(max_threads, pool.num_threads() + 1));
-  if (rows * n < (int64_t{1} << 15)) threads = 1;  // not worth waking a thread
+  const int64_t threads = jsdl::Threads(pool, max_threads, rows * n);
   // Few long rows: cut each row into segments of at least max(4k, 2^14) entries.
   int64_t segments = 1;
   if (rows < 2 * threads) {
@@ -207,7 +172,7 @@ ffi::Error TopKIndices(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Resul
   if (segments == 1) {
     const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64, rows / (8 * threads)));
     const int64_t items = (rows + chunk - 1) / chunk;
-    ParallelFor(pool, std::min(threads, items), items, [=](int64_t item) {
+    jsdl::ParallelFor(pool, threads, items, [=](int64_t item) {
       std::vector<Cand> buf;
       std::vector<Cand> out(k);
       for (int64_t r = item * chunk; r < std::min(rows, (item + 1) * chunk); ++r) {
@@ -219,7 +184,7 @@ ffi::Error TopKIndices(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Resul
   }
   std::vector<Cand> cands(static_cast<size_t>(rows * segments * k));
   const int64_t seg_len = n / segments;
-  ParallelFor(pool, std::min(threads, rows * segments), rows * segments, [&](int64_t item) {
+  jsdl::ParallelFor(pool, threads, rows * segments, [&](int64_t item) {
     const int64_t r = item / segments, s = item % segments;
     const int64_t lo = s * seg_len, hi = s + 1 == segments ? n : lo + seg_len;
     std::vector<Cand> buf;
