@@ -29,6 +29,9 @@ decoder backward 0.06 + 0.09 s), and about a third of the dense ``[B, n_q] x [n_
 (0.7 s). So on CPU the kernels loop over slots (``impl="slots"``); elsewhere (GPU/TPU, where a
 large gather is bandwidth-bound and fast) they use one vectorised gather / segment-sum
 (``impl="gather"``). Both are exact and tested against each other and against the dense path.
+On CPU, for float32, the slot loops' scatter-adds, decode and row dots are jsdl's native kernels
+(:mod:`jsdl.native`; the scatters and the decode equal to the loops to the bit), 2x faster than the
+loops at (512, 4096, k 32, B 4096).
 """
 from __future__ import annotations
 

@@ -43,7 +43,8 @@ def test_builds_where_a_compiler_exists():
 
 
 @pytest.mark.parametrize("shape,k", [
-    ((64, 512), 8),  # sorted candidates, SIMD blocks
+    ((64, 512), 8),  # sorted candidates behind a block-maximum floor, SIMD blocks
+    ((9, 5000), 8),  # rows too long for the floor
     ((7, 33), 5),  # a scalar tail after two blocks
     ((3, 16), 16),  # k = n
     ((1, 5), 1),  # shorter than one block
@@ -63,16 +64,19 @@ def test_ties_and_special_values_follow_lax_order():
     rng = np.random.default_rng(0)
     _assert_equal_to_lax(rng.integers(0, 4, (50, 300)).astype(np.float32), 20)
     _assert_equal_to_lax(rng.integers(0, 3, (2, 2**16)).astype(np.float32), 100)  # ties across segments
+    for k in (1, 8, 32):  # rows of 64 blocks: the block-maximum floor, equal to many entries
+        _assert_equal_to_lax(rng.integers(0, 5, (30, 1024)).astype(np.float32), k)
     neg_nan = np.frombuffer(np.uint32(0xFFC00000).tobytes(), np.float32)[0]
     special = np.array([np.nan, neg_nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -1.0], np.float32)
-    z = rng.choice(special, (40, 200))
-    for k in (1, 10, 200):
-        _assert_equal_to_lax(z, k)
+    for shape in ((40, 200), (20, 1024)):  # without and with the floor
+        z = rng.choice(special, shape)
+        for k in (1, 10, 200):
+            _assert_equal_to_lax(z, k)
 
 
 def test_adversarial_orders():
     """Ascending rows move the threshold at every entry; descending rows never."""
-    z = np.sort(np.random.default_rng(1).standard_normal((8, 5000)).astype(np.float32), axis=1)
+    z = np.sort(np.random.default_rng(1).standard_normal((8, 2000)).astype(np.float32), axis=1)
     for k in (8, 64, 65, 500):
         _assert_equal_to_lax(z, k)
         _assert_equal_to_lax(z[:, ::-1].copy(), k)

@@ -1,25 +1,36 @@
 """Native CPU kernels: XLA FFI custom calls that jsdl compiles on first use.
 
-XLA's CPU ``TopK`` is a serial ``std::partial_sort`` per row, at about 3.5 ns per entry. It is the
-largest single op of a small TopK step and of every population step, and costs the same per
-member in both (benchmarks/NOTES.md). :func:`top_k_indices` is an exact replacement on CPU
-(``topk.cc`` next to this file): one SIMD pass per row behind a running threshold, rows spread over
-XLA's intra-op threads, a long row (BatchTopK's flat selection) cut into segments whose candidates
-are merged. It returns the indices ``jax.lax.top_k`` returns, in the same order (IEEE total order:
-``+NaN`` first and ``-NaN`` last, ``+0`` before ``-0``, ties to the lower index), for float32
-operands on the CPU backend; callers read the values with a gather, which carries the gradient.
+On a CPU, the ops of a TopK-family training step that do not go to the matrix library were XLA's
+``TopK`` (a serial ``std::partial_sort`` per row, about 3.5 ns per entry; the largest single op of
+a small step and of every population step, at the same cost per member) and the sparse kernels'
+loops over the ``k`` slots (one gather or scatter-add of ``B`` rows per slot, each reading and
+writing the whole accumulator). Three kernels replace them (``topk.cc``, ``scatter.cc``):
+
+- :func:`top_k_indices`: one SIMD pass per row behind a running threshold; a long row (BatchTopK's
+  flat selection) is cut into segments whose candidates are merged. The indices ``jax.lax.top_k``
+  returns, in the same order (IEEE total order: ``+NaN`` first and ``-NaN`` last, ``+0`` before
+  ``-0``, ties to the lower index); callers read the values with a gather, which carries the
+  gradient.
+- :func:`scatter_rows`: ``out[c] += vals * src[r]`` over all entries, for both backward
+  scatter-adds and the decode: counting-sorted once, each row summed in place in the order and
+  with the roundings of XLA's slot loop, so equal to it to the bit.
+- :func:`gather_dot`: ``<u[r], W[c]>`` per entry, the decoder's backward for the codes; equal to
+  XLA's to float rounding.
+
+Each spreads its rows over XLA's intra-op threads (``ffi::ThreadPool``) and takes float32 on the
+CPU backend; ``jsdl.shardops`` and ``jsdl.kernels`` call them where :func:`supports_top_k` /
+:func:`supports_scatter_rows` say so and keep XLA's ops otherwise (float64, bfloat16, accelerators).
 
 The library is built with the host's C++ compiler (``$CXX``, else ``g++``, ``c++`` or ``clang++``)
 against the FFI headers that ship with jaxlib, for this CPU (``-march=native``), into
 ``$JSDL_CACHE_DIR/native`` (default ``$XDG_CACHE_HOME/jsdl/native``, ``~/.cache/jsdl/native``),
-under a name that hashes the source, jaxlib's version, the compiler and the CPU, so a change of any
-of them builds again. A build takes about 2 s; concurrent processes each build and the last
+under a name that hashes the sources, jaxlib's version, the compiler and the CPU, so a change of any
+of them builds again. A build takes a few seconds; concurrent processes each build and the last
 atomic rename wins.
 
 ``JSDL_NATIVE`` sets the policy: ``auto`` (default: use the kernels when they build, else fall back
 to XLA's ops with one warning), ``on`` (a failed build is an error) or ``off`` (never build, always
-XLA's ops). :func:`status` says what this process uses. Nothing changes on accelerators: there the
-callers keep ``jax.lax.top_k``.
+XLA's ops). :func:`status` says what this process uses.
 """
 from __future__ import annotations
 

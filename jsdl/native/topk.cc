@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -39,6 +40,7 @@ inline int32_t KeyOf(int32_t b) { return b ^ ((b >> 31) & 0x7fffffff); }
 // Small k: the candidates kept sorted (insertion), so the threshold is always the current k-th
 // largest and the fewest entries pass it. Large k: a buffer cut back by nth_element (below).
 constexpr int64_t kSortedMaxK = 64;
+constexpr int64_t kFloorMaxBlocks = 256;
 
 void SortedTopK(const int32_t* row, int64_t lo, int64_t hi, int64_t k, Cand* out) {
   int64_t m = 0;
@@ -51,17 +53,46 @@ void SortedTopK(const int32_t* row, int64_t lo, int64_t hi, int64_t k, Cand* out
     }
     out[p] = {key, static_cast<int32_t>(i)};
   };
-  for (int64_t i = lo; i < lo + k; ++i) insert(i, KeyOf(row[i]));
-  int64_t i = lo + k;
+  // A floor first, for rows of 2k to 256 blocks of 16: the k-th largest block maximum. At least k
+  // entries reach it, so an entry below it is not among the k largest. It keeps the entries that
+  // pass while the k slots fill (and their mispredicted branches) few: 20% faster on [., 512]
+  // rows, k 8; on rows of 16384 the second pass over the row cost more (40% slower).
+  const int64_t nb = (hi - lo) / 16;
+  int32_t floor_key = INT32_MIN;
+  if (nb >= 2 * k && nb <= kFloorMaxBlocks) {
+    thread_local std::vector<int32_t> maxima;
+    maxima.resize(nb);
+    for (int64_t b = 0; b < nb; ++b) {
+      const int32_t* blk = row + lo + 16 * b;
+      int32_t mx = INT32_MIN;
+      for (int l = 0; l < 16; ++l) mx = std::max(mx, KeyOf(blk[l]));
+      maxima[b] = mx;
+    }
+    std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(), std::greater<int32_t>());
+    floor_key = maxima[k - 1];
+  }
   auto offer = [&](int64_t j, int32_t key) {
-    if (key > out[k - 1].key) insert(j, key);
+    if (m < k ? key >= floor_key : key > out[k - 1].key) insert(j, key);
   };
+  // Entries a block's mask lets through: key > thr, or every entry while k slots are free and no
+  // floor is set (thr would be INT32_MIN - 1).
+  auto threshold = [&](bool& all) -> int32_t {
+    if (m < k) {
+      all = floor_key == INT32_MIN;
+      return all ? INT32_MIN : floor_key - 1;
+    }
+    all = false;
+    return out[k - 1].key;
+  };
+  int64_t i = lo;
 #if defined(__AVX512F__)
   const __m512i low31 = _mm512_set1_epi32(0x7fffffff);
   for (; i + 16 <= hi; i += 16) {
+    bool all;
+    const int32_t thr = threshold(all);
     __m512i b = _mm512_loadu_si512(reinterpret_cast<const void*>(row + i));
     __m512i key = _mm512_xor_si512(b, _mm512_and_si512(_mm512_srai_epi32(b, 31), low31));
-    uint32_t mask = _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(out[k - 1].key));
+    uint32_t mask = all ? 0xffffu : _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(thr));
     while (mask) {
       int j = __builtin_ctz(mask);
       mask &= mask - 1;
@@ -71,10 +102,12 @@ void SortedTopK(const int32_t* row, int64_t lo, int64_t hi, int64_t k, Cand* out
 #elif defined(__AVX2__)
   const __m256i low31 = _mm256_set1_epi32(0x7fffffff);
   for (; i + 8 <= hi; i += 8) {
+    bool all;
+    const int32_t thr = threshold(all);
     __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
     __m256i key = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi32(b, 31), low31));
-    __m256i gt = _mm256_cmpgt_epi32(key, _mm256_set1_epi32(out[k - 1].key));
-    uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(gt)));
+    __m256i gt = _mm256_cmpgt_epi32(key, _mm256_set1_epi32(thr));
+    uint32_t mask = all ? 0xffu : static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(gt)));
     while (mask) {
       int j = __builtin_ctz(mask);
       mask &= mask - 1;
