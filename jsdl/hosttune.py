@@ -33,6 +33,8 @@ import ctypes
 import os
 from typing import Optional
 
+from jsdl import _env
+
 __all__ = ["ENV", "LARGE_STEP_ENTRIES", "mode", "wants_tuning", "tune_host", "status"]
 
 ENV = "JSDL_HOST_TUNING"
@@ -50,14 +52,7 @@ _applied: dict = {}
 def mode(environ=os.environ) -> str:
     """The policy from ``JSDL_HOST_TUNING``: ``auto``, ``on`` or ``off`` (1/true/yes = on,
     0/false/no = off)."""
-    v = environ.get(ENV, "auto").strip().lower()
-    if v in ("on", "1", "true", "yes"):
-        return "on"
-    if v in ("off", "0", "false", "no"):
-        return "off"
-    if v in ("auto", ""):
-        return "auto"
-    raise ValueError(f"{ENV}={environ.get(ENV)!r}: use auto, on or off")
+    return _env.policy(ENV, environ)
 
 
 def wants_tuning(batch_size: int, n_latents: int, members: int = 1, environ=os.environ) -> bool:

@@ -257,3 +257,34 @@ def test_sparse_step_gradients_match_the_dense_path():
         assert "jsdl_scatter_rows" in str(jax.make_jaxpr(lambda p: jax.grad(lambda p: jsdl.sdl_loss(p, batch, sp)[0])(p))(p))
         for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gd)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))) + 1e-7)
+
+
+PORTABLE_PROBE = """
+    import jax, jax.numpy as jnp, numpy as np
+    from jsdl import native, shardops
+    from jsdl import kernels as K
+    assert native.available(), native.status()
+    rng = np.random.default_rng(0)
+    cases = [((64, 512), 8), ((9, 5000), 8), ((7, 33), 5), ((16, 4096), 100), ((2**17 + 5,), 700)]
+    for shape, k in cases:
+        z = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+        assert (np.asarray(shardops.local_top_k(z, k)[1]) == np.asarray(jax.lax.top_k(z, k)[1])).all(), shape
+    z = jnp.asarray(rng.integers(0, 4, (30, 1024)).astype(np.float32))
+    assert (np.asarray(shardops.local_top_k(z, 8)[1]) == np.asarray(jax.lax.top_k(z, 8)[1])).all()
+    vals = jnp.asarray(rng.standard_normal((128, 4)).astype(np.float32))
+    cols = jnp.asarray(rng.integers(0, 40, (128, 4)).astype(np.int32))
+    src = jnp.asarray(rng.standard_normal((128, 37)).astype(np.float32))
+    got = K._scatter_rows(vals, src, cols, None, 40, "slots")
+    ref = np.zeros((40, 37)); np.add.at(ref, np.asarray(cols).reshape(-1), (np.asarray(vals)[..., None] * np.asarray(src)[:, None]).reshape(-1, 37))
+    assert np.allclose(got, ref, atol=1e-5), float(np.abs(got - ref).max())
+    print("PORTABLE OK", native.status())
+"""
+
+
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-avx"])
+def test_narrower_instruction_sets(tmp_path, flags):
+    """The AVX2 and the portable code paths, built on this machine by masking its wider instructions
+    (a machine without AVX-512, e.g. many AMD and ARM hosts, runs them)."""
+    out = _child(PORTABLE_PROBE, JSDL_NATIVE="on", JSDL_CACHE_DIR=str(tmp_path), JSDL_NATIVE_CXXFLAGS=flags)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "PORTABLE OK" in out.stdout

@@ -48,6 +48,8 @@ from typing import Optional
 
 import numpy as np
 
+from jsdl import _env
+
 __all__ = ["ENV", "mode", "available", "status", "library_path", "build", "top_k_indices", "supports_top_k",
            "scatter_rows", "gather_dot", "supports_scatter_rows", "MAX_THREADS"]
 
@@ -68,14 +70,7 @@ _state: dict = {}
 
 def mode(environ=os.environ) -> str:
     """The policy from ``JSDL_NATIVE``: ``auto``, ``on`` or ``off`` (1/true/yes = on, 0/false/no = off)."""
-    v = environ.get(ENV, "auto").strip().lower()
-    if v in ("on", "1", "true", "yes"):
-        return "on"
-    if v in ("off", "0", "false", "no"):
-        return "off"
-    if v in ("auto", ""):
-        return "auto"
-    raise ValueError(f"{ENV}={environ.get(ENV)!r}: use auto, on or off")
+    return _env.policy(ENV, environ)
 
 
 def _cache_dir() -> Path:
@@ -108,9 +103,11 @@ def _cpu_id() -> str:
 
 def _flags(include: str) -> list[str]:
     # -ffp-contract=off: no fused multiply-adds, so the scatter rounds each product and each sum as
-    # XLA does, and equals it to the bit.
+    # XLA does, and equals it to the bit. JSDL_NATIVE_CXXFLAGS comes last (e.g. "-mno-avx512f" to
+    # build the AVX2 code on an AVX-512 machine, as tests/test_native.py does).
+    extra = os.environ.get("JSDL_NATIVE_CXXFLAGS", "").split()
     return ["-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-ffp-contract=off", "-w", f"-I{include}",
-            f"-I{HERE}"]
+            f"-I{HERE}", *extra]
 
 
 def library_path() -> Path:

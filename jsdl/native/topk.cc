@@ -37,6 +37,54 @@ inline bool Before(const Cand& a, const Cand& b) {
 // A float's bits as an int32 whose signed order is IEEE total order.
 inline int32_t KeyOf(int32_t b) { return b ^ ((b >> 31) & 0x7fffffff); }
 
+// Offers the entries of row[i, hi) to offer(index, key) in index order, skipping every entry whose
+// key is at or below threshold(all) when its block is read (all = true: the whole block is
+// offered). offer re-checks each entry against the current state. AVX-512, AVX2 or portable code,
+// as the compiler targets (JSDL_NATIVE_CXXFLAGS can force the narrower ones; tests do).
+template <typename Threshold, typename Offer>
+inline void Scan(const int32_t* row, int64_t i, int64_t hi, Threshold threshold, Offer offer) {
+#if defined(__AVX512F__)
+  const __m512i low31 = _mm512_set1_epi32(0x7fffffff);
+  for (; i + 16 <= hi; i += 16) {
+    bool all;
+    const int32_t thr = threshold(all);
+    __m512i b = _mm512_loadu_si512(reinterpret_cast<const void*>(row + i));
+    __m512i key = _mm512_xor_si512(b, _mm512_and_si512(_mm512_srai_epi32(b, 31), low31));
+    uint32_t mask = all ? 0xffffu : _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(thr));
+    while (mask) {
+      int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      offer(i + j, KeyOf(row[i + j]));
+    }
+  }
+#elif defined(__AVX2__)
+  const __m256i low31 = _mm256_set1_epi32(0x7fffffff);
+  for (; i + 8 <= hi; i += 8) {
+    bool all;
+    const int32_t thr = threshold(all);
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+    __m256i key = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi32(b, 31), low31));
+    __m256i gt = _mm256_cmpgt_epi32(key, _mm256_set1_epi32(thr));
+    uint32_t mask = all ? 0xffu : static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(gt)));
+    while (mask) {
+      int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      offer(i + j, KeyOf(row[i + j]));
+    }
+  }
+#else
+  for (; i + 16 <= hi; i += 16) {
+    bool all;
+    const int32_t thr = threshold(all);
+    int32_t mx = INT32_MIN;
+    for (int j = 0; j < 16; ++j) mx = std::max(mx, KeyOf(row[i + j]));
+    if (all || mx > thr)
+      for (int j = 0; j < 16; ++j) offer(i + j, KeyOf(row[i + j]));
+  }
+#endif
+  for (; i < hi; ++i) offer(i, KeyOf(row[i]));
+}
+
 // Small k: the candidates kept sorted (insertion), so the threshold is always the current k-th
 // largest and the fewest entries pass it. Large k: a buffer cut back by nth_element (below).
 constexpr int64_t kSortedMaxK = 64;
@@ -84,38 +132,7 @@ void SortedTopK(const int32_t* row, int64_t lo, int64_t hi, int64_t k, Cand* out
     all = false;
     return out[k - 1].key;
   };
-  int64_t i = lo;
-#if defined(__AVX512F__)
-  const __m512i low31 = _mm512_set1_epi32(0x7fffffff);
-  for (; i + 16 <= hi; i += 16) {
-    bool all;
-    const int32_t thr = threshold(all);
-    __m512i b = _mm512_loadu_si512(reinterpret_cast<const void*>(row + i));
-    __m512i key = _mm512_xor_si512(b, _mm512_and_si512(_mm512_srai_epi32(b, 31), low31));
-    uint32_t mask = all ? 0xffffu : _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(thr));
-    while (mask) {
-      int j = __builtin_ctz(mask);
-      mask &= mask - 1;
-      offer(i + j, KeyOf(row[i + j]));
-    }
-  }
-#elif defined(__AVX2__)
-  const __m256i low31 = _mm256_set1_epi32(0x7fffffff);
-  for (; i + 8 <= hi; i += 8) {
-    bool all;
-    const int32_t thr = threshold(all);
-    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
-    __m256i key = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi32(b, 31), low31));
-    __m256i gt = _mm256_cmpgt_epi32(key, _mm256_set1_epi32(thr));
-    uint32_t mask = all ? 0xffu : static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(gt)));
-    while (mask) {
-      int j = __builtin_ctz(mask);
-      mask &= mask - 1;
-      offer(i + j, KeyOf(row[i + j]));
-    }
-  }
-#endif
-  for (; i < hi; ++i) offer(i, KeyOf(row[i]));
+  Scan(row, lo, hi, threshold, offer);
 }
 
 // Top-k of row[lo, hi) (hi - lo >= k), indices relative to the row; the k candidates, sorted.
@@ -142,41 +159,7 @@ void SegmentTopK(const int32_t* row, int64_t lo, int64_t hi, int64_t k, std::vec
       if (buf.size() == cap) compact();
     }
   };
-  int64_t i = lo + k;
-#if defined(__AVX512F__)
-  const __m512i low31 = _mm512_set1_epi32(0x7fffffff);
-  for (; i + 16 <= hi; i += 16) {
-    __m512i b = _mm512_loadu_si512(reinterpret_cast<const void*>(row + i));
-    __m512i key = _mm512_xor_si512(b, _mm512_and_si512(_mm512_srai_epi32(b, 31), low31));
-    uint32_t mask = _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(t));
-    while (mask) {
-      int j = __builtin_ctz(mask);
-      mask &= mask - 1;
-      offer(i + j, KeyOf(row[i + j]));
-    }
-  }
-#elif defined(__AVX2__)
-  const __m256i low31 = _mm256_set1_epi32(0x7fffffff);
-  for (; i + 8 <= hi; i += 8) {
-    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
-    __m256i key = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi32(b, 31), low31));
-    __m256i gt = _mm256_cmpgt_epi32(key, _mm256_set1_epi32(t));
-    uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(gt)));
-    while (mask) {
-      int j = __builtin_ctz(mask);
-      mask &= mask - 1;
-      offer(i + j, KeyOf(row[i + j]));
-    }
-  }
-#else
-  for (; i + 16 <= hi; i += 16) {
-    int32_t mx = INT32_MIN;
-    for (int j = 0; j < 16; ++j) mx = std::max(mx, KeyOf(row[i + j]));
-    if (mx > t)
-      for (int j = 0; j < 16; ++j) offer(i + j, KeyOf(row[i + j]));
-  }
-#endif
-  for (; i < hi; ++i) offer(i, KeyOf(row[i]));
+  Scan(row, lo + k, hi, [&](bool& all) { all = false; return t; }, offer);
   if (buf.size() > static_cast<size_t>(k)) compact();
   std::sort(buf.begin(), buf.end(), Before);
   std::copy(buf.begin(), buf.begin() + k, out);
