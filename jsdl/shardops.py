@@ -7,8 +7,13 @@ gathered, and a second top-k picks the winners: the same selection as one ``top_
 the lower latent index in both, since candidates are laid out in shard order), moving ``B k M``
 values instead of ``B n_q``.
 
+It does the same with rows split over a ``"data"`` axis (a batch): each device selects in its own
+rows, where the partitioner would all-gather ``z`` too (a data-parallel TopK step gathered it
+twice per step before).
+
 The mesh is read from the tracing context (``jax.set_mesh``, which :class:`jsdl.train.Stepper`
-enters); without a mesh, or with a "model" axis of size 1, these are plain ``lax.top_k``. Only
+enters); without a mesh, or with "data" and "model" axes of size 1, these are one device's
+selection (:func:`local_top_k`: jsdl's native kernel on CPU, else ``lax.top_k``). Only
 *indices* come out of the ``shard_map`` (no gradient flows through its collectives, so none can
 be double counted); callers read the values with a gather on ``z`` that the partitioner handles.
 """
