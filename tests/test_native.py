@@ -136,7 +136,8 @@ PROBE = """
 
 def test_policy_in_fresh_processes(tmp_path):
     """off: never built; auto with no compiler: one warning, XLA's top_k, same result; on with no
-    compiler: an error; a fresh cache directory: two processes build concurrently and both load."""
+    compiler: an error; a cache directory that cannot be created: the temporary directory; a fresh
+    cache directory: two processes build concurrently and both load."""
     off = _child(PROBE, JSDL_NATIVE="off", JSDL_CACHE_DIR=str(tmp_path / "off"))
     assert off.returncode == 0, off.stderr
     assert "STATUS native kernels: off" in off.stdout and not (tmp_path / "off").exists()
@@ -148,6 +149,10 @@ def test_policy_in_fresh_processes(tmp_path):
 
     on = _child(PROBE, JSDL_NATIVE="on", **broken)
     assert on.returncode != 0 and "JSDL_NATIVE=on but the native kernels are unavailable" in on.stderr
+
+    readonly = _child(PROBE, JSDL_NATIVE="on", JSDL_CACHE_DIR="/proc/jsdl-cache")  # cannot be created
+    assert readonly.returncode == 0, readonly.stderr[-3000:]
+    assert "STATUS native kernels: on" in readonly.stdout and "jsdl-native-" in readonly.stdout
 
     fresh = dict(JSDL_NATIVE="on", JSDL_CACHE_DIR=str(tmp_path / "fresh"))
     e = dict(os.environ, PYTHONPATH=str(ROOT), **fresh)

@@ -25,8 +25,9 @@ The library is built with the host's C++ compiler (``$CXX``, else ``g++``, ``c++
 against the FFI headers that ship with jaxlib, for this CPU (``-march=native``), into
 ``$JSDL_CACHE_DIR/native`` (default ``$XDG_CACHE_HOME/jsdl/native``, ``~/.cache/jsdl/native``),
 under a name that hashes the sources, jaxlib's version, the compiler and the CPU, so a change of any
-of them builds again. A build takes a few seconds; concurrent processes each build and the last
-atomic rename wins.
+of them builds again (a cache directory that cannot be written gives way to the temporary
+directory; a compiler that rejects ``-march=native`` builds the portable code). A build takes a few
+seconds; concurrent processes each build and the last atomic rename wins.
 
 ``JSDL_NATIVE`` sets the policy: ``auto`` (default: use the kernels when they build, else fall back
 to XLA's ops with one warning), ``on`` (a failed build is an error) or ``off`` (never build, always
@@ -135,19 +136,31 @@ def build(force: bool = False) -> Path:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    cmd = [cxx, *_flags(str(jax.ffi.include_dir())), *map(str, SOURCES), "-o", tmp]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"building {', '.join(f.name for f in SOURCES)} failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
-        os.replace(tmp, path)  # atomic: a concurrent build of the same source replaces an identical file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    except OSError:  # an unwritable cache (a read-only home): this user's temporary directory
+        path = Path(tempfile.gettempdir()) / f"jsdl-native-{os.getuid() if hasattr(os, 'getuid') else 0}" / path.name
+        if path.exists() and not force:
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    flags = _flags(str(jax.ffi.include_dir()))
+    errors = []
+    try:
+        # A compiler that does not know -march=native (some for arm64) builds the portable code.
+        for fl in (flags, [f for f in flags if f != "-march=native"]):
+            cmd = [cxx, *fl, *map(str, SOURCES), "-o", tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(tmp, path)  # atomic: a concurrent build of the same sources writes the same file
+                return path
+            errors.append(f"{' '.join(cmd)}:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"building {', '.join(f.name for f in SOURCES)} failed: " + "\n".join(errors))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 def _load() -> bool:
