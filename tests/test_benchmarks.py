@@ -40,10 +40,16 @@ def test_bench_step_floor_and_table(arch):
     assert "jsdl step / floor" in table and f"| {arch} |" in table
 
 
-def test_bench_step_profile_names_each_op_and_its_origin(capsys):
+def test_bench_step_profile_names_each_op_and_its_origin(capsys, monkeypatch):
     """``bench_step.py --profile topk``: the per-op table of the real step, each op traced to the
-    JAX operation it came from (the encoder product, the top-k), loop-body ops counted per step."""
+    JAX operation it came from (the encoder product, the top-k), loop-body ops counted per step.
+    The sparse kernels' slot loops are kept (jsdl.native's scatter switched off) so that there are
+    loop bodies to count."""
     import bench_step
+
+    from jsdl import native
+
+    monkeypatch.setattr(native, "supports_scatter_rows", lambda *a: False)
 
     bench_step.main(["--shapes", "small", "--profile", "topk", "--reps", "1", "--no-write"])
     out = capsys.readouterr().out
