@@ -160,12 +160,20 @@ def _slot(a, j):
     return jax.lax.dynamic_index_in_dim(a, j, axis=1, keepdims=False)
 
 
+def _use_native(a, b) -> bool:
+    """jsdl's native CPU kernels for these operands (float32, CPU, built), on one device only: XLA's
+    partitioner would all-gather a custom call's batch onto every device of a mesh (measured: the
+    data-parallel TopK step gathered x and the codes), where it splits its own scatter-adds."""
+    return (_native.supports_scatter_rows(a, b) and _shardops.model_axis_size() == 1
+            and _shardops.data_axis_size() == 1)
+
+
 def _gather_dot(u, W, cols, rows, impl):
     """out[b, j] = <u[rows[b, j]], W[cols[b, j]]>; u [B, m], W [n, m] -> [B, k]."""
     if impl == "gather":
         ur = u[:, None, :] if rows is None else u[rows]
         return jnp.sum(ur * W[cols], axis=-1)
-    if _native.supports_scatter_rows(u, W):  # equal to rounding (the dot's summation order differs)
+    if _use_native(u, W):  # equal to rounding (the dot's summation order differs)
         return _native.gather_dot(u, W, cols, rows)
 
     def body(j, out):
@@ -183,7 +191,7 @@ def _scatter_rows(vals, src, cols, rows, n, impl):
         s = src[:, None, :] if rows is None else src[rows]
         upd = (vals[..., None] * s).reshape(-1, m)
         return jax.ops.segment_sum(upd, cols.reshape(-1), num_segments=n)
-    if _native.supports_scatter_rows(vals, src):  # the same sums, to the bit, without k passes over [n, m]
+    if _use_native(vals, src):  # the same sums, to the bit, without k passes over [n, m]
         return _native.scatter_rows(vals, src, cols, rows, n)
 
     def body(j, acc):
@@ -201,7 +209,7 @@ def _decode_rows(vals, Wr, cols, rows, B, impl):
         if rows is None:
             return jnp.sum(upd, axis=1)
         return jax.ops.segment_sum(upd.reshape(-1, m), rows.reshape(-1), num_segments=B)
-    if _native.supports_scatter_rows(vals, Wr):
+    if _use_native(vals, Wr):
         # The same sums to the bit: entries scattered to their samples, source rows Wr[cols].
         target = rows if rows is not None else jax.lax.broadcasted_iota(jnp.int32, cols.shape, 0)
         # XLA fuses the TopK loop's product and sum (acc + upd) into one multiply-add.

@@ -175,9 +175,12 @@ def _check_population_and_topk(out: dict, pops):
     assert t["equal"] and t["batch_set_equal"], t
     # per device: (B / data) rows x (model x k) candidates, far from the B x n_q operand
     assert t["max_gather"] <= 64 // 2 * 4 * 4, t
-    # data parallel: nothing of the size of z [B = 64, n_q = 64] is gathered (before the fix: two)
+    # data parallel: nothing of the size of z [B = 64, n_q = 64] is gathered (before the fix: two),
+    # and the sparse step gathers nothing at all (jsdl.native's scatter, used on a mesh, gathered
+    # the batch x and the codes onto every device: kernels._use_native keeps it to one device)
     for name, sizes in out["data_gathers"].items():
         assert all(size < 64 * 64 for size in sizes), (name, sizes)
+    assert out["data_gathers"]["sae:topk_sparse"] == [], out["data_gathers"]
 
 
 @pytest.mark.multidevice

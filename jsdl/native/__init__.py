@@ -20,6 +20,8 @@ writing the whole accumulator). Three kernels replace them (``topk.cc``, ``scatt
 Each spreads its rows over XLA's intra-op threads (``ffi::ThreadPool``) and takes float32 on the
 CPU backend; ``jsdl.shardops`` and ``jsdl.kernels`` call them where :func:`supports_top_k` /
 :func:`supports_scatter_rows` say so and keep XLA's ops otherwise (float64, bfloat16, accelerators).
+On a multi-device mesh ``jsdl.kernels`` keeps XLA's loops: the partitioner would gather a custom
+call's batch onto every device (the top-k stays native, per device, in ``jsdl.shardops``).
 
 The library is built with the host's C++ compiler (``$CXX``, else ``g++``, ``c++`` or ``clang++``)
 against the FFI headers that ship with jaxlib, for this CPU (``-march=native``), into
@@ -187,7 +189,7 @@ def _load() -> bool:
             if m == "on":
                 raise RuntimeError(f"{ENV}=on but the native kernels are unavailable: {e}") from e
             warnings.warn(f"jsdl's native CPU kernels are unavailable ({str(e).splitlines()[0]}); using XLA's "
-                          f"top_k. Set {ENV}=off to silence this.", RuntimeWarning, stacklevel=3)
+                          f"ops. Set {ENV}=off to silence this.", RuntimeWarning, stacklevel=3)
             _state.update(ok=False, line=f"native kernels: unavailable ({str(e).splitlines()[0]})")
         return _state["ok"]
 
