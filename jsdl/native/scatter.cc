@@ -1,9 +1,11 @@
-// jsdl native CPU kernel: the sparse kernels' scatter-add of rows (an XLA FFI custom call).
+// jsdl native CPU kernels (XLA FFI custom calls): the sparse kernels' scatter-add of rows and the
+// decoder backward's row dot products.
 //
 //   out[g, c] = sum over entries (b, j) with cols[g, b, j] = c of vals[g, b, j] * src[g, r, :],
 //   r = rows[g, b, j] (BatchTopK) or b (TopK),
 //
-// the backward of jsdl.kernels' gathers (dW_E and dW_D^T). XLA's CPU scatter-add, run once per
+// the backward of jsdl.kernels' gathers (dW_E and dW_D^T) and, with samples as the targets, the
+// decode. XLA's CPU scatter-add, run once per
 // slot j in a loop, reads and writes the whole [n, m] accumulator k times and writes each slot's
 // products out first. Here the entries are counting-sorted by latent once, then every latent's
 // row is summed in place, in the order of XLA's loop (slot j ascending, then b ascending) with
@@ -106,7 +108,6 @@ ffi::Error ScatterRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::Bu
   });
   return ffi::Error::Success();
 }
-
 
 // out[g, b, j] = <u[g, r, :], W[g, cols[g, b, j], :]>, r = rows[g, b, j] (BatchTopK) or b (TopK): the
 // sparse decoder's backward for the codes. Sixteen partial sums per dot (vectorised without

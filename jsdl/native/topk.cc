@@ -2,10 +2,12 @@
 //
 // Same result as jax.lax.top_k on CPU: entries ordered by value descending in IEEE total order
 // (+NaN first, -NaN last, +0 before -0), ties to the lower index. One pass over each row keeps a
-// threshold t (the k-th largest key among the candidates so far); a SIMD compare skips blocks
-// with no entry above t, entries above it are appended to a buffer of 2k + 64 candidates that is
-// cut back to k (std::nth_element) when full. Rows are spread over XLA's intra-op thread pool;
-// few long rows (a flat BatchTopK selection) are cut into segments whose candidates are merged.
+// threshold (the k-th largest key among the candidates so far) and a SIMD compare skips blocks
+// with no entry above it. For k <= 64 the candidates are kept sorted by insertion (rows of at most
+// 4096 entries first take a floor from their block maxima); for larger k the entries above the
+// threshold are appended to a buffer of 2k + 64 candidates that is cut back to k
+// (std::nth_element) when full. Rows are spread over XLA's intra-op thread pool; few long rows (a
+// flat BatchTopK selection) are cut into segments whose candidates are merged.
 //
 // Built and loaded by jsdl/native/__init__.py; see docs/api/native.md.
 #include <algorithm>
