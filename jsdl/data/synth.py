@@ -362,7 +362,8 @@ class SynthBench(SamplingMixin):
     :class:`SynthConfig`), ``depth``, ``n_roots`` (roots are features ``[0, n_roots)``),
     ``tree_end`` (features ``[tree_end, n)`` are free), ``reducible`` (per level 1..depth: every
     parent one level up has at most one surviving child), ``sparse_start``, ``n_arrivals`` and
-    ``viol_expected`` (mean violations per sample) of the sparse free block."""
+    ``viol_expected`` (mean violations per sample) of the sparse free block; ``sampler``
+    (:meth:`uses_native`)."""
 
     W_p: jax.Array
     W_r: jax.Array
@@ -390,12 +391,56 @@ class SynthBench(SamplingMixin):
     viol_expected: float = struct.field(pytree_node=False, default=0.0)
     reducible: tuple = struct.field(pytree_node=False, default=())
     rescale: bool = struct.field(pytree_node=False, default=True)
+    sampler: str = struct.field(pytree_node=False, default="auto")
     method: str = struct.field(pytree_node=False, default="sae")
     n_sources: int = struct.field(pytree_node=False, default=1)
     dataset_size: int = struct.field(pytree_node=False, default=0)
     kind: str = struct.field(pytree_node=False, default="synth_sae_bench")
 
     # -- sampling ----------------------------------------------------------------------------------
+    def uses_native(self) -> bool:
+        """Whether draws come from jsdl's native CPU sampler (:func:`jsdl.native.synth_draw`, the
+        algorithm of :meth:`_parts` one sample at a time) rather than from the JAX sampler.
+        ``sampler``: ``"jax"`` (always the JAX sampler: one random stream on every backend),
+        ``"native"`` (always the native one; an error where it is unavailable) or ``"auto"``
+        (default: native for float32 on the CPU backend when jsdl's native kernels are available,
+        see ``JSDL_NATIVE``). The two draw the same distribution from different random streams, so
+        one key gives different samples on the two paths."""
+        if self.sampler == "jax":
+            return False
+        from jsdl import native
+
+        ok = native.supports_synth(self.W_p.dtype)
+        if self.sampler == "native" and not ok:
+            raise RuntimeError(f"SynthBench(sampler='native') needs float32 on the CPU backend with jsdl's native "
+                               f"kernels ({native.status()}); got {self.W_p.dtype} on {jax.default_backend()}")
+        return ok
+
+    def _native_draw(self, key: jax.Array, batch_size: int, features: bool) -> jax.Array:
+        """``x_p [B, d]`` (or with ``features`` the dense features ``[B, n]``) of the native
+        sampler; the two outputs of one key describe the same samples."""
+        from jsdl import native
+
+        dt = self.W_p.dtype
+        n, Z = self.n_features, self.sparse_start
+        m = n - Z
+        r = 0 if self.corr_factor is None else int(self.corr_factor.shape[1])
+        ones = jnp.ones((n,), dt)
+        feat = jnp.stack([self.probs, self.thresholds if r else ones, self.corr_sqrt_diag if r else ones,
+                          self.mean_mag, self.std_mag, self._positive_fraction()]).astype(dt)
+        F = self.corr_factor if r else jnp.zeros((n, 1), dt)
+        Ft = self.corr_factor[Z:].T if r and m else jnp.zeros((max(r, 1), 1), dt)
+        if m:
+            with_viol = r and self.viol_expected > 0 and self.viol_margin is not None
+            margin = self.viol_margin if with_viol else jnp.full((m,), jnp.inf, dt)
+            sparse = jnp.stack([self.cand_hazard, self.cand_prob, margin]).astype(dt)
+        else:
+            sparse = jnp.zeros((3, 1), dt)
+        key_data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+        return native.synth_draw(key_data, self.feature_rows("W_p"), self.bias, feat, F, Ft, self.children,
+                                 self.exclusive, sparse, batch_size, n_roots=self.n_roots, tree_end=self.tree_end,
+                                 sparse_start=Z, rank=r, rescale=self.rescale, features=features)
+
     def _fire_prob(self, eps: Optional[jax.Array], idx, proj: Optional[jax.Array] = None) -> jax.Array:
         """Firing probability of features ``idx`` given the copula factor draw ``eps [B, rank]``:
         ``P(z_i > Phi^-1(1 - p_i) | eps) = Phi(((eps F^T)_i - Phi^-1(1 - p_i)) / sqrt(1 - |F_i|^2))``;
@@ -532,6 +577,8 @@ class SynthBench(SamplingMixin):
     @jit_when_eager
     def sample_features(self, key: jax.Array, batch_size: int) -> jax.Array:
         """Coefficients ``f [B, n]`` (module docstring, items 2-5). Jit-able."""
+        if self.uses_native():
+            return self._native_draw(key, batch_size, True)
         return self._assemble(self._parts(key, batch_size), batch_size)
 
     def _parts(self, key: jax.Array, batch_size: int) -> dict:
@@ -685,6 +732,9 @@ class SynthBench(SamplingMixin):
         product."""
         B, n = batch_size, self.n_features
         k_x, _ = jax.random.split(key)
+        if self.uses_native():  # two calls of one stream: XLA drops the features' when unused
+            x_p = self._native_draw(k_x, B, False)
+            return Batch(x_p=x_p, x_r=x_p, features=self._native_draw(k_x, B, True))
         parts = self._parts(k_x, B)
         feats = self._assemble(parts, B)
         slots = list(parts["slots"])
@@ -840,11 +890,14 @@ def _construction_draws(key, n: int, d: int, rank: int, dt, bias):
 
 
 def make_synth(key: jax.Array, config: Union[SynthConfig, str, Mapping[str, Any], None] = None,
-               *, dtype: Any = None, **overrides: Any) -> SynthBench:
+               *, dtype: Any = None, sampler: str = "auto", **overrides: Any) -> SynthBench:
     """Build a :class:`SynthBench` from ``key`` and a :class:`SynthConfig` (or a preset name, or a
-    mapping; default the 16k recipe), with keyword overrides of its fields. The key decides the
+    mapping; default the 16k recipe), with keyword overrides of its fields. ``sampler``: ``"auto"``,
+    ``"jax"`` or ``"native"`` (:meth:`SynthBench.uses_native`). The key decides the
     hierarchy's random choices, the correlation factor, the magnitude stds, the feature vectors
     and the bias (all on the host, once); ``sample(key, B)`` draws batches on device."""
+    if sampler not in ("auto", "jax", "native"):
+        raise ValueError(f"sampler must be 'auto', 'jax' or 'native', not {sampler!r}")
     cfg = synth_config("16k" if config is None else config, **overrides)
     dt = jax.dtypes.canonicalize_dtype(jnp.float64 if dtype is None else dtype)  # float32 unless x64
     n, d = cfg.n_features, cfg.d_input
@@ -899,7 +952,7 @@ def make_synth(key: jax.Array, config: Union[SynthConfig, str, Mapping[str, Any]
         parent_of=_dev(parent_of, np.int32), children=_dev(children, np.int32),
         exclusive=_dev(excl, bool), corr_factor=corr_factor, corr_sqrt_diag=corr_sqrt_diag, settings=cfg,
         depth=depth, n_roots=n_roots, tree_end=tree_end, reducible=reducible,
-        rescale=cfg.scale_children_by_parent, sparse_start=sp["start"], n_arrivals=sp["K"],
+        rescale=cfg.scale_children_by_parent, sampler=sampler, sparse_start=sp["start"], n_arrivals=sp["K"],
         viol_expected=sp["V"], cand_hazard=_dev(sp["H"], dt), cand_prob=_dev(sp["q"], dt),
         viol_margin=None if sp["margin"] is None else _dev(sp["margin"], dt),
     )

@@ -4,7 +4,8 @@ On a CPU, the ops of a TopK-family training step that do not go to the matrix li
 ``TopK`` (a serial ``std::partial_sort`` per row, about 3.5 ns per entry; the largest single op of
 a small step and of every population step, at the same cost per member) and the sparse kernels'
 loops over the ``k`` slots (one gather or scatter-add of ``B`` rows per slot, each reading and
-writing the whole accumulator). Three kernels replace them (``topk.cc``, ``scatter.cc``):
+writing the whole accumulator). Three kernels replace them (``topk.cc``, ``scatter.cc``), and a
+fourth draws the SynthSAEBench generator's samples (``synth.cc``):
 
 - :func:`top_k_indices`: one SIMD pass per row behind a running threshold; a long row (BatchTopK's
   flat selection) is cut into segments whose candidates are merged. The indices ``jax.lax.top_k``
@@ -16,6 +17,9 @@ writing the whole accumulator). Three kernels replace them (``topk.cc``, ``scatt
   with the roundings of XLA's slot loop, so equal to it to the bit.
 - :func:`gather_dot`: ``<u[r], W[c]>`` per entry, the decoder's backward for the codes; equal to
   XLA's to float rounding.
+- :func:`synth_draw`: the SynthSAEBench sampler (:class:`jsdl.data.SynthBench`) one sample at a
+  time, with control flow instead of fixed shapes: the same algorithm and distribution as the JAX
+  sampler, a different random stream (``synth.cc`` describes it; ``SynthBench.sampler`` chooses).
 
 Each spreads its rows over XLA's intra-op threads (``ffi::ThreadPool``) and takes float32 on the
 CPU backend; ``jsdl.shardops`` and ``jsdl.kernels`` call them where :func:`supports_top_k` /
@@ -54,7 +58,7 @@ import numpy as np
 from jsdl import _env
 
 __all__ = ["ENV", "mode", "available", "status", "library_path", "build", "top_k_indices", "supports_top_k",
-           "scatter_rows", "gather_dot", "supports_scatter_rows", "MAX_THREADS"]
+           "scatter_rows", "gather_dot", "supports_scatter_rows", "supports_synth", "synth_draw", "MAX_THREADS"]
 
 ENV = "JSDL_NATIVE"
 """Environment variable: ``auto`` (default), ``on`` or ``off``."""
@@ -63,10 +67,10 @@ MAX_THREADS = 64
 """Upper bound on the threads one call uses (it also never uses more than XLA's pool + 1)."""
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "topk.cc", HERE / "scatter.cc")
+SOURCES = (HERE / "topk.cc", HERE / "scatter.cc", HERE / "synth.cc")
 HEADERS = (HERE / "parallel.h",)
 _TARGETS = {"jsdl_top_k_indices": "JsdlTopKIndices", "jsdl_scatter_rows": "JsdlScatterRows",
-            "jsdl_gather_dot": "JsdlGatherDot"}
+            "jsdl_gather_dot": "JsdlGatherDot", "jsdl_synth_draw": "JsdlSynthDraw"}
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -280,3 +284,38 @@ def gather_dot(u, W, cols, rows):
     has_rows = rows is not None
     return call(u, W, cols.astype(jnp.int32), (rows if has_rows else cols).astype(jnp.int32),
                 has_rows=np.int64(has_rows), max_threads=np.int64(MAX_THREADS))
+
+
+def supports_synth(dtype) -> bool:
+    """Whether :func:`synth_draw` can draw a generator of this dtype: float32, on the CPU backend,
+    the kernels available."""
+    import jax
+
+    return np.dtype(dtype) == np.float32 and jax.default_backend() == "cpu" and available()
+
+
+def synth_draw(key_data, W_rows, bias, feat, F, Ft, children, exclusive, sparse, batch_size: int, *, n_roots: int,
+               tree_end: int, sparse_start: int, rank: int, rescale: bool, features: bool):
+    """``batch_size`` samples of a SynthSAEBench generator (``synth.cc``): ``x_p [..., B, d]``, or
+    with ``features=True`` the dense features ``[..., B, n]`` of the same samples. Inputs (float32,
+    int32 for ``children`` and ``exclusive``, uint32 ``key_data [kw]``): ``W_rows [n, d]``,
+    ``bias [d]``, ``feat [6, n]`` (firing probabilities, copula thresholds, idiosyncratic sds, mean
+    and std magnitudes, positive fractions), ``F [n, max(rank, 1)]``, ``Ft [max(rank, 1),
+    max(m, 1)]`` (the sparse block's rows of ``F``, transposed; ``m = n - sparse_start``),
+    ``children [n, b]``, ``exclusive [n]`` and ``sparse [3, max(m, 1)]`` (cumulative candidate
+    hazards, candidate probabilities, violation margins: ``+inf`` for none). Under ``vmap``
+    inputs that are not batched stay shared (not broadcast). Deterministic in the key; sample
+    ``b`` does not depend on ``batch_size``. Not differentiable; CPU only (check
+    :func:`supports_synth`). ``jsdl.data.SynthBench`` builds the tables."""
+    import jax
+    import jax.numpy as jnp
+
+    if not supports_synth(W_rows.dtype):
+        raise ValueError(f"native synth_draw needs float32 on CPU with the kernels available; got {W_rows.dtype}")
+    n, d = W_rows.shape[-2:]
+    out = jax.ShapeDtypeStruct((int(batch_size), n if features else d), jnp.float32)
+    call = jax.ffi.ffi_call("jsdl_synth_draw", out, vmap_method="expand_dims")
+    return call(key_data.astype(jnp.uint32), W_rows, bias, feat, F, Ft, children.astype(jnp.int32),
+                exclusive.astype(jnp.int32), sparse, n_roots=np.int64(n_roots), tree_end=np.int64(tree_end),
+                sparse_start=np.int64(sparse_start), rank=np.int64(rank), rescale=np.int64(bool(rescale)),
+                mode=np.int64(1 if features else 0), max_threads=np.int64(MAX_THREADS))

@@ -1,0 +1,382 @@
+// jsdl native CPU kernel (XLA FFI custom call): the SynthSAEBench sampler of
+// jsdl.data.synth.SynthBench, one sample at a time.
+//
+// The JAX sampler (SynthBench._parts) has to draw fixed shapes: a slot for every child of every
+// possibly active parent, a capacity of Poisson arrivals, a capacity of violations, each with its
+// random numbers, and XLA's CPU backend evaluates its chains of element-wise ops (ndtri, ndtr) op
+// by op over those shapes. Here each sample is drawn by the same algorithm with control flow:
+//
+//  1. the copula's factor eps [rank] ~ N(0, I) (inverse CDF of uniforms);
+//  2. roots [0, R) and the frequent free features [T, Z): P_i = Phi((eps . F_i - t_i) / s_i)
+//     (p_i without correlation), one uniform u each: the feature fires with a positive value iff
+//     u < P_i Phi(mu_i / sigma_i), and its value is relu(mu_i + sigma_i z), z = -Phi^-1(u / P_i);
+//  3. the hierarchy, breadth first from the active roots: the children of an active parent are
+//     drawn as in 2; of the competitors (children with a positive value) of an exclusive parent
+//     one, chosen uniformly, survives; survivors are scaled by f_parent / mu_parent (rescale) and
+//     become parents. Children of inactive parents are never drawn;
+//  4. the rare free features [Z, n): candidates are the intervals [H_{i-1}, H_i) of the cumulative
+//     hazards H hit by a unit-rate Poisson process (no truncation here), each hit once fires with
+//     probability min(1, P_i / q_i); where P_i > q_i (the projection above its margin, checked for
+//     every feature of the block) the residual (P_i - q_i) / (1 - q_i) fires independently, and
+//     the union fires with probability P_i; a fired feature's magnitude comes from the uniform
+//     that fired it;
+//  5. mode 0 writes x_p = bias + sum of value * W[col] over the sample's active features, mode 1
+//     the dense features [n].
+//
+// So the draw equals the JAX sampler's in distribution, not in its random stream: the numbers
+// come from xoshiro256** seeded per (key, sample) through SplitMix64, so sample b of a key is the
+// same whatever the batch size, and two calls with one key (mode 0 and mode 1) draw the same
+// samples. Math in double precision, outputs float32. Leading axes broadcast (vmap with
+// expand_dims): each input's leading axes are 1 or the output's.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline uint64_t Mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+struct Rng {  // xoshiro256**, seeded through SplitMix64
+  uint64_t s[4];
+  explicit Rng(uint64_t seed) {
+    for (auto& w : s) w = Mix64(seed += 0x9E3779B97F4A7C15ull);
+  }
+  static uint64_t Rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+  uint64_t Next() {
+    const uint64_t r = Rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = Rotl(s[3], 45);
+    return r;
+  }
+  double Uniform() { return (static_cast<double>(Next() >> 11) + 0.5) * 0x1.0p-53; }  // in (0, 1)
+};
+
+inline double Phi(double x) { return 0.5 * std::erfc(-x * 0.70710678118654752440); }
+
+// Phi^-1 on (0, 1): P. J. Acklam's rational approximations (relative error < 1.2e-9, far below
+// the float32 outputs' rounding).
+inline double Ndtri(double p) {
+  static const double a[] = {-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
+                             1.383577518672690e+02,  -3.066479806614716e+01, 2.506628277459239e+00};
+  static const double b[] = {-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
+                             6.680131188771972e+01,  -1.328068155288572e+01};
+  static const double c[] = {-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
+                             -2.549732539343734e+00, 4.374664141464968e+00,  2.938163982698783e+00};
+  static const double d[] = {7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
+                             3.754408661907416e+00};
+  if (p < 0.02425) {
+    const double q = std::sqrt(-2.0 * std::log(p));
+    return (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) /
+           ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1.0);
+  }
+  if (p > 1.0 - 0.02425) {
+    const double q = std::sqrt(-2.0 * std::log1p(-p));
+    return -(((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) /
+           ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1.0);
+  }
+  const double q = p - 0.5, r = q * q;
+  return (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q /
+         (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1.0);
+}
+
+// One input's per-group offset under leading-axis broadcasting.
+struct Lead {
+  std::vector<int64_t> dims;  // leading dims (1 or the output's)
+  int64_t core = 1;           // elements per group
+};
+
+struct Tables {
+  const float *W, *bias, *probs, *thr, *sd, *mean, *std, *pos, *F, *Ft, *H, *q, *margin;
+  const int32_t* children;
+  const int32_t* excl;
+};
+
+struct Shape {
+  int64_t n, d, r, bmax, R, T, Z, m;
+  bool rescale;
+};
+
+struct Scratch {
+  std::vector<double> eps, cval;
+  std::vector<float> proj;
+  std::vector<int32_t> comp, accepted, viol;
+  std::vector<std::pair<int32_t, double>> act;  // the sample's (column, value) pairs
+  explicit Scratch(const Shape& s)
+      : eps(std::max<int64_t>(s.r, 1)), cval(s.bmax), proj(std::max<int64_t>(s.m, 1)), comp(s.bmax) {}
+};
+
+// Draws one sample into sc.act (each column at most once).
+void DrawSample(const Tables& t, const Shape& s, Rng& rng, Scratch& sc) {
+  auto& eps = sc.eps;
+  auto& proj = sc.proj;
+  auto& accepted = sc.accepted;
+  auto& act = sc.act;
+  auto& comp = sc.comp;
+  auto& cval = sc.cval;
+  act.clear();
+  for (int64_t j = 0; j < s.r; ++j) eps[j] = Ndtri(rng.Uniform());
+  auto given = [&](double pr, int64_t i) { return Phi((pr - t.thr[i]) / t.sd[i]); };
+  auto prob = [&](int64_t i) -> double {
+    if (s.r == 0) return t.probs[i];
+    const float* f = t.F + i * s.r;
+    double pr = 0.0;
+    for (int64_t j = 0; j < s.r; ++j) pr += eps[j] * f[j];
+    return given(pr, i);
+  };
+  auto value = [&](double u, double p, int64_t i) {
+    const double v = t.mean[i] - t.std[i] * Ndtri(u / p);
+    return v > 0.0 ? v : 0.0;
+  };
+  // Fires with a positive value iff u < p Phi(mu / sigma) (see SynthBench._positive_fraction).
+  auto draw = [&](int64_t i, double p) {
+    const double u = rng.Uniform();
+    if (u < p * t.pos[i]) {
+      const double v = value(u, p, i);
+      if (v > 0.0) act.emplace_back(static_cast<int32_t>(i), v);
+    }
+  };
+  for (int64_t i = 0; i < s.R; ++i) draw(i, prob(i));
+  for (int64_t i = s.T; i < s.Z; ++i) draw(i, prob(i));
+  // The hierarchy: every active tree node's children (free features have none).
+  for (size_t h = 0; h < act.size(); ++h) {
+    const int64_t c = act[h].first;
+    if (c >= s.T) continue;
+    const int32_t* ch = t.children + c * s.bmax;
+    int cnt = 0;
+    for (int64_t j = 0; j < s.bmax && ch[j] >= 0; ++j) {
+      const int64_t i = ch[j];
+      const double p = prob(i), u = rng.Uniform();
+      if (u < p * t.pos[i]) {
+        const double v = value(u, p, i);
+        if (v > 0.0) {
+          comp[cnt] = static_cast<int32_t>(i);
+          cval[cnt++] = v;
+        }
+      }
+    }
+    if (!cnt) continue;
+    const double factor = s.rescale ? act[h].second / t.mean[c] : 1.0;
+    if (t.excl[c] && cnt > 1) {
+      const int pick = std::min(cnt - 1, static_cast<int>(rng.Uniform() * cnt));
+      act.emplace_back(comp[pick], cval[pick] * factor);
+    } else {
+      for (int j = 0; j < cnt; ++j) act.emplace_back(comp[j], cval[j] * factor);
+    }
+  }
+  if (s.m == 0) return;
+  // The rare free features [Z, n): their projections, 16 at a time with the sums in registers,
+  // and the violations (projection above the margin) listed on the way.
+  auto& viol = sc.viol;
+  viol.clear();
+  if (s.r) {
+    float* pr = proj.data();
+    float e[64];
+    const int64_t rr = std::min<int64_t>(s.r, 64);
+    for (int64_t j = 0; j < rr; ++j) e[j] = static_cast<float>(eps[j]);
+    int64_t i0 = 0;
+    for (; i0 + 16 <= s.m; i0 += 16) {
+      float acc[16] = {0};
+      for (int64_t j = 0; j < s.r; ++j) {
+        const float ej = j < 64 ? e[j] : static_cast<float>(eps[j]);
+        const float* row = t.Ft + j * s.m + i0;
+        for (int l = 0; l < 16; ++l) acc[l] += ej * row[l];
+      }
+      int hit = 0;
+      for (int l = 0; l < 16; ++l) {
+        pr[i0 + l] = acc[l];
+        hit |= acc[l] > t.margin[i0 + l];
+      }
+      if (hit)
+        for (int l = 0; l < 16; ++l)
+          if (acc[l] > t.margin[i0 + l]) viol.push_back(static_cast<int32_t>(i0 + l));
+    }
+    for (; i0 < s.m; ++i0) {
+      float a = 0.0f;
+      for (int64_t j = 0; j < s.r; ++j) a += static_cast<float>(eps[j]) * t.Ft[j * s.m + i0];
+      pr[i0] = a;
+      if (a > t.margin[i0]) viol.push_back(static_cast<int32_t>(i0));
+    }
+  }
+  accepted.clear();
+  const double end = t.H[s.m - 1];
+  double time = 0.0;
+  int64_t last = -1;
+  for (;;) {
+    time -= std::log(rng.Uniform());
+    if (time >= end) break;
+    const int64_t i = std::upper_bound(t.H, t.H + s.m, time, [](double a, float b) { return a < b; }) - t.H;
+    if (i == last) continue;  // a feature is a candidate once, however many arrivals hit it
+    last = i;
+    const int64_t col = s.Z + i;
+    const double P = s.r ? given(proj[i], col) : t.probs[col];
+    const double acc = std::min(1.0, P / t.q[i]);
+    const double u = rng.Uniform();
+    if (u < acc) {
+      accepted.push_back(static_cast<int32_t>(i));
+      if (u < acc * t.pos[col]) {
+        const double v = value(u, acc, col);
+        if (v > 0.0) act.emplace_back(static_cast<int32_t>(col), v);
+      }
+    }
+  }
+  for (const int64_t i : viol) {
+    const int64_t col = s.Z + i;
+    const double r = std::max(given(proj[i], col) - t.q[i], 0.0) / (1.0 - t.q[i]);
+    const double u = rng.Uniform();
+    if (u >= r || std::find(accepted.begin(), accepted.end(), static_cast<int32_t>(i)) != accepted.end()) continue;
+    if (u < r * t.pos[col]) {
+      const double v = value(u, r, col);
+      if (v > 0.0) act.emplace_back(static_cast<int32_t>(col), v);
+    }
+  }
+}
+
+template <typename T>
+ffi::Error LeadOf(const char* name, T& buf, size_t core_rank, const std::vector<int64_t>& out_lead, Lead& lead) {
+  auto dims = buf.dimensions();
+  if (dims.size() < core_rank) return ffi::Error::InvalidArgument(std::string("jsdl_synth_draw: rank of ") + name);
+  const size_t nl = dims.size() - core_rank;
+  if (nl != 0 && nl != out_lead.size())
+    return ffi::Error::InvalidArgument(std::string("jsdl_synth_draw: leading axes of ") + name);
+  lead.dims.assign(out_lead.size(), 1);
+  for (size_t a = 0; a < nl; ++a) {
+    if (dims[a] != 1 && dims[a] != out_lead[a])
+      return ffi::Error::InvalidArgument(std::string("jsdl_synth_draw: leading axes of ") + name + " do not broadcast");
+    lead.dims[a] = dims[a];
+  }
+  lead.core = 1;
+  for (size_t a = nl; a < dims.size(); ++a) lead.core *= dims[a];
+  return ffi::Error::Success();
+}
+
+int64_t Offset(const Lead& lead, const std::vector<int64_t>& out_lead, int64_t g) {
+  int64_t off = 0, stride = lead.core;
+  for (size_t a = out_lead.size(); a-- > 0;) {
+    const int64_t idx = g % out_lead[a];
+    g /= out_lead[a];
+    if (lead.dims[a] != 1) off += idx * stride;
+    stride *= lead.dims[a];
+  }
+  return off;
+}
+
+ffi::Error SynthDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> bias,
+                     ffi::Buffer<ffi::F32> feat, ffi::Buffer<ffi::F32> F, ffi::Buffer<ffi::F32> Ft,
+                     ffi::Buffer<ffi::S32> children, ffi::Buffer<ffi::S32> excl, ffi::Buffer<ffi::F32> sparse,
+                     ffi::ResultBuffer<ffi::F32> out, int64_t n_roots, int64_t tree_end, int64_t sparse_start,
+                     int64_t rank, int64_t rescale, int64_t mode, int64_t max_threads) {
+  auto od = out->dimensions();
+  if (od.size() < 2) return ffi::Error::InvalidArgument("jsdl_synth_draw: output rank < 2");
+  const std::vector<int64_t> out_lead(od.begin(), od.end() - 2);
+  int64_t groups = 1;
+  for (int64_t v : out_lead) groups *= v;
+  auto wd = W.dimensions(), cd = children.dimensions();
+  Shape s;
+  s.n = wd[wd.size() - 2];
+  s.d = wd[wd.size() - 1];
+  s.r = rank;
+  s.bmax = cd[cd.size() - 1];
+  s.R = n_roots;
+  s.T = tree_end;
+  s.Z = sparse_start;
+  s.m = s.n - s.Z;
+  s.rescale = rescale != 0;
+  const int64_t B = od[od.size() - 2], C = od[od.size() - 1];
+  if (C != (mode == 0 ? s.d : s.n)) return ffi::Error::InvalidArgument("jsdl_synth_draw: output width");
+  if (!(0 <= s.R && s.R <= s.T && s.T <= s.Z && s.Z <= s.n) || s.r < 0)
+    return ffi::Error::InvalidArgument("jsdl_synth_draw: n_roots <= tree_end <= sparse_start <= n violated");
+  Lead lk, lw, lb, lf, lF, lFt, lc, le, ls;
+  for (auto e : {LeadOf("key", key, 1, out_lead, lk), LeadOf("W", W, 2, out_lead, lw), LeadOf("bias", bias, 1, out_lead, lb),
+                 LeadOf("feat", feat, 2, out_lead, lf), LeadOf("F", F, 2, out_lead, lF), LeadOf("Ft", Ft, 2, out_lead, lFt),
+                 LeadOf("children", children, 2, out_lead, lc), LeadOf("exclusive", excl, 1, out_lead, le),
+                 LeadOf("sparse", sparse, 2, out_lead, ls)})
+    if (e.failure()) return e;
+  if (lb.core != s.d || lf.core != 6 * s.n || lF.core < s.n * s.r || lc.core != s.n * s.bmax || le.core != s.n ||
+      (s.m && lFt.core < s.r * s.m) || ls.core < 3 * s.m)
+    return ffi::Error::InvalidArgument("jsdl_synth_draw: table shapes disagree with W [n, d]");
+  const int64_t chunk = 16, per_group = (B + chunk - 1) / chunk;
+  const int64_t threads = jsdl::Threads(pool, max_threads, groups * B * 256);
+  float* op = out->typed_data();
+  jsdl::ParallelFor(pool, threads, groups * per_group, [&](int64_t item) {
+    const int64_t g = item / per_group, b0 = (item % per_group) * chunk, b1 = std::min(B, b0 + chunk);
+    Tables t;
+    t.W = W.typed_data() + Offset(lw, out_lead, g);
+    t.bias = bias.typed_data() + Offset(lb, out_lead, g);
+    const float* f = feat.typed_data() + Offset(lf, out_lead, g);
+    t.probs = f;
+    t.thr = f + s.n;
+    t.sd = f + 2 * s.n;
+    t.mean = f + 3 * s.n;
+    t.std = f + 4 * s.n;
+    t.pos = f + 5 * s.n;
+    t.F = F.typed_data() + Offset(lF, out_lead, g);
+    t.Ft = Ft.typed_data() + Offset(lFt, out_lead, g);
+    const float* sp = sparse.typed_data() + Offset(ls, out_lead, g);
+    const int64_t ms = ls.core / 3;
+    t.H = sp;
+    t.q = sp + ms;
+    t.margin = sp + 2 * ms;
+    t.children = children.typed_data() + Offset(lc, out_lead, g);
+    t.excl = excl.typed_data() + Offset(le, out_lead, g);
+    const uint32_t* kp = key.typed_data() + Offset(lk, out_lead, g);
+    uint64_t kh = 0x6A09E667F3BCC908ull;
+    for (int64_t w = 0; w < lk.core; ++w) kh = Mix64(kh ^ (kp[w] + 0x9E3779B97F4A7C15ull * (w + 1)));
+    Scratch sc(s);
+    for (int64_t b = b0; b < b1; ++b) {
+      Rng rng(Mix64(kh ^ Mix64(0xD1B54A32D192ED03ull * static_cast<uint64_t>(b + 1))));
+      DrawSample(t, s, rng, sc);
+      float* row = op + (g * B + b) * C;
+      if (mode == 0) {
+        std::copy(t.bias, t.bias + s.d, row);
+        for (const auto& [c, v] : sc.act) {
+          const float fv = static_cast<float>(v);
+          const float* w = t.W + static_cast<int64_t>(c) * s.d;
+          for (int64_t i = 0; i < s.d; ++i) row[i] += fv * w[i];
+        }
+      } else {
+        std::fill(row, row + s.n, 0.0f);
+        for (const auto& [c, v] : sc.act) row[c] = static_cast<float>(v);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsdlSynthDraw, SynthDraw,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("n_roots")
+                                  .Attr<int64_t>("tree_end")
+                                  .Attr<int64_t>("sparse_start")
+                                  .Attr<int64_t>("rank")
+                                  .Attr<int64_t>("rescale")
+                                  .Attr<int64_t>("mode")
+                                  .Attr<int64_t>("max_threads"));
