@@ -21,9 +21,27 @@ SMALL = dict(n_features=160, d_input=24, n_roots=4, branching=3, depth=2, correl
              orthogonalize_steps=5, max_prob=0.3, min_prob=0.01)
 
 
+def _sampler(name):
+    """The two samplers of one distribution (SynthBench.uses_native): the statistical tests run on
+    both; the native one is skipped where jsdl's native kernels cannot be built."""
+    if name == "native":
+        from jsdl import native
+
+        if not native.supports_synth(np.float32):
+            pytest.skip(f"native sampler unavailable ({native.status()})")
+    return name
+
+
+@pytest.fixture(scope="module", params=["jax", "native"])
+def sampler(request):
+    return _sampler(request.param)
+
+
 @pytest.fixture(scope="module")
-def bench():
-    return make_synth(jax.random.PRNGKey(0), "tiny", **SMALL)
+def bench(sampler):
+    b = make_synth(jax.random.PRNGKey(0), "tiny", sampler=sampler, **SMALL)
+    assert b.uses_native() == (sampler == "native")
+    return b
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +71,7 @@ def test_shapes_and_batch(bench):
 
 
 def test_deterministic_and_jit_equal(bench):
-    b2 = make_synth(jax.random.PRNGKey(0), "tiny", **SMALL)
+    b2 = make_synth(jax.random.PRNGKey(0), "tiny", sampler=bench.sampler, **SMALL)
     np.testing.assert_array_equal(bench.W_p, b2.W_p)
     np.testing.assert_array_equal(bench.probs, b2.probs)
     k = jax.random.PRNGKey(5)
@@ -80,18 +98,19 @@ def test_hierarchy_numbering_and_gating(bench, feats):
     assert act[:, child].any(axis=0).all()
 
 
-def test_exclusion_portion_zero_lets_siblings_cofire():
-    b = make_synth(jax.random.PRNGKey(0), "tiny", **{**SMALL, "mutually_exclusive_portion": 0.0, "max_prob": 0.9})
+def test_exclusion_portion_zero_lets_siblings_cofire(sampler):
+    b = make_synth(jax.random.PRNGKey(0), "tiny", sampler=sampler,
+                   **{**SMALL, "mutually_exclusive_portion": 0.0, "max_prob": 0.9})
     act = np.asarray(b.sample_features(jax.random.PRNGKey(1), 20000)) > 0
     po = np.asarray(b.parent_of)
     assert max(act[:, po == p].sum(axis=1).max() for p in range(16)) >= 2
 
 
-def test_scale_children_by_parent_exact():
+def test_scale_children_by_parent_exact(sampler):
     """Rescaling changes no random draw: child = (gated child) * parent / mean_parent."""
     k = jax.random.PRNGKey(0)
-    on = make_synth(k, "tiny", **SMALL)
-    off = make_synth(k, "tiny", **{**SMALL, "scale_children_by_parent": False})
+    on = make_synth(k, "tiny", sampler=sampler, **SMALL)
+    off = make_synth(k, "tiny", sampler=sampler, **{**SMALL, "scale_children_by_parent": False})
     fo = np.asarray(on.sample_features(jax.random.PRNGKey(2), 4000))
     ff = np.asarray(off.sample_features(jax.random.PRNGKey(2), 4000))
     po = np.asarray(on.parent_of)
@@ -101,9 +120,9 @@ def test_scale_children_by_parent_exact():
 
 
 @pytest.mark.parametrize("rank", [0, 6])
-def test_firing_rates_of_free_features(rank):
+def test_firing_rates_of_free_features(rank, sampler):
     """Without hierarchy every feature fires at its probability (the copula keeps the marginals)."""
-    b = make_synth(jax.random.PRNGKey(0), "tiny", **{**SMALL, "n_roots": 0, "correlation_rank": rank,
+    b = make_synth(jax.random.PRNGKey(0), "tiny", sampler=sampler, **{**SMALL, "n_roots": 0, "correlation_rank": rank,
                                                       "correlation_scale": 0.3})
     N = 40000
     act = np.asarray(jax.jit(b.sample_features, static_argnums=1)(jax.random.PRNGKey(1), N)) > 0
@@ -180,7 +199,7 @@ def test_config_errors():
     assert c.n_features == 2048 and c.depth == 2 and c.branching == (2, 3)
 
 
-def test_random_branching_and_cut_forest():
+def test_random_branching_and_cut_forest(sampler):
     cfg = synth_config("tiny", n_features=30, d_input=8, n_roots=3, branching=(2, 4), depth=3, orthogonalize_steps=0)
     po, lv, ex = synth_hierarchy(cfg, 7)
     kids = np.bincount(po[po >= 0], minlength=30)
@@ -188,7 +207,7 @@ def test_random_branching_and_cut_forest():
     assert kids[:3].min() >= 2 and kids.max() <= 4 and kids.sum() == 27
     has = np.flatnonzero(kids > 0)
     assert np.array_equal(has, np.arange(has.size))  # breadth first: parents with children come first
-    b = make_synth(jax.random.PRNGKey(0), cfg)
+    b = make_synth(jax.random.PRNGKey(0), cfg, sampler=sampler)
     act = np.asarray(b.sample_features(jax.random.PRNGKey(1), 2000)) > 0
     po = np.asarray(b.parent_of)  # the bench draws its own branching from its key
     c = np.flatnonzero(po >= 0)
@@ -243,6 +262,10 @@ def test_generic_metrics_and_train_config_accept_synth(bench):
     assert bench.feature_weights(n_samples=2048).shape == (160,)
     cfg = config_from_dict({"data": {"synth": {"preset": "tiny", **SMALL}}, "spec": {"n_latents": 16, "k": 2}})
     assert isinstance(cfg.data.build("sae"), SynthBench)
+    cfg = config_from_dict({"data": {"synth": {"preset": "tiny", "sampler": "jax", **SMALL}}})
+    assert cfg.data.build("sae").sampler == "jax"
+    with pytest.raises(ValueError, match="sampler"):
+        config_from_dict({"data": {"synth": {"preset": "tiny", "sampler": "gpu"}}})
     with pytest.raises(ValueError, match="unknown synth key"):
         config_from_dict({"data": {"synth": {"roots": 3}}})
     with pytest.raises(ValueError, match="one of files, bench or synth"):
@@ -262,12 +285,12 @@ def test_compact_lists_true_entries_in_order():
 
 
 @pytest.mark.parametrize("path", ["sparse", "fallback"])
-def test_sparse_free_block_equals_dense_draw(path):
+def test_sparse_free_block_equals_dense_draw(path, sampler):
     """The rare free features drawn sparsely (Poisson candidates, thinning and the residual of the
     violations; or the dense fallback when the violation slots overflow) have the firing rates and
     magnitudes of the dense draw (sparse_start = n: one uniform per feature)."""
-    b = make_synth(jax.random.PRNGKey(0), "tiny", **{**SMALL, "n_roots": 0, "correlation_rank": 6,
-                                                      "correlation_scale": 0.15})
+    b = make_synth(jax.random.PRNGKey(0), "tiny", sampler=sampler, **{**SMALL, "n_roots": 0, "correlation_rank": 6,
+                                                                       "correlation_scale": 0.15})
     n = b.n_features
     assert 0 < b.sparse_start < n and b.n_arrivals > 0 and b.viol_expected > 0
     if path == "fallback":
@@ -290,7 +313,7 @@ def test_sparse_free_block_equals_dense_draw(path):
 
 
 @pytest.mark.parametrize("case", ["sparse", "dense", "overflow", "uncorrelated"])
-def test_draw_is_observe_of_the_features(case, monkeypatch):
+def test_draw_is_observe_of_the_features(case, sampler, monkeypatch):
     """Bench.draw (used by sample and by every training step) builds x_p from the active sets:
     its features are exactly sample_features(k_x) and x_p equals observe(features) up to float
     rounding, on the sparse path, the dense one, the overflow fallback of the violation slots and
@@ -300,7 +323,7 @@ def test_draw_is_observe_of_the_features(case, monkeypatch):
     kw = {**SMALL, "n_features": 640, "correlation_rank": 6, "correlation_scale": 0.15}
     if case == "uncorrelated":
         kw["correlation_rank"] = 0
-    b = make_synth(jax.random.PRNGKey(0), "tiny", **kw)
+    b = make_synth(jax.random.PRNGKey(0), "tiny", sampler=sampler, **kw)
     assert 0 < b.sparse_start < b.n_features
     if case == "overflow":
         assert b.viol_expected > 0
@@ -336,3 +359,101 @@ def test_live_slots_are_the_positive_values():
         n_live += int((c >= 0).sum())
         n_bad += int(((c >= 0) != (v > 0)).sum())
     assert n_live > 1000 and n_bad <= 2, (n_live, n_bad)
+
+
+def test_native_sampler_matches_the_jax_sampler():
+    """The native sampler (jsdl.native.synth_draw) draws the JAX sampler's distribution: on a
+    recipe with every part (correlated roots, exclusive and non-exclusive parents, the frequent
+    free block, the sparse block with violations), per-feature firing rates agree to binomial
+    z < 5, magnitudes given firing to 6 standard errors, and the correlation of firing counts
+    between the tree and the free features within 0.03. Then its own laws: sample b does not
+    depend on the batch size, a key decides the draw, and vmap over keys equals the calls one by
+    one."""
+    _sampler("native")
+    kw = {**SMALL, "n_features": 640, "correlation_rank": 6, "correlation_scale": 0.15,
+          "mutually_exclusive_portion": 0.5, "max_prob": 0.8}
+    bj = make_synth(jax.random.PRNGKey(0), "tiny", sampler="jax", **kw)
+    bn = make_synth(jax.random.PRNGKey(0), "tiny", sampler="native", **kw)
+    assert bn.tree_end < bn.sparse_start < bn.n_features and bn.viol_expected > 0
+    assert not np.asarray(bn.exclusive)[:bn.n_roots].all() and np.asarray(bn.exclusive).any()
+    N = 60000
+    fj = np.asarray(jax.jit(bj.sample_features, static_argnums=1)(jax.random.PRNGKey(1), N))
+    fn = np.asarray(jax.jit(bn.sample_features, static_argnums=1)(jax.random.PRNGKey(1), N))
+    aj, an = fj > 0, fn > 0
+    rj, rn = aj.mean(0), an.mean(0)
+    z = (rn - rj) / np.sqrt((rj * (1 - rj) + rn * (1 - rn)) / N + 1e-12)
+    assert np.abs(z).max() < 5.0, np.abs(z).max()
+    cnt = np.minimum(aj.sum(0), an.sum(0))
+    ok = cnt >= 30
+    mj = np.where(aj, fj, 0).sum(0)[ok] / aj.sum(0)[ok]
+    mn = np.where(an, fn, 0).sum(0)[ok] / an.sum(0)[ok]
+    sd = np.sqrt(np.where(aj, (fj - np.where(aj, fj, 0).sum(0) / np.maximum(aj.sum(0), 1)) ** 2, 0).sum(0)[ok]
+                 / aj.sum(0)[ok])
+    assert np.all(np.abs(mn - mj) < 6 * sd * np.sqrt(2 / cnt[ok]) + 1e-3)
+    T, Z = bn.tree_end, bn.sparse_start
+    for a, b in ((slice(0, T), slice(T, None)), (slice(0, T), slice(Z, None))):
+        c_j = np.corrcoef(aj[:, a].sum(1), aj[:, b].sum(1))[0, 1]
+        c_n = np.corrcoef(an[:, a].sum(1), an[:, b].sum(1))[0, 1]
+        assert abs(c_j - c_n) < 0.03, (c_j, c_n)
+    # Its own laws.
+    draw = jax.jit(bn.sample_features, static_argnums=1)
+    key = jax.random.PRNGKey(7)
+    np.testing.assert_array_equal(draw(key, 64), draw(key, 256)[:64])
+    assert not np.array_equal(draw(key, 64), draw(jax.random.PRNGKey(8), 64))
+    keys = jax.random.split(key, 3)
+    many = jax.jit(jax.vmap(lambda k: bn.draw(k, 32)))(keys)
+    for i in range(3):
+        one = bn.draw(keys[i], 32)
+        np.testing.assert_array_equal(many.features[i], one.features)
+        np.testing.assert_array_equal(many.x_p[i], one.x_p)
+    # vmap over benches (batched tables): each member draws from its own tables.
+    two = jax.tree.map(lambda a, b: jnp.stack([a, b]), bn, bn.replace(bias=bn.bias + 1.0))
+    xs = jax.jit(jax.vmap(lambda b: b.draw(key, 16).x_p))(two)
+    np.testing.assert_allclose(xs[1] - xs[0], 1.0, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(xs[0], bn.draw(key, 16).x_p)
+
+
+def test_sampler_choice_errors_and_fallback(monkeypatch):
+    with pytest.raises(ValueError, match="sampler"):
+        make_synth(jax.random.PRNGKey(0), "tiny", sampler="fast", **SMALL)
+    from jsdl import native
+
+    b = make_synth(jax.random.PRNGKey(0), "tiny", sampler="native", **SMALL)
+    monkeypatch.setattr(native, "supports_synth", lambda dtype: False)  # float64, an accelerator, no compiler
+    with pytest.raises(RuntimeError, match="native"):
+        b.sample_features(jax.random.PRNGKey(1), 8)
+    auto = b.replace(sampler="auto")
+    assert not auto.uses_native()  # auto falls back to the JAX sampler
+    assert auto.sample_features(jax.random.PRNGKey(1), 8).shape == (8, 160)
+
+
+def test_native_sampler_on_a_data_mesh_draws_each_devices_rows():
+    """On a "data" mesh axis the native sampler runs per device inside a shard_map, each device
+    drawing its own rows (B / 4 per call in the compiled program, not B), and the batch is bit for
+    bit the one-device batch; a training step on a (4, 2) mesh drawing from it runs."""
+    _sampler("native")
+    from conftest import run_multidevice
+
+    code = r'''
+import json, re, jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jsdl.data import make_synth
+from jsdl.train.mesh import make_mesh
+b = make_synth(jax.random.PRNGKey(0), "tiny", sampler="native", n_features=640, d_input=24, n_roots=4, branching=3,
+               depth=2, correlation_rank=6, correlation_scale=0.15, orthogonalize_steps=5, max_prob=0.3, min_prob=0.01)
+key = jax.random.PRNGKey(3)
+one = jax.jit(lambda k: b.draw(k, 64))(key)
+mesh = make_mesh({"data": 4, "model": 2})
+f = jax.jit(lambda k: b.draw(k, 64), out_shardings=NamedSharding(mesh, P("data")))
+with jax.set_mesh(mesh):
+    txt = f.lower(key).compile().as_text()
+    many = f(key)
+calls = [l for l in txt.splitlines() if "jsdl_synth_draw" in l and "custom-call(" in l]
+shapes = sorted({re.search(r"f32\[([0-9,]+)\]", l).group(1) for l in calls})
+print("RESULT" + json.dumps({"x_p": bool(np.array_equal(one.x_p, many.x_p)),
+                             "features": bool(np.array_equal(one.features, many.features)), "shapes": shapes}))
+'''
+    out = [ln for ln in run_multidevice(code, n_devices=8).splitlines() if ln.startswith("RESULT")][-1]
+    r = __import__("json").loads(out[len("RESULT"):])
+    assert r["x_p"] and r["features"], r
+    assert r["shapes"] == ["16,24", "16,640"], r

@@ -38,7 +38,13 @@ features take one uniform each, which decides both firing and magnitude; childre
 under their parent's slot (one slot per root, then one per surviving child), so the children of
 inactive parents, most of the recipe's features, cost nothing; the rare free features are drawn
 sparsely from a Poisson process of candidates (:meth:`SynthBench._sparse_free`). The generator agrees with SAELens in
-distribution, not bit for bit (different random number generators). In jsdl's conventions the
+distribution, not bit for bit (different random number generators).
+
+On the CPU backend (float32) the same algorithm runs by default as a native kernel,
+:func:`jsdl.native.synth_draw`, one sample at a time with control flow instead of fixed shapes
+(``SynthBench.sampler``: ``auto``, ``jax`` or ``native``; :meth:`SynthBench.uses_native`). Its
+distribution is the JAX sampler's; its random stream is its own, so a key gives different samples
+on the two paths (``sampler="jax"`` gives the same stream on every backend). In jsdl's conventions the
 ground-truth dictionary is ``W_p = W_r = E^T [d, n]`` and ``Batch.features = f``, so every
 :mod:`jsdl.metrics` function and the landscape module accept a :class:`SynthBench`.
 """
@@ -54,6 +60,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jax.sharding import PartitionSpec as P
+
+from jsdl import shardops
 from jsdl.data import rng as _rng
 from jsdl.data.bench import SamplingMixin, decode_active, jit_when_eager, use_sparse_decode
 from jsdl.data.structured import build_hierarchy, hierarchy_depth
@@ -437,9 +446,22 @@ class SynthBench(SamplingMixin):
         else:
             sparse = jnp.zeros((3, 1), dt)
         key_data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-        return native.synth_draw(key_data, self.feature_rows("W_p"), self.bias, feat, F, Ft, self.children,
-                                 self.exclusive, sparse, batch_size, n_roots=self.n_roots, tree_end=self.tree_end,
-                                 sparse_start=Z, rank=r, rescale=self.rescale, features=features)
+        args = (key_data, self.feature_rows("W_p"), self.bias, feat, F, Ft, self.children, self.exclusive, sparse)
+        kw = dict(n_roots=self.n_roots, tree_end=self.tree_end, sparse_start=Z, rank=r, rescale=self.rescale,
+                  features=features)
+        D = shardops.data_axis_size()
+        if D > 1 and batch_size % D == 0 and key_data.ndim == 1:
+            # On a "data" mesh axis each device draws its own rows (sample b depends on the key and b
+            # only, so the batch is the unsharded one); a custom call left to XLA's partitioner would
+            # draw the whole batch on every device.
+            B_loc = batch_size // D
+
+            def local(*a):
+                return native.synth_draw(*a, B_loc, offset=jax.lax.axis_index("data") * B_loc, **kw)
+
+            return jax.shard_map(local, mesh=shardops._mesh(), in_specs=(P(),) * len(args), out_specs=P("data"),
+                                 axis_names={"data"}, check_vma=False)(*args)
+        return native.synth_draw(*args, batch_size, **kw)
 
     def _fire_prob(self, eps: Optional[jax.Array], idx, proj: Optional[jax.Array] = None) -> jax.Array:
         """Firing probability of features ``idx`` given the copula factor draw ``eps [B, rank]``:
@@ -786,7 +808,7 @@ class SynthBench(SamplingMixin):
     def config(self) -> dict:
         return dict(kind=self.kind, n_features=self.n_features, d_input=self.d_input, method=self.method,
                     n_sources=1, depth=self.depth, mean_prob=float(jnp.mean(self.probs)),
-                    synth=self.settings.to_dict())
+                    sampler="native" if self.uses_native() else "jax", synth=self.settings.to_dict())
 
 
 # Candidate rates of the sparse free block: q_i = P(fire | factor projection c sd out), c below.

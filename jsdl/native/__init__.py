@@ -295,7 +295,7 @@ def supports_synth(dtype) -> bool:
 
 
 def synth_draw(key_data, W_rows, bias, feat, F, Ft, children, exclusive, sparse, batch_size: int, *, n_roots: int,
-               tree_end: int, sparse_start: int, rank: int, rescale: bool, features: bool):
+               tree_end: int, sparse_start: int, rank: int, rescale: bool, features: bool, offset=None):
     """``batch_size`` samples of a SynthSAEBench generator (``synth.cc``): ``x_p [..., B, d]``, or
     with ``features=True`` the dense features ``[..., B, n]`` of the same samples. Inputs (float32,
     int32 for ``children`` and ``exclusive``, uint32 ``key_data [kw]``): ``W_rows [n, d]``,
@@ -303,7 +303,9 @@ def synth_draw(key_data, W_rows, bias, feat, F, Ft, children, exclusive, sparse,
     and std magnitudes, positive fractions), ``F [n, max(rank, 1)]``, ``Ft [max(rank, 1),
     max(m, 1)]`` (the sparse block's rows of ``F``, transposed; ``m = n - sparse_start``),
     ``children [n, b]``, ``exclusive [n]`` and ``sparse [3, max(m, 1)]`` (cumulative candidate
-    hazards, candidate probabilities, violation margins: ``+inf`` for none). Under ``vmap``
+    hazards, candidate probabilities, violation margins: ``+inf`` for none). ``offset`` (an int32
+    scalar, default 0): the index of the first sample, so that rows ``[offset, offset + B)`` of a
+    larger batch are drawn exactly (a device's share of a sharded batch). Under ``vmap``
     inputs that are not batched stay shared (not broadcast). Deterministic in the key; sample
     ``b`` does not depend on ``batch_size``. Not differentiable; CPU only (check
     :func:`supports_synth`). ``jsdl.data.SynthBench`` builds the tables."""
@@ -316,6 +318,7 @@ def synth_draw(key_data, W_rows, bias, feat, F, Ft, children, exclusive, sparse,
     out = jax.ShapeDtypeStruct((int(batch_size), n if features else d), jnp.float32)
     call = jax.ffi.ffi_call("jsdl_synth_draw", out, vmap_method="expand_dims")
     return call(key_data.astype(jnp.uint32), W_rows, bias, feat, F, Ft, children.astype(jnp.int32),
-                exclusive.astype(jnp.int32), sparse, n_roots=np.int64(n_roots), tree_end=np.int64(tree_end),
+                exclusive.astype(jnp.int32), sparse,
+                jnp.reshape(jnp.asarray(0 if offset is None else offset, jnp.int32), (1,)), n_roots=np.int64(n_roots), tree_end=np.int64(tree_end),
                 sparse_start=np.int64(sparse_start), rank=np.int64(rank), rescale=np.int64(bool(rescale)),
                 mode=np.int64(1 if features else 0), max_threads=np.int64(MAX_THREADS))

@@ -24,9 +24,10 @@
 //     the dense features [n].
 //
 // So the draw equals the JAX sampler's in distribution, not in its random stream: the numbers
-// come from xoshiro256** seeded per (key, sample) through SplitMix64, so sample b of a key is the
-// same whatever the batch size, and two calls with one key (mode 0 and mode 1) draw the same
-// samples. Math in double precision, outputs float32. Leading axes broadcast (vmap with
+// come from xoshiro256** seeded per (key, sample index) through SplitMix64, so sample b of a key is
+// the same whatever the batch size, two calls with one key (mode 0 and mode 1) draw the same
+// samples, and a device drawing rows [offset, offset + B) of a sharded batch draws exactly those
+// rows of the whole batch. Math in double precision, outputs float32. Leading axes broadcast (vmap with
 // expand_dims): each input's leading axes are 1 or the output's.
 #include <algorithm>
 #include <cmath>
@@ -279,7 +280,7 @@ int64_t Offset(const Lead& lead, const std::vector<int64_t>& out_lead, int64_t g
 ffi::Error SynthDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> bias,
                      ffi::Buffer<ffi::F32> feat, ffi::Buffer<ffi::F32> F, ffi::Buffer<ffi::F32> Ft,
                      ffi::Buffer<ffi::S32> children, ffi::Buffer<ffi::S32> excl, ffi::Buffer<ffi::F32> sparse,
-                     ffi::ResultBuffer<ffi::F32> out, int64_t n_roots, int64_t tree_end, int64_t sparse_start,
+                     ffi::Buffer<ffi::S32> offset, ffi::ResultBuffer<ffi::F32> out, int64_t n_roots, int64_t tree_end, int64_t sparse_start,
                      int64_t rank, int64_t rescale, int64_t mode, int64_t max_threads) {
   auto od = out->dimensions();
   if (od.size() < 2) return ffi::Error::InvalidArgument("jsdl_synth_draw: output rank < 2");
@@ -301,14 +302,14 @@ ffi::Error SynthDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffe
   if (C != (mode == 0 ? s.d : s.n)) return ffi::Error::InvalidArgument("jsdl_synth_draw: output width");
   if (!(0 <= s.R && s.R <= s.T && s.T <= s.Z && s.Z <= s.n) || s.r < 0)
     return ffi::Error::InvalidArgument("jsdl_synth_draw: n_roots <= tree_end <= sparse_start <= n violated");
-  Lead lk, lw, lb, lf, lF, lFt, lc, le, ls;
+  Lead lk, lw, lb, lf, lF, lFt, lc, le, ls, lo;
   for (auto e : {LeadOf("key", key, 1, out_lead, lk), LeadOf("W", W, 2, out_lead, lw), LeadOf("bias", bias, 1, out_lead, lb),
                  LeadOf("feat", feat, 2, out_lead, lf), LeadOf("F", F, 2, out_lead, lF), LeadOf("Ft", Ft, 2, out_lead, lFt),
                  LeadOf("children", children, 2, out_lead, lc), LeadOf("exclusive", excl, 1, out_lead, le),
-                 LeadOf("sparse", sparse, 2, out_lead, ls)})
+                 LeadOf("sparse", sparse, 2, out_lead, ls), LeadOf("offset", offset, 1, out_lead, lo)})
     if (e.failure()) return e;
   if (lb.core != s.d || lf.core != 6 * s.n || lF.core < s.n * s.r || lc.core != s.n * s.bmax || le.core != s.n ||
-      (s.m && lFt.core < s.r * s.m) || ls.core < 3 * s.m)
+      (s.m && lFt.core < s.r * s.m) || ls.core < 3 * s.m || lo.core != 1)
     return ffi::Error::InvalidArgument("jsdl_synth_draw: table shapes disagree with W [n, d]");
   const int64_t chunk = 16, per_group = (B + chunk - 1) / chunk;
   const int64_t threads = jsdl::Threads(pool, max_threads, groups * B * 256);
@@ -337,9 +338,10 @@ ffi::Error SynthDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffe
     const uint32_t* kp = key.typed_data() + Offset(lk, out_lead, g);
     uint64_t kh = 0x6A09E667F3BCC908ull;
     for (int64_t w = 0; w < lk.core; ++w) kh = Mix64(kh ^ (kp[w] + 0x9E3779B97F4A7C15ull * (w + 1)));
+    const int64_t row0 = offset.typed_data()[Offset(lo, out_lead, g)];  // the batch's first sample index
     Scratch sc(s);
     for (int64_t b = b0; b < b1; ++b) {
-      Rng rng(Mix64(kh ^ Mix64(0xD1B54A32D192ED03ull * static_cast<uint64_t>(b + 1))));
+      Rng rng(Mix64(kh ^ Mix64(0xD1B54A32D192ED03ull * static_cast<uint64_t>(row0 + b + 1))));
       DrawSample(t, s, rng, sc);
       float* row = op + (g * B + b) * C;
       if (mode == 0) {
@@ -372,6 +374,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsdlSynthDraw, SynthDraw,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("n_roots")
                                   .Attr<int64_t>("tree_end")

@@ -110,8 +110,9 @@ class DataConfig:
     seed. With ``files`` (a shard directory, or a mapping of :func:`jsdl.data.files.from_config`
     keys such as ``{path: acts/, holdout: 0.05, normalize: true}``) the data are real activations
     streamed from disk instead, and the bench keys are ignored. With ``synth`` (a mapping of
-    :class:`jsdl.data.synth.SynthConfig` keys, optionally ``preset: 16k|cpu|tiny``) the data are the
-    SynthSAEBench recipe generated on device (:func:`jsdl.data.make_synth`, keyed by ``seed``)."""
+    :class:`jsdl.data.synth.SynthConfig` keys, optionally ``preset: 16k|cpu|tiny`` and ``sampler:
+    auto|jax|native``) the data are the SynthSAEBench recipe generated on device
+    (:func:`jsdl.data.make_synth`, keyed by ``seed``)."""
 
     n_features: int = 1000
     d_input: int = 768
@@ -136,7 +137,10 @@ class DataConfig:
                 raise ValueError("data: give one of files, bench or synth")
             from jsdl.data.synth import SynthConfig
 
-            SynthConfig.from_dict(self.synth)  # validate before anything compiles
+            syn = dict(self.synth)
+            if syn.pop("sampler", "auto") not in ("auto", "jax", "native"):
+                raise ValueError(f"data.synth.sampler must be auto, jax or native, not {self.synth['sampler']!r}")
+            SynthConfig.from_dict(syn)  # validate before anything compiles
 
     def build_files(self):
         """The :class:`jsdl.data.files.ActivationFiles` of ``files`` (validated, nothing read yet)."""
@@ -151,7 +155,9 @@ class DataConfig:
         if self.synth is not None:
             from jsdl.data.synth import make_synth
 
-            return make_synth(jax.random.PRNGKey(self.seed), dict(self.synth))
+            syn = dict(self.synth)
+            sampler = syn.pop("sampler", "auto")
+            return make_synth(jax.random.PRNGKey(self.seed), syn, sampler=sampler)
         try:
             from jsdl.data import make_bench
         except ImportError as e:
@@ -381,6 +387,8 @@ def run(args) -> int:
         data = _files_data(cfg, spec, record)
     else:
         data = cfg.data.build(spec.method)
+        if hasattr(data, "uses_native"):  # the SynthSAEBench sampler: its random stream depends on it
+            record["data_sampler"] = "native" if data.uses_native() else "jax"
     progress = False if args.no_progress else None
     kw = dict(out_dir=out_dir, resume=bool(args.resume), progress=progress, record=record)
     try:
