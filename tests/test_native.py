@@ -74,6 +74,23 @@ def test_ties_and_special_values_follow_lax_order():
             _assert_equal_to_lax(z, k)
 
 
+def test_large_k_of_few_long_rows_sampled_threshold():
+    """k >= 1024 of rows of at least 8k entries (a flat BatchTopK selection): a threshold estimated
+    from a strided sample, one pass collecting the entries above it; exact, and declined in favour
+    of the segment path when fewer than k pass (many ties at the estimate, adversarial orders)."""
+    rng = np.random.default_rng(5)
+    _assert_equal_to_lax(rng.standard_normal((2**19,)).astype(np.float32), 8192)  # the BatchTopK recipe
+    _assert_equal_to_lax(rng.standard_normal((2, 3 * 2**15 + 7)).astype(np.float32), 1024)  # two rows, odd length
+    _assert_equal_to_lax(np.abs(rng.standard_normal((2**17,))).astype(np.float32) * (rng.random(2**17) < 0.3), 4096)
+    _assert_equal_to_lax(rng.integers(0, 3, (2**16,)).astype(np.float32), 2000)  # ties: declined, segments
+    z = np.sort(rng.standard_normal(2**16).astype(np.float32))
+    for row in (z, z[::-1].copy(), np.roll(z, 12345)):  # the strided sample of a sorted row is still fair
+        _assert_equal_to_lax(row, 1500)
+    neg_nan = np.frombuffer(np.uint32(0xFFC00000).tobytes(), np.float32)[0]
+    special = np.array([np.nan, neg_nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -1.0], np.float32)
+    _assert_equal_to_lax(rng.choice(special, 2**15), 1024)
+
+
 def test_adversarial_orders():
     """Ascending rows move the threshold at every entry; descending rows never."""
     z = np.sort(np.random.default_rng(1).standard_normal((8, 2000)).astype(np.float32), axis=1)
@@ -270,7 +287,8 @@ PORTABLE_PROBE = """
     from jsdl import kernels as K
     assert native.available(), native.status()
     rng = np.random.default_rng(0)
-    cases = [((64, 512), 8), ((9, 5000), 8), ((7, 33), 5), ((16, 4096), 100), ((2**17 + 5,), 700)]
+    cases = [((64, 512), 8), ((9, 5000), 8), ((7, 33), 5), ((16, 4096), 100), ((2**17 + 5,), 700),
+             ((2**16 + 3,), 2048)]
     for shape, k in cases:
         z = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
         assert (np.asarray(shardops.local_top_k(z, k)[1]) == np.asarray(jax.lax.top_k(z, k)[1])).all(), shape

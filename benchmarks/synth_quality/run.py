@@ -91,6 +91,7 @@ JSDL_INIT = {"default": {}, "saelens": {"init_decoder_norm": 0.1, "init_encoder"
 _INIT = {}
 # Spec options of every jsdl model (``--jsdl-pre-bias``: encode x - b_D, as SAELens does by default).
 _SPEC = {"pre_bias": False}
+_SAMPLER = {"sampler": "auto"}  # jsdl's SynthBench sampler (--jsdl-sampler)
 # SAELens's ``decoder_init_norm``: 0.1 is its default; "jsdl" = 1.0, unit-norm decoder rows and
 # ``W_enc = W_dec^T``, which is jsdl's default initialisation.
 SAELENS_INIT = {"default": 0.1, "jsdl": 1.0}
@@ -120,7 +121,7 @@ def jsdl_train(synth_cfg, arch, n_q, k, coef, samples, batch, lr, seed):
     # seed or budget in this process) is reused.
     jax.clear_caches()
     t0 = time.perf_counter()
-    bench = make_synth(jax.random.PRNGKey(1000 + seed), synth_cfg)
+    bench = make_synth(jax.random.PRNGKey(1000 + seed), synth_cfg, sampler=_SAMPLER["sampler"])
     spec = jsdl_spec(arch, n_q, k, synth_cfg.d_input, coef)
     steps = samples // batch
     cfg = TrainConfig(steps=steps, batch_size=batch, learning_rate=lr, grad_clip=1.0, dead_window=1000,
@@ -423,28 +424,34 @@ def generator_only(n, batch, threads, reps=10):
     torch.set_num_threads(threads)
     cfg = synth_config("16k", n_features=n, d_input=max(n // 16, 8), n_roots=max(n // 128, 1),
                        correlation_rank=25 if n >= 4096 else 8, orthogonalize_steps=0)
-    bench = make_synth(jax.random.PRNGKey(0), cfg)
-    fn = jax.jit(bench.sample, static_argnums=1)
-    fx = jax.jit(lambda key: bench.sample(key, batch).x_p)
     model = SyntheticModel(saelens_model_config(cfg, 0), device="cpu")
     box = {"i": 0}
+    fns = {}
+    for sampler in ("jax", "native"):
+        bench = make_synth(jax.random.PRNGKey(0), cfg, sampler=sampler)
+        if sampler == "native" and not bench.uses_native():
+            continue
+        fn = jax.jit(bench.sample, static_argnums=1)
+        fx = jax.jit(lambda key, bench=bench: bench.sample(key, batch).x_p)
 
-    def j():
-        box["i"] += 1
-        jax.block_until_ready(fn(jax.random.PRNGKey(box["i"]), batch))
+        def j(fn=fn):
+            box["i"] += 1
+            jax.block_until_ready(fn(jax.random.PRNGKey(box["i"]), batch))
 
-    def jx():
-        box["i"] += 1
-        jax.block_until_ready(fx(jax.random.PRNGKey(box["i"])))
+        def jx(fx=fx):
+            box["i"] += 1
+            jax.block_until_ready(fx(jax.random.PRNGKey(box["i"])))
+
+        fns[f"jsdl {sampler}"], fns[f"jsdl {sampler} x_p"] = j, jx
 
     def s():
         model.sample_with_features(batch)
 
-    t = common.alternate({"jsdl": j, "jsdl_x": jx, "saelens": s}, reps)
-    print(f"generator only, n={n} d={cfg.d_input} batch {batch} (load {load_avg()}): "
-          f"jsdl {common.spread(t['jsdl'])} (x_p alone {common.spread(t['jsdl_x'])}), "
-          f"SAELens {common.spread(t['saelens'])}, ratio {common.med(t['saelens']) / common.med(t['jsdl']):.2f}x "
-          f"(x_p alone {common.med(t['saelens']) / common.med(t['jsdl_x']):.2f}x)")
+    t = common.alternate({**fns, "saelens": s}, reps)
+    sl = common.med(t["saelens"])
+    parts = [f"{name} {common.spread(t[name])} ({sl / common.med(t[name]):.2f}x)" for name in fns]
+    print(f"generator only, n={n} d={cfg.d_input} batch {batch} (load {load_avg()}), per batch (SAELens / it): "
+          + ", ".join(parts) + f"; SAELens {common.spread(t['saelens'])}")
 
 
 def main(argv=None):
@@ -469,6 +476,9 @@ def main(argv=None):
                     help="jsdl's parameter initialisation (saelens: decoder norm 0.1, W_E = W_D^T)")
     ap.add_argument("--saelens-init", choices=tuple(SAELENS_INIT), default="default",
                     help="SAELens's decoder_init_norm (jsdl: 1.0, jsdl's default initialisation)")
+    ap.add_argument("--jsdl-sampler", choices=("auto", "jax", "native"), default="auto",
+                    help="jsdl's SynthSAEBench sampler (SynthBench.sampler): auto = the native CPU kernel where "
+                         "available, else the JAX sampler")
     ap.add_argument("--jsdl-pre-bias", action="store_true",
                     help="jsdl encodes x - b_D (make_spec(pre_bias=True)), as SAELens's default apply_b_dec_to_input")
     ap.add_argument("--saelens-bdec-in", choices=("true", "false"), default="true",
@@ -520,6 +530,7 @@ def main(argv=None):
     _SAELENS_INIT["decoder_init_norm"] = SAELENS_INIT[a.saelens_init]
     _SAELENS_INIT["apply_b_dec_to_input"] = a.saelens_bdec_in == "true"
     _SPEC["pre_bias"] = bool(a.jsdl_pre_bias)
+    _SAMPLER["sampler"] = a.jsdl_sampler
     JUMPRELU["threshold"] = a.jumprelu_threshold
     probe = make_synth(jax.random.PRNGKey(1000), synth_cfg, orthogonalize_steps=0)
     l0_top, l0_all = true_l0_top(probe, n_q)
@@ -569,6 +580,7 @@ def main(argv=None):
                          init=(a.jsdl_init + (", pre_bias" if a.jsdl_pre_bias else "")) if fw == "jsdl" else sl_init,
                          jumprelu_threshold=a.jumprelu_threshold if arch == "jumprelu" else None,
                          samples=samples, wall_s=wall,
+                         sampler=(("native" if bench.uses_native() else "jax") if fw == "jsdl" else None),
                          samples_per_s=samples / wall, load_before=load0, load_after=load_avg())
                 rows.append(r)
                 log(f"[synth_quality] seed {seed} {arch:10s} {fw:8s} MCC {r['mcc']:.3f} F1 {r['f1']:.3f} "

@@ -11,6 +11,7 @@
 //
 // Built and loaded by jsdl/native/__init__.py; see docs/api/native.md.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -167,6 +168,47 @@ void SegmentTopK(const int32_t* row, int64_t lo, int64_t hi, int64_t k, std::vec
   std::copy(buf.begin(), buf.begin() + k, out);
 }
 
+// Large k of a long row (a flat BatchTopK selection): the threshold is estimated first, from a
+// strided sample of about 256 n / k entries (its quantile at 1.1 k / n plus three standard
+// deviations, so about 1.3 k entries pass), then one SIMD pass over the row, in parts spread over
+// the threads, collects every entry above it, and the k largest of those are the k largest of the
+// row, exactly, provided at least k passed. Returns false when fewer did (an unlucky or adversarial
+// sample): the caller then selects as before. The buffer path cuts its candidates back with
+// nth_element again and again while its threshold climbs, and merges segments single-threaded.
+constexpr int64_t kSampledMinK = 1024;
+
+bool SampledTopK(ffi::ThreadPool& pool, int64_t threads, const int32_t* row, int64_t n, int64_t k, Cand* out) {
+  const int64_t stride = std::max<int64_t>(1, k / 256);
+  const int64_t S = n / stride;
+  const double f = static_cast<double>(k) / static_cast<double>(n);
+  const int64_t q = std::min<int64_t>(S, static_cast<int64_t>(1.1 * f * S + 3.0 * std::sqrt(f * S)) + 1);
+  std::vector<int32_t> sample(static_cast<size_t>(S));
+  for (int64_t i = 0; i < S; ++i) sample[i] = KeyOf(row[i * stride]);
+  std::nth_element(sample.begin(), sample.begin() + (q - 1), sample.end(), std::greater<int32_t>());
+  const int32_t t = sample[q - 1];
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(4 * threads, n / 4096));
+  const int64_t len = (n + parts - 1) / parts;
+  std::vector<std::vector<Cand>> found(static_cast<size_t>(parts));
+  jsdl::ParallelFor(pool, std::min(threads, parts), parts, [&](int64_t p) {
+    const int64_t lo = p * len, hi = std::min(n, lo + len);
+    auto& v = found[p];
+    v.reserve(static_cast<size_t>(1.5 * f * (hi - lo)) + 64);
+    Scan(row, lo, hi, [t](bool& all) { all = false; return t; }, [&](int64_t i, int32_t key) {
+      if (key > t) v.push_back({key, static_cast<int32_t>(i)});
+    });
+  });
+  size_t total = 0;
+  for (const auto& v : found) total += v.size();
+  if (total < static_cast<size_t>(k)) return false;
+  std::vector<Cand> all;
+  all.reserve(total);
+  for (const auto& v : found) all.insert(all.end(), v.begin(), v.end());
+  std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), Before);
+  std::sort(all.begin(), all.begin() + k, Before);
+  std::copy(all.begin(), all.begin() + k, out);
+  return true;
+}
+
 ffi::Error TopKIndices(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::ResultBuffer<ffi::S32> idx,
                        int64_t k, int64_t max_threads) {
   auto dims = z.dimensions();
@@ -181,6 +223,20 @@ ffi::Error TopKIndices(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Resul
   int32_t* ip = idx->typed_data();
 
   const int64_t threads = jsdl::Threads(pool, max_threads, rows * n);
+  // Large k of few long rows: a sampled threshold, exact or declined (SampledTopK).
+  std::vector<bool> done(static_cast<size_t>(rows), false);
+  bool all_done = false;
+  if (k >= kSampledMinK && n >= 8 * k && rows < 2 * threads) {
+    std::vector<Cand> out(static_cast<size_t>(k));
+    all_done = true;
+    for (int64_t r = 0; r < rows; ++r) {
+      done[r] = SampledTopK(pool, threads, zp + r * n, n, k, out.data());
+      if (done[r])
+        for (int64_t j = 0; j < k; ++j) ip[r * k + j] = out[j].idx;
+      all_done = all_done && done[r];
+    }
+  }
+  if (all_done) return ffi::Error::Success();
   // Few long rows: cut each row into segments of at least max(4k, 2^14) entries.
   int64_t segments = 1;
   if (rows < 2 * threads) {
@@ -190,10 +246,12 @@ ffi::Error TopKIndices(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Resul
   if (segments == 1) {
     const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64, rows / (8 * threads)));
     const int64_t items = (rows + chunk - 1) / chunk;
+    const std::vector<bool>* skip = &done;
     jsdl::ParallelFor(pool, threads, items, [=](int64_t item) {
       std::vector<Cand> buf;
       std::vector<Cand> out(k);
       for (int64_t r = item * chunk; r < std::min(rows, (item + 1) * chunk); ++r) {
+        if ((*skip)[r]) continue;
         SegmentTopK(zp + r * n, 0, n, k, buf, out.data());
         for (int64_t j = 0; j < k; ++j) ip[r * k + j] = out[j].idx;
       }
@@ -204,11 +262,13 @@ ffi::Error TopKIndices(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Resul
   const int64_t seg_len = n / segments;
   jsdl::ParallelFor(pool, threads, rows * segments, [&](int64_t item) {
     const int64_t r = item / segments, s = item % segments;
+    if (done[r]) return;
     const int64_t lo = s * seg_len, hi = s + 1 == segments ? n : lo + seg_len;
     std::vector<Cand> buf;
     SegmentTopK(zp + r * n, lo, hi, k, buf, cands.data() + item * k);
   });
   for (int64_t r = 0; r < rows; ++r) {
+    if (done[r]) continue;
     auto first = cands.begin() + r * segments * k, last = first + segments * k;
     std::nth_element(first, first + (k - 1), last, Before);
     std::sort(first, first + k, Before);
