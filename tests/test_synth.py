@@ -45,6 +45,12 @@ def bench(sampler):
 
 
 @pytest.fixture(scope="module")
+def auto_bench():
+    """The default sampler (native on a CPU where it builds): for tests of what consumes samples."""
+    return make_synth(jax.random.PRNGKey(0), "tiny", **SMALL)
+
+
+@pytest.fixture(scope="module")
 def feats(bench):
     return np.asarray(jax.jit(bench.sample_features, static_argnums=1)(jax.random.PRNGKey(1), 40000))
 
@@ -214,8 +220,8 @@ def test_random_branching_and_cut_forest(sampler):
     assert not (act[:, c] & ~act[:, po[c]]).any()
 
 
-def test_metrics_on_ground_truth_and_counts(bench):
-    E = np.asarray(bench.W_p).T
+def test_metrics_on_ground_truth_and_counts(auto_bench):
+    E = np.asarray(auto_bench.W_p).T
     perm = np.random.default_rng(0).permutation(160)
     assert metrics.synth_mcc(-E[perm], E) == pytest.approx(1.0)
     assert metrics.synth_uniqueness(E[perm], E) == 1.0
@@ -225,12 +231,12 @@ def test_metrics_on_ground_truth_and_counts(bench):
     assert cl["f1"] == pytest.approx((2 * 0.5 * 1 / 1.5) / 2)
 
 
-def test_synth_eval_matches_direct_computation(bench):
+def test_synth_eval_matches_direct_computation(auto_bench):
     spec = jsdl.make_spec("sae", "topk", n_latents=48, k=3)
-    params = jsdl.init_params(jax.random.PRNGKey(0), spec, bench.d_input)
-    b = bench.sample(jax.random.PRNGKey(9), 3000)
-    r = metrics.synth_eval(params, spec, [bench.sample(jax.random.PRNGKey(9), 3000)], features=np.asarray(bench.W_p).T)
-    r2 = metrics.synth_eval(params, spec, bench, key=jax.random.PRNGKey(4), n_samples=3000, batch_size=1024)
+    params = jsdl.init_params(jax.random.PRNGKey(0), spec, auto_bench.d_input)
+    b = auto_bench.sample(jax.random.PRNGKey(9), 3000)
+    r = metrics.synth_eval(params, spec, [auto_bench.sample(jax.random.PRNGKey(9), 3000)], features=np.asarray(auto_bench.W_p).T)
+    r2 = metrics.synth_eval(params, spec, auto_bench, key=jax.random.PRNGKey(4), n_samples=3000, batch_size=1024)
     assert r2["n_samples"] == 3000 and set(r) == set(r2)
     x, f = np.asarray(b.x_p, np.float64), np.asarray(b.features)
     codes = np.asarray(jsdl.encode(params, b.x_p, spec, inference=True))
@@ -240,26 +246,26 @@ def test_synth_eval_matches_direct_computation(bench):
     assert r["explained_variance"] == pytest.approx(ev, rel=1e-4, abs=1e-5)
     assert r["shrinkage"] == pytest.approx(np.mean(np.linalg.norm(xh, axis=1) / np.linalg.norm(x, axis=1)), rel=1e-5)
     assert r["dead_latents"] == int(((codes != 0).sum(0) == 0).sum())
-    best = np.argmax(np.abs(metrics.unit_rows(np.asarray(params.decoder).T) @ metrics.unit_rows(jnp.asarray(bench.W_p).T).T), 1)
+    best = np.argmax(np.abs(metrics.unit_rows(np.asarray(params.decoder).T) @ metrics.unit_rows(jnp.asarray(auto_bench.W_p).T).T), 1)
     gt = f[:, best] > 0
     fire = codes != 0
     cl = metrics.synth_classification((fire & gt).sum(0), (fire & ~gt).sum(0), (~fire & gt).sum(0), (~fire & ~gt).sum(0))
     for k in ("precision", "recall", "f1", "accuracy"):
         assert r[k] == pytest.approx(cl[k], abs=1e-12)
     with pytest.raises(ValueError, match="key"):
-        metrics.synth_eval(params, spec, bench)
+        metrics.synth_eval(params, spec, auto_bench)
 
 
-def test_generic_metrics_and_train_config_accept_synth(bench):
+def test_generic_metrics_and_train_config_accept_synth(auto_bench):
     from jsdl.train.cli import config_from_dict
 
     spec = jsdl.make_spec("sae", "relu", n_latents=32)
-    params = jsdl.init_params(jax.random.PRNGKey(0), spec, bench.d_input)
-    fr = metrics.feature_recovery(params, bench)
+    params = jsdl.init_params(jax.random.PRNGKey(0), spec, auto_bench.d_input)
+    fr = metrics.feature_recovery(params, auto_bench)
     assert 0 <= fr["m_ip"] <= 1
-    st = metrics.code_statistics(params, spec, bench, key=jax.random.PRNGKey(0), n_samples=512, batch_size=256)
+    st = metrics.code_statistics(params, spec, auto_bench, key=jax.random.PRNGKey(0), n_samples=512, batch_size=256)
     assert st["n_samples"] == 512
-    assert bench.feature_weights(n_samples=2048).shape == (160,)
+    assert auto_bench.feature_weights(n_samples=2048).shape == (160,)
     cfg = config_from_dict({"data": {"synth": {"preset": "tiny", **SMALL}}, "spec": {"n_latents": 16, "k": 2}})
     assert isinstance(cfg.data.build("sae"), SynthBench)
     cfg = config_from_dict({"data": {"synth": {"preset": "tiny", "sampler": "jax", **SMALL}}})

@@ -571,9 +571,11 @@ class SynthBench(SamplingMixin):
         r = jnp.where(live, jnp.maximum(p_v - q_v, 0.0) / (1.0 - q_v), 0.0)
         r_u = _rng.uniform(k_res, (V,), dt)
         val_r = self._values(r_u, r, vcol)
-        # The union: a feature that already fired as a candidate keeps its value ([V, K] compare
-        # with the row's candidates instead of reading a dense block).
-        fired = jnp.any(col_a[rows_v] == vcol[:, None], axis=1)
+        # The union: a feature that already fired as a candidate (u < acc, whatever the sign of
+        # its magnitude) keeps that draw ([V, K] compare with the row's candidates instead of
+        # reading a dense block).
+        col_fired = jnp.where(first & (u < acc), col, -1)
+        fired = jnp.any(col_fired[rows_v] == vcol[:, None], axis=1)
         write = live & ~fired & (r_u < r * pos_frac[vcol])
 
         def dense():

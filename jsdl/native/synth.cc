@@ -119,7 +119,11 @@ struct Scratch {
   std::vector<int32_t> comp, accepted, viol;
   std::vector<std::pair<int32_t, double>> act;  // the sample's (column, value) pairs
   explicit Scratch(const Shape& s)
-      : eps(std::max<int64_t>(s.r, 1)), cval(s.bmax), proj(std::max<int64_t>(s.m, 1)), comp(s.bmax) {}
+      : eps(std::max<int64_t>(s.r, 1)), cval(s.bmax), proj(std::max<int64_t>(s.m, 1)), comp(s.bmax) {
+    act.reserve(static_cast<size_t>(std::min<int64_t>(s.n, 4096)));
+    accepted.reserve(256);
+    viol.reserve(256);
+  }
 };
 
 // Draws one sample into sc.act (each column at most once).
