@@ -382,7 +382,7 @@ def test_native_sampler_matches_the_jax_sampler():
     bn = make_synth(jax.random.PRNGKey(0), "tiny", sampler="native", **kw)
     assert bn.tree_end < bn.sparse_start < bn.n_features and bn.viol_expected > 0
     assert not np.asarray(bn.exclusive)[:bn.n_roots].all() and np.asarray(bn.exclusive).any()
-    N = 60000
+    N = 40000
     fj = np.asarray(jax.jit(bj.sample_features, static_argnums=1)(jax.random.PRNGKey(1), N))
     fn = np.asarray(jax.jit(bn.sample_features, static_argnums=1)(jax.random.PRNGKey(1), N))
     aj, an = fj > 0, fn > 0
