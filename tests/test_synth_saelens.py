@@ -175,8 +175,10 @@ def _stats(f, parent_of):
     return act, rate, mean_mag, orphan, max_sib
 
 
+@pytest.mark.parametrize("sampler", ["jax", "native"])
 @pytest.mark.parametrize("correlated", [False, True])
-def test_generator_statistics_agree_with_saelens(py, tmp_path, correlated):
+def test_generator_statistics_agree_with_saelens(py, tmp_path, correlated, sampler):
+    """Both of jsdl's samplers (SynthBench.sampler) against SAELens's generator."""
     from jsdl.data.synth import synth_config
 
     cfg = synth_config("tiny", n_features=512, d_input=32, n_roots=8, depth=2, orthogonalize_steps=5,
@@ -186,7 +188,12 @@ def test_generator_statistics_agree_with_saelens(py, tmp_path, correlated):
     _run(py, _GEN_SCRIPT, json.dumps(c), N, tmp_path, 3)
     f_s = np.load(tmp_path / "f.npy")
     po_s = np.load(tmp_path / "parent_of.npy")
-    bench = make_synth(jax.random.PRNGKey(3), cfg)
+    if sampler == "native":
+        from jsdl import native
+
+        if not native.supports_synth(np.float32):
+            pytest.skip(f"native sampler unavailable ({native.status()})")
+    bench = make_synth(jax.random.PRNGKey(3), cfg, sampler=sampler)
     f_j = np.concatenate([np.asarray(jax.jit(bench.sample_features, static_argnums=1)(jax.random.PRNGKey(i), 5000))
                           for i in range(N // 5000)])
     po_j = np.asarray(bench.parent_of)
