@@ -476,7 +476,7 @@ def main(argv=None):
                     help="jsdl's parameter initialisation (saelens: decoder norm 0.1, W_E = W_D^T)")
     ap.add_argument("--saelens-init", choices=tuple(SAELENS_INIT), default="default",
                     help="SAELens's decoder_init_norm (jsdl: 1.0, jsdl's default initialisation)")
-    ap.add_argument("--jsdl-sampler", choices=("auto", "jax", "native"), default="auto",
+    ap.add_argument("--jsdl-sampler", choices=("auto", "jax", "native"), default="auto",  # synth.SAMPLERS
                     help="jsdl's SynthSAEBench sampler (SynthBench.sampler): auto = the native CPU kernel where "
                          "available, else the JAX sampler")
     ap.add_argument("--jsdl-pre-bias", action="store_true",

@@ -813,6 +813,9 @@ class SynthBench(SamplingMixin):
                     sampler="native" if self.uses_native() else "jax", synth=self.settings.to_dict())
 
 
+SAMPLERS = ("auto", "jax", "native")
+"""The choices of ``SynthBench.sampler`` (:meth:`SynthBench.uses_native`)."""
+
 # Candidate rates of the sparse free block: q_i = P(fire | factor projection c sd out), c below.
 _CAND_SIGMA = 3.0
 # The free features before the first with a candidate rate <= this are drawn densely.
@@ -920,7 +923,7 @@ def make_synth(key: jax.Array, config: Union[SynthConfig, str, Mapping[str, Any]
     ``"jax"`` or ``"native"`` (:meth:`SynthBench.uses_native`). The key decides the
     hierarchy's random choices, the correlation factor, the magnitude stds, the feature vectors
     and the bias (all on the host, once); ``sample(key, B)`` draws batches on device."""
-    if sampler not in ("auto", "jax", "native"):
+    if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be 'auto', 'jax' or 'native', not {sampler!r}")
     cfg = synth_config("16k" if config is None else config, **overrides)
     dt = jax.dtypes.canonicalize_dtype(jnp.float64 if dtype is None else dtype)  # float32 unless x64

@@ -115,11 +115,12 @@ struct Shape {
 
 struct Scratch {
   std::vector<double> eps, cval;
-  std::vector<float> proj;
+  std::vector<float> proj, epsf;  // epsf: eps as float, for the float projections
   std::vector<int32_t> comp, accepted, viol;
   std::vector<std::pair<int32_t, double>> act;  // the sample's (column, value) pairs
   explicit Scratch(const Shape& s)
-      : eps(std::max<int64_t>(s.r, 1)), cval(s.bmax), proj(std::max<int64_t>(s.m, 1)), comp(s.bmax) {
+      : eps(std::max<int64_t>(s.r, 1)), cval(s.bmax), proj(std::max<int64_t>(s.m, 1)), epsf(std::max<int64_t>(s.r, 1)),
+        comp(s.bmax) {
     act.reserve(static_cast<size_t>(std::min<int64_t>(s.n, 4096)));
     accepted.reserve(256);
     viol.reserve(256);
@@ -191,14 +192,13 @@ void DrawSample(const Tables& t, const Shape& s, Rng& rng, Scratch& sc) {
   viol.clear();
   if (s.r) {
     float* pr = proj.data();
-    float e[64];
-    const int64_t rr = std::min<int64_t>(s.r, 64);
-    for (int64_t j = 0; j < rr; ++j) e[j] = static_cast<float>(eps[j]);
+    float* e = sc.epsf.data();
+    for (int64_t j = 0; j < s.r; ++j) e[j] = static_cast<float>(eps[j]);
     int64_t i0 = 0;
     for (; i0 + 16 <= s.m; i0 += 16) {
       float acc[16] = {0};
       for (int64_t j = 0; j < s.r; ++j) {
-        const float ej = j < 64 ? e[j] : static_cast<float>(eps[j]);
+        const float ej = e[j];
         const float* row = t.Ft + j * s.m + i0;
         for (int l = 0; l < 16; ++l) acc[l] += ej * row[l];
       }
@@ -213,7 +213,7 @@ void DrawSample(const Tables& t, const Shape& s, Rng& rng, Scratch& sc) {
     }
     for (; i0 < s.m; ++i0) {
       float a = 0.0f;
-      for (int64_t j = 0; j < s.r; ++j) a += static_cast<float>(eps[j]) * t.Ft[j * s.m + i0];
+      for (int64_t j = 0; j < s.r; ++j) a += e[j] * t.Ft[j * s.m + i0];
       pr[i0] = a;
       if (a > t.margin[i0]) viol.push_back(static_cast<int32_t>(i0));
     }

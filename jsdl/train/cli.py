@@ -135,10 +135,10 @@ class DataConfig:
         if self.synth is not None:
             if self.files is not None or self.bench is not None:
                 raise ValueError("data: give one of files, bench or synth")
-            from jsdl.data.synth import SynthConfig
+            from jsdl.data.synth import SAMPLERS, SynthConfig
 
             syn = dict(self.synth)
-            if syn.pop("sampler", "auto") not in ("auto", "jax", "native"):
+            if syn.pop("sampler", "auto") not in SAMPLERS:
                 raise ValueError(f"data.synth.sampler must be auto, jax or native, not {self.synth['sampler']!r}")
             SynthConfig.from_dict(syn)  # validate before anything compiles
 
