@@ -5,11 +5,13 @@ For every shape of ``benchmarks/bench_step.py`` (d, n_q, k, B) it builds, with `
 
 * ``Bench`` (the Linear Representation Bench, eqs. 30-32) and a hierarchical ``StructuredBench``
   (n/4 roots with 3 children each, leaves firing at 0.01, parents iff a child fires);
-* for each, the sampler this module replaced ("old": a Bernoulli mask and a magnitude for each of
-  the B n entries, ``x W_p^T`` as one dense product) and the current one ("new": active sets drawn
-  as geometric gaps, ``x W_p^T`` summed over the active columns where that is cheaper);
+* for each, its two current samplers: the JAX one (``sampler="jax"``: active sets drawn as
+  geometric gaps, ``x W_p^T`` summed over the active columns where that is cheaper) and the native
+  CPU one (``sampler="native"``, the default on a CPU: ``jsdl.native.sparse_draw``, the same law one
+  sample at a time); with ``--old`` also the sampler the JAX one replaced ("old": a Bernoulli mask
+  and a magnitude for each of the B n entries, ``x W_p^T`` as one dense product);
 * the real jitted TopK training step of ``jsdl.train`` (``Stepper.step``) on a fixed batch, and
-  the same step generating its batch on device from the bench (old and new sampler), which is how
+  the same step generating its batch on device from the bench (each sampler), which is how
   ``jsdl.fit`` trains on a bench.
 
 All variants of a shape are timed alternating round-robin in one process (``common.alternate``).
@@ -23,7 +25,7 @@ iteration. Also: the crossover measurements behind the sampler's static rules
 the paper's bench (n = 1000, d = 768, M = 0.1) by PGD.
 
     nice -n 10 .venv/bin/python benchmarks/bench_data.py [--shapes small,medium,large] [--reps 3]
-        [--wide] [--no-crossover] [--no-write]
+        [--wide] [--old] [--no-crossover] [--no-write]
 """
 from __future__ import annotations
 
@@ -60,12 +62,12 @@ def unit_columns(key, d, n):
     return W / jnp.linalg.norm(W, axis=0, keepdims=True)
 
 
-def random_bench(n, d):
+def random_bench(n, d, sampler="jax"):
     W = unit_columns(jax.random.PRNGKey(n + d), d, n)
-    return Bench(W_p=W, W_r=W, sparsity=S, method="sae")
+    return Bench(W_p=W, W_r=W, sparsity=S, method="sae", sampler=sampler)
 
 
-def random_hierarchy(n, d):
+def random_hierarchy(n, d, sampler="jax"):
     """As ``make_hierarchical_bench(n_roots=n/4, branching=3, depth=1, child_rate=0.01)``, random W."""
     parent_of = build_hierarchy(n // 4, 3, 1)
     n = parent_of.shape[0]
@@ -78,7 +80,7 @@ def random_hierarchy(n, d):
         W_p=W, W_r=W, rates=jnp.asarray(rates, jnp.float32), importance=jnp.ones((n,), jnp.float32),
         parent_of=jnp.asarray(parent_of, jnp.int32), child_idx=jnp.asarray(edges, jnp.int32),
         parent_idx=jnp.asarray(parent_of[edges], jnp.int32), depth=1, kind="hierarchical",
-        rate_bound=float(rates.max()), sorted_parents=True,
+        rate_bound=float(rates.max()), sorted_parents=True, sampler=sampler,
     )
 
 
@@ -105,7 +107,7 @@ class OldBench:
 
 def dense_structured(b):
     """The structured bench with its sparse sampler switched off: the replaced dense code path."""
-    return b.replace(rate_bound=None)
+    return b.replace(rate_bound=None, sampler="jax")
 
 
 def alternate(fns, reps, target_s=0.3, max_inner=50):
@@ -165,32 +167,37 @@ def step_fn(spec, d, batch_size, data):
     return run
 
 
-def measure_shape(shape, n, reps, archs):
+GENERATORS = ("old", "jax", "native")
+
+
+def measure_shape(shape, n, reps, archs, old):
     import jsdl
 
     d, n_q, k, B = SHAPES[shape]
-    bench, hier = random_bench(n, d), random_hierarchy(n, d)
+    benches = {"bench": {g: random_bench(n, d, g) for g in ("jax", "native")},
+               "hier": {g: random_hierarchy(n, d, g) for g in ("jax", "native")}}
+    if old:
+        benches["bench"]["old"] = OldBench(benches["bench"]["jax"])
+        benches["hier"]["old"] = dense_structured(benches["hier"]["jax"])
+    assert benches["bench"]["native"].uses_native() and benches["hier"]["native"].uses_native()
+    bench = benches["bench"]["jax"]
     fixed = jax.jit(bench.sample, static_argnums=1)(jax.random.PRNGKey(0), B)
     fixed = jsdl.Batch(x_p=fixed.x_p)
-    fns = {
-        "bench old": sampler_fn(lambda key, b: old_bench_sample(bench, key, b), B),
-        "bench new": sampler_fn(bench.sample, B),
-        "hier old": sampler_fn(dense_structured(hier).sample, B),
-        "hier new": sampler_fn(hier.sample, B),
-    }
+    fns = {f"{name} {g}": sampler_fn(b.sample, B) for name, gs in benches.items() for g, b in gs.items()}
     for arch in archs:
         spec = (jsdl.make_spec("sae", "topk", n_q, k=k) if arch == "topk"
                 else jsdl.make_spec("sae", "relu", n_q, penalties={"weighted_l1": 1e-3}))
         fns[f"{arch} step, fixed batch"] = step_fn(spec, d, B, fixed)
-        fns[f"{arch} step + bench old"] = step_fn(spec, d, B, OldBench(bench))
-        fns[f"{arch} step + bench new"] = step_fn(spec, d, B, bench)
-        fns[f"{arch} step + hier new"] = step_fn(spec, d, B, hier)
+        for name, gs in benches.items():
+            for g, b in gs.items():
+                fns[f"{arch} step + {name} {g}"] = step_fn(spec, d, B, b)
     log(f"[bench_data] {shape} n={n}: compiling and timing {len(fns)} variants x {reps} reps ...")
     t = alternate(fns, reps)
     for name, ts in t.items():
         log(f"  {name}: {spread(ts)}")
     return dict(shape=shape, d=d, n_q=n_q, k=k, B=B, n=n, K=bench.law.capacity(n),
-                K_hier=hier.sparse_capacity, times=t, archs=archs)
+                K_hier=benches["hier"]["jax"].sparse_capacity, times=t, archs=archs,
+                gens=[g for g in GENERATORS if f"bench {g}" in t])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,51 +261,58 @@ def report(results, cross, gen, args, load0, load1):
         f"- device: {jax.devices()[0].device_kind} ({jax.default_backend()}); command: `{cmd.strip()}`",
         f"- {args.host} (`jsdl.hosttune`, as `jsdl train` for a large step; `JSDL_HOST_TUNING=off` measures without)",
         "",
-        f"Per benchmark shape of bench_step.py, S = {S}, d_input = d, feature matrices random unit columns; old = the",
-        "replaced sampler (a Bernoulli mask and a magnitude for every entry, x W_p^T dense), new = active sets",
-        "drawn as geometric gaps (capacity K per row, P(truncation) < 1e-15), x W_p^T summed over active",
-        "columns. All rows of a shape alternate round-robin in one process; median (min-max) of the reps.",
+        f"Per benchmark shape of bench_step.py, S = {S}, d_input = d, feature matrices random unit columns; jax = the",
+        "JAX sampler (active sets drawn as geometric gaps, capacity K per row, P(truncation) < 1e-15, x W_p^T",
+        "summed over active columns), native = `jsdl.native.sparse_draw` (the default on a CPU: the same law",
+        "one sample at a time, x W_p^T summed in the same pass)" + (", old = the sampler the JAX one replaced (a Bernoulli"
+        " mask and a magnitude for every entry, x W_p^T dense)" if any("old" in r["gens"] for r in results) else "")
+        + ". All rows of a shape alternate round-robin in one process; median (min-max) of the reps.",
         "",
         "**Generators alone** (jitted `sample`: x_p, x_r and the dense features [B, n]); 'of step' = the",
         "sampler's time over the TopK step on a fixed batch:",
         "",
-        "| shape (d, n_q, k, B) | n | generator | old | new | old samples/s | new samples/s | speed-up | old of step | new of step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    gens = results[0]["gens"] if results else list(GENERATORS[1:])
+    out += ["| shape (d, n_q, k, B) | n | generator | " + " | ".join(gens) + " | "
+            + " | ".join(f"{g} samples/s" for g in gens) + " | native speed-up over jax | "
+            + " | ".join(f"{g} of step" for g in gens) + " |",
+            "|---|---|---|" + "---|" * (3 * len(gens) + 1)]
     for r in results:
         t = r["times"]
         step = med(t[f"{r['archs'][0]} step, fixed batch"])
         for gname, label, K in (("bench", "Bench", r["K"]), ("hier", "hierarchical", r["K_hier"])):
-            o, nw = med(t[f"{gname} old"]), med(t[f"{gname} new"])
+            m = {g: med(t[f"{gname} {g}"]) for g in gens}
             out.append(
-                f"| ({r['d']}, {r['n_q']}, {r['k']}, {r['B']}) | {r['n']} | {label} (K = {K}) | {spread(t[f'{gname} old'])} | "
-                f"{spread(t[f'{gname} new'])} | {r['B'] / o:,.0f} | {r['B'] / nw:,.0f} | {o / nw:.1f}x | "
-                f"{pct(o / step)} | **{pct(nw / step)}** |")
+                f"| ({r['d']}, {r['n_q']}, {r['k']}, {r['B']}) | {r['n']} | {label} (K = {K}) | "
+                + " | ".join(spread(t[f"{gname} {g}"]) for g in gens) + " | "
+                + " | ".join(f"{r['B'] / m[g]:,.0f}" for g in gens) + f" | {m['jax'] / m['native']:.1f}x | "
+                + " | ".join(("**" + pct(m[g] / step) + "**") if g == "native" else pct(m[g] / step) for g in gens) + " |")
+    cols = [(name, g) for name in ("bench", "hier") for g in gens]
+    label = {"bench": "Bench", "hier": "hierarchical"}
     out += [
         "",
-        "**Inside the training step** (`Stepper.step` generating its batch on device from the Bench, or",
-        "from the hierarchical bench with the current sampler, as `jsdl.fit` does; the dense features are",
-        "not used by the step, so XLA drops their scatter). Data share = (t with generation - t on a fixed",
-        "batch) / t with generation, per round of the alternation (the runs of a round are back to back),",
-        "median over rounds [and from the minima]:",
+        "**Inside the training step** (`Stepper.step` generating its batch on device from the bench, as",
+        "`jsdl.fit` does; the dense features are not used by the step, so XLA drops their computation). Data",
+        "share = (t with generation - t on a fixed batch) / t with generation, per round of the alternation",
+        "(the runs of a round are back to back), median over rounds [and from the minima]:",
         "",
-        "| shape (d, n_q, k, B) | n | step | fixed batch | + old sampler | + new sampler | + hierarchical | "
-        "data share old | data share new | data share hierarchical |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape (d, n_q, k, B) | n | step | fixed batch | " + " | ".join(f"+ {label[a]} {g}" for a, g in cols) + " | "
+        + " | ".join(f"data share {label[a]} {g}" for a, g in cols) + " |",
+        "|---|---|---|---|" + "---|" * (2 * len(cols)),
     ]
     for r in results:
         t = r["times"]
         for arch in r["archs"]:
             f = np.asarray(t[f"{arch} step, fixed batch"])
-            share = {}
-            for v, name in (("old", "bench old"), ("new", "bench new"), ("hier", "hier new")):
-                g = np.asarray(t[f"{arch} step + {name}"])
-                share[v] = (f"{pct(max(float(np.median((g - f) / g)), 0.0))} "
-                            f"[{pct(max((g.min() - f.min()) / g.min(), 0.0))}]")
+            share = []
+            for a, g in cols:
+                gt = np.asarray(t[f"{arch} step + {a} {g}"])
+                sh = (f"{pct(max(float(np.median((gt - f) / gt)), 0.0))} "
+                      f"[{pct(max((gt.min() - f.min()) / gt.min(), 0.0))}]")
+                share.append(f"**{sh}**" if g == "native" else sh)
             out.append(
                 f"| ({r['d']}, {r['n_q']}, {r['k']}, {r['B']}) | {r['n']} | {arch} | {spread(t[f'{arch} step, fixed batch'])} | "
-                f"{spread(t[f'{arch} step + bench old'])} | {spread(t[f'{arch} step + bench new'])} | "
-                f"{spread(t[f'{arch} step + hier new'])} | {share['old']} | **{share['new']}** | **{share['hier']}** |")
+                + " | ".join(spread(t[f"{arch} step + {a} {g}"]) for a, g in cols) + " | " + " | ".join(share) + " |")
     if cross is not None:
         rows_s, rows_d = cross
         out += [
@@ -356,6 +370,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--archs", default="topk", help="steps to compare with: topk and/or relu")
     ap.add_argument("--wide", action="store_true", help="also n_features = 2 n_q")
+    ap.add_argument("--old", action="store_true", help="also the sampler the JAX sampler replaced (slow at large shapes)")
     ap.add_argument("--no-crossover", action="store_true")
     ap.add_argument("--no-pgd", action="store_true")
     ap.add_argument("--no-write", action="store_true")
@@ -368,7 +383,7 @@ def main(argv=None) -> int:
     for shape in args.shapes.split(","):
         d, n_q, k, B = SHAPES[shape]
         for n in (n_q, 2 * n_q) if args.wide else (n_q,):
-            results.append(measure_shape(shape, n, args.reps, archs))
+            results.append(measure_shape(shape, n, args.reps, archs, args.old))
     cross = None if args.no_crossover else crossover(max(2, args.reps - 1))
     gen = None if args.no_pgd else pgd_generation(args.reps)
     text = report(results, cross, gen, args, load0, os.getloadavg())

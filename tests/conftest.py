@@ -12,6 +12,19 @@ def x64():
         yield
 
 
+def sampler_or_skip(name: str) -> str:
+    """``name`` (a bench ``sampler``: ``"jax"`` or ``"native"``) for a test that runs on both of a
+    bench's samplers; skips the native one where jsdl's native kernels cannot be built."""
+    if name == "native":
+        import numpy as np
+
+        from jsdl import native
+
+        if not native.supports_synth(np.float32):
+            pytest.skip(f"native sampler unavailable ({native.status()})")
+    return name
+
+
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)

@@ -162,6 +162,7 @@ def _glibc() -> bool:
         return False
 
 
+@pytest.mark.slow  # three rounds of a large step in fresh processes: ~45 s on 2 cores
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not _glibc(), reason="glibc's mallopt and page-fault counts")
 def test_tune_host_stops_the_page_faults_of_large_temporaries(tmp_path):
     """In a fresh process, ``tune_host`` switches the CPU client to synchronous dispatch and glibc to

@@ -7,13 +7,15 @@ import pytest
 from jsdl import experiments as E
 
 NAMES = E.available()
+# The experiments whose tiny run takes 20-45 s on 2 cores run in `make test-slow`.
+SLOW = {"landscape_during_training", "absorption", "ablations", "dead_latents", "identifiability"}
 
 
 def test_experiments_exist():
     assert NAMES, "no experiments found under experiments/"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in NAMES])
 def test_experiment_runs_tiny(name, tmp_path):
     summary = E.run_experiment(name, "tiny", str(tmp_path))
     assert isinstance(summary, dict) and summary

@@ -304,7 +304,8 @@ PORTABLE_PROBE = """
 """
 
 
-@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-avx"])
+@pytest.mark.parametrize("flags", ["-mno-avx512f",  # the narrowest: a build of its own, ~30 s, in `make test-slow`
+                                   pytest.param("-mno-avx512f -mno-avx2 -mno-avx", marks=pytest.mark.slow)])
 def test_narrower_instruction_sets(tmp_path, flags):
     """The AVX2 and the portable code paths, built on this machine by masking its wider instructions
     (a machine without AVX-512, e.g. many AMD and ARM hosts, runs them)."""

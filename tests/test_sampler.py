@@ -1,5 +1,6 @@
 """The sparse sampler of the S-sparse law (jsdl.data.bench): capacity bound, law of the active sets
-(firing rates, counts, independence, magnitudes), determinism, jit/vmap, the Bench fast path."""
+(firing rates, counts, independence, magnitudes), determinism, jit/vmap, the Bench fast path; the
+native sampler of the same laws (jsdl.native.sparse_draw: Bench and structured benches)."""
 import math
 
 import jax
@@ -8,10 +9,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from conftest import sampler_or_skip
 from jsdl.data.bench import (
     ACTIVE_TAIL, Bench, SparseLaw, active_capacity, decode_active, geometric_positions, make_bench,
 )
 from jsdl.kernels import densify
+
+SAMPLERS = ["jax", "native"]
 
 
 @pytest.mark.parametrize("n,p", [(512, 0.01), (1000, 0.01), (4096, 0.01), (16384, 0.01), (16384, 0.001),
@@ -184,15 +188,18 @@ def _unit(key, d, n):
     return W / jnp.linalg.norm(W, axis=0, keepdims=True)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("method", ["sae", "transcoder", "skip_transcoder", "crosscoder"])
-def test_bench_fast_path_matches_observe(method):
+def test_bench_fast_path_matches_observe(method, sampler):
+    sampler_or_skip(sampler)
     n, d = 1024, 16
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(9), 3)
     W_p = jnp.concatenate([_unit(k1, d, n), _unit(k3, d, n)]) if method == "crosscoder" else _unit(k1, d, n)
     W_r = W_p if method in ("sae", "crosscoder") else _unit(k2, 12, n)
     W_skip = jax.random.normal(k3, (12, d)) if method == "skip_transcoder" else None
-    b = Bench(W_p=W_p, W_r=W_r, W_skip=W_skip, sparsity=0.99, method=method, n_sources=2 if method == "crosscoder" else 1)
-    assert b.law.sparse_sampler(n)
+    b = Bench(W_p=W_p, W_r=W_r, W_skip=W_skip, sparsity=0.99, method=method, n_sources=2 if method == "crosscoder" else 1,
+              sampler=sampler)
+    assert b.law.sparse_sampler(n) and b.uses_native() == (sampler == "native")
     key = jax.random.PRNGKey(10)
     batch = jax.jit(b.sample, static_argnums=1)(key, 256)
     k_x, k_obs = jax.random.split(key)
@@ -203,10 +210,12 @@ def test_bench_fast_path_matches_observe(method):
     assert np.mean(np.asarray(batch.features) > 0) == pytest.approx(0.01, abs=0.002)
 
 
-def test_finite_dataset_with_the_sparse_sampler():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_finite_dataset_with_the_sparse_sampler(sampler):
+    sampler_or_skip(sampler)
     n, d = 1024, 8
     W = _unit(jax.random.PRNGKey(11), d, n)
-    b = Bench(W_p=W, W_r=W, sparsity=0.99, dataset_size=50, data_key=jax.random.PRNGKey(12))
+    b = Bench(W_p=W, W_r=W, sparsity=0.99, dataset_size=50, data_key=jax.random.PRNGKey(12), sampler=sampler)
     assert b.law.sparse_sampler(n)
     rows = jax.jit(lambda bb, idx: bb.dataset_batch(idx))
     full = rows(b, jnp.arange(50))
@@ -233,13 +242,15 @@ def test_make_bench_uses_the_sparse_sampler_at_the_paper_setting():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_structured_thinning_follows_per_feature_rates():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_structured_thinning_follows_per_feature_rates(sampler):
     from jsdl.data import make_structured_bench
 
+    sampler_or_skip(sampler)
     n = 600
     rates = np.linspace(0.001, 0.02, n)
     imp = np.linspace(0.5, 2.0, n)
-    b = make_structured_bench(jax.random.PRNGKey(20), n, 24, 0.6, firing_rates=rates, importance=imp)
+    b = make_structured_bench(jax.random.PRNGKey(20), n, 24, 0.6, firing_rates=rates, importance=imp, sampler=sampler)
     assert b.sparse_capacity == active_capacity(n, 0.02) > 0
     B = 40000
     batch = jax.jit(b.sample, static_argnums=1)(jax.random.PRNGKey(21), B)
@@ -257,11 +268,13 @@ def test_structured_thinning_follows_per_feature_rates():
     assert np.all(np.isnan(jax.jit(bad.sample_features, static_argnums=1)(jax.random.PRNGKey(0), 4)))
 
 
-def test_structured_hierarchy_closure_and_magnitudes():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_structured_hierarchy_closure_and_magnitudes(sampler):
     from jsdl.data import make_hierarchical_bench
 
+    sampler_or_skip(sampler)
     b = make_hierarchical_bench(jax.random.PRNGKey(22), n_roots=60, branching=3, depth=2, d_input=32,
-                                max_interference=0.5, child_rate=0.02, parent_alone_rate=0.005)
+                                max_interference=0.5, child_rate=0.02, parent_alone_rate=0.005, sampler=sampler)
     assert b.sparse_capacity > 0 and b.depth == 2
     # x_p is summed block by block: each block's K slots are <= n / 8, the three together are not
     assert 8 * b.sparse_capacity <= b.n_features < 8 * (b.depth + 1) * b.sparse_capacity
@@ -308,7 +321,7 @@ def test_sorted_parents_find_the_first_slots_without_a_dense_array(monkeypatch):
 
     monkeypatch.setattr(structured, "SORTED_DEDUP_MIN_ENTRIES", 0)  # the block rule at any B n
     b = make_hierarchical_bench(jax.random.PRNGKey(22), n_roots=20, branching=3, depth=2, d_input=16,
-                                max_interference=0.6, child_rate=0.05, parent_alone_rate=0.05)
+                                max_interference=0.6, child_rate=0.05, parent_alone_rate=0.05, sampler="jax")
     assert b.sorted_parents and b.sparse_capacity > 0
     dense = b.replace(sorted_parents=False)
     key, B = jax.random.PRNGKey(3), 2000
@@ -336,7 +349,7 @@ def test_sorted_parents_find_the_first_slots_without_a_dense_array(monkeypatch):
     inv = np.argsort(perm)
     shuffled = np.where(po[perm] >= 0, inv[np.maximum(po[perm], 0)], -1)
     assert not parents_are_sorted(shuffled)
-    s = make_structured_bench(jax.random.PRNGKey(1), len(po), 16, 0.7, sparsity=0.99, hierarchy=shuffled)
+    s = make_structured_bench(jax.random.PRNGKey(1), len(po), 16, 0.7, sparsity=0.99, hierarchy=shuffled, sampler="jax")
     assert not s.sorted_parents and s.sparse_capacity > 0
     f = np.asarray(s.sample(jax.random.PRNGKey(2), 500).features) > 0
     child = np.flatnonzero(shuffled >= 0)
@@ -358,6 +371,7 @@ def test_structured_dense_fallbacks():
     assert dense.sample(jax.random.PRNGKey(0), 5).x_p.shape == (5, 16)
 
 
+@pytest.mark.slow  # compiles ten samplers and steps: ~27 s on 2 cores
 def test_bench_data_script_smoke(capsys):
     """benchmarks/bench_data.py (the RESULTS section's generator) runs end to end at a tiny shape."""
     import os
@@ -423,11 +437,12 @@ def test_feature_rows_cache_changes_no_sample_and_removes_the_step_transpose():
     k1, k2 = jax.random.split(jax.random.PRNGKey(3))
     W = _unit(k1, 16, 1024)
     benches = {
-        "bench": Bench(W_p=W, W_r=W, sparsity=0.99),
-        "bench transcoder": Bench(W_p=W, W_r=_unit(k2, 12, 1024), sparsity=0.99, method="transcoder"),
+        "bench": Bench(W_p=W, W_r=W, sparsity=0.99, sampler="jax"),
+        "bench transcoder": Bench(W_p=W, W_r=_unit(k2, 12, 1024), sparsity=0.99, method="transcoder", sampler="jax"),
+        "bench native transcoder": Bench(W_p=W, W_r=_unit(k2, 12, 1024), sparsity=0.99, method="transcoder"),
         "hierarchical": make_hierarchical_bench(jax.random.PRNGKey(22), n_roots=60, branching=3, depth=2,
                                                 d_input=32, max_interference=0.5, child_rate=0.02,
-                                                parent_alone_rate=0.005),
+                                                parent_alone_rate=0.005, sampler="jax"),
         "synth": make_synth(jax.random.PRNGKey(0), "tiny", n_features=160, d_input=24, n_roots=4, branching=3,
                             depth=2, correlation_rank=4, orthogonalize_steps=5, max_prob=0.3, min_prob=0.01),
     }
@@ -435,7 +450,7 @@ def test_feature_rows_cache_changes_no_sample_and_removes_the_step_transpose():
     for name, b in benches.items():
         assert b.decodes_rows(), name
         r = b.with_feature_rows()
-        want = {"W_p", "W_r"} if name == "bench transcoder" else {"W_p"}
+        want = {"W_p", "W_r"} if "transcoder" in name else {"W_p"}
         assert b.rows_cache is None and set(r.rows_cache) == want, name
         for m in want:
             np.testing.assert_array_equal(r.rows_cache[m], np.asarray(getattr(b, m)).T)
@@ -444,7 +459,7 @@ def test_feature_rows_cache_changes_no_sample_and_removes_the_step_transpose():
             a, c = draw(b, key), draw(r, key)
             for f in ("x_p", "x_r", "features"):
                 np.testing.assert_array_equal(getattr(a, f), getattr(c, f), err_msg=f"{name} {f}")
-    dense = Bench(W_p=W[:, :64], W_r=W[:, :64], sparsity=0.5)
+    dense = Bench(W_p=W[:, :64], W_r=W[:, :64], sparsity=0.5, sampler="jax")
     assert not dense.decodes_rows() and dense.with_feature_rows() is dense
 
     b = benches["bench"]
@@ -461,3 +476,92 @@ def test_feature_rows_cache_changes_no_sample_and_removes_the_step_transpose():
 
     assert not transposes(placed)
     assert transposes(jax.device_put(b))  # without the cache the step transposes W_p
+
+
+# --------------------------------------------------------------------------------------------------
+# The native sampler (jsdl.native.sparse_draw): the same laws, one sample at a time
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("S", [0.98, 0.5])  # the JAX sampler's sparse and dense regimes; one native path
+def test_native_bench_sampler_follows_the_law(S):
+    """The native Bench sampler draws the law of eqs. 30-31 (the checks of
+    test_features_follow_the_law: per-feature rates, Binomial counts, independent rows and
+    features, c_min + Exp(beta) magnitudes), x_p is features @ W_p^T, and its own laws hold:
+    sample b does not depend on the batch size, a key decides the draw, vmap over keys equals the
+    calls one by one, typed keys work."""
+    sampler_or_skip("native")
+    n, B, d = 256, 60000, 8
+    W = _unit(jax.random.PRNGKey(30), d, n)
+    b = Bench(W_p=W, W_r=W, sparsity=S, c_min=0.3, beta=0.7, sampler="native")
+    law = b.law
+    f = jax.jit(b.sample_features, static_argnums=1)
+    x = np.asarray(f(jax.random.PRNGKey(1), B), np.float64)
+    m = x > 0
+    p = 1 - S
+    assert np.max(np.abs(m.mean(0) - p)) < 5 * math.sqrt(p * (1 - p) / B)
+    counts = m.sum(1)
+    expect = B * stats.binom.pmf(np.arange(n + 1), n, p)
+    big = expect >= 20
+    obs = np.bincount(counts, minlength=n + 1)
+    f_obs, f_exp = np.append(obs[big], obs[~big].sum()), np.append(expect[big], expect[~big].sum())
+    assert stats.chisquare(f_obs, f_exp * f_obs.sum() / f_exp.sum()).pvalue > 1e-4
+    assert abs(np.corrcoef(counts[:-1], counts[1:])[0, 1]) < 5 / math.sqrt(B)
+    C = np.corrcoef(m.T)
+    assert np.max(np.abs(C[~np.eye(n, dtype=bool)])) < 6 / math.sqrt(B)
+    a = x[m]
+    assert a.min() >= law.c_min - 1e-6
+    assert abs(a.mean() - law.active_mean) < 5 * law.beta / math.sqrt(a.size)
+    assert a.var() == pytest.approx(law.beta ** 2, rel=0.05)
+    assert stats.kstest(a - law.c_min, "expon", args=(0, law.beta)).pvalue > 1e-4
+    k = jax.random.PRNGKey(2)
+    batch = jax.jit(b.draw, static_argnums=1)(k, 300)
+    np.testing.assert_array_equal(batch.features, f(jax.random.split(k)[0], 300))
+    np.testing.assert_allclose(batch.x_p, np.asarray(batch.features) @ np.asarray(W).T, atol=1e-5)
+    np.testing.assert_array_equal(f(k, 7), f(k, 300)[:7])  # sample b whatever the batch size
+    assert not np.array_equal(f(k, 7), f(jax.random.PRNGKey(3), 7))
+    keys = jax.random.split(k, 3)
+    v = jax.jit(jax.vmap(lambda kk: b.sample_features(kk, 5)))(keys)
+    for i in range(3):
+        np.testing.assert_array_equal(v[i], f(keys[i], 5))
+    assert f(jax.random.key(0), 2).shape == (2, n)
+
+
+def test_native_sampler_choice_errors_and_fallback(monkeypatch):
+    """``sampler`` is checked; ``native`` where it cannot run is an error, ``auto`` falls back to
+    the JAX sampler; a copula (correlated masks) has no native sampler; run records say which."""
+    from jsdl import native
+    from jsdl.data import make_hierarchical_bench, make_structured_bench
+
+    with pytest.raises(ValueError, match="sampler"):
+        make_bench(jax.random.PRNGKey(0), 40, 12, 0.5, sampler="fast")
+    with pytest.raises(ValueError, match="sampler"):
+        make_hierarchical_bench(jax.random.PRNGKey(0), n_roots=4, d_input=12, max_interference=0.5, sampler="numpy")
+    C = np.eye(30)
+    C[0, 1] = C[1, 0] = 0.3
+    with pytest.raises(ValueError, match="correlation"):
+        make_structured_bench(jax.random.PRNGKey(0), 30, 16, 0.6, correlation=C, sampler="native")
+    corr = make_structured_bench(jax.random.PRNGKey(0), 30, 16, 0.6, correlation=C)
+    assert not corr.uses_native() and corr.config()["sampler"] == "jax"
+    with pytest.raises(ValueError, match="no native sampler"):
+        corr.replace(sampler="native").uses_native()
+    b = make_bench(jax.random.PRNGKey(0), 40, 12, 0.5, sampler="native")
+    h = make_hierarchical_bench(jax.random.PRNGKey(0), n_roots=4, d_input=12, max_interference=0.5, sampler="native")
+    monkeypatch.setattr(native, "supports_synth", lambda dtype: False)  # float64, an accelerator, no compiler
+    for bench in (b, h):
+        with pytest.raises(RuntimeError, match="native"):
+            bench.sample_features(jax.random.PRNGKey(1), 8)
+        auto = bench.replace(sampler="auto")
+        assert not auto.uses_native() and auto.config()["sampler"] == "jax"
+        assert auto.sample(jax.random.PRNGKey(1), 8).x_p.shape == (8, 12)
+
+
+def test_yaml_bench_options_choose_the_sampler():
+    from jsdl.train.cli import config_from_dict
+
+    data = {"n_features": 40, "d_input": 12, "max_interference": 0.5}
+    cfg = config_from_dict({"data": {**data, "options": {"sampler": "jax"}}})
+    assert cfg.data.build("sae").sampler == "jax"
+    assert config_from_dict({"data": data}).data.build("sae").sampler == "auto"
+    with pytest.raises(ValueError, match="sampler"):
+        config_from_dict({"data": {**data, "options": {"sampler": "gpu"}}}).data.build("sae")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jsdl
+from conftest import sampler_or_skip
 from jsdl import metrics
 from jsdl.data import SynthBench, SynthConfig, make_synth
 from jsdl.data.synth import (
@@ -24,12 +25,7 @@ SMALL = dict(n_features=160, d_input=24, n_roots=4, branching=3, depth=2, correl
 def _sampler(name):
     """The two samplers of one distribution (SynthBench.uses_native): the statistical tests run on
     both; the native one is skipped where jsdl's native kernels cannot be built."""
-    if name == "native":
-        from jsdl import native
-
-        if not native.supports_synth(np.float32):
-            pytest.skip(f"native sampler unavailable ({native.status()})")
-    return name
+    return sampler_or_skip(name)
 
 
 @pytest.fixture(scope="module", params=["jax", "native"])
@@ -318,7 +314,8 @@ def test_sparse_free_block_equals_dense_draw(path, sampler):
     assert abs(c_s - c_d) < 0.03, (c_s, c_d)
 
 
-@pytest.mark.parametrize("case", ["sparse", "dense", "overflow", "uncorrelated"])
+@pytest.mark.parametrize("case", ["sparse", pytest.param("dense", marks=pytest.mark.slow),  # ~20 s each
+                                  pytest.param("overflow", marks=pytest.mark.slow), "uncorrelated"])
 def test_draw_is_observe_of_the_features(case, sampler, monkeypatch):
     """Bench.draw (used by sample and by every training step) builds x_p from the active sets:
     its features are exactly sample_features(k_x) and x_p equals observe(features) up to float
@@ -434,9 +431,10 @@ def test_sampler_choice_errors_and_fallback(monkeypatch):
 
 
 def test_native_sampler_on_a_data_mesh_draws_each_devices_rows():
-    """On a "data" mesh axis the native sampler runs per device inside a shard_map, each device
-    drawing its own rows (B / 4 per call in the compiled program, not B), and the batch is bit for
-    bit the one-device batch; a training step on a (4, 2) mesh drawing from it runs."""
+    """On a "data" mesh axis the native samplers (SynthSAEBench; the Linear Representation Bench,
+    a transcoder's, and the hierarchical bench: jsdl.native.sparse_draw) run per device inside a
+    shard_map, each device drawing its own rows (B / 4 per call in the compiled program, not B),
+    and the batch is bit for bit the one-device batch."""
     _sampler("native")
     from conftest import run_multidevice
 
@@ -454,12 +452,28 @@ f = jax.jit(lambda k: b.draw(k, 64), out_shardings=NamedSharding(mesh, P("data")
 with jax.set_mesh(mesh):
     txt = f.lower(key).compile().as_text()
     many = f(key)
-calls = [l for l in txt.splitlines() if "jsdl_synth_draw" in l and "custom-call(" in l]
-shapes = sorted({re.search(r"f32\[([0-9,]+)\]", l).group(1) for l in calls})
-print("RESULT" + json.dumps({"x_p": bool(np.array_equal(one.x_p, many.x_p)),
-                             "features": bool(np.array_equal(one.features, many.features)), "shapes": shapes}))
+def shapes(txt, target):
+    calls = [l for l in txt.splitlines() if target in l and "custom-call(" in l]
+    return sorted({re.search(r"f32\[([0-9,]+)\]", l).group(1) for l in calls})
+res = {"x_p": bool(np.array_equal(one.x_p, many.x_p)), "features": bool(np.array_equal(one.features, many.features)),
+       "shapes": shapes(txt, "jsdl_synth_draw")}
+from jsdl.data import make_bench, make_hierarchical_bench
+others = {"bench": make_bench(jax.random.PRNGKey(1), 200, 12, 0.5, method="transcoder", d_target=10, sampler="native"),
+          "hierarchical": make_hierarchical_bench(jax.random.PRNGKey(2), n_roots=10, branching=3, depth=2, d_input=12,
+                                                  max_interference=0.6, child_rate=0.05, sampler="native")}
+for name, ob in others.items():
+    one = jax.jit(lambda k: ob.draw(k, 64))(key)
+    f = jax.jit(lambda k: ob.draw(k, 64), out_shardings=NamedSharding(mesh, P("data")))
+    with jax.set_mesh(mesh):
+        txt = f.lower(key).compile().as_text()
+        many = f(key)
+    res[name] = [bool(np.array_equal(getattr(one, a), getattr(many, a))) for a in ("x_p", "x_r", "features")]
+    res[name + " shapes"] = shapes(txt, "jsdl_sparse_draw")
+print("RESULT" + json.dumps(res))
 '''
     out = [ln for ln in run_multidevice(code, n_devices=8).splitlines() if ln.startswith("RESULT")][-1]
     r = __import__("json").loads(out[len("RESULT"):])
     assert r["x_p"] and r["features"], r
     assert r["shapes"] == ["16,24", "16,640"], r
+    assert r["bench"] == [True] * 3 and r["bench shapes"] == ["16,10", "16,12", "16,200"], r
+    assert r["hierarchical"] == [True] * 3 and r["hierarchical shapes"] == ["16,12", "16,130"], r

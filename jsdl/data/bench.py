@@ -60,7 +60,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jax.sharding import PartitionSpec as P
+
 from jsdl import methods as _methods
+from jsdl import shardops
 from jsdl.data import rng as _rng
 from jsdl.kernels import SparseCodes, densify
 from jsdl.objective import Batch
@@ -71,6 +74,7 @@ __all__ = [
     "SPARSE_SAMPLER_RATIO",
     "Bench",
     "InfeasibleInterferenceError",
+    "SAMPLERS",
     "SparseLaw",
     "active_capacity",
     "active_slots",
@@ -545,6 +549,39 @@ class SparseLaw:
 # --------------------------------------------------------------------------------------------------
 
 
+SAMPLERS = ("auto", "jax", "native")
+"""The choices of a bench's ``sampler`` field (:meth:`SamplingMixin.uses_native`)."""
+
+
+def check_sampler(sampler: Any) -> str:
+    """``sampler`` if it is one of :data:`SAMPLERS`, else a ValueError."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be 'auto', 'jax' or 'native', not {sampler!r}")
+    return sampler
+
+
+def native_batch(draw, args: tuple, batch_size: int) -> jax.Array:
+    """``draw(*args, B, offset)`` of a native sampler (:mod:`jsdl.native`: sample ``b`` depends on
+    the key and ``offset + b`` only) for a batch of ``batch_size`` rows. On a ``"data"`` mesh axis
+    of ``D`` devices each device draws its own ``B / D`` rows, so the batch is the unsharded one; a
+    custom call left to XLA's partitioner would draw the whole batch on every device."""
+    D = shardops.data_axis_size()
+    if D > 1 and batch_size % D == 0 and args[0].ndim == 1:
+        B_loc = batch_size // D
+
+        def local(*a):
+            return draw(*a, B_loc, jax.lax.axis_index("data") * B_loc)
+
+        return jax.shard_map(local, mesh=shardops._mesh(), in_specs=(P(),) * len(args), out_specs=P("data"),
+                             axis_names={"data"}, check_vma=False)(*args)
+    return draw(*args, batch_size, None)
+
+
+def key_words(key: jax.Array) -> jax.Array:
+    """The uint32 words of a key (typed or raw)."""
+    return jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
 def _is_traced(*trees) -> bool:
     return any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(trees))
 
@@ -587,6 +624,35 @@ class SamplingMixin:
     ``sample`` and ``draw`` (and the jsdl benches' ``sample_features``) called eagerly run as one
     compiled program per batch size (:func:`jit_when_eager`); decorate a subclass's own
     ``sample_features`` with it to get the same."""
+
+    # -- native sampler ---------------------------------------------------------------------------
+    def _native_law(self) -> bool:
+        """Whether this bench's law has a native sampler (subclasses that have one say when)."""
+        return False
+
+    def uses_native(self) -> bool:
+        """Whether draws come from jsdl's native CPU sampler (:mod:`jsdl.native`: the same law one
+        sample at a time, another random stream) rather than from the JAX sampler. The field
+        ``sampler``: ``"jax"`` (always JAX: one random stream on every backend), ``"native"``
+        (always native; an error where it is unavailable) or ``"auto"`` (default: native for
+        float32 on the CPU backend when jsdl's native kernels are available, see ``JSDL_NATIVE``,
+        and the law has a native sampler). One key gives different samples on the two paths."""
+        sampler = getattr(self, "sampler", "jax")
+        if sampler == "jax":
+            return False
+        name = type(self).__name__
+        if not self._native_law():
+            if sampler == "native":
+                raise ValueError(f"{name}(sampler='native'): this bench's law has no native sampler "
+                                 f"(correlated masks); use sampler='auto' or 'jax'")
+            return False
+        from jsdl import native
+
+        ok = native.supports_synth(self.W_p.dtype)
+        if sampler == "native" and not ok:
+            raise RuntimeError(f"{name}(sampler='native') needs float32 on the CPU backend with jsdl's native "
+                               f"kernels ({native.status()}); got {self.W_p.dtype} on {jax.default_backend()}")
+        return ok
 
     # -- feature rows for the sparse decode -------------------------------------------------------
     def feature_rows(self, name: str) -> jax.Array:
@@ -719,6 +785,7 @@ class Bench(SamplingMixin):
     dataset_size: int = struct.field(pytree_node=False, default=0)
     skip_scale: float = struct.field(pytree_node=False, default=0.0)
     generation: tuple = struct.field(pytree_node=False, default=())
+    sampler: str = struct.field(pytree_node=False, default="auto")
 
     @property
     def law(self) -> SparseLaw:
@@ -728,8 +795,26 @@ class Bench(SamplingMixin):
     @jit_when_eager
     def sample_features(self, key: jax.Array, batch_size: int) -> jax.Array:
         """Coefficients ``x [B, n]``: ``x_d = Bernoulli(1-S) * (c_min + Exp(beta))`` (eqs. 30-31),
-        independent over features and samples (:meth:`SparseLaw.sample_features`). Jit-able."""
+        independent over features and samples (:meth:`SparseLaw.sample_features`, or the native
+        sampler: :meth:`SamplingMixin.uses_native`). Jit-able."""
+        if self.uses_native():
+            return self._native(key, batch_size, None)
         return self.law.sample_features(key, batch_size, self.n_features, self.W_p.dtype)
+
+    def _native_law(self) -> bool:
+        return True
+
+    def _native(self, key: jax.Array, batch_size: int, rows: Optional[jax.Array]) -> jax.Array:
+        """The native sampler's ``x W^T`` for ``rows = W^T [n, m]``, or with ``rows=None`` its
+        dense features ``[B, n]``: the same samples for one key (:func:`jsdl.native.sparse_draw`)."""
+        from jsdl import native
+
+        n, dt = self.n_features, self.W_p.dtype
+        law = self.law
+        W_rows = self.feature_rows("W_p") if rows is None else rows
+        kw = dict(rate_bound=1.0 - law.sparsity, thin=False, c_min=law.c_min, beta=law.beta, features=rows is None)
+        args = (key_words(key), W_rows, jnp.zeros((n,), dt), jnp.ones((n,), dt), jnp.full((n,), -1, jnp.int32))
+        return native_batch(lambda *a: native.sparse_draw(*a[:-2], a[-2], offset=a[-1], **kw), args, batch_size)
 
     def observe(self, x: jax.Array, key: Optional[jax.Array] = None) -> Batch:
         """``Batch(x_p = x W_p^T, x_r = x W_r^T (+ x_p W_skip^T), features = x)`` (eq. 32); the
@@ -755,6 +840,10 @@ class Bench(SamplingMixin):
         columns (:func:`decode_active`) when :func:`use_sparse_decode` says it is cheaper than the
         dense product, which is equal up to float rounding. Otherwise as :meth:`SamplingMixin.draw`."""
         law, n = self.law, self.n_features
+        if self.uses_native():  # one stream per key: XLA drops the features' call when they are unused
+            k_x, _ = jax.random.split(key)
+            return self._observe(self._native(k_x, batch_size, None),
+                                 lambda name: self._native(k_x, batch_size, self.feature_rows(name)))
         if not law.sparse_sampler(n):
             return SamplingMixin.draw(self, key, batch_size)
         k_x, _ = jax.random.split(key)
@@ -765,9 +854,10 @@ class Bench(SamplingMixin):
         return self._observe(x, lambda name: x @ getattr(self, name).T)
 
     def decodes_rows(self) -> bool:
-        # the sparse sampler's K = law.capacity(n) slots per row, summed when use_sparse_decode says so
+        # the native sampler, or the sparse sampler's K = law.capacity(n) slots per row, summed when
+        # use_sparse_decode says so
         law, n = self.law, self.n_features
-        return bool(law.sparse_sampler(n)) and use_sparse_decode(law.capacity(n), n)
+        return self.uses_native() or (bool(law.sparse_sampler(n)) and use_sparse_decode(law.capacity(n), n))
 
     # -- moments (paper Thm 3.1) -----------------------------------------------------------------
     def feature_weights(self) -> jax.Array:
@@ -797,7 +887,7 @@ class Bench(SamplingMixin):
             c_min=self.c_min, beta=self.beta, max_interference=self.max_interference,
             realized_interference=self.realized_interference,
             realized_interference_r=self.realized_interference_r, dataset_size=self.dataset_size,
-            skip_scale=self.skip_scale, **dict(self.generation),
+            skip_scale=self.skip_scale, sampler="native" if self.uses_native() else "jax", **dict(self.generation),
         )
 
 
@@ -885,6 +975,7 @@ def make_bench(
     neg_weight: float = 1e-3,
     max_iters: int = 2000,
     dtype: Any = None,
+    sampler: str = "auto",
 ) -> Bench:
     """Build a Linear Representation Bench (paper App. C; defaults of Table 3: n = 1000, d = 768,
     M = 0.1, S = 0.99).
@@ -904,10 +995,14 @@ def make_bench(
       skip_scale: scale of the skip transcoder's linear part W_skip.
       step_size, margin, neg_weight, max_iters: PGD settings (eta, eps, lambda of eq. 28; see
         :func:`generate_feature_matrix`).
+      dtype: of the feature matrices (default float32, float64 under x64).
+      sampler: ``"auto"`` (default), ``"jax"`` or ``"native"``: which sampler draws the data
+        (:meth:`SamplingMixin.uses_native`; same law, different random streams).
 
     Raises ValueError/TypeError on invalid settings and :class:`InfeasibleInterferenceError` (a
     ValueError) when M cannot be reached for n/d."""
     n, d, M, S, c_min, beta, N = check_bench_args(n_features, d_input, max_interference, sparsity, c_min, beta, dataset_size)
+    sampler = check_sampler(sampler)
     skip_scale = check_float_in("skip_scale", skip_scale, 0.0, math.inf, lo_open=False, hi_open=True)
     k_w, k_data = jax.random.split(key)
     W_p, W_r, W_skip, realized, realized_r, L, record = build_targets(
@@ -918,5 +1013,5 @@ def make_bench(
         W_p=W_p, W_r=W_r, W_skip=W_skip, data_key=k_data if N else None, sparsity=S, c_min=c_min, beta=beta,
         method=method, n_sources=L, max_interference=M, realized_interference=realized,
         realized_interference_r=realized_r, dataset_size=N,
-        skip_scale=skip_scale if W_skip is not None else 0.0, generation=record,
+        skip_scale=skip_scale if W_skip is not None else 0.0, generation=record, sampler=sampler,
     )

@@ -309,7 +309,9 @@ class StructuredBench(SamplingMixin):
     ``rate_bound`` (the largest base rate, set by the constructors for the sparse sampler; None
     switches it off), ``sorted_parents`` (set by the constructors: :func:`parents_are_sorted` of
     ``parent_of``, which lets the sparse sampler find repeated ancestors without a dense
-    ``[B, n]`` array)."""
+    ``[B, n]`` array), ``sampler`` (``auto``, ``jax`` or ``native``:
+    :meth:`jsdl.data.bench.SamplingMixin.uses_native`; the native sampler needs independent base
+    masks and ``rate_bound``, like the sparse one)."""
 
     W_p: jax.Array
     W_r: jax.Array
@@ -340,6 +342,7 @@ class StructuredBench(SamplingMixin):
     generation: tuple = struct.field(pytree_node=False, default=())
     rate_bound: Optional[float] = struct.field(pytree_node=False, default=None)
     sorted_parents: bool = struct.field(pytree_node=False, default=False)
+    sampler: str = struct.field(pytree_node=False, default="auto")
 
     @property
     def sparsity(self) -> float:
@@ -433,11 +436,29 @@ class StructuredBench(SamplingMixin):
                                 n_latents=blocks[0].n_latents))
         return jnp.where(jnp.max(self.rates) > self.rate_bound, jnp.nan, x)
 
+    def _native_law(self) -> bool:
+        return self.corr_chol is None and self.rate_bound is not None
+
+    def _native(self, key: jax.Array, batch_size: int, rows: Optional[jax.Array]) -> jax.Array:
+        """The native sampler's ``x W^T`` for ``rows = W^T [n, m]``, or with ``rows=None`` its
+        dense features ``[B, n]``: the same samples for one key (:func:`jsdl.native.sparse_draw`:
+        thinned candidates, ancestors, magnitudes; all NaN if the rates exceed ``rate_bound``)."""
+        from jsdl import native
+
+        W_rows = self.feature_rows("W_p") if rows is None else rows
+        kw = dict(rate_bound=self.rate_bound, thin=True, c_min=self.c_min, beta=self.beta, magnitude=self.magnitude,
+                  depth=self.depth, features=rows is None)
+        args = (_bench.key_words(key), W_rows, self.rates, self.importance, self.parent_of)
+        return _bench.native_batch(lambda *a: native.sparse_draw(*a[:-2], a[-2], offset=a[-1], **kw), args, batch_size)
+
     @jit_when_eager
     def sample_features(self, key: jax.Array, batch_size: int) -> jax.Array:
         """Coefficients ``x [B, n]`` (base masks, hierarchy, magnitudes; module docstring). With
+        the native sampler (:meth:`jsdl.data.bench.SamplingMixin.uses_native`) its draw; with
         the sparse sampler (``sparse_capacity > 0``) the scatter of :meth:`sample_active`; else
         dense masks and magnitudes for all ``B n`` entries. Jit-able."""
+        if self.uses_native():
+            return self._native(key, batch_size, None)
         if self.sparse_capacity:
             return self._densify(self.sample_active(key, batch_size)[0])
         k_m, k_a = jax.random.split(key)
@@ -459,7 +480,13 @@ class StructuredBench(SamplingMixin):
         capacity K (equal up to float rounding). The rule is applied per block, not to the ``(depth + 1) K``
         slots together: the dense alternative also scatters the features, and the ancestor blocks
         are mostly empty. Measured at n = 512, B = 1024 (benchmarks/NOTES.md, "Speed round 6"):
-        the sum was faster for K = 33-51 with 2 blocks and K = 32-45 with 3."""
+        the sum was faster for K = 33-51 with 2 blocks and K = 32-45 with 3. With the native
+        sampler, ``features`` and ``x W^T`` are two calls of its stream for ``k_x`` (XLA drops the
+        features' call when they are unused)."""
+        if self.uses_native():
+            k_x, k_obs = jax.random.split(key)
+            return self._observe(self._native(k_x, batch_size, None),
+                                 lambda name: self._native(k_x, batch_size, self.feature_rows(name)), k_obs)
         if not self.sparse_capacity:
             return SamplingMixin.draw(self, key, batch_size)
         k_x, k_obs = jax.random.split(key)
@@ -475,7 +502,8 @@ class StructuredBench(SamplingMixin):
         return self._observe(x, project, k_obs)
 
     def decodes_rows(self) -> bool:
-        return bool(self.sparse_capacity) and _bench.use_sparse_decode(self.sparse_capacity, self.n_features)
+        return self.uses_native() or (bool(self.sparse_capacity)
+                                      and _bench.use_sparse_decode(self.sparse_capacity, self.n_features))
 
     def _observe(self, x, project, key):
         noisy = self.noise_std > 0 or (self.target_noise_std > 0 and self.method not in _SELF)
@@ -532,7 +560,7 @@ class StructuredBench(SamplingMixin):
             realized_interference_r=self.realized_interference_r, dataset_size=self.dataset_size,
             noise_std=self.noise_std, target_noise_std=self.target_noise_std, depth=self.depth,
             mean_rate=float(jnp.mean(self.rates)), correlated=self.corr_chol is not None,
-            **dict(self.generation),
+            sampler="native" if self.uses_native() else "jax", **dict(self.generation),
         )
 
 
@@ -579,6 +607,7 @@ def make_structured_bench(
     neg_weight: float = 1e-3,
     max_iters: int = 2000,
     dtype: Any = None,
+    sampler: str = "auto",
     _kind: str = "structured",
 ) -> StructuredBench:
     """A Bench with structure. Arguments as :func:`jsdl.data.make_bench`, plus:
@@ -594,10 +623,15 @@ def make_structured_bench(
       noise_std: std of additive Gaussian noise on x_p; ``target_noise_std`` on x_r for transcoders
         (default ``noise_std``).
       magnitude: ``"exponential"`` (c_min + Exp(beta)) or ``"uniform"`` (U(c_min, c_min + beta)).
+      sampler: ``"auto"`` (default), ``"jax"`` or ``"native"``
+        (:meth:`jsdl.data.bench.SamplingMixin.uses_native`; not with a ``correlation``).
     """
     n, d, M, S, c_min, beta, N = _bench.check_bench_args(n_features, d_input, max_interference, sparsity, c_min, beta, dataset_size)
     if magnitude not in ("exponential", "uniform"):
         raise ValueError(f"magnitude must be 'exponential' or 'uniform', got {magnitude!r}")
+    sampler = _bench.check_sampler(sampler)
+    if sampler == "native" and correlation is not None:
+        raise ValueError("sampler='native' draws independent base masks: not with a correlation")
     rates = _per_feature("firing_rates", firing_rates, n, 1.0 - S, 0.0, 1.0)
     if importance is not None and importance_decay is not None:
         raise ValueError("give importance or importance_decay, not both")
@@ -642,6 +676,7 @@ def make_structured_bench(
         skip_scale=skip_scale if W_skip is not None else 0.0, noise_std=noise_std,
         target_noise_std=target_noise_std, depth=depth, kind=_kind, generation=record,
         rate_bound=float(rates.max()) if chol is None else None, sorted_parents=parents_are_sorted(parent_of),
+        sampler=sampler,
     )
 
 

@@ -60,11 +60,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jax.sharding import PartitionSpec as P
-
-from jsdl import shardops
 from jsdl.data import rng as _rng
-from jsdl.data.bench import SamplingMixin, decode_active, jit_when_eager, use_sparse_decode
+from jsdl.data.bench import (SamplingMixin, check_sampler, decode_active, jit_when_eager, key_words,
+                             native_batch, use_sparse_decode)
 from jsdl.data.structured import build_hierarchy, hierarchy_depth
 from jsdl.kernels import SparseCodes
 from jsdl.objective import Batch
@@ -407,23 +405,10 @@ class SynthBench(SamplingMixin):
     kind: str = struct.field(pytree_node=False, default="synth_sae_bench")
 
     # -- sampling ----------------------------------------------------------------------------------
-    def uses_native(self) -> bool:
-        """Whether draws come from jsdl's native CPU sampler (:func:`jsdl.native.synth_draw`, the
-        algorithm of :meth:`_parts` one sample at a time) rather than from the JAX sampler.
-        ``sampler``: ``"jax"`` (always the JAX sampler: one random stream on every backend),
-        ``"native"`` (always the native one; an error where it is unavailable) or ``"auto"``
-        (default: native for float32 on the CPU backend when jsdl's native kernels are available,
-        see ``JSDL_NATIVE``). The two draw the same distribution from different random streams, so
-        one key gives different samples on the two paths."""
-        if self.sampler == "jax":
-            return False
-        from jsdl import native
-
-        ok = native.supports_synth(self.W_p.dtype)
-        if self.sampler == "native" and not ok:
-            raise RuntimeError(f"SynthBench(sampler='native') needs float32 on the CPU backend with jsdl's native "
-                               f"kernels ({native.status()}); got {self.W_p.dtype} on {jax.default_backend()}")
-        return ok
+    def _native_law(self) -> bool:
+        # SamplingMixin.uses_native: the native sampler is :func:`jsdl.native.synth_draw`, the
+        # algorithm of :meth:`_parts` one sample at a time
+        return True
 
     def _native_draw(self, key: jax.Array, batch_size: int, features: bool) -> jax.Array:
         """``x_p [B, d]`` (or with ``features`` the dense features ``[B, n]``) of the native
@@ -445,23 +430,10 @@ class SynthBench(SamplingMixin):
             sparse = jnp.stack([self.cand_hazard, self.cand_prob, margin]).astype(dt)
         else:
             sparse = jnp.zeros((3, 1), dt)
-        key_data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-        args = (key_data, self.feature_rows("W_p"), self.bias, feat, F, Ft, self.children, self.exclusive, sparse)
+        args = (key_words(key), self.feature_rows("W_p"), self.bias, feat, F, Ft, self.children, self.exclusive, sparse)
         kw = dict(n_roots=self.n_roots, tree_end=self.tree_end, sparse_start=Z, rank=r, rescale=self.rescale,
                   features=features)
-        D = shardops.data_axis_size()
-        if D > 1 and batch_size % D == 0 and key_data.ndim == 1:
-            # On a "data" mesh axis each device draws its own rows (sample b depends on the key and b
-            # only, so the batch is the unsharded one); a custom call left to XLA's partitioner would
-            # draw the whole batch on every device.
-            B_loc = batch_size // D
-
-            def local(*a):
-                return native.synth_draw(*a, B_loc, offset=jax.lax.axis_index("data") * B_loc, **kw)
-
-            return jax.shard_map(local, mesh=shardops._mesh(), in_specs=(P(),) * len(args), out_specs=P("data"),
-                                 axis_names={"data"}, check_vma=False)(*args)
-        return native.synth_draw(*args, batch_size, **kw)
+        return native_batch(lambda *a: native.synth_draw(*a[:-2], a[-2], offset=a[-1], **kw), args, batch_size)
 
     def _fire_prob(self, eps: Optional[jax.Array], idx, proj: Optional[jax.Array] = None) -> jax.Array:
         """Firing probability of features ``idx`` given the copula factor draw ``eps [B, rank]``:
@@ -813,9 +785,6 @@ class SynthBench(SamplingMixin):
                     sampler="native" if self.uses_native() else "jax", synth=self.settings.to_dict())
 
 
-SAMPLERS = ("auto", "jax", "native")
-"""The choices of ``SynthBench.sampler`` (:meth:`SynthBench.uses_native`)."""
-
 # Candidate rates of the sparse free block: q_i = P(fire | factor projection c sd out), c below.
 _CAND_SIGMA = 3.0
 # The free features before the first with a candidate rate <= this are drawn densely.
@@ -923,8 +892,7 @@ def make_synth(key: jax.Array, config: Union[SynthConfig, str, Mapping[str, Any]
     ``"jax"`` or ``"native"`` (:meth:`SynthBench.uses_native`). The key decides the
     hierarchy's random choices, the correlation factor, the magnitude stds, the feature vectors
     and the bias (all on the host, once); ``sample(key, B)`` draws batches on device."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be 'auto', 'jax' or 'native', not {sampler!r}")
+    sampler = check_sampler(sampler)
     cfg = synth_config("16k" if config is None else config, **overrides)
     dt = jax.dtypes.canonicalize_dtype(jnp.float64 if dtype is None else dtype)  # float32 unless x64
     n, d = cfg.n_features, cfg.d_input

@@ -5,7 +5,7 @@ On a CPU, the ops of a TopK-family training step that do not go to the matrix li
 a small step and of every population step, at the same cost per member) and the sparse kernels'
 loops over the ``k`` slots (one gather or scatter-add of ``B`` rows per slot, each reading and
 writing the whole accumulator). Three kernels replace them (``topk.cc``, ``scatter.cc``), and a
-fourth draws the SynthSAEBench generator's samples (``synth.cc``):
+fourth and a fifth draw synthetic data (``synth.cc``):
 
 - :func:`top_k_indices`: one SIMD pass per row behind a running threshold; a long row (BatchTopK's
   flat selection) is cut into segments whose candidates are merged. The indices ``jax.lax.top_k``
@@ -20,6 +20,10 @@ fourth draws the SynthSAEBench generator's samples (``synth.cc``):
 - :func:`synth_draw`: the SynthSAEBench sampler (:class:`jsdl.data.SynthBench`) one sample at a
   time, with control flow instead of fixed shapes: the same algorithm and distribution as the JAX
   sampler, a different random stream (``synth.cc`` describes it; ``SynthBench.sampler`` chooses).
+- :func:`sparse_draw`: the independent-feature sampler of :class:`jsdl.data.Bench` and of the
+  structured benches without a copula (thinned geometric gaps, the hierarchy's ancestors,
+  magnitudes, ``x W^T`` summed over the active rows) one sample at a time: the JAX samplers' law,
+  another random stream (``Bench.sampler`` / ``StructuredBench.sampler`` choose).
 
 Each spreads its rows over XLA's intra-op threads (``ffi::ThreadPool``) and takes float32 on the
 CPU backend; ``jsdl.shardops`` and ``jsdl.kernels`` call them where :func:`supports_top_k` /
@@ -58,7 +62,7 @@ import numpy as np
 from jsdl import _env
 
 __all__ = ["ENV", "mode", "available", "status", "library_path", "build", "top_k_indices", "supports_top_k",
-           "scatter_rows", "gather_dot", "supports_scatter_rows", "supports_synth", "synth_draw", "MAX_THREADS"]
+           "scatter_rows", "gather_dot", "supports_scatter_rows", "supports_synth", "synth_draw", "sparse_draw", "MAX_THREADS"]
 
 ENV = "JSDL_NATIVE"
 """Environment variable: ``auto`` (default), ``on`` or ``off``."""
@@ -70,7 +74,7 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "topk.cc", HERE / "scatter.cc", HERE / "synth.cc")
 HEADERS = (HERE / "parallel.h",)
 _TARGETS = {"jsdl_top_k_indices": "JsdlTopKIndices", "jsdl_scatter_rows": "JsdlScatterRows",
-            "jsdl_gather_dot": "JsdlGatherDot", "jsdl_synth_draw": "JsdlSynthDraw"}
+            "jsdl_gather_dot": "JsdlGatherDot", "jsdl_synth_draw": "JsdlSynthDraw", "jsdl_sparse_draw": "JsdlSparseDraw"}
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -321,4 +325,36 @@ def synth_draw(key_data, W_rows, bias, feat, F, Ft, children, exclusive, sparse,
                 exclusive.astype(jnp.int32), sparse,
                 jnp.reshape(jnp.asarray(0 if offset is None else offset, jnp.int32), (1,)), n_roots=np.int64(n_roots), tree_end=np.int64(tree_end),
                 sparse_start=np.int64(sparse_start), rank=np.int64(rank), rescale=np.int64(bool(rescale)),
+                mode=np.int64(1 if features else 0), max_threads=np.int64(MAX_THREADS))
+
+
+def sparse_draw(key_data, W_rows, rates, importance, parent, batch_size: int, *, rate_bound: float, thin: bool,
+                c_min: float, beta: float, magnitude: str = "exponential", depth: int = 0, features: bool,
+                offset=None):
+    """``batch_size`` samples of independent features (``synth.cc``, ``SparseDraw``): ``x W^T
+    [..., B, m]`` with ``W_rows = W^T [n, m]``, or with ``features=True`` the dense features
+    ``[..., B, n]`` of the same samples. Candidates are Bernoulli(``rate_bound``) per feature; with
+    ``thin`` candidate ``i`` is kept with probability ``rates[i] / rate_bound`` (all outputs NaN if
+    some ``rates[i] > rate_bound``), else every candidate fires; the ancestors of a firing feature
+    (``parent [n]`` int32, -1 for roots, at most ``depth`` levels) fire too. A firing feature's
+    value is ``(c_min + beta E) importance[i]``, ``E ~ Exp(1)`` (``magnitude="exponential"``) or
+    ``U(0, 1)`` (``"uniform"``). ``offset``, leading axes and determinism as :func:`synth_draw`
+    (sample ``b`` of a key does not depend on ``batch_size``; ``features`` and the projection of
+    one key describe the same samples). Not differentiable; CPU only (check
+    :func:`supports_synth`)."""
+    import jax
+    import jax.numpy as jnp
+
+    if not supports_synth(W_rows.dtype):
+        raise ValueError(f"native sparse_draw needs float32 on CPU with the kernels available; got {W_rows.dtype}")
+    if magnitude not in ("exponential", "uniform"):
+        raise ValueError(f"magnitude must be 'exponential' or 'uniform', got {magnitude!r}")
+    n, m = W_rows.shape[-2:]
+    out = jax.ShapeDtypeStruct((int(batch_size), n if features else m), jnp.float32)
+    call = jax.ffi.ffi_call("jsdl_sparse_draw", out, vmap_method="expand_dims")
+    return call(key_data.astype(jnp.uint32), W_rows, jnp.asarray(rates, jnp.float32),
+                jnp.asarray(importance, jnp.float32), jnp.asarray(parent, jnp.int32),
+                jnp.reshape(jnp.asarray(0 if offset is None else offset, jnp.int32), (1,)),
+                rate_bound=np.float64(rate_bound), thin=np.int64(bool(thin)), c_min=np.float64(c_min),
+                beta=np.float64(beta), magnitude=np.int64(magnitude == "uniform"), depth=np.int64(depth),
                 mode=np.int64(1 if features else 0), max_threads=np.int64(MAX_THREADS))

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -67,6 +68,16 @@ struct Rng {  // xoshiro256**, seeded through SplitMix64
   }
   double Uniform() { return (static_cast<double>(Next() >> 11) + 0.5) * 0x1.0p-53; }  // in (0, 1)
 };
+
+// The stream of sample b of a key: a hash of the key's words, mixed with b.
+inline uint64_t KeyHash(const uint32_t* kp, int64_t words) {
+  uint64_t kh = 0x6A09E667F3BCC908ull;
+  for (int64_t w = 0; w < words; ++w) kh = Mix64(kh ^ (kp[w] + 0x9E3779B97F4A7C15ull * (w + 1)));
+  return kh;
+}
+inline uint64_t RowSeed(uint64_t kh, int64_t b) {
+  return Mix64(kh ^ Mix64(0xD1B54A32D192ED03ull * static_cast<uint64_t>(b + 1)));
+}
 
 inline double Phi(double x) { return 0.5 * std::erfc(-x * 0.70710678118654752440); }
 
@@ -253,16 +264,17 @@ void DrawSample(const Tables& t, const Shape& s, Rng& rng, Scratch& sc) {
 }
 
 template <typename T>
-ffi::Error LeadOf(const char* name, T& buf, size_t core_rank, const std::vector<int64_t>& out_lead, Lead& lead) {
+ffi::Error LeadOf(const char* name, T& buf, size_t core_rank, const std::vector<int64_t>& out_lead, Lead& lead,
+                  const char* kernel = "jsdl_synth_draw") {
   auto dims = buf.dimensions();
-  if (dims.size() < core_rank) return ffi::Error::InvalidArgument(std::string("jsdl_synth_draw: rank of ") + name);
+  if (dims.size() < core_rank) return ffi::Error::InvalidArgument(std::string(kernel) + ": rank of " + name);
   const size_t nl = dims.size() - core_rank;
   if (nl != 0 && nl != out_lead.size())
-    return ffi::Error::InvalidArgument(std::string("jsdl_synth_draw: leading axes of ") + name);
+    return ffi::Error::InvalidArgument(std::string(kernel) + ": leading axes of " + name);
   lead.dims.assign(out_lead.size(), 1);
   for (size_t a = 0; a < nl; ++a) {
     if (dims[a] != 1 && dims[a] != out_lead[a])
-      return ffi::Error::InvalidArgument(std::string("jsdl_synth_draw: leading axes of ") + name + " do not broadcast");
+      return ffi::Error::InvalidArgument(std::string(kernel) + ": leading axes of " + name + " do not broadcast");
     lead.dims[a] = dims[a];
   }
   lead.core = 1;
@@ -339,13 +351,11 @@ ffi::Error SynthDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffe
     t.margin = sp + 2 * ms;
     t.children = children.typed_data() + Offset(lc, out_lead, g);
     t.excl = excl.typed_data() + Offset(le, out_lead, g);
-    const uint32_t* kp = key.typed_data() + Offset(lk, out_lead, g);
-    uint64_t kh = 0x6A09E667F3BCC908ull;
-    for (int64_t w = 0; w < lk.core; ++w) kh = Mix64(kh ^ (kp[w] + 0x9E3779B97F4A7C15ull * (w + 1)));
+    const uint64_t kh = KeyHash(key.typed_data() + Offset(lk, out_lead, g), lk.core);
     const int64_t row0 = offset.typed_data()[Offset(lo, out_lead, g)];  // the batch's first sample index
     Scratch sc(s);
     for (int64_t b = b0; b < b1; ++b) {
-      Rng rng(Mix64(kh ^ Mix64(0xD1B54A32D192ED03ull * static_cast<uint64_t>(row0 + b + 1))));
+      Rng rng(RowSeed(kh, row0 + b));
       DrawSample(t, s, rng, sc);
       float* row = op + (g * B + b) * C;
       if (mode == 0) {
@@ -358,6 +368,108 @@ ffi::Error SynthDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffe
       } else {
         std::fill(row, row + s.n, 0.0f);
         for (const auto& [c, v] : sc.act) row[c] = static_cast<float>(v);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// The independent-feature sampler of jsdl.data.Bench and of jsdl.data.StructuredBench without a
+// copula (jsdl.native.sparse_draw): per sample, the candidates are the successes of n Bernoulli
+// (rate_bound) trials, drawn as geometric gaps floor(-log U / lambda), lambda = -log(1 -
+// rate_bound); with thinning, candidate i is kept with probability rates[i] / rate_bound, so it
+// fires on its own with probability rates[i]; every ancestor of a firing feature (parent[], at
+// most `depth` levels) fires too. Each distinct firing feature gets one magnitude c_min + beta E
+// (E ~ Exp(1), or with magnitude = 1 E ~ U(0, 1)) times importance[i]. Mode 0 writes x W^T =
+// sum of value * W_rows[i], mode 1 the dense features. Streams as JsdlSynthDraw (per key and
+// sample index); all NaN if some rates[i] > rate_bound under thinning (as the JAX sampler).
+ffi::Error SparseDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> rates,
+                      ffi::Buffer<ffi::F32> importance, ffi::Buffer<ffi::S32> parent, ffi::Buffer<ffi::S32> offset,
+                      ffi::ResultBuffer<ffi::F32> out, double rate_bound, int64_t thin, double c_min, double beta,
+                      int64_t magnitude, int64_t depth, int64_t mode, int64_t max_threads) {
+  const char* kname = "jsdl_sparse_draw";
+  auto od = out->dimensions();
+  if (od.size() < 2) return ffi::Error::InvalidArgument("jsdl_sparse_draw: output rank < 2");
+  const std::vector<int64_t> out_lead(od.begin(), od.end() - 2);
+  int64_t groups = 1;
+  for (int64_t v : out_lead) groups *= v;
+  auto wd = W.dimensions();
+  if (wd.size() < 2) return ffi::Error::InvalidArgument("jsdl_sparse_draw: W_rows rank < 2");
+  const int64_t n = wd[wd.size() - 2], m = wd[wd.size() - 1];
+  const int64_t B = od[od.size() - 2], C = od[od.size() - 1];
+  if (C != (mode == 0 ? m : n)) return ffi::Error::InvalidArgument("jsdl_sparse_draw: output width");
+  if (!(rate_bound >= 0.0 && rate_bound <= 1.0) || depth < 0)
+    return ffi::Error::InvalidArgument("jsdl_sparse_draw: need 0 <= rate_bound <= 1 and depth >= 0");
+  Lead lk, lw, lr, li, lp, lo;
+  for (auto e : {LeadOf("key", key, 1, out_lead, lk, kname), LeadOf("W_rows", W, 2, out_lead, lw, kname),
+                 LeadOf("rates", rates, 1, out_lead, lr, kname), LeadOf("importance", importance, 1, out_lead, li, kname),
+                 LeadOf("parent", parent, 1, out_lead, lp, kname), LeadOf("offset", offset, 1, out_lead, lo, kname)})
+    if (e.failure()) return e;
+  if (lr.core != n || li.core != n || lp.core != n || lo.core != 1)
+    return ffi::Error::InvalidArgument("jsdl_sparse_draw: rates, importance and parent must be [n] for W_rows [n, m]");
+  // -log U / lambda with U in (0, 1); rate_bound = 1 fires every candidate (gap 0), 0 none.
+  const double inv_lam = rate_bound >= 1.0 ? 0.0 : (rate_bound <= 0.0 ? 0.0 : -1.0 / std::log1p(-rate_bound));
+  const int64_t per_row = static_cast<int64_t>(std::ceil(n * rate_bound * (1 + depth))) + 1;
+  const int64_t chunk = 16, per_group = (B + chunk - 1) / chunk;
+  const int64_t threads = jsdl::Threads(pool, max_threads, groups * B * per_row * (mode == 0 ? std::max<int64_t>(m, 1) : 8));
+  float* op = out->typed_data();
+  jsdl::ParallelFor(pool, threads, groups * per_group, [&](int64_t item) {
+    const int64_t g = item / per_group, b0 = (item % per_group) * chunk, b1 = std::min(B, b0 + chunk);
+    const float* Wg = W.typed_data() + Offset(lw, out_lead, g);
+    const float* rt = rates.typed_data() + Offset(lr, out_lead, g);
+    const float* imp = importance.typed_data() + Offset(li, out_lead, g);
+    const int32_t* par = parent.typed_data() + Offset(lp, out_lead, g);
+    const uint64_t kh = KeyHash(key.typed_data() + Offset(lk, out_lead, g), lk.core);
+    const int64_t row0 = offset.typed_data()[Offset(lo, out_lead, g)];
+    // Rates are float32: compared with the bound rounded to float32, as the JAX sampler does.
+    const float rb = static_cast<float>(rate_bound);
+    bool bad = false;
+    if (thin)
+      for (int64_t i = 0; i < n; ++i) bad |= !(rt[i] <= rb);
+    std::vector<int64_t> stamp(depth > 0 ? n : 0, -1);  // the last sample that holds feature i
+    std::vector<std::pair<int32_t, float>> act;
+    act.reserve(static_cast<size_t>(std::min<int64_t>(per_row * 2, n)));
+    for (int64_t b = b0; b < b1; ++b) {
+      float* row = op + (g * B + b) * C;
+      if (bad) {
+        std::fill(row, row + C, std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      Rng rng(RowSeed(kh, row0 + b));
+      act.clear();
+      auto mag = [&](int64_t i) {
+        const double e = magnitude == 1 ? rng.Uniform() : -std::log(rng.Uniform());
+        return static_cast<float>((c_min + beta * e) * imp[i]);
+      };
+      if (rate_bound > 0.0) {
+        for (int64_t pos = -1;;) {
+          const double gap = rate_bound >= 1.0 ? 0.0 : std::floor(-std::log(rng.Uniform()) * inv_lam);
+          if (gap >= static_cast<double>(n - 1 - pos)) break;  // the next success lies past n - 1
+          pos += static_cast<int64_t>(gap) + 1;
+          if (thin && rt[pos] < rb && rng.Uniform() * rate_bound >= rt[pos]) continue;
+          if (depth == 0) {
+            act.emplace_back(static_cast<int32_t>(pos), mag(pos));
+            continue;
+          }
+          // The feature and its ancestors, each once per sample (an ancestor already held has
+          // its own ancestors held too: depth is the hierarchy's depth).
+          int64_t c = pos;
+          for (int64_t level = 0; level <= depth && c >= 0 && stamp[c] != b + g * B; ++level) {
+            stamp[c] = b + g * B;
+            act.emplace_back(static_cast<int32_t>(c), mag(c));
+            c = par[c];
+          }
+        }
+      }
+      if (mode == 0) {
+        std::fill(row, row + m, 0.0f);
+        for (const auto& [c, v] : act) {
+          const float* w = Wg + static_cast<int64_t>(c) * m;
+          for (int64_t i = 0; i < m; ++i) row[i] += v * w[i];
+        }
+      } else {
+        std::fill(row, row + n, 0.0f);
+        for (const auto& [c, v] : act) row[c] = v;
       }
     }
   });
@@ -385,5 +497,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsdlSynthDraw, SynthDraw,
                                   .Attr<int64_t>("sparse_start")
                                   .Attr<int64_t>("rank")
                                   .Attr<int64_t>("rescale")
+                                  .Attr<int64_t>("mode")
+                                  .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsdlSparseDraw, SparseDraw,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<double>("rate_bound")
+                                  .Attr<int64_t>("thin")
+                                  .Attr<double>("c_min")
+                                  .Attr<double>("beta")
+                                  .Attr<int64_t>("magnitude")
+                                  .Attr<int64_t>("depth")
                                   .Attr<int64_t>("mode")
                                   .Attr<int64_t>("max_threads"));

@@ -135,7 +135,8 @@ class DataConfig:
         if self.synth is not None:
             if self.files is not None or self.bench is not None:
                 raise ValueError("data: give one of files, bench or synth")
-            from jsdl.data.synth import SAMPLERS, SynthConfig
+            from jsdl.data.bench import SAMPLERS
+            from jsdl.data.synth import SynthConfig
 
             syn = dict(self.synth)
             if syn.pop("sampler", "auto") not in SAMPLERS:
@@ -387,7 +388,7 @@ def run(args) -> int:
         data = _files_data(cfg, spec, record)
     else:
         data = cfg.data.build(spec.method)
-        if hasattr(data, "uses_native"):  # the SynthSAEBench sampler: its random stream depends on it
+        if hasattr(data, "uses_native"):  # a bench with a native sampler: its random stream depends on it
             record["data_sampler"] = "native" if data.uses_native() else "jax"
     progress = False if args.no_progress else None
     kw = dict(out_dir=out_dir, resume=bool(args.resume), progress=progress, record=record)
