@@ -59,7 +59,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-
 from jax.sharding import PartitionSpec as P
 
 from jsdl import methods as _methods
@@ -644,7 +643,7 @@ class SamplingMixin:
         if not self._native_law():
             if sampler == "native":
                 raise ValueError(f"{name}(sampler='native'): this bench's law has no native sampler "
-                                 f"(correlated masks); use sampler='auto' or 'jax'")
+                                 f"(correlated masks, or no rate bound); use sampler='auto' or 'jax'")
             return False
         from jsdl import native
 
@@ -767,7 +766,7 @@ class Bench(SamplingMixin):
     ``beta``, ``method``, ``n_sources``, ``max_interference`` M, ``realized_interference`` (max over
     sources of W_p's realised M), ``realized_interference_r`` (W_r's), ``dataset_size`` (0 =
     streaming), ``skip_scale``, ``generation`` (PGD settings and iteration counts, as (name, value)
-    pairs)."""
+    pairs), ``sampler`` (``auto``, ``jax`` or ``native``: :meth:`SamplingMixin.uses_native`)."""
 
     W_p: jax.Array
     W_r: jax.Array
