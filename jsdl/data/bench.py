@@ -559,21 +559,22 @@ def check_sampler(sampler: Any) -> str:
     return sampler
 
 
-def native_batch(draw, args: tuple, batch_size: int) -> jax.Array:
-    """``draw(*args, B, offset)`` of a native sampler (:mod:`jsdl.native`: sample ``b`` depends on
-    the key and ``offset + b`` only) for a batch of ``batch_size`` rows. On a ``"data"`` mesh axis
-    of ``D`` devices each device draws its own ``B / D`` rows, so the batch is the unsharded one; a
-    custom call left to XLA's partitioner would draw the whole batch on every device."""
+def native_batch(draw, args: tuple, batch_size: int, **kw) -> jax.Array:
+    """``draw(*args, B, offset=..., **kw)`` of a native sampler (:mod:`jsdl.native`: sample ``b``
+    depends on the key and ``offset + b`` only) for a batch of ``batch_size`` rows. On a ``"data"``
+    mesh axis of ``D`` devices each device draws its own ``B / D`` rows, so the batch is the
+    unsharded one; a custom call left to XLA's partitioner would draw the whole batch on every
+    device."""
     D = shardops.data_axis_size()
     if D > 1 and batch_size % D == 0 and args[0].ndim == 1:
         B_loc = batch_size // D
 
         def local(*a):
-            return draw(*a, B_loc, jax.lax.axis_index("data") * B_loc)
+            return draw(*a, B_loc, offset=jax.lax.axis_index("data") * B_loc, **kw)
 
         return jax.shard_map(local, mesh=shardops._mesh(), in_specs=(P(),) * len(args), out_specs=P("data"),
                              axis_names={"data"}, check_vma=False)(*args)
-    return draw(*args, batch_size, None)
+    return draw(*args, batch_size, **kw)
 
 
 def key_words(key: jax.Array) -> jax.Array:
@@ -813,7 +814,7 @@ class Bench(SamplingMixin):
         W_rows = self.feature_rows("W_p") if rows is None else rows
         kw = dict(rate_bound=1.0 - law.sparsity, thin=False, c_min=law.c_min, beta=law.beta, features=rows is None)
         args = (key_words(key), W_rows, jnp.zeros((n,), dt), jnp.ones((n,), dt), jnp.full((n,), -1, jnp.int32))
-        return native_batch(lambda *a: native.sparse_draw(*a[:-2], a[-2], offset=a[-1], **kw), args, batch_size)
+        return native_batch(native.sparse_draw, args, batch_size, **kw)
 
     def observe(self, x: jax.Array, key: Optional[jax.Array] = None) -> Batch:
         """``Batch(x_p = x W_p^T, x_r = x W_r^T (+ x_p W_skip^T), features = x)`` (eq. 32); the

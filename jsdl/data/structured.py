@@ -449,7 +449,7 @@ class StructuredBench(SamplingMixin):
         kw = dict(rate_bound=self.rate_bound, thin=True, c_min=self.c_min, beta=self.beta, magnitude=self.magnitude,
                   depth=self.depth, features=rows is None)
         args = (_bench.key_words(key), W_rows, self.rates, self.importance, self.parent_of)
-        return _bench.native_batch(lambda *a: native.sparse_draw(*a[:-2], a[-2], offset=a[-1], **kw), args, batch_size)
+        return _bench.native_batch(native.sparse_draw, args, batch_size, **kw)
 
     @jit_when_eager
     def sample_features(self, key: jax.Array, batch_size: int) -> jax.Array:

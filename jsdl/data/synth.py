@@ -433,7 +433,7 @@ class SynthBench(SamplingMixin):
         args = (key_words(key), self.feature_rows("W_p"), self.bias, feat, F, Ft, self.children, self.exclusive, sparse)
         kw = dict(n_roots=self.n_roots, tree_end=self.tree_end, sparse_start=Z, rank=r, rescale=self.rescale,
                   features=features)
-        return native_batch(lambda *a: native.synth_draw(*a[:-2], a[-2], offset=a[-1], **kw), args, batch_size)
+        return native_batch(native.synth_draw, args, batch_size, **kw)
 
     def _fire_prob(self, eps: Optional[jax.Array], idx, proj: Optional[jax.Array] = None) -> jax.Array:
         """Firing probability of features ``idx`` given the copula factor draw ``eps [B, rank]``:
