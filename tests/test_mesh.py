@@ -183,6 +183,23 @@ def _check_population_and_topk(out: dict, pops):
     assert out["data_gathers"]["sae:topk_sparse"] == [], out["data_gathers"]
 
 
+# objective.decoder_product's barrier form (n_r >= 256, n_q >= 4096) on a (2, 4) mesh, W_D split over "model"
+DECODER_PRODUCT = r'''
+from jsdl.objective import decoder_product
+c0 = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(5), (16, 4096)))
+W0 = 0.05 * jax.random.normal(jax.random.PRNGKey(6), (256, 4096))
+t0 = jax.random.normal(jax.random.PRNGKey(7), (16, 256))
+L = lambda W, c: jnp.sum((decoder_product(c, W) - t0) ** 2)
+l1, g1 = jax.jit(jax.value_and_grad(L))(W0, c0)
+m = make_mesh({"data": 2, "model": 4})
+with jax.set_mesh(m):
+    lm, gm = jax.jit(jax.value_and_grad(L))(jax.device_put(W0, NamedSharding(m, P(None, "model"))),
+                                            jax.device_put(c0, NamedSharding(m, P("data", "model"))))
+out["decoder_product_mesh"] = {"loss": float(abs(lm - l1) / abs(l1)),
+                               "grad": float(jnp.abs(gm - g1).max() / jnp.abs(g1).max())}
+'''
+
+
 @pytest.mark.multidevice
 def test_meshes_equal_one_device_default_subset():
     """Each method and activation on one 2-D mesh, each mesh shape on one spec (the full matrix is
@@ -193,10 +210,11 @@ out.update(compare(["sae:batchtopk", "sae:jumprelu", "matryoshka:batchtopk_spars
 out.update(compare(["transcoder:topk_dense"], [(4, 2)], decoder_norm="unit"))
 out.update(compare(["sae:topk_dense"], [(8, 1)]))
 POP_MESHES = [(2, 4)]
-''' + POPULATION_AND_TOPK + '''
+''' + POPULATION_AND_TOPK + DECODER_PRODUCT + '''
 print("RESULT" + json.dumps(out))
 ''')
     print(out)
+    assert out["decoder_product_mesh"]["loss"] < 1e-5 and out["decoder_product_mesh"]["grad"] < 1e-5, out
     _check_population_and_topk(out, ["pop@2x4"])
     _check({k: v for k, v in out.items() if "@" in k and not k.startswith("pop")})
 

@@ -1,5 +1,7 @@
 """Core objective: sigma property, loss vs numpy, gradients vs finite differences, jit/vmap/eager
 equality, methods, and clear errors."""
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -493,3 +495,34 @@ def test_pre_bias_errors():
         jsdl.make_spec("transcoder", "relu", 8, pre_bias=True)
     with pytest.raises(TypeError, match="pre_bias must be a bool"):
         jsdl.make_spec("sae", "relu", 8, pre_bias=1)
+
+
+def test_decoder_product_barrier_form_has_the_plain_products_value_and_derivatives():
+    """``decoder_product`` routes ``W_D^T`` through an optimisation barrier on the CPU from
+    ``ROWS_PRODUCT_MIN_NR x ROWS_PRODUCT_MIN_NQ`` on (a faster gradient form for XLA's CPU dot):
+    value, reverse- and forward-mode derivatives equal those of ``codes @ W_D.T``; below the
+    threshold the program has no barrier."""
+    from jsdl.objective import ROWS_PRODUCT_MIN_NQ, ROWS_PRODUCT_MIN_NR, decoder_product
+
+    n_r, n_q = ROWS_PRODUCT_MIN_NR, ROWS_PRODUCT_MIN_NQ
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(3), 3)
+    codes = jax.nn.relu(jax.random.normal(k1, (8, n_q)))
+    W = 0.05 * jax.random.normal(k2, (n_r, n_q))
+    target = jax.random.normal(k3, (8, n_r))
+
+    def loss(f):
+        return lambda W, c: jnp.sum((f(c, W) - target) ** 2)
+
+    new, ref = loss(decoder_product), loss(lambda c, W: c @ W.T)
+    assert "optimization_barrier" in jax.jit(new).lower(W, codes).as_text()
+    assert "optimization_barrier" not in jax.jit(new).lower(W[:, :128], codes[:, :128]).as_text()
+    # the compiled gradient's product is the [n_q, n_r] one (codes^T g), not g^T codes
+    hlo = jax.jit(jax.grad(new)).lower(W, codes).compile().as_text()
+    assert re.search(rf"f32\[{n_q},{n_r}\]\S* dot\(", hlo), hlo
+    np.testing.assert_allclose(jax.jit(new)(W, codes), ref(W, codes), rtol=1e-5)
+    for a, b in zip(jax.jit(jax.grad(new, argnums=(0, 1)))(W, codes), jax.grad(ref, argnums=(0, 1))(W, codes)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+    tW = jax.random.normal(k3, W.shape)
+    _, t_new = jax.jvp(lambda W: new(W, codes), (W,), (tW,))
+    _, t_ref = jax.jvp(lambda W: ref(W, codes), (W,), (tW,))
+    np.testing.assert_allclose(t_new, t_ref, rtol=1e-4)
