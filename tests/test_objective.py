@@ -514,11 +514,12 @@ def test_decoder_product_barrier_form_has_the_plain_products_value_and_derivativ
         return lambda W, c: jnp.sum((f(c, W) - target) ** 2)
 
     new, ref = loss(decoder_product), loss(lambda c, W: c @ W.T)
-    assert "optimization_barrier" in jax.jit(new).lower(W, codes).as_text()
-    assert "optimization_barrier" not in jax.jit(new).lower(W[:, :128], codes[:, :128]).as_text()
-    # the compiled gradient's product is the [n_q, n_r] one (codes^T g), not g^T codes
-    hlo = jax.jit(jax.grad(new)).lower(W, codes).compile().as_text()
-    assert re.search(rf"f32\[{n_q},{n_r}\]\S* dot\(", hlo), hlo
+    if jax.default_backend() == "cpu":
+        assert "optimization_barrier" in jax.jit(new).lower(W, codes).as_text()
+        assert "optimization_barrier" not in jax.jit(new).lower(W[:, :128], codes[:, :128]).as_text()
+        # the compiled gradient's product is the [n_q, n_r] one (codes^T g), not g^T codes
+        hlo = jax.jit(jax.grad(new)).lower(W, codes).compile().as_text()
+        assert re.search(rf"f32\[{n_q},{n_r}\]\S* dot\(", hlo), hlo
     np.testing.assert_allclose(jax.jit(new)(W, codes), ref(W, codes), rtol=1e-5)
     for a, b in zip(jax.jit(jax.grad(new, argnums=(0, 1)))(W, codes), jax.grad(ref, argnums=(0, 1))(W, codes)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))

@@ -122,9 +122,9 @@ def _code_statistics(cparams: SDLParams, cbatch, spec: SDLSpec):
 
 def _fired_dense(codes: jax.Array) -> jax.Array:
     """``sum(codes != 0, axis=0)`` as int32: on the CPU, a float32 product with a vector of ones
-    (exact below 2^24 samples), which XLA's CPU dot streams, where the integer reduction wrote the ``[B, n_q]``
-    mask out first (measured 5% of the dense step at (256, 2048, B 2048), neutral at the benchmark
-    shapes: benchmarks/NOTES.md, "Speed round 12")."""
+    (exact below 2^24 samples), which XLA's CPU dot streams, where the integer reduction wrote the
+    ``[B, n_q]`` mask out first (5% of the dense step at (256, 2048, B 2048), neutral at the
+    benchmark shapes: benchmarks/NOTES.md, "Speed round 12")."""
     B = codes.shape[0]
     if codes.ndim != 2 or B >= 2**24 or jax.default_backend() != "cpu":
         return jnp.sum(codes != 0, axis=0).astype(jnp.int32)
