@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -69,22 +71,70 @@ def population(data, spec, cfg, members):
     return hs[0]["summary"]["steps_per_s"] * members, wall, hs[0]["summary"].get("compile_s")
 
 
+def tuned_parts(size: dict, members: int) -> tuple[bool, bool]:
+    """Whether ``jsdl train`` would tune the host (``jsdl.hosttune``) for one member's step and for
+    the population's step at ``size``."""
+    from jsdl import hosttune
+
+    return (hosttune.wants_tuning(size["batch"], size["n_latents"], 1),
+            hosttune.wants_tuning(size["batch"], size["n_latents"], members))
+
+
+def _child(name: str, part: str, members: int, steps: int) -> None:
+    """One part (``seq`` or ``pop``) of one repetition in this fresh process; prints a JSON line.
+    ``JSDL_HOST_TUNING=on`` in the environment tunes the process first."""
+    from jsdl import hosttune
+
+    if hosttune.mode() == "on":
+        common.log(f"[bench_population] {name} {part}: {hosttune.tune_host()}")
+    data, spec, cfg = setup(SIZES[name], steps)
+    if part == "seq":
+        s, w = sequential(data, spec, cfg, members)
+        out = {"steady": s, "wall": w}
+    else:
+        s, w, c = population(data, spec, cfg, members)
+        out = {"steady": s, "wall": w, "compile": c}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _in_child(name: str, part: str, members: int, steps: int, tune: bool) -> dict:
+    env = dict(os.environ, JSDL_HOST_TUNING="on" if tune else "off")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, part, str(members), str(steps)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bench_population child {name} {part} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def bench_size(name: str, size: dict, members: int, reps: int, steps: int | None):
     steps = steps or size["steps"]
-    data, spec, cfg = setup(size, steps)
+    tune_seq, tune_pop = tuned_parts(size, members)
+    separate = tune_seq or tune_pop  # each part in its own process, tuned as `jsdl train` would tune it
+    if not separate:
+        data, spec, cfg = setup(size, steps)
     rows = collections.defaultdict(list)
     for rep in range(reps):
         common.log(f"[bench_population] {name} rep {rep + 1}/{reps}: {members} sequential runs")
-        s, w = sequential(data, spec, cfg, members)
+        if separate:
+            r = _in_child(name, "seq", members, steps, tune_seq)
+            s, w = r["steady"], r["wall"]
+        else:
+            s, w = sequential(data, spec, cfg, members)
         rows["seq_steady"].append(s)
         rows["seq_wall"].append(w)
         common.log(f"[bench_population] {name} rep {rep + 1}/{reps}: population of {members}")
-        s, w, c = population(data, spec, cfg, members)
+        if separate:
+            r = _in_child(name, "pop", members, steps, tune_pop)
+            s, w, c = r["steady"], r["wall"], r["compile"]
+        else:
+            s, w, c = population(data, spec, cfg, members)
         rows["pop_steady"].append(s)
         rows["pop_wall"].append(w)
         rows["pop_compile"].append(c or float("nan"))
     r = {k: common.med(v) for k, v in rows.items()}
-    r.update(name=name, size=size, steps=steps, raw=dict(rows))
+    r.update(name=name, size=size, steps=steps, raw=dict(rows), separate=separate, tune_seq=tune_seq,
+             tune_pop=tune_pop)
     r["speedup_steady"] = r["pop_steady"] / r["seq_steady"]
     r["speedup_wall"] = r["seq_wall"] / r["pop_wall"]
     common.log(f"[bench_population] {name}: steady {r['speedup_steady']:.2f}x, wall {r['speedup_wall']:.2f}x")
@@ -114,7 +164,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="override every size's step count")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--child", nargs=4, metavar=("SIZE", "PART", "MEMBERS", "STEPS"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.child:
+        _child(a.child[0], a.child[1], int(a.child[2]), int(a.child[3]))
+        return 0
     if os.environ.get("JSDL_BENCH_QUICK") == "1":
         a.sizes, a.reps, a.steps = "tiny", 1, a.steps or 200
     names = [s for s in a.sizes.split(",") if s]
@@ -140,6 +194,15 @@ def main(argv=None):
             f"| {r['name']} ({s['n_latents']}, {s['d']}, {s['batch']}, {s['k']}), {r['steps']} | "
             f"{r['seq_steady']:.0f} | {r['pop_steady']:.0f} | **{r['speedup_steady']:.2f}x** | {r['seq_wall']:.1f} s | "
             f"{r['pop_wall']:.1f} s ({r['pop_compile']:.1f} s) | **{r['speedup_wall']:.2f}x** |")
+    sep = [r for r in results if r["separate"]]
+    if sep:
+        lines += ["", "Sizes whose population step is large (" + ", ".join(r["name"] for r in sep) + ": members x B x "
+                  "n_q >= 2^23, `jsdl.hosttune.wants_tuning`) ran each part in a fresh process per repetition, "
+                  "host-tuned where `jsdl train` would tune it (the population" + ("" if all(r["tune_pop"] for r in sep)
+                  else " where it wants tuning") + "; one member's step " + ("too" if all(r["tune_seq"] for r in sep)
+                  else "is below the threshold: untuned, with asynchronous dispatch") + "), so both walls include "
+                  "a compile in every repetition. In an untuned process a large population step faults in its "
+                  "temporaries every step (jsdl warns; docs/training.md, 'Speed on a CPU host')."]
     lines += ["", f"Goal: a population of {M} small SAEs >= 3x {M} sequential runs in steady state and >= 2x in "
               "wall time including compilation."]
     if a.profile:

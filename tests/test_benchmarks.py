@@ -20,6 +20,21 @@ def test_bench_population_smoke(capsys):
     assert "steady speed-up" in out and "XLA op (top level)" in out
 
 
+def test_bench_population_runs_a_tuned_size_in_fresh_processes(capsys, monkeypatch):
+    """A size whose population step `jsdl train` would host-tune runs each part in a child process,
+    tuned as the CLI would tune it (forced here with JSDL_HOST_TUNING=on)."""
+    import bench_population
+
+    monkeypatch.setenv("JSDL_HOST_TUNING", "on")
+    assert bench_population.tuned_parts(bench_population.SIZES["tiny"], 2) == (True, True)
+    bench_population.main(["--sizes", "tiny", "--members", "2", "--reps", "1", "--steps", "10", "--no-write"])
+    out = capsys.readouterr().out
+    assert "| tiny (64, 16, 128, 4), 10 |" in out
+    assert "ran each part in a fresh process per repetition" in out
+    monkeypatch.setenv("JSDL_HOST_TUNING", "off")
+    assert bench_population.tuned_parts(bench_population.SIZES["medium"], 16) == (False, False)
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
 def test_bench_step_floor_and_table(arch):
     import bench_step
