@@ -9,7 +9,11 @@ and repetition, in one process and alternating: M sequential ``fit`` calls (seed
 one cached compiled step, so they pay one compile, as a user's loop would) and one
 ``fit_population`` over the same seeds (one compile of the vmapped program). Steady state = the
 summaries' steps/s (first, compiling step excluded); wall = end-to-end seconds of the M fits vs the
-population call, compiles included. Medians over the repetitions.
+population call, compiles included. Medians over the repetitions. A size whose population step
+``jsdl train`` would host-tune (``jsdl.hosttune.wants_tuning``: members x B x n_q >= 2^23; the
+medium size) runs each part in a fresh process per repetition instead, tuned as the CLI would tune
+it, so that it does not measure an untuned process faulting in the population's temporaries every
+step; there both walls include a compile in every repetition.
 
 ``--profile`` adds the per-op time of the compiled population step at the first size (JAX profiler
 trace, top-level XLA ops, ms per step), so the section shows where a population step goes.
