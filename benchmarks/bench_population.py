@@ -115,24 +115,21 @@ def bench_size(name: str, size: dict, members: int, reps: int, steps: int | None
     steps = steps or size["steps"]
     tune_seq, tune_pop = tuned_parts(size, members)
     separate = tune_seq or tune_pop  # each part in its own process, tuned as `jsdl train` would tune it
-    if not separate:
+    if separate:
+        run_seq = lambda: tuple(_in_child(name, "seq", members, steps, tune_seq).values())  # noqa: E731
+        run_pop = lambda: tuple(_in_child(name, "pop", members, steps, tune_pop).values())  # noqa: E731
+    else:
         data, spec, cfg = setup(size, steps)
+        run_seq = lambda: sequential(data, spec, cfg, members)  # noqa: E731
+        run_pop = lambda: population(data, spec, cfg, members)  # noqa: E731
     rows = collections.defaultdict(list)
     for rep in range(reps):
         common.log(f"[bench_population] {name} rep {rep + 1}/{reps}: {members} sequential runs")
-        if separate:
-            r = _in_child(name, "seq", members, steps, tune_seq)
-            s, w = r["steady"], r["wall"]
-        else:
-            s, w = sequential(data, spec, cfg, members)
+        s, w = run_seq()
         rows["seq_steady"].append(s)
         rows["seq_wall"].append(w)
         common.log(f"[bench_population] {name} rep {rep + 1}/{reps}: population of {members}")
-        if separate:
-            r = _in_child(name, "pop", members, steps, tune_pop)
-            s, w, c = r["steady"], r["wall"], r["compile"]
-        else:
-            s, w, c = population(data, spec, cfg, members)
+        s, w, c = run_pop()
         rows["pop_steady"].append(s)
         rows["pop_wall"].append(w)
         rows["pop_compile"].append(c or float("nan"))
