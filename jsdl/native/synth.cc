@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <utility>
@@ -129,6 +130,7 @@ struct Scratch {
   std::vector<double> eps, cval;
   std::vector<float> proj, epsf;  // epsf: eps as float, for the float projections
   std::vector<int32_t> comp, accepted, viol;
+  std::vector<int32_t> guide;  // guide[k]: the first rare feature whose cumulative hazard exceeds GuideTime(k)
   std::vector<std::pair<int32_t, double>> act;  // the sample's (column, value) pairs
   explicit Scratch(const Shape& s)
       : eps(std::max<int64_t>(s.r, 1)), cval(s.bmax), proj(std::max<int64_t>(s.m, 1)), epsf(std::max<int64_t>(s.r, 1)),
@@ -138,6 +140,41 @@ struct Scratch {
     viol.reserve(256);
   }
 };
+
+// Fixed-width float vectors (GCC/Clang vector extensions; 16 lanes where the CPU has AVX-512,
+// else 8: the compiler splits them into the registers it has).
+constexpr int kLanes = 16;
+typedef float VecF __attribute__((vector_size(4 * kLanes)));
+typedef int32_t VecI __attribute__((vector_size(4 * kLanes)));
+inline VecF LoadF(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void StoreF(float* p, const VecF& v) { std::memcpy(p, &v, sizeof v); }
+inline bool AnyTrue(const VecI& v) {
+  uint64_t w[sizeof(VecI) / 8];
+  std::memcpy(w, &v, sizeof v);
+  uint64_t o = 0;
+  for (uint64_t x : w) o |= x;
+  return o != 0;
+}
+
+// The guide table of the rare features' cumulative hazards H [m] (float, ascending, H[m - 1] =
+// end): guide[k] is the first i with GuideTime(k) < H[i], for k in [0, K]; an arrival at time t
+// starts its scan at guide[k] with the largest k whose GuideTime(k) <= t.
+inline double GuideTime(int64_t k, int64_t K, double end) { return static_cast<double>(k) * (end / static_cast<double>(K)); }
+void BuildGuide(const float* H, int64_t m, std::vector<int32_t>& guide) {
+  const int64_t K = std::max<int64_t>(m, 1);
+  guide.resize(K + 1);
+  const double end = H[m - 1];
+  int64_t i = 0;
+  for (int64_t k = 0; k <= K; ++k) {
+    const double tk = GuideTime(k, K, end);
+    while (i < m - 1 && !(tk < H[i])) ++i;
+    guide[k] = static_cast<int32_t>(i);
+  }
+}
 
 // Draws one sample into sc.act (each column at most once).
 void DrawSample(const Tables& t, const Shape& s, Rng& rng, Scratch& sc) {
@@ -198,30 +235,32 @@ void DrawSample(const Tables& t, const Shape& s, Rng& rng, Scratch& sc) {
     }
   }
   if (s.m == 0) return;
-  // The rare free features [Z, n): their projections, 16 at a time with the sums in registers,
-  // and the violations (projection above the margin) listed on the way.
+  // The rare free features [Z, n): their projections, kGroup vectors of kLanes features at a
+  // time with the sums in registers (summed in the order of a per-feature dot product), and the
+  // violations (projection above the margin) listed on the way.
   auto& viol = sc.viol;
   viol.clear();
   if (s.r) {
     float* pr = proj.data();
     float* e = sc.epsf.data();
     for (int64_t j = 0; j < s.r; ++j) e[j] = static_cast<float>(eps[j]);
+    constexpr int kGroup = 4;
     int64_t i0 = 0;
-    for (; i0 + 16 <= s.m; i0 += 16) {
-      float acc[16] = {0};
+    for (; i0 + kGroup * kLanes <= s.m; i0 += kGroup * kLanes) {
+      VecF acc[kGroup] = {};
       for (int64_t j = 0; j < s.r; ++j) {
-        const float ej = e[j];
+        const VecF ej = VecF{} + e[j];
         const float* row = t.Ft + j * s.m + i0;
-        for (int l = 0; l < 16; ++l) acc[l] += ej * row[l];
+        for (int g = 0; g < kGroup; ++g) acc[g] += ej * LoadF(row + g * kLanes);
       }
-      int hit = 0;
-      for (int l = 0; l < 16; ++l) {
-        pr[i0 + l] = acc[l];
-        hit |= acc[l] > t.margin[i0 + l];
+      VecI hit = {};
+      for (int g = 0; g < kGroup; ++g) {
+        StoreF(pr + i0 + g * kLanes, acc[g]);
+        hit |= acc[g] > LoadF(t.margin + i0 + g * kLanes);
       }
-      if (hit)
-        for (int l = 0; l < 16; ++l)
-          if (acc[l] > t.margin[i0 + l]) viol.push_back(static_cast<int32_t>(i0 + l));
+      if (AnyTrue(hit))
+        for (int64_t i = i0; i < i0 + kGroup * kLanes; ++i)
+          if (pr[i] > t.margin[i]) viol.push_back(static_cast<int32_t>(i));
     }
     for (; i0 < s.m; ++i0) {
       float a = 0.0f;
@@ -230,14 +269,20 @@ void DrawSample(const Tables& t, const Shape& s, Rng& rng, Scratch& sc) {
       if (a > t.margin[i0]) viol.push_back(static_cast<int32_t>(i0));
     }
   }
+  // The candidates: the features whose interval [H_{i-1}, H_i) holds an arrival of the Poisson
+  // process, found from the guide table (sc.guide, built per work item) and a short forward scan.
   accepted.clear();
   const double end = t.H[s.m - 1];
+  const int64_t K = static_cast<int64_t>(sc.guide.size()) - 1;
   double time = 0.0;
   int64_t last = -1;
   for (;;) {
     time -= std::log(rng.Uniform());
     if (time >= end) break;
-    const int64_t i = std::upper_bound(t.H, t.H + s.m, time, [](double a, float b) { return a < b; }) - t.H;
+    int64_t k = std::min<int64_t>(K, static_cast<int64_t>(time * (static_cast<double>(K) / end)));
+    while (k > 0 && GuideTime(k, K, end) > time) --k;
+    int64_t i = sc.guide[k];
+    while (!(time < t.H[i])) ++i;  // H[m - 1] = end > time ends the scan
     if (i == last) continue;  // a feature is a candidate once, however many arrivals hit it
     last = i;
     const int64_t col = s.Z + i;
@@ -355,6 +400,7 @@ ffi::Error SynthDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffe
     const uint64_t kh = KeyHash(key.typed_data() + Offset(lk, out_lead, g), lk.core);
     const int64_t row0 = offset.typed_data()[Offset(lo, out_lead, g)];  // the batch's first sample index
     Scratch sc(s);
+    if (s.m) BuildGuide(t.H, s.m, sc.guide);
     for (int64_t b = b0; b < b1; ++b) {
       Rng rng(RowSeed(kh, row0 + b));
       DrawSample(t, s, rng, sc);
