@@ -14,7 +14,10 @@ For every shape of ``benchmarks/bench_step.py`` (d, n_q, k, B) it builds, with `
   the same step generating its batch on device from the bench (each sampler), which is how
   ``jsdl.fit`` trains on a bench.
 
-All variants of a shape are timed alternating round-robin in one process (``common.alternate``).
+All variants of a shape are timed alternating round-robin in one fresh process per shape
+(``common.alternate``), its host tuned as ``jsdl train`` would tune that step
+(:func:`jsdl.hosttune.wants_tuning`; the synchronous dispatch of a tuned host made the small step's
+in-step draw cost about twice as much).
 Reported: samples/s of each generator alone (jitted ``sample``, all three outputs x_p, x_r and
 the dense features [B, n] materialised), the sampler's time as a fraction of the step on a fixed
 batch, and the share of the in-step generation in the step that generates its batch ((t_bench -
@@ -30,7 +33,9 @@ the paper's bench (n = 1000, d = 768, M = 0.1) by PGD.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -170,6 +175,33 @@ def step_fn(spec, d, batch_size, data):
 GENERATORS = ("old", "jax", "native")
 
 
+def _shape_child(shape, n, reps, archs, old):
+    """One shape's measurements in this fresh process (tuned first when ``JSDL_HOST_TUNING=on``);
+    prints a ``RESULT`` JSON line."""
+    from jsdl import hosttune
+
+    host = hosttune.tune_host() if hosttune.mode() == "on" else "host not tuned"
+    r = measure_shape(shape, n, reps, archs, old)
+    r["host"] = host
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+def measure_shape_in_child(shape, n, reps, archs, old):
+    """:func:`measure_shape` in a fresh process whose host is tuned as ``jsdl train`` would tune
+    the shape's step (or as ``JSDL_HOST_TUNING`` says)."""
+    from jsdl import hosttune
+
+    d, n_q, k, B = SHAPES[shape]
+    env = dict(os.environ, JSDL_HOST_TUNING="on" if hosttune.wants_tuning(B, n_q) else "off")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", shape, str(n), "--reps", str(reps),
+           "--archs", ",".join(archs)] + (["--old"] if old else [])
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bench_data child for {shape} (n={n}) failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def measure_shape(shape, n, reps, archs, old):
     import jsdl
 
@@ -195,8 +227,8 @@ def measure_shape(shape, n, reps, archs, old):
     t = alternate(fns, reps)
     for name, ts in t.items():
         log(f"  {name}: {spread(ts)}")
-    return dict(shape=shape, d=d, n_q=n_q, k=k, B=B, n=n, K=bench.law.capacity(n),
-                K_hier=benches["hier"]["jax"].sparse_capacity, times=t, archs=archs,
+    return dict(shape=shape, d=d, n_q=n_q, k=k, B=B, n=n, K=int(bench.law.capacity(n)),
+                K_hier=int(benches["hier"]["jax"].sparse_capacity), times=t, archs=archs,
                 gens=[g for g in GENERATORS if f"bench {g}" in t])
 
 
@@ -259,14 +291,16 @@ def report(results, cross, gen, args, load0, load1):
         f"- load average at the end: {load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f} (at the start {load0[0]:.1f} / "
         f"{load0[1]:.1f} / {load0[2]:.1f}); niceness {os.nice(0)}",
         f"- device: {jax.devices()[0].device_kind} ({jax.default_backend()}); command: `{cmd.strip()}`",
-        f"- {args.host} (`jsdl.hosttune`, as `jsdl train` for a large step; `JSDL_HOST_TUNING=off` measures without)",
+        "- each shape in its own process, its host tuned as `jsdl train` would tune its step (`jsdl.hosttune`; "
+        "`JSDL_HOST_TUNING=on|off` forces it): " + "; ".join(f"{r['shape']} (n = {r['n']}): {r['host']}" for r in results)
+        + (f"; crossover and PGD: {args.host}" if cross is not None or gen is not None else ""),
         "",
         f"Per benchmark shape of bench_step.py, S = {S}, d_input = d, feature matrices random unit columns; jax = the",
         "JAX sampler (active sets drawn as geometric gaps, capacity K per row, P(truncation) < 1e-15, x W_p^T",
         "summed over active columns), native = `jsdl.native.sparse_draw` (the default on a CPU: the same law",
         "one sample at a time, x W_p^T summed in the same pass)" + (", old = the sampler the JAX one replaced (a Bernoulli"
         " mask and a magnitude for every entry, x W_p^T dense)" if any("old" in r["gens"] for r in results) else "")
-        + ". All rows of a shape alternate round-robin in one process; median (min-max) of the reps.",
+        + ". All rows of a shape alternate round-robin in one process per shape; median (min-max) of the reps.",
         "",
         "**Generators alone** (jitted `sample`: x_p, x_r and the dense features [B, n]); 'of step' = the",
         "sampler's time over the TopK step on a fixed batch:",
@@ -374,16 +408,20 @@ def main(argv=None) -> int:
     ap.add_argument("--no-crossover", action="store_true")
     ap.add_argument("--no-pgd", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--child", nargs=2, metavar=("SHAPE", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    archs = args.archs.split(",")
+    if args.child:
+        _shape_child(args.child[0], int(args.child[1]), args.reps, archs, args.old)
+        return 0
     args.argv = argv if argv is not None else sys.argv[1:]
     args.host = host_tuning()
     load0 = os.getloadavg()
-    archs = args.archs.split(",")
     results = []
     for shape in args.shapes.split(","):
         d, n_q, k, B = SHAPES[shape]
         for n in (n_q, 2 * n_q) if args.wide else (n_q,):
-            results.append(measure_shape(shape, n, args.reps, archs, args.old))
+            results.append(measure_shape_in_child(shape, n, args.reps, archs, args.old))
     cross = None if args.no_crossover else crossover(max(2, args.reps - 1))
     gen = None if args.no_pgd else pgd_generation(args.reps)
     text = report(results, cross, gen, args, load0, os.getloadavg())
