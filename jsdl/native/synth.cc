@@ -71,6 +71,47 @@ struct Rng {  // xoshiro256**, seeded through SplitMix64
   double Uniform() { return (static_cast<double>(Next() >> 11) + 0.5) * 0x1.0p-53; }  // in (0, 1)
 };
 
+// Exp(1) variates by the ziggurat method (Marsaglia and Tsang, 2000): 256 layers; from one 64-bit
+// word a layer (its low 8 bits) and a 53-bit position (its high bits), accepted at once in ~99% of
+// draws; otherwise the wedge test or the tail (7.697... + Exp(1)), so the law is exact.
+struct ExpZiggurat {
+  uint64_t k[256];
+  double w[256], f[256];
+  ExpZiggurat() {
+    const double m = 9007199254740992.0;  // 2^53
+    double de = 7.697117470131487, te = de;
+    const double ve = 3.949659822581572e-3, q = ve / std::exp(-de);
+    k[0] = static_cast<uint64_t>((de / q) * m);
+    k[1] = 0;
+    w[0] = q / m;
+    w[255] = de / m;
+    f[0] = 1.0;
+    f[255] = std::exp(-de);
+    for (int i = 254; i >= 1; --i) {
+      de = -std::log(ve / de + std::exp(-de));
+      k[i + 1] = static_cast<uint64_t>((de / te) * m);
+      te = de;
+      f[i] = std::exp(-de);
+      w[i] = de / m;
+    }
+  }
+};
+const ExpZiggurat kExpZiggurat;  // built when the library loads
+
+template <typename R>
+inline double ExpVariate(R& rng) {
+  const ExpZiggurat& z = kExpZiggurat;
+  for (;;) {
+    const uint64_t r = rng.Next();
+    const int i = static_cast<int>(r & 255);
+    const uint64_t j = r >> 11;
+    const double x = static_cast<double>(j) * z.w[i];
+    if (j < z.k[i]) return x;
+    if (i == 0) return 7.697117470131487 - std::log(rng.Uniform());
+    if (z.f[i] + rng.Uniform() * (z.f[i - 1] - z.f[i]) < std::exp(-x)) return x;
+  }
+}
+
 // The stream of sample b of a key: a hash of the key's words, mixed with b.
 inline uint64_t KeyHash(const uint32_t* kp, int64_t words) {
   uint64_t kh = 0x6A09E667F3BCC908ull;
@@ -277,7 +318,7 @@ void DrawSample(const Tables& t, const Shape& s, Rng& rng, Scratch& sc) {
   double time = 0.0;
   int64_t last = -1;
   for (;;) {
-    time -= std::log(rng.Uniform());
+    time += ExpVariate(rng);
     if (time >= end) break;
     int64_t k = std::min<int64_t>(K, static_cast<int64_t>(time * (static_cast<double>(K) / end)));
     while (k > 0 && GuideTime(k, K, end) > time) --k;
@@ -423,10 +464,10 @@ ffi::Error SynthDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffe
 
 // The independent-feature sampler of jsdl.data.Bench and of jsdl.data.StructuredBench without a
 // copula (jsdl.native.sparse_draw): per sample, the candidates are the successes of n Bernoulli
-// (rate_bound) trials, drawn as geometric gaps floor(-log U / lambda), lambda = -log(1 -
-// rate_bound); with thinning, candidate i is kept with probability rates[i] / rate_bound, so it
-// fires on its own with probability rates[i]; every ancestor of a firing feature (parent[], at
-// most `depth` levels) fires too. Each distinct firing feature gets one magnitude c_min + beta E
+// (rate_bound) trials, drawn as geometric gaps floor(E / lambda) (E ~ Exp(1) from ExpVariate),
+// lambda = -log(1 - rate_bound); with thinning, candidate i is kept with probability rates[i] /
+// rate_bound, so it fires on its own with probability rates[i]; every ancestor of a firing
+// feature (parent[], at most `depth` levels) fires too. Each distinct firing feature gets one magnitude c_min + beta E
 // (E ~ Exp(1), or with magnitude = 1 E ~ U(0, 1)) times importance[i]. Mode 0 writes x W^T =
 // sum of value * W_rows[i], mode 1 the dense features. Streams as JsdlSynthDraw (per key and
 // sample index); all NaN if some rates[i] > rate_bound under thinning (as the JAX sampler).
@@ -454,7 +495,7 @@ ffi::Error SparseDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buff
     if (e.failure()) return e;
   if (lr.core != n || li.core != n || lp.core != n || lo.core != 1)
     return ffi::Error::InvalidArgument("jsdl_sparse_draw: rates, importance and parent must be [n] for W_rows [n, m]");
-  // -log U / lambda with U in (0, 1); rate_bound = 1 fires every candidate (gap 0), 0 none.
+  // E / lambda with E ~ Exp(1); rate_bound = 1 fires every candidate (gap 0), 0 none.
   const double inv_lam = rate_bound >= 1.0 ? 0.0 : (rate_bound <= 0.0 ? 0.0 : -1.0 / std::log1p(-rate_bound));
   const int64_t per_row = static_cast<int64_t>(std::ceil(n * rate_bound * (1 + depth))) + 1;
   // A block of rows per work item, accumulated slot by slot (slot j of every row, then j + 1):
@@ -489,12 +530,12 @@ ffi::Error SparseDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buff
       start[b - b0] = static_cast<int64_t>(act.size());
       Rng rng(RowSeed(kh, row0 + b));
       auto mag = [&](int64_t i) {
-        const double e = magnitude == 1 ? rng.Uniform() : -std::log(rng.Uniform());
+        const double e = magnitude == 1 ? rng.Uniform() : ExpVariate(rng);
         return static_cast<float>((c_min + beta * e) * imp[i]);
       };
       if (rate_bound > 0.0) {
         for (int64_t pos = -1;;) {
-          const double gap = rate_bound >= 1.0 ? 0.0 : std::floor(-std::log(rng.Uniform()) * inv_lam);
+          const double gap = rate_bound >= 1.0 ? 0.0 : std::floor(ExpVariate(rng) * inv_lam);
           if (gap >= static_cast<double>(n - 1 - pos)) break;  // the next success lies past n - 1
           pos += static_cast<int64_t>(gap) + 1;
           if (thin && rt[pos] < rb && rng.Uniform() * rate_bound >= rt[pos]) continue;
