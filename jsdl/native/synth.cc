@@ -499,10 +499,10 @@ ffi::Error SparseDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buff
   // E / lambda with E ~ Exp(1); rate_bound = 1 fires every candidate (gap 0), 0 none.
   const double inv_lam = rate_bound >= 1.0 ? 0.0 : (rate_bound <= 0.0 ? 0.0 : -1.0 / std::log1p(-rate_bound));
   const int64_t per_row = static_cast<int64_t>(std::ceil(n * rate_bound * (1 + depth))) + 1;
-  // A block of rows per work item (about 1 MiB of output rows, which stay in cache), accumulated
-  // feature by feature (below): row after row read each row's W rows from memory (the first
-  // version; 3.7x slower at n = 16384, m = 768), slot by slot (the j-th feature of every row, then
-  // j + 1) 1.1-1.3x slower than feature by feature there.
+  // A block of rows per work item (at most 512 rows and 1 MiB of output, which stays in cache),
+  // accumulated feature by feature (below). Row after row (the first version) read each row's W
+  // rows from memory, 3.7x slower at n = 16384, m = 768; slot by slot (the j-th feature of every
+  // row, then j + 1) was 1.1-1.3x slower than feature by feature there.
   const int64_t block = std::max<int64_t>(16, std::min<int64_t>(512, (int64_t{1} << 20) / std::max<int64_t>(4 * m, 1)));
   const int64_t per_group = (B + block - 1) / block;
   const int64_t threads = jsdl::Threads(pool, max_threads, groups * B * per_row * (mode == 0 ? std::max<int64_t>(m, 1) : 8));
