@@ -33,9 +33,7 @@ the paper's bench (n = 1000, d = 768, M = 0.1) by PGD.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -46,7 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import struct  # noqa: E402
 
-from common import host_tuning, log, machine_info, med, spread, write_section  # noqa: E402
+from common import host_tuning, log, machine_info, med, print_result, run_child, spread, write_section  # noqa: E402
 from bench_step import SHAPES  # noqa: E402
 from jsdl.data import Bench, StructuredBench, build_hierarchy, make_bench  # noqa: E402
 from jsdl.data import bench as _bench  # noqa: E402
@@ -183,7 +181,7 @@ def _shape_child(shape, n, reps, archs, old):
     host = hosttune.tune_host() if hosttune.mode() == "on" else "host not tuned"
     r = measure_shape(shape, n, reps, archs, old)
     r["host"] = host
-    print("RESULT " + json.dumps(r), flush=True)
+    print_result(r)
 
 
 def measure_shape_in_child(shape, n, reps, archs, old):
@@ -192,14 +190,8 @@ def measure_shape_in_child(shape, n, reps, archs, old):
     from jsdl import hosttune
 
     d, n_q, k, B = SHAPES[shape]
-    env = dict(os.environ, JSDL_HOST_TUNING="on" if hosttune.wants_tuning(B, n_q) else "off")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", shape, str(n), "--reps", str(reps),
-           "--archs", ",".join(archs)] + (["--old"] if old else [])
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"bench_data child for {shape} (n={n}) failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    args = ["--child", shape, n, "--reps", reps, "--archs", ",".join(archs)] + (["--old"] if old else [])
+    return run_child(__file__, args, hosttune.wants_tuning(B, n_q), f"bench_data {shape} (n={n})")
 
 
 def measure_shape(shape, n, reps, archs, old):

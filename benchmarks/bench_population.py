@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -98,17 +96,11 @@ def _child(name: str, part: str, members: int, steps: int) -> None:
     else:
         s, w, c = population(data, spec, cfg, members)
         out = {"steady": s, "wall": w, "compile": c}
-    print("RESULT " + json.dumps(out), flush=True)
+    common.print_result(out)
 
 
 def _in_child(name: str, part: str, members: int, steps: int, tune: bool) -> dict:
-    env = dict(os.environ, JSDL_HOST_TUNING="on" if tune else "off")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, part, str(members), str(steps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"bench_population child {name} {part} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return common.run_child(__file__, ["--child", name, part, members, steps], tune, f"bench_population {name} {part}")
 
 
 def bench_size(name: str, size: dict, members: int, reps: int, steps: int | None):

@@ -6,6 +6,7 @@ other section as it is, so each benchmark script (ours and other engineers') own
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -31,6 +32,24 @@ def host_tuning() -> str:
     if hosttune.mode() == "off":
         return "host tuning: off (JSDL_HOST_TUNING=off)"
     return hosttune.tune_host()
+
+
+def print_result(result: dict) -> None:
+    """A child process's answer to :func:`run_child`: one ``RESULT`` JSON line on stdout."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(script: str, args: list[str], tune: bool, what: str) -> dict:
+    """``python script *args`` in a fresh process with ``JSDL_HOST_TUNING=on`` (``tune``) or
+    ``off``, as ``jsdl train`` would set it for the step measured there; returns the dict of the
+    child's last :func:`print_result` line. Its stderr (progress) passes through."""
+    env = dict(os.environ, JSDL_HOST_TUNING="on" if tune else "off")
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *map(str, args)], env=env, stdout=subprocess.PIPE,
+                          text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{what} failed in its child process (exit {proc.returncode}):\n{proc.stdout[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def timeit(fn: Callable[[], object], reps: int) -> list[float]:
