@@ -160,6 +160,8 @@ struct Tables {
   const float *W, *bias, *probs, *thr, *sd, *mean, *std, *pos, *F, *Ft, *H, *q, *margin;
   const int32_t* children;
   const int32_t* excl;
+  const int32_t* guide;  // BuildGuide's table of H, guide_k + 1 entries
+  int64_t guide_k;
 };
 
 struct Shape {
@@ -171,7 +173,6 @@ struct Scratch {
   std::vector<double> eps, cval;
   std::vector<float> proj, epsf;  // epsf: eps as float, for the float projections
   std::vector<int32_t> comp, accepted, viol;
-  std::vector<int32_t> guide;  // BuildGuide's table of the rare features' cumulative hazards
   std::vector<std::pair<int32_t, double>> act;  // the sample's (column, value) pairs
   explicit Scratch(const Shape& s)
       : eps(std::max<int64_t>(s.r, 1)), cval(s.bmax), proj(std::max<int64_t>(s.m, 1)), epsf(std::max<int64_t>(s.r, 1)),
@@ -311,10 +312,10 @@ void DrawSample(const Tables& t, const Shape& s, Rng& rng, Scratch& sc) {
     }
   }
   // The candidates: the features whose interval [H_{i-1}, H_i) holds an arrival of the Poisson
-  // process, found from the guide table (sc.guide, built per work item) and a short forward scan.
+  // process, found from the guide table (t.guide) and a short forward scan.
   accepted.clear();
   const double end = t.H[s.m - 1];
-  const int64_t K = static_cast<int64_t>(sc.guide.size()) - 1;
+  const int64_t K = t.guide_k;
   double time = 0.0;
   int64_t last = -1;
   for (;;) {
@@ -322,7 +323,7 @@ void DrawSample(const Tables& t, const Shape& s, Rng& rng, Scratch& sc) {
     if (time >= end) break;
     int64_t k = std::min<int64_t>(K, static_cast<int64_t>(time * (static_cast<double>(K) / end)));
     while (k > 0 && GuideTime(k, K, end) > time) --k;
-    int64_t i = sc.guide[k];
+    int64_t i = t.guide[k];
     while (!(time < t.H[i])) ++i;  // H[m - 1] = end > time ends the scan
     if (i == last) continue;  // a feature is a candidate once, however many arrivals hit it
     last = i;
@@ -416,6 +417,10 @@ ffi::Error SynthDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffe
     return ffi::Error::InvalidArgument("jsdl_synth_draw: table shapes disagree with W [n, d]");
   const int64_t chunk = 16, per_group = (B + chunk - 1) / chunk;
   const int64_t threads = jsdl::Threads(pool, max_threads, groups * B * 256);
+  // The rare features' guide tables, one per group, built once per call.
+  std::vector<std::vector<int32_t>> guides(s.m ? groups : 0);
+  for (int64_t g = 0; g < static_cast<int64_t>(guides.size()); ++g)
+    BuildGuide(sparse.typed_data() + Offset(ls, out_lead, g), s.m, guides[g]);
   float* op = out->typed_data();
   jsdl::ParallelFor(pool, threads, groups * per_group, [&](int64_t item) {
     const int64_t g = item / per_group, b0 = (item % per_group) * chunk, b1 = std::min(B, b0 + chunk);
@@ -438,10 +443,11 @@ ffi::Error SynthDraw(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffe
     t.margin = sp + 2 * ms;
     t.children = children.typed_data() + Offset(lc, out_lead, g);
     t.excl = excl.typed_data() + Offset(le, out_lead, g);
+    t.guide = s.m ? guides[g].data() : nullptr;
+    t.guide_k = s.m ? static_cast<int64_t>(guides[g].size()) - 1 : 0;
     const uint64_t kh = KeyHash(key.typed_data() + Offset(lk, out_lead, g), lk.core);
     const int64_t row0 = offset.typed_data()[Offset(lo, out_lead, g)];  // the batch's first sample index
     Scratch sc(s);
-    if (s.m) BuildGuide(t.H, s.m, sc.guide);
     for (int64_t b = b0; b < b1; ++b) {
       Rng rng(RowSeed(kh, row0 + b));
       DrawSample(t, s, rng, sc);
