@@ -108,7 +108,9 @@ def floor_parts(arch, x, n_q, k):
     for BatchTopK), by the fastest exact method jsdl has (``jsdl.shardops.local_top_k``); ``adam`` = one optax Adam update of the SAE's parameters (W_E, W_D, b_E, b_D;
     donated, in place). The floor is ``matmul + top-k + adam`` for the TopK family (exact selection
     needs every pre-activation, nothing else needs a dictionary-size product) and ``5 matmul +
-    adam`` for ReLU/JumpReLU (forward, decoder, and three gradient products are dense)."""
+    adam`` for ReLU/JumpReLU (forward, decoder, and three gradient products are dense). The
+    product is compiled with the options of the step (:mod:`jsdl.cpudot`: oneDNN's GEMM for a
+    large sparse step on CPU), so the floor is the fastest product the step itself could use."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -118,7 +120,13 @@ def floor_parts(arch, x, n_q, k):
     W = jax.random.normal(key, (n_q, d), jnp.float32) / d**0.5
     b = jnp.zeros((n_q,), jnp.float32)
     xj = jnp.asarray(x)
-    enc = jax.jit(lambda a, w, c: a @ w.T + c).lower(xj, W, b).compile()
+    # The product as the step computes it: with oneDNN's GEMM where jsdl.cpudot hands the step to it.
+    import jsdl
+    from jsdl import cpudot
+
+    options = cpudot.compiler_options(jax.devices()[0].platform, sparse=jsdl.kernels.use_sparse(jsdl_spec(arch, n_q, k)),
+                                      batch_size=B, d_in=d, n_latents=n_q)
+    enc = jax.jit(lambda a, w, c: a @ w.T + c, compiler_options=options).lower(xj, W, b).compile()
     parts = {"floor: matmul": lambda: jax.block_until_ready(enc(xj, W, b))}
     if arch in ("topk", "batchtopk"):
         z = enc(xj, W, b)
@@ -147,6 +155,12 @@ def floor_parts(arch, x, n_q, k):
 
     parts["floor: adam"] = run_adam
     return parts
+
+
+def cpudot_mode() -> str:
+    from jsdl import cpudot
+
+    return cpudot.mode()
 
 
 def floor_time(arch, times) -> float:
@@ -451,7 +465,9 @@ def main(argv=None):
         "bound, each part jitted alone in the same alternation: TopK/BatchTopK one encoder product "
         "`x W_E^T + b_E` + the top-k selection + one Adam update (an exact sparse step also needs its "
         "k-slot gathers and scatter-adds, which this floor leaves out; benchmarks/NOTES.md, \"Speed round 4\"); "
-        "ReLU/JumpReLU five products + Adam (`floor_parts`). XLA memory = arguments + "
+        "ReLU/JumpReLU five products + Adam (`floor_parts`); the product compiled as the step "
+        "compiles it (`jsdl.cpudot`: oneDNN's GEMM for a sparse step with B d n_q >= 2^30, XLA's "
+        f"otherwise; JSDL_CPU_DOT={cpudot_mode()}), while 'jax matmul' is always XLA's. XLA memory = arguments + "
         f"temporaries + outputs of the compiled step. Process: {host} (`jsdl.hosttune`; both frameworks "
         "run in it; `JSDL_HOST_TUNING=off` measures without).\n\n" + table
     )

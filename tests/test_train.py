@@ -180,6 +180,55 @@ def test_step_compiles_once():
     assert st.step._cache_size() == 1
 
 
+def test_cpu_dot_policy():
+    """``jsdl.cpudot``: oneDNN only for a large sparse single-model CPU step (per device), never on an
+    accelerator; ``on``/``off`` override; a bad value names the variable."""
+    from jsdl import cpudot
+
+    big = dict(sparse=True, batch_size=4096, d_in=768, n_latents=16384)
+    env = {}
+    assert cpudot.compiler_options("cpu", **big, environ=env) == cpudot.OPTIONS
+    assert cpudot.compiler_options("gpu", **big, environ=env) is None
+    assert cpudot.compiler_options("cpu", **{**big, "sparse": False}, environ=env) is None
+    assert cpudot.compiler_options("cpu", **big, population=True, environ=env) is None
+    small = dict(sparse=True, batch_size=1024, d_in=64, n_latents=512)
+    assert cpudot.compiler_options("cpu", **small, environ=env) is None
+    # the threshold is per device: 2^30 over 4 data devices x 2 model devices is 2^27 each
+    edge = dict(sparse=True, batch_size=1024, d_in=1024, n_latents=1024)
+    assert cpudot.compiler_options("cpu", **edge, environ=env) == cpudot.OPTIONS
+    assert cpudot.compiler_options("cpu", **edge, data_devices=2, environ=env) is None
+    assert cpudot.compiler_options("cpu", **edge, model_devices=2, environ=env) is None
+    assert cpudot.compiler_options("cpu", **small, environ={cpudot.ENV: "on"}) == cpudot.OPTIONS
+    assert cpudot.compiler_options("cpu", **big, environ={cpudot.ENV: "off"}) is None
+    assert cpudot.compiler_options("gpu", **big, environ={cpudot.ENV: "on"}) is None
+    with pytest.raises(ValueError, match="JSDL_CPU_DOT"):
+        cpudot.compiler_options("cpu", **big, environ={cpudot.ENV: "fast"})
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu"])
+def test_onednn_step_equals_the_plain_step(monkeypatch, activation):
+    """The step compiled with oneDNN dots (``JSDL_CPU_DOT=on``) trains as the default one, to float32
+    rounding (another summation order), and its program really holds a oneDNN dot."""
+    from jsdl import cpudot
+    from jsdl.train import Stepper, init_state
+
+    b = toy()
+    hyper = {"k": 2} if activation != "relu" else {"penalties": {"l1": 1e-2}}
+    spec = jsdl.make_spec(activation=activation, n_latents=16, **hyper)
+    out = {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv(cpudot.ENV, mode)
+        st = Stepper(spec, CFG, data_mode="bench", bench=b)
+        s = st.place_state(init_state(jax.random.PRNGKey(0), spec, CFG, 16))
+        d = st.place_data(b)
+        assert ("__onednn_fusion" in st.step.lower(s, d, None).compile().as_text()) == (mode == "on")
+        for _ in range(5):
+            s = st.step(s, d, None)
+        assert st.step._cache_size() == 1
+        out[mode] = jax.device_get(s.params)
+    chex.assert_trees_all_close(out["on"], out["off"], rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # populations
 # ----------------------------------------------------------------------------------------------

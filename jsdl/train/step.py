@@ -259,7 +259,9 @@ class Stepper:
         # (no second copy of the dictionary); the loop never reuses a state passed to the step.
         donate = (0,) if config.donate else ()
         # Called inside ``jax.set_mesh``: the mesh-aware selections (jsdl.shardops) read it at trace time.
-        self.step = self._in_mesh(jax.jit(self._step_fn, donate_argnums=donate))
+        # The step's compiler options depend on the input width, known at the first call: a large
+        # sparse step on CPU hands its encoder product to oneDNN (jsdl.cpudot).
+        self.step = _ShapedProgram(self._step_fn, donate, self.mesh, self._step_options)
         self.resample = self._in_mesh(jax.jit(self._resample_fn, donate_argnums=donate))
         self.reset_metrics = self._in_mesh(jax.jit(self._reset_fn, donate_argnums=donate))
 
@@ -275,6 +277,17 @@ class Stepper:
         call._cache_size = fn._cache_size  # the compiled-once checks read it
         call.jitted = fn
         return call
+
+    def _step_options(self, state) -> Optional[dict]:
+        """XLA compiler options of the step on ``state`` (:func:`jsdl.cpudot.compiler_options`)."""
+        from jsdl import cpudot
+
+        W_E = state.stored.W_E
+        return cpudot.compiler_options(
+            self.mesh.devices.flat[0].platform, sparse=_kernels.use_sparse(self.spec, W_E.dtype),
+            batch_size=self.config.batch_size, d_in=W_E.shape[-1], n_latents=self.spec.n_latents,
+            population=self.population, data_devices=self.mesh.shape["data"],
+            model_devices=self.mesh.shape["model"])
 
     # state helpers -------------------------------------------------------------------------
     def state_shardings(self, state):
@@ -331,6 +344,35 @@ class Stepper:
 
     def _reset_fn(self, metrics):
         return self._constrain(zero_metrics(metrics))
+
+
+class _ShapedProgram:
+    """A jitted program, called inside ``mesh``, whose XLA compiler options are chosen from its
+    first argument (the state) by ``options_for(state)``: one ``jax.jit`` per distinct set of
+    options. Behaves like the jitted function for ``__call__``, ``lower`` and ``_cache_size``."""
+
+    def __init__(self, fn, donate, mesh, options_for):
+        self._fn, self._donate, self._mesh, self._options_for = fn, donate, mesh, options_for
+        self._jits: dict = {}
+        self.__wrapped__ = fn
+
+    def jitted_for(self, state):
+        """The ``jax.jit`` of the program for ``state`` (a TrainState, arrays or abstract)."""
+        options = self._options_for(state)
+        key = tuple(sorted(options.items())) if options else ()
+        if key not in self._jits:
+            self._jits[key] = jax.jit(self._fn, donate_argnums=self._donate, compiler_options=options)
+        return self._jits[key]
+
+    def __call__(self, *args):
+        with jax.set_mesh(self._mesh):
+            return self.jitted_for(args[0])(*args)
+
+    def lower(self, *args):
+        return _lower_in(self._mesh, self.jitted_for(args[0]), *args)
+
+    def _cache_size(self) -> int:
+        return sum(j._cache_size() for j in self._jits.values())
 
 
 def _lower_in(mesh, fn, *args):
