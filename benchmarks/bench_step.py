@@ -62,11 +62,13 @@ def jsdl_spec(arch, n_q, k, sparse="auto"):
     raise ValueError(arch)
 
 
-def jsdl_step(arch, x, n_q, k, sparse="auto"):
-    """(run_once, memory_bytes, info) for the real jsdl.train step on the fixed batch x."""
+def jsdl_step(arch, x, n_q, k, sparse="auto", cpu_dot=None):
+    """(run_once, memory_bytes, info) for the real jsdl.train step on the fixed batch x.
+    ``cpu_dot``: ``JSDL_CPU_DOT`` while the step is compiled (None: the process's)."""
     import jax
 
     import jsdl
+    from jsdl import cpudot
     from jsdl.train import Stepper, TrainConfig, init_state
 
     B, d = x.shape
@@ -75,7 +77,14 @@ def jsdl_step(arch, x, n_q, k, sparse="auto"):
     stepper = Stepper(spec, config, data_mode="batch", devices=jax.devices()[:1])
     state = stepper.place_state(init_state(jax.random.PRNGKey(0), spec, config, d))
     data = stepper.place_data(jsdl.Batch(x_p=x))
-    compiled = stepper.step.lower(state, data, None).compile()
+    saved = os.environ.get(cpudot.ENV)
+    if cpu_dot is not None:
+        os.environ[cpudot.ENV] = cpu_dot
+    try:
+        compiled = stepper.step.lower(state, data, None).compile()
+    finally:
+        if cpu_dot is not None:
+            os.environ.pop(cpudot.ENV) if saved is None else os.environ.__setitem__(cpudot.ENV, saved)
     mem = compiled.memory_analysis()
     mem_bytes = None
     if mem is not None:
@@ -88,7 +97,8 @@ def jsdl_step(arch, x, n_q, k, sparse="auto"):
         jax.block_until_ready(box["state"])
 
     use_sparse = jsdl.kernels.use_sparse(spec, state.params.W_E.dtype)
-    return run, mem_bytes, {"sparse": use_sparse, "compiled": compiled, "box": box}
+    return run, mem_bytes, {"sparse": use_sparse, "compiled": compiled, "box": box,
+                            "onednn": "__onednn_fusion" in compiled.as_text()}
 
 
 def jsdl_matmul(x, n_q):
@@ -109,8 +119,8 @@ def floor_parts(arch, x, n_q, k):
     donated, in place). The floor is ``matmul + top-k + adam`` for the TopK family (exact selection
     needs every pre-activation, nothing else needs a dictionary-size product) and ``5 matmul +
     adam`` for ReLU/JumpReLU (forward, decoder, and three gradient products are dense). The
-    product is compiled with the options of the step (:mod:`jsdl.cpudot`: oneDNN's GEMM for a
-    large sparse step on CPU), so the floor is the fastest product the step itself could use."""
+    product is timed with XLA's GEMM and, where the step uses it (:mod:`jsdl.cpudot`: a large
+    sparse step on CPU), with oneDNN's; the floor takes the faster of the two medians."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -126,8 +136,11 @@ def floor_parts(arch, x, n_q, k):
 
     options = cpudot.compiler_options(jax.devices()[0].platform, sparse=jsdl.kernels.use_sparse(jsdl_spec(arch, n_q, k)),
                                       batch_size=B, d_in=d, n_latents=n_q)
-    enc = jax.jit(lambda a, w, c: a @ w.T + c, compiler_options=options).lower(xj, W, b).compile()
+    enc = jax.jit(lambda a, w, c: a @ w.T + c).lower(xj, W, b).compile()
     parts = {"floor: matmul": lambda: jax.block_until_ready(enc(xj, W, b))}
+    if options:
+        enc_o = jax.jit(lambda a, w, c: a @ w.T + c, compiler_options=options).lower(xj, W, b).compile()
+        parts["floor: matmul (oneDNN)"] = lambda: jax.block_until_ready(enc_o(xj, W, b))
     if arch in ("topk", "batchtopk"):
         z = enc(xj, W, b)
         from jsdl.shardops import local_top_k  # the fastest exact selection jsdl has on this backend
@@ -165,7 +178,7 @@ def cpudot_mode() -> str:
 
 def floor_time(arch, times) -> float:
     """The floor (see :func:`floor_parts`) from the medians of its parts."""
-    mm = common.med(times["floor: matmul"])
+    mm = min(common.med(times[n]) for n in ("floor: matmul", "floor: matmul (oneDNN)") if n in times)
     adam = common.med(times["floor: adam"])
     if arch in ("topk", "batchtopk"):
         return mm + common.med(times["floor: top-k"]) + adam
@@ -320,6 +333,8 @@ def bench_shape(shape, archs, reps, have_saelens):
         name = "jsdl" + (" (sparse)" if info["sparse"] else "")
         fns[name] = run
         mems[name] = mem
+        if info["onednn"]:  # the same step with XLA's own GEMM (JSDL_CPU_DOT=off)
+            fns["jsdl (XLA dot)"], mems["jsdl (XLA dot)"], _ = jsdl_step(arch, x, n_q, k, cpu_dot="off")
         if arch in ("topk", "batchtopk"):
             run_d, mem_d, _ = jsdl_step(arch, x, n_q, k, sparse=False)
             fns["jsdl dense"] = run_d
@@ -372,10 +387,13 @@ def format_rows(rows) -> str:
         mem_txt = f"{mem / 2**20:.0f} MiB" if mem else "?"
         if memd:
             mem_txt += f" (dense {memd / 2**20:.0f} MiB)"
+        step_txt = common.spread(t[js])
+        if "jsdl (XLA dot)" in t:  # the step compiled to oneDNN's GEMM; the same with XLA's
+            step_txt += f" (oneDNN dot; XLA's dot: {common.spread(t['jsdl (XLA dot)'])})"
         fl = floor_time(r["arch"], t)
         parts = ", ".join(f"{n.removeprefix('floor: ')} {common.fmt(common.med(t[n]))}" for n in t if n.startswith("floor: "))
         out.append(
-            f"| {r['dims']} | {r['arch']} | {common.spread(t[js])} | {sl_txt} | {ratio} | {common.fmt(fl)} ({parts}) | "
+            f"| {r['dims']} | {r['arch']} | {step_txt} | {sl_txt} | {ratio} | {common.fmt(fl)} ({parts}) | "
             f"**{tj / fl:.2f}x** | {dense} | "
             f"{ach / 1e9:.1f} GFLOP/s = {100 * ach / jmm:.0f}% of jax matmul | {jmm / 1e9:.1f} / {tmm / 1e9:.1f} GFLOP/s"
             f" (torch threads {r.get('torch_threads')}) | {mem_txt} |"
@@ -465,9 +483,9 @@ def main(argv=None):
         "bound, each part jitted alone in the same alternation: TopK/BatchTopK one encoder product "
         "`x W_E^T + b_E` + the top-k selection + one Adam update (an exact sparse step also needs its "
         "k-slot gathers and scatter-adds, which this floor leaves out; benchmarks/NOTES.md, \"Speed round 4\"); "
-        "ReLU/JumpReLU five products + Adam (`floor_parts`); the product compiled as the step "
-        "compiles it (`jsdl.cpudot`: oneDNN's GEMM for a sparse step with B d n_q >= 2^30, XLA's "
-        f"otherwise; JSDL_CPU_DOT={cpudot_mode()}), while 'jax matmul' is always XLA's. XLA memory = arguments + "
+        "ReLU/JumpReLU five products + Adam (`floor_parts`); the product is the faster of XLA's GEMM and, "
+        "where the step uses it, oneDNN's (`jsdl.cpudot`: a sparse step with B d n_q >= 2^30; "
+        f"JSDL_CPU_DOT={cpudot_mode()}), while 'jax matmul' is always XLA's. XLA memory = arguments + "
         f"temporaries + outputs of the compiled step. Process: {host} (`jsdl.hosttune`; both frameworks "
         "run in it; `JSDL_HOST_TUNING=off` measures without).\n\n" + table
     )

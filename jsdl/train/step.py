@@ -354,15 +354,22 @@ class _ShapedProgram:
     def __init__(self, fn, donate, mesh, options_for):
         self._fn, self._donate, self._mesh, self._options_for = fn, donate, mesh, options_for
         self._jits: dict = {}
+        self._by_shape: dict = {}
         self.__wrapped__ = fn
 
     def jitted_for(self, state):
-        """The ``jax.jit`` of the program for ``state`` (a TrainState, arrays or abstract)."""
-        options = self._options_for(state)
-        key = tuple(sorted(options.items())) if options else ()
-        if key not in self._jits:
-            self._jits[key] = jax.jit(self._fn, donate_argnums=self._donate, compiler_options=options)
-        return self._jits[key]
+        """The ``jax.jit`` of the program for ``state`` (a TrainState, arrays or abstract). The
+        options are chosen once per shape and dtype of ``state.stored.W_E``."""
+        W_E = state.stored.W_E
+        shape = (W_E.shape, W_E.dtype)
+        fn = self._by_shape.get(shape)
+        if fn is None:
+            options = self._options_for(state)
+            key = tuple(sorted(options.items())) if options else ()
+            if key not in self._jits:
+                self._jits[key] = jax.jit(self._fn, donate_argnums=self._donate, compiler_options=options)
+            fn = self._by_shape[shape] = self._jits[key]
+        return fn
 
     def __call__(self, *args):
         with jax.set_mesh(self._mesh):
