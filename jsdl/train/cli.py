@@ -384,6 +384,9 @@ def run(args) -> int:
         from jsdl import native
 
         record["native"] = native.status()
+        from jsdl import cpudot  # whether a large sparse step may hand its encoder product to oneDNN
+
+        record["cpu_dot"] = cpudot.mode()
     if cfg.data.files is not None:
         data = _files_data(cfg, spec, record)
     else:
