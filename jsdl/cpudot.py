@@ -10,7 +10,7 @@ benchmarks/NOTES.md, "Speed round 14"), alternating processes:
   (2048, 768, 16384);
 - the sparse TopK/BatchTopK step, whose one dense product is the encoder's, is 4-15% faster once
   ``B * d * n_q >= 2^30`` (the large shape of benchmarks/bench_step.py: 486-527 -> 456-488 ms
-  between fresh processes, 4-7% alternating in one process; (512, 4096, 32, 4096) 10-15%);
+  between fresh processes, 4-8% alternating in one process; (512, 4096, 32, 4096) 10-15%);
 - a small sparse step (B 1024, d 64, 512 latents) is *slower* (1.7 -> 2.1 ms), and so is the dense
   ReLU/JumpReLU step at every size measured (its five products run concurrently and compete for
   the two cores: 340 -> 410 ms at d 512, 4096 latents, B 4096).
