@@ -261,6 +261,38 @@ def test_vmapped_groups_and_dropped_latents(monkeypatch):
             np.testing.assert_array_equal(np.asarray(pop[i]), np.asarray(ref))
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (300, 200), (2, 5, 130), (1000, 16)])
+def test_column_nonzero_counts_like_jnp(shape):
+    """``column_nonzero`` equals ``sum(x != 0, axis=-2)``: zeros, -0 (not counted), NaN and inf
+    (counted), leading axes as groups, under ``vmap`` and ``jit``; and the dense step's fired counts
+    use it on one device."""
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[rng.random(shape) < 0.6] = 0.0
+    flat = x.reshape(-1)
+    flat[: min(4, flat.size)] = [-0.0, np.nan, np.inf, -np.inf][: min(4, flat.size)]
+    x = jnp.asarray(flat.reshape(shape))
+    ref = np.sum(np.asarray(x) != 0, axis=-2).astype(np.int32)
+    got = jax.jit(native.column_nonzero)(x)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), ref)
+    if x.ndim == 3:
+        np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(native.column_nonzero))(x)), ref)
+
+
+def test_dense_fired_counts_use_the_kernel_on_one_device():
+    from jsdl.train import step as S
+
+    rng = np.random.default_rng(0)
+    codes = jnp.asarray(np.maximum(rng.standard_normal((64, 40)), 0).astype(np.float32))
+    hlo = jax.jit(S._fired_dense).lower(codes).as_text()
+    assert "jsdl_column_nonzero" in hlo
+    np.testing.assert_array_equal(np.asarray(jax.jit(S._fired_dense)(codes)),
+                                  np.sum(np.asarray(codes) != 0, axis=0))
+    with pytest.raises(ValueError, match="float32"):
+        native.column_nonzero(codes.astype(jnp.float16))
+
+
 def test_sparse_step_gradients_match_the_dense_path():
     """The whole sparse TopK and BatchTopK loss (its scatters, decode and gather_dot native) has the
     dense path's gradient to float32 rounding."""

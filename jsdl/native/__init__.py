@@ -62,7 +62,7 @@ import numpy as np
 from jsdl import _env
 
 __all__ = ["ENV", "mode", "available", "status", "library_path", "build", "top_k_indices", "supports_top_k",
-           "scatter_rows", "gather_dot", "supports_scatter_rows", "supports_synth", "synth_draw", "sparse_draw", "MAX_THREADS"]
+           "scatter_rows", "gather_dot", "supports_scatter_rows", "column_nonzero", "supports_column_nonzero", "supports_synth", "synth_draw", "sparse_draw", "MAX_THREADS"]
 
 ENV = "JSDL_NATIVE"
 """Environment variable: ``auto`` (default), ``on`` or ``off``."""
@@ -74,7 +74,8 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "topk.cc", HERE / "scatter.cc", HERE / "synth.cc")
 HEADERS = (HERE / "parallel.h",)
 _TARGETS = {"jsdl_top_k_indices": "JsdlTopKIndices", "jsdl_scatter_rows": "JsdlScatterRows",
-            "jsdl_gather_dot": "JsdlGatherDot", "jsdl_synth_draw": "JsdlSynthDraw", "jsdl_sparse_draw": "JsdlSparseDraw"}
+            "jsdl_gather_dot": "JsdlGatherDot", "jsdl_synth_draw": "JsdlSynthDraw", "jsdl_sparse_draw": "JsdlSparseDraw",
+            "jsdl_column_nonzero": "JsdlColumnNonzero"}
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -237,6 +238,30 @@ def top_k_indices(z, k: int):
     out = jax.ShapeDtypeStruct(z.shape[:-1] + (k,), jnp.int32)
     call = jax.ffi.ffi_call("jsdl_top_k_indices", out, vmap_method="broadcast_all")
     return call(jax.lax.stop_gradient(z), k=np.int64(k), max_threads=np.int64(MAX_THREADS))
+
+
+def supports_column_nonzero(x) -> bool:
+    """Whether :func:`column_nonzero` takes ``x``: float32 of rank >= 2 with fewer than 2^31 rows, on
+    the CPU backend, the kernels available."""
+    import jax
+
+    return (x.dtype == np.float32 and x.ndim >= 2 and x.shape[-2] < 2**31 and jax.default_backend() == "cpu"
+            and available())
+
+
+def column_nonzero(x):
+    """``sum(x != 0, axis=-2)`` as int32 (``x [..., B, n]`` -> ``[..., n]``; NaN counts, -0 does
+    not), reading ``x`` once: the dense step's fired counts. Leading axes (vmap) are independent.
+    Not differentiable; CPU only (check :func:`supports_column_nonzero`); one device's array (a
+    partitioner would gather a split operand)."""
+    import jax
+    import jax.numpy as jnp
+
+    if not supports_column_nonzero(x):
+        raise ValueError(f"native column_nonzero needs float32 of rank >= 2 on CPU; got {x.dtype} {x.shape}")
+    out = jax.ShapeDtypeStruct(x.shape[:-2] + x.shape[-1:], jnp.int32)
+    call = jax.ffi.ffi_call("jsdl_column_nonzero", out, vmap_method="broadcast_all")
+    return call(jax.lax.stop_gradient(x), max_threads=np.int64(MAX_THREADS))
 
 
 def supports_scatter_rows(vals, src) -> bool:

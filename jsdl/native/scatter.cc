@@ -1,5 +1,5 @@
-// jsdl native CPU kernels (XLA FFI custom calls): the sparse kernels' scatter-add of rows and the
-// decoder backward's row dot products.
+// jsdl native CPU kernels (XLA FFI custom calls): the sparse kernels' scatter-add of rows, the
+// decoder backward's row dot products, and the dense step's count of non-zero codes per latent.
 //
 //   out[g, c] = sum over entries (b, j) with cols[g, b, j] = c of vals[g, b, j] * src[g, r, :],
 //   r = rows[g, b, j] (BatchTopK) or b (TopK),
@@ -161,7 +161,52 @@ ffi::Error GatherDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> u, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// How many rows of each column are non-zero: x [..., B, n] -> out [..., n] int32 (NaN counts, -0
+// does not: `x != 0`). The dense step's fired counts: XLA wrote a float32 mask of x out and summed it
+// with a product; this reads x once. Rows are split over the threads, each counting into its own
+// row of partial sums (exact: integers), added up at the end.
+ffi::Error ColumnNonzero(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> out,
+                         int64_t max_threads) {
+  auto dims = x.dimensions();
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("jsdl_column_nonzero: operand rank < 2");
+  const int64_t n = dims[dims.size() - 1], B = dims[dims.size() - 2];
+  int64_t groups = 1;
+  for (size_t d = 0; d + 2 < dims.size(); ++d) groups *= dims[d];
+  if (B > INT32_MAX) return ffi::Error::InvalidArgument("jsdl_column_nonzero: more than 2^31 - 1 rows");
+  int32_t* op = out->typed_data();
+  if (groups * n == 0) return ffi::Error::Success();
+  const int64_t threads = jsdl::Threads(pool, max_threads, groups * B * n);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, B));
+  std::vector<int32_t> partial(static_cast<size_t>(groups * parts * n), 0);
+  const float* xp = x.typed_data();
+  jsdl::ParallelFor(pool, threads, groups * parts, [&](int64_t item) {
+    const int64_t g = item / parts, t = item % parts;
+    const int64_t r0 = B * t / parts, r1 = B * (t + 1) / parts;
+    int32_t* c = partial.data() + item * n;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = xp + (g * B + r) * n;
+      for (int64_t j = 0; j < n; ++j) c[j] += row[j] != 0.0f;
+    }
+  });
+  for (int64_t g = 0; g < groups; ++g) {
+    int32_t* o = op + g * n;
+    std::copy(partial.begin() + g * parts * n, partial.begin() + (g * parts + 1) * n, o);
+    for (int64_t t = 1; t < parts; ++t) {
+      const int32_t* c = partial.data() + (g * parts + t) * n;
+      for (int64_t j = 0; j < n; ++j) o[j] += c[j];
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsdlColumnNonzero, ColumnNonzero,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("max_threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsdlScatterRows, ScatterRows,
                               ffi::Ffi::Bind()
