@@ -4,8 +4,8 @@ On a CPU, the ops of a TopK-family training step that do not go to the matrix li
 ``TopK`` (a serial ``std::partial_sort`` per row, about 3.5 ns per entry; the largest single op of
 a small step and of every population step, at the same cost per member) and the sparse kernels'
 loops over the ``k`` slots (one gather or scatter-add of ``B`` rows per slot, each reading and
-writing the whole accumulator). Three kernels replace them (``topk.cc``, ``scatter.cc``), and a
-fourth and a fifth draw synthetic data (``synth.cc``):
+writing the whole accumulator). Three kernels replace them (``topk.cc``, ``scatter.cc``), a
+fourth counts the dense step's fired latents, and two draw synthetic data (``synth.cc``):
 
 - :func:`top_k_indices`: one SIMD pass per row behind a running threshold; a long row (BatchTopK's
   flat selection) is cut into segments whose candidates are merged. The indices ``jax.lax.top_k``
@@ -17,6 +17,8 @@ fourth and a fifth draw synthetic data (``synth.cc``):
   with the roundings of XLA's slot loop, so equal to it to the bit.
 - :func:`gather_dot`: ``<u[r], W[c]>`` per entry, the decoder's backward for the codes; equal to
   XLA's to float rounding.
+- :func:`column_nonzero`: ``sum(x != 0, axis=-2)``, the dense step's fired counts, reading the
+  codes once (``scatter.cc``; exact).
 - :func:`synth_draw`: the SynthSAEBench sampler (:class:`jsdl.data.SynthBench`) one sample at a
   time, with control flow instead of fixed shapes: the same algorithm and distribution as the JAX
   sampler, a different random stream (``synth.cc`` describes it; ``SynthBench.sampler`` chooses).
