@@ -27,6 +27,7 @@ import os
 import resource
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 
@@ -77,14 +78,8 @@ def jsdl_step(arch, x, n_q, k, sparse="auto", cpu_dot=None):
     stepper = Stepper(spec, config, data_mode="batch", devices=jax.devices()[:1])
     state = stepper.place_state(init_state(jax.random.PRNGKey(0), spec, config, d))
     data = stepper.place_data(jsdl.Batch(x_p=x))
-    saved = os.environ.get(cpudot.ENV)
-    if cpu_dot is not None:
-        os.environ[cpudot.ENV] = cpu_dot
-    try:
-        compiled = stepper.step.lower(state, data, None).compile()
-    finally:
-        if cpu_dot is not None:
-            os.environ.pop(cpudot.ENV) if saved is None else os.environ.__setitem__(cpudot.ENV, saved)
+    with mock.patch.dict(os.environ, {} if cpu_dot is None else {cpudot.ENV: cpu_dot}):
+        compiled = stepper.step.lower(state, data, None).compile()  # the options are chosen here
     mem = compiled.memory_analysis()
     mem_bytes = None
     if mem is not None:
@@ -168,12 +163,6 @@ def floor_parts(arch, x, n_q, k):
 
     parts["floor: adam"] = run_adam
     return parts
-
-
-def cpudot_mode() -> str:
-    from jsdl import cpudot
-
-    return cpudot.mode()
 
 
 def floor_time(arch, times) -> float:
@@ -462,6 +451,8 @@ def main(argv=None):
     for shape in shapes:
         rows += bench_shape(shape, archs, args.reps, have_saelens)
     table = format_rows(rows)
+    from jsdl import cpudot
+
     mem_lines = []
     if not args.no_memory and "topk" in archs:
         shape = shapes[-1]
@@ -485,7 +476,7 @@ def main(argv=None):
         "k-slot gathers and scatter-adds, which this floor leaves out; benchmarks/NOTES.md, \"Speed round 4\"); "
         "ReLU/JumpReLU five products + Adam (`floor_parts`); the product is the faster of XLA's GEMM and, "
         "where the step uses it, oneDNN's (`jsdl.cpudot`: a sparse step with B d n_q >= 2^30; "
-        f"JSDL_CPU_DOT={cpudot_mode()}), while 'jax matmul' is always XLA's. XLA memory = arguments + "
+        f"JSDL_CPU_DOT={cpudot.mode()}), while 'jax matmul' is always XLA's. XLA memory = arguments + "
         f"temporaries + outputs of the compiled step. Process: {host} (`jsdl.hosttune`; both frameworks "
         "run in it; `JSDL_HOST_TUNING=off` measures without).\n\n" + table
     )
