@@ -469,6 +469,42 @@ def sparse_encode(params, x_p, spec, *, impl: str = "auto", select: str = "lax")
               k_active=spec.activation.k_active)
 
 
+def dense_fired_counts(codes: jax.Array) -> jax.Array:
+    """``sum(codes != 0, axis=0)`` of dense codes ``[B, n_q]`` as int32: on how many samples each
+    latent fired (the dense step's dead-latent statistics and, summed, the objective's ``l0``). On
+    one CPU device jsdl's native kernel reads the codes once (:func:`jsdl.native.column_nonzero`;
+    benchmarks/NOTES.md, "Speed round 14"); without it, a float32 product with a vector of ones
+    (exact below 2^24 samples), which XLA's CPU dot streams, where the integer reduction wrote the
+    ``[B, n_q]`` mask out first (5% of the dense step at (256, 2048, B 2048), neutral at the
+    benchmark shapes: "Speed round 12"). Not differentiable (counts); the caller stops gradients."""
+    B = codes.shape[0]
+    if codes.ndim != 2 or jax.default_backend() != "cpu":
+        return jnp.sum(codes != 0, axis=0).astype(jnp.int32)
+    if _native_count(codes):
+        return _native.column_nonzero(codes)
+    if B >= 2**24:
+        return jnp.sum(codes != 0, axis=0).astype(jnp.int32)
+    return (jnp.ones((B,), jnp.float32) @ (codes != 0).astype(jnp.float32)).astype(jnp.int32)
+
+
+def _native_count(codes) -> bool:
+    """Whether the fired counts of ``codes`` come from the native kernel: one device (an FFI call on
+    a split operand would be gathered whole), float32 on CPU, kernels available."""
+    return (_shardops.data_axis_size() == 1 and _shardops.model_axis_size() == 1
+            and _native.supports_column_nonzero(codes))
+
+
+def dense_l0(codes: jax.Array) -> jax.Array:
+    """Mean number of non-zero codes per code vector of dense codes ``[..., n_q]`` (the objective's
+    ``l0`` metric), from :func:`dense_fired_counts`: in a training step the count is the one the
+    dead-latent statistics take (one pass over the codes, shared), where ``mean(sum(codes != 0,
+    -1))`` wrote a float mask of the codes and reduced it (2.8% of the large dense ReLU step,
+    benchmarks/NOTES.md, "Speed round 15"). Exact counts; no gradient."""
+    counts = dense_fired_counts(jax.lax.stop_gradient(codes))
+    vectors = codes.size // max(codes.shape[-1], 1)
+    return jnp.sum(counts.astype(jnp.float32)).astype(codes.dtype) / vectors
+
+
 def fired_counts(codes: SparseCodes) -> jax.Array:
     """``[n_q]`` int32: on how many samples each latent is non-zero (a scatter-add of the ``B k``
     stored entries; a latent is stored at most once per sample, for TopK and BatchTopK alike).

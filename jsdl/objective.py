@@ -489,7 +489,7 @@ def sdl_loss(
 
     if not sparse:
         x_hat = decode_prefix(codes, None)
-        l0 = jnp.mean(jnp.sum((codes != 0).astype(x_hat.dtype), axis=-1))
+        l0 = _kernels.dense_l0(codes).astype(x_hat.dtype)
     sq = jnp.sum((x_r - x_hat) ** 2, axis=-1)
     mse = jnp.mean(sq)
     recon = _methods.recon_loss(x_r, codes, decode_prefix, spec) if spec.method_info.nested else mse

@@ -293,6 +293,45 @@ def test_dense_fired_counts_use_the_kernel_on_one_device():
         native.column_nonzero(codes.astype(jnp.float16))
 
 
+@pytest.mark.parametrize("shape", [(64, 40), (8, 3, 40)])
+def test_dense_l0_counts_like_the_mean_of_nonzeros(shape):
+    """The objective's dense ``l0`` metric (``kernels.dense_l0``) is the mean number of non-zero
+    codes per code vector, for 2-D and 3-D codes, float32 and float64, with and without a gradient
+    flowing around it; in a dense training step one native count serves both the metric and the
+    dead-latent statistics."""
+    import jsdl
+    from jsdl import kernels as K
+    from jsdl.train import Stepper, TrainConfig, init_state
+
+    rng = np.random.default_rng(1)
+    c = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)
+    c[0, ...] = -0.0  # negative zeros are zeros
+    ref = np.mean(np.sum(c != 0, axis=-1))
+    for dt in (jnp.float32, jnp.float64) if jax.config.jax_enable_x64 else (jnp.float32,):
+        x = jnp.asarray(c, dt)
+        got = jax.jit(K.dense_l0)(x)
+        assert got.dtype == x.dtype
+        np.testing.assert_allclose(float(got), ref, rtol=1e-7)
+    # inside a differentiated loss it carries no gradient and does not break forward mode
+    f = lambda v: jnp.sum(v ** 2) + K.dense_l0(v)  # noqa: E731
+    x = jnp.asarray(c)
+    np.testing.assert_allclose(np.asarray(jax.grad(f)(x)), 2 * c, rtol=1e-6)
+    np.testing.assert_allclose(float(jax.jvp(f, (x,), (jnp.ones_like(x),))[1]), 2 * c.sum(), rtol=1e-5)
+    if len(shape) == 2:
+        spec = jsdl.make_spec("sae", "relu", 40, penalties={"l1": 1e-3})
+        cfg = TrainConfig(batch_size=64, log_every=10, progress=False)
+        st = Stepper(spec, cfg, data_mode="batch", devices=jax.devices()[:1])
+        s = st.place_state(init_state(jax.random.PRNGKey(0), spec, cfg, 12, dtype=jnp.float32))
+        batch = st.place_data(jsdl.Batch(x_p=jnp.asarray(rng.standard_normal((64, 12)), jnp.float32)))
+        hlo = st.step.lower(s, batch, None).compile().as_text()
+        assert hlo.count('custom_call_target="jsdl_column_nonzero"') == 1, hlo
+        codes = np.asarray(jax.nn.relu(batch.x_p @ s.params.W_E.T + s.params.b_E))  # the state is donated
+        s2 = st.step(s, batch, None)
+        np.testing.assert_allclose(float(s2.metrics["l0"]), float(np.mean(np.sum(codes != 0, -1))),
+                                   rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(s2.dead.window_count), np.sum(codes != 0, 0))
+
+
 def test_sparse_step_gradients_match_the_dense_path():
     """The whole sparse TopK and BatchTopK loss (its scatters, decode and gather_dot native) has the
     dense path's gradient to float32 rounding."""

@@ -43,7 +43,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jsdl import activations as _act
 from jsdl import kernels as _kernels
 from jsdl import methods as _methods
-from jsdl import native as _native
 from jsdl.objective import SDLParams, SDLSpec, pre_activations, sdl_loss
 from jsdl.train import mesh as _mesh
 from jsdl.train.config import TrainConfig
@@ -122,28 +121,8 @@ def _code_statistics(cparams: SDLParams, cbatch, spec: SDLSpec):
 
 
 def _fired_dense(codes: jax.Array) -> jax.Array:
-    """``sum(codes != 0, axis=0)`` as int32. On one CPU device jsdl's native kernel reads the codes
-    once (:func:`jsdl.native.column_nonzero`; benchmarks/NOTES.md, "Speed round 14"); without it, a
-    float32 product with a vector of ones (exact below 2^24 samples), which XLA's CPU dot streams,
-    where the integer reduction wrote the ``[B, n_q]`` mask out first (5% of the dense step at (256,
-    2048, B 2048), neutral at the benchmark shapes: "Speed round 12")."""
-    B = codes.shape[0]
-    if codes.ndim != 2 or jax.default_backend() != "cpu":
-        return jnp.sum(codes != 0, axis=0).astype(jnp.int32)
-    if _native_count(codes):
-        return _native.column_nonzero(codes)
-    if B >= 2**24:
-        return jnp.sum(codes != 0, axis=0).astype(jnp.int32)
-    return (jnp.ones((B,), jnp.float32) @ (codes != 0).astype(jnp.float32)).astype(jnp.int32)
-
-
-def _native_count(codes) -> bool:
-    """Whether the fired counts of ``codes`` come from the native kernel: one device (an FFI call on
-    a split operand would be gathered whole), float32 on CPU, kernels available."""
-    from jsdl import shardops
-
-    return (shardops.data_axis_size() == 1 and shardops.model_axis_size() == 1
-            and _native.supports_column_nonzero(codes))
+    """``sum(codes != 0, axis=0)`` as int32 (:func:`jsdl.kernels.dense_fired_counts`)."""
+    return _kernels.dense_fired_counts(codes)
 
 
 def model_step(state: TrainState, batch, anchors, *, spec: SDLSpec, config: TrainConfig, tx=None) -> TrainState:
