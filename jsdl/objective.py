@@ -171,7 +171,9 @@ def make_spec(
 
     ``penalties`` maps a penalty name to a coefficient, or to ``(coef, {hyper})`` or
     ``{"coef": c, **hyper}``. ``activation_hyper`` go to the activation (e.g. ``k=32`` for
-    topk/batchtopk, ``threshold``/``bandwidth`` for jumprelu). Method options: ``n_sources``
+    topk/batchtopk, ``threshold``/``bandwidth`` for jumprelu). A straight-through penalty with a
+    ``bandwidth`` (``l0``) takes the activation's ``bandwidth`` unless given its own, so a JumpReLU
+    threshold learns from one kernel width. Method options: ``n_sources``
     (crosscoder, >= 2), ``prefixes`` and ``prefix_weights`` (matryoshka; default 4 doubling prefixes
     with equal weights), ``aux_k``/``aux_coef`` (AuxK), ``pre_bias`` (encode ``x_p - b_D``; see
     :class:`SDLSpec`). Everything is checked here, before any
@@ -210,8 +212,15 @@ def make_spec(
         else:
             coef = val
         coef = _coef(coef, f"coefficient of penalty {name!r}")
-        pen = _pen.get(name, **hyper)
         pinfo = _pen.info(name)
+        act_hyper = act.hyper_dict()
+        if pinfo.straight_through and "bandwidth" not in hyper and "bandwidth" in act_hyper \
+                and "bandwidth" in _pen.hyper_defaults(name):
+            # One kernel width for the threshold's two straight-through gradients (the JumpReLU's
+            # and the L0's), as in Rajamanoharan et al. (2024) and SAELens; a penalty bandwidth
+            # given explicitly wins.
+            hyper["bandwidth"] = act_hyper["bandwidth"]
+        pen = _pen.get(name, **hyper)
         if pinfo.needs_threshold and not act.info.needs_threshold:
             raise ValueError(
                 f"penalty {name!r} needs a learned per-latent threshold (activation 'jumprelu'); "

@@ -150,7 +150,9 @@ def weighted_l1(codes, params, *, n_sources=1):
 @register("l0", straight_through=True, needs_threshold=True, hyper={"bandwidth": "> 0"})
 def l0(codes, params, *, pre_acts=None, bandwidth=0.001):
     """L0 via the JumpReLU straight-through estimator: E sum_i H(z_i - theta_i); the threshold
-    receives the rectangle-kernel pseudo-gradient -(1/bandwidth) K((z - theta)/bandwidth)."""
+    receives the rectangle-kernel pseudo-gradient -(1/bandwidth) K((z - theta)/bandwidth).
+    :func:`jsdl.make_spec` sets ``bandwidth`` to the JumpReLU activation's unless it is given here
+    (0.001 is the default of both)."""
     th = getattr(params, "threshold", None)
     if th is None or pre_acts is None:
         return _per_sample_mean((codes != 0).astype(codes.dtype))
