@@ -498,8 +498,9 @@ def dense_l0(codes: jax.Array) -> jax.Array:
     """Mean number of non-zero codes per code vector of dense codes ``[..., n_q]`` (the objective's
     ``l0`` metric), from :func:`dense_fired_counts`: in a training step the count is the one the
     dead-latent statistics take (one pass over the codes, shared), where ``mean(sum(codes != 0,
-    -1))`` wrote a float mask of the codes and reduced it (2.8% of the large dense ReLU step,
-    benchmarks/NOTES.md, "Speed round 15"). Exact counts; no gradient."""
+    -1))`` wrote a float mask of the codes and reduced it (2.8% of the large dense ReLU step's op
+    time in a profile, neutral in its wall time, 1-4% faster at small shapes: benchmarks/NOTES.md,
+    "Speed round 15"). Exact counts; no gradient."""
     counts = dense_fired_counts(jax.lax.stop_gradient(codes))
     vectors = codes.size // max(codes.shape[-1], 1)
     return jnp.sum(counts.astype(jnp.float32)).astype(codes.dtype) / vectors

@@ -136,8 +136,8 @@ def saelens_with(arch, n_q, k, d, coef, state):
     for name, v in state.items():
         if name not in own or tuple(own[name].shape) != v.shape:
             raise ValueError(f"{arch}: weight {name} {v.shape} does not fit SAELens's {tuple(own.get(name, np.empty(0)).shape)}")
-    missing = set(own) - set(state)
-    if any(own[m].requires_grad for m in missing if m in dict(sae.named_parameters())):
+    missing = {name for name, _ in sae.named_parameters()} - set(state)
+    if missing:
         raise ValueError(f"{arch}: SAELens parameters without a jsdl value: {sorted(missing)}")
     sae.load_state_dict({kk: torch.from_numpy(v.copy()) for kk, v in state.items()}, strict=False)
     return sae
