@@ -1,7 +1,7 @@
 """Training throughput: a vmapped population of M TopK SAEs against M sequential runs, at several sizes.
 
     python benchmarks/bench_population.py [--sizes tiny,xsmall,small,medium] [--members 16] [--reps 2]
-                                          [--profile] [--no-write]
+                                          [--profile] [--one-core] [--no-write]
 
 Every run goes through ``jsdl.train.fit`` / ``fit_population`` on a Linear Representation Bench
 sampled on device inside the step (no host data), so the numbers are the engine's. For each size
@@ -14,6 +14,11 @@ population call, compiles included. Medians over the repetitions. A size whose p
 medium size) runs each part in a fresh process per repetition instead, tuned as the CLI would tune
 it, so that it does not measure an untuned process faulting in the population's temporaries every
 step; there both walls include a compile in every repetition.
+
+``--one-core`` repeats every size with each part in a fresh process pinned to one CPU: the
+population's speed-up per core. One small model's step does not get faster with a second core, a
+population's independent members do, so a host of c cores bounds the speed-up at about c times the
+one-core ratio (benchmarks/NOTES.md, "Speed round 16").
 
 ``--profile`` adds the per-op time of the compiled population step at the first size (JAX profiler
 trace, top-level XLA ops, ms per step), so the section shows where a population step goes.
@@ -96,11 +101,42 @@ def _child(name: str, part: str, members: int, steps: int) -> None:
     else:
         s, w, c = population(data, spec, cfg, members)
         out = {"steady": s, "wall": w, "compile": c}
+    out["cpus"] = len(os.sched_getaffinity(0))
     common.print_result(out)
 
 
-def _in_child(name: str, part: str, members: int, steps: int, tune: bool) -> dict:
-    return common.run_child(__file__, ["--child", name, part, members, steps], tune, f"bench_population {name} {part}")
+def _in_child(name: str, part: str, members: int, steps: int, tune: bool, cpus=None) -> dict:
+    return common.run_child(__file__, ["--child", name, part, members, steps], tune, f"bench_population {name} {part}",
+                            cpus=cpus)
+
+
+def _parts(result: dict, *keys) -> tuple:
+    return tuple(result[k] for k in keys)
+
+
+def one_core(name: str, size: dict, members: int, reps: int, steps: int | None) -> dict:
+    """Both parts of ``size`` in fresh processes pinned to one CPU (alternating, ``reps`` times):
+    how much faster the population is per core. A population's members are independent work that
+    can fill every core, where one small model's step cannot, so on a host of c cores the
+    population's speed-up is bounded by about c times this one-core ratio."""
+    steps = steps or size["steps"]
+    tune_seq, tune_pop = tuned_parts(size, members)
+    cpu = {min(os.sched_getaffinity(0))}
+    rows = collections.defaultdict(list)
+    for rep in range(reps):
+        common.log(f"[bench_population] {name} on one core, rep {rep + 1}/{reps}")
+        for part, tune in (("seq", tune_seq), ("pop", tune_pop)):
+            r = _in_child(name, part, members, steps, tune, cpus=cpu)
+            rows[part + "_steady"].append(r["steady"])
+            rows[part + "_wall"].append(r["wall"])
+            if r["cpus"] != 1:
+                raise RuntimeError(f"the {part} child of {name} ran on {r['cpus']} CPUs, not pinned to one")
+    r = {k: common.med(v) for k, v in rows.items()}
+    r.update(name=name, size=size, steps=steps, raw=dict(rows))
+    r["speedup_steady"] = r["pop_steady"] / r["seq_steady"]
+    r["speedup_wall"] = r["seq_wall"] / r["pop_wall"]
+    common.log(f"[bench_population] {name} on one core: steady {r['speedup_steady']:.2f}x, wall {r['speedup_wall']:.2f}x")
+    return r
 
 
 def bench_size(name: str, size: dict, members: int, reps: int, steps: int | None):
@@ -108,8 +144,8 @@ def bench_size(name: str, size: dict, members: int, reps: int, steps: int | None
     tune_seq, tune_pop = tuned_parts(size, members)
     separate = tune_seq or tune_pop  # each part in its own process, tuned as `jsdl train` would tune it
     if separate:
-        run_seq = lambda: tuple(_in_child(name, "seq", members, steps, tune_seq).values())  # noqa: E731
-        run_pop = lambda: tuple(_in_child(name, "pop", members, steps, tune_pop).values())  # noqa: E731
+        run_seq = lambda: _parts(_in_child(name, "seq", members, steps, tune_seq), "steady", "wall")  # noqa: E731
+        run_pop = lambda: _parts(_in_child(name, "pop", members, steps, tune_pop), "steady", "wall", "compile")  # noqa: E731
     else:
         data, spec, cfg = setup(size, steps)
         run_seq = lambda: sequential(data, spec, cfg, members)  # noqa: E731
@@ -156,6 +192,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="override every size's step count")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--one-core", action="store_true",
+                    help="also run every size with each part in a fresh process pinned to one CPU")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--child", nargs=4, metavar=("SIZE", "PART", "MEMBERS", "STEPS"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -167,9 +205,10 @@ def main(argv=None):
     names = [s for s in a.sizes.split(",") if s]
     M = a.members
     results = [bench_size(n, SIZES[n], M, a.reps, a.steps) for n in names]
+    pinned = [one_core(n, SIZES[n], M, a.reps, a.steps) for n in names] if a.one_core else []
     lines = [
         f"Command: `python benchmarks/bench_population.py --sizes {a.sizes} --members {M} --reps {a.reps}"
-        + (f" --steps {a.steps}" if a.steps else "") + (" --profile" if a.profile else "") + "` "
+        + (f" --steps {a.steps}" if a.steps else "") + (" --profile" if a.profile else "") + (" --one-core" if a.one_core else "") + "` "
         f"(jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device, "
         f"{os.cpu_count()} cores; load average before: {os.getloadavg()[0]:.1f}). TopK SAEs on a Linear "
         "Representation Bench (S = 0.99) sampled on device inside the step; medians of "
@@ -196,6 +235,17 @@ def main(argv=None):
                   else "is below the threshold: untuned, with asynchronous dispatch") + "), so both walls include "
                   "a compile in every repetition. In an untuned process a large population step faults in its "
                   "temporaries every step (jsdl warns; docs/training.md, 'Speed on a CPU host')."]
+    if pinned:
+        lines += ["", f"**On one core.** The same sizes, each part in a fresh process pinned to one CPU (as `taskset -c 0` pins it), "
+                  "medians of the repetitions. One small model's step "
+                  "cannot use a second core (its ops are too small to split), a population's members can; so on "
+                  f"{os.cpu_count()} cores a population's speed-up is bounded by about {os.cpu_count()} x its "
+                  "one-core speed-up:", "",
+                  "| size | sequential model-steps/s | population model-steps/s | steady speed-up | wall speed-up | "
+                  "sequential on all cores / on one |", "|---|---|---|---|---|---|"]
+        for r, p in zip(results, pinned):
+            lines.append(f"| {p['name']} | {p['seq_steady']:.0f} | {p['pop_steady']:.0f} | **{p['speedup_steady']:.2f}x** | "
+                         f"{p['speedup_wall']:.2f}x | {r['seq_steady'] / p['seq_steady']:.2f} |")
     lines += ["", f"Goal: a population of {M} small SAEs >= 3x {M} sequential runs in steady state and >= 2x in "
               "wall time including compilation."]
     if a.profile:

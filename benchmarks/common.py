@@ -12,7 +12,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -39,13 +39,15 @@ def print_result(result: dict) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(script: str, args: list[str], tune: bool, what: str) -> dict:
+def run_child(script: str, args: list[str], tune: bool, what: str, cpus: Optional[set] = None) -> dict:
     """``python script *args`` in a fresh process with ``JSDL_HOST_TUNING=on`` (``tune``) or
     ``off``, as ``jsdl train`` would set it for the step measured there; returns the dict of the
-    child's last :func:`print_result` line. Its stderr (progress) passes through."""
+    child's last :func:`print_result` line. Its stderr (progress) passes through. ``cpus``: pin the
+    child to these CPUs (as ``taskset`` would; XLA then sizes its thread pool to them)."""
     env = dict(os.environ, JSDL_HOST_TUNING="on" if tune else "off")
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     proc = subprocess.run([sys.executable, os.path.abspath(script), *map(str, args)], env=env, stdout=subprocess.PIPE,
-                          text=True)
+                          text=True, preexec_fn=pin)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{what} failed in its child process (exit {proc.returncode}):\n{proc.stdout[-2000:]}")

@@ -35,6 +35,19 @@ def test_bench_population_runs_a_tuned_size_in_fresh_processes(capsys, monkeypat
     assert bench_population.tuned_parts(bench_population.SIZES["medium"], 16) == (False, False)
 
 
+def test_bench_population_one_core_pins_its_children(capsys):
+    """--one-core runs both parts in children pinned to one CPU (each child reports its affinity;
+    the script refuses an unpinned one) and adds the per-core table."""
+    import bench_population
+
+    bench_population.main(["--sizes", "tiny", "--members", "2", "--reps", "1", "--steps", "10", "--one-core",
+                           "--no-write"])
+    out = capsys.readouterr().out
+    assert "**On one core.**" in out
+    row = [ln for ln in out.splitlines() if ln.startswith("| tiny |")]
+    assert len(row) == 1 and row[0].count("x") >= 2
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
 def test_bench_step_floor_and_table(arch):
     import bench_step

@@ -180,8 +180,16 @@ def saelens_model_config(c, seed):
     )
 
 
-def saelens_sae(arch, n_q, k, d, coef):
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+
+
+def saelens_sae(arch, n_q, k, d, coef, rescale=None):
+    """SAELens's training SAE of ``arch``. ``rescale``: ``rescale_acts_by_decoder_norm`` of the
+    TopK family (None: SAELens's default, True: the top-k selects on ``h_i ||W_dec,i||`` and decodes
+    with unit directions; False: the plain forward, jsdl's)."""
     common = dict(d_in=d, d_sae=n_q, dtype="float32", device="cpu", **_SAELENS_INIT)
+    if rescale is not None and arch in TOPK_FAMILY:
+        common["rescale_acts_by_decoder_norm"] = bool(rescale)
     if arch == "topk":
         from sae_lens import TopKTrainingSAE as C, TopKTrainingSAEConfig as Cfg
 

@@ -127,11 +127,12 @@ def jsdl_state_dict(params, arch):
     return {k: np.ascontiguousarray(v, np.float32) for k, v in s.items()}
 
 
-def saelens_with(arch, n_q, k, d, coef, state):
-    """A fresh SAELens training SAE of ``arch`` holding ``state`` (jsdl's weights)."""
+def saelens_with(arch, n_q, k, d, coef, state, rescale=None):
+    """A fresh SAELens training SAE of ``arch`` holding ``state`` (jsdl's weights); ``rescale`` as in
+    ``run.saelens_sae``."""
     import torch
 
-    sae = R.saelens_sae(arch, n_q, k, d, coef)
+    sae = R.saelens_sae(arch, n_q, k, d, coef, rescale)
     own = sae.state_dict()
     for name, v in state.items():
         if name not in own or tuple(own[name].shape) != v.shape:
@@ -151,6 +152,9 @@ def main(argv=None):
     ap.add_argument("--eval-samples", type=int, default=50_000)
     ap.add_argument("--coefs", help='one coefficient per architecture for both frameworks, JSON (default %s)' % COEFS)
     ap.add_argument("--jumprelu-threshold", type=float, default=2.0)
+    ap.add_argument("--saelens-rescale", choices=("default", "true", "false"), default="default",
+                    help="SAELens's rescale_acts_by_decoder_norm for the TopK family while it trains (its default: "
+                         "true; jsdl's forward: false). jsdl's weights are always scored with jsdl's own forward.")
     ap.add_argument("--out", default="same_data.json")
     a = ap.parse_args(argv)
 
@@ -173,6 +177,7 @@ def main(argv=None):
     R._SPEC["pre_bias"] = True
     R._SAELENS_INIT.update(decoder_init_norm=R.SAELENS_INIT["jsdl"], apply_b_dec_to_input=True)
     R.JUMPRELU["threshold"] = a.jumprelu_threshold
+    rescale = {"default": None, "true": True, "false": False}[a.saelens_rescale]
     k = 8  # the true L0 of the 512 most frequent features of the recipe (8.33; run.py's k)
     steps = a.samples // batch
     n_train = steps * batch
@@ -210,7 +215,7 @@ def main(argv=None):
             init, _ = fit(key, spec, batches(), cfg, stop_at=0)
             init_state = jsdl_state_dict(init.params, arch)
             # SAELens from jsdl's initial weights, on the stored samples in order.
-            sae = saelens_with(arch, n_q, k, synth_cfg.d_input, coef, init_state)
+            sae = saelens_with(arch, n_q, k, synth_cfg.d_input, coef, init_state, rescale)
             t = time.perf_counter()
             stored = _Stored(x_train)
             train_toy_sae(sae, stored, stored, training_samples=n_train, batch_size=batch,
@@ -221,7 +226,8 @@ def main(argv=None):
             t = time.perf_counter()
             state, _ = fit(key, spec, batches(), cfg)
             wall_j = time.perf_counter() - t
-            ours = saelens_with(arch, n_q, k, synth_cfg.d_input, coef, jsdl_state_dict(jax.device_get(state.params), arch))
+            ours = saelens_with(arch, n_q, k, synth_cfg.d_input, coef, jsdl_state_dict(jax.device_get(state.params), arch),
+                                rescale=False)  # jsdl's own forward (SAELens's default rescales the TopK family)
             theirs_w = {kk: v.detach().numpy() for kk, v in sae.state_dict().items() if kk in init_state}
             ours_w = jsdl_state_dict(jax.device_get(state.params), arch)
             rel = {kk: float(np.linalg.norm(ours_w[kk] - theirs_w[kk]) / max(np.linalg.norm(theirs_w[kk]), 1e-30))
@@ -236,7 +242,8 @@ def main(argv=None):
                       f"train {wall:.1f} s | weights rel. diff {max(rel.values()):.2g} | load {R.load_avg()}")
             with open(a.out, "w") as f:
                 json.dump(dict(synth=synth_cfg.to_dict(), n_q=n_q, k=k, coefs=coefs, batch=batch, lr=lr,
-                               jumprelu_threshold=a.jumprelu_threshold, rows=rows), f, indent=1)
+                               jumprelu_threshold=a.jumprelu_threshold, saelens_rescale=a.saelens_rescale,
+                               jsdl_scored="own forward (rescale_acts_by_decoder_norm=False)", rows=rows), f, indent=1)
     print(paired_table(rows))
 
 
