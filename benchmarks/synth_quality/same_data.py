@@ -17,7 +17,13 @@ reports mix the trainers with the instances. This script takes the instance out:
    on the same data needs no per-framework calibration).
 4. Both trained SAEs are scored by SAELens's ``eval_sae_on_synthetic_data`` on the stored
    evaluation samples (jsdl's weights loaded into a fresh SAELens training SAE of the same class, so
-   BatchTopK is evaluated the same way for both).
+   BatchTopK is evaluated the same way for both, with ``rescale_acts_by_decoder_norm=False``: the
+   forward jsdl trained; the rows also record jsdl's scores under SAELens's default forward).
+
+SAELens's TopK family trains by default with ``rescale_acts_by_decoder_norm=True`` (the top-k
+selects on ``h_i ||W_dec,i||``, the decoder uses unit directions): equal to the plain forward, with
+equal gradients, while the decoder's columns have unit norm, different once they drift.
+``--saelens-rescale false`` trains SAELens with the plain forward, the optimisation jsdl runs.
 
 If the two trainers implement the same optimisation, the paired differences here are float
 rounding amplified by training (the top-k and threshold decisions), centred on zero.
@@ -236,6 +242,9 @@ def main(argv=None):
                 r = score(m)
                 r.update(arch=arch, framework=fw, seed=seed, coef=coef, k=k, samples=n_train, train_s=wall,
                          weights_rel_diff=rel)
+                if fw == "jsdl" and arch in R.TOPK_FAMILY:  # what scoring under SAELens's default forward reads
+                    rs = score(saelens_with(arch, n_q, k, synth_cfg.d_input, coef, ours_w, rescale=True))
+                    r.update(mcc_rescaled_forward=rs["mcc"], f1_rescaled_forward=rs["f1"])
                 rows.append(r)
                 R.log(f"[same_data] seed {seed} {arch:10s} {fw:8s} MCC {r['mcc']:.4f} F1 {r['f1']:.4f} "
                       f"EV {r['explained_variance']:.4f} L0 {r['sae_l0']:.2f} dead {r['dead_latents']:.0f} | "
