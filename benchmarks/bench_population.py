@@ -236,11 +236,12 @@ def main(argv=None):
                   "a compile in every repetition. In an untuned process a large population step faults in its "
                   "temporaries every step (jsdl warns; docs/training.md, 'Speed on a CPU host')."]
     if pinned:
-        lines += ["", f"**On one core.** The same sizes, each part in a fresh process pinned to one CPU (as `taskset -c 0` pins it), "
-                  "medians of the repetitions. One small model's step "
-                  "cannot use a second core (its ops are too small to split), a population's members can; so on "
-                  f"{os.cpu_count()} cores a population's speed-up is bounded by about {os.cpu_count()} x its "
-                  "one-core speed-up:", "",
+        lines += ["", f"**On one core.** The same sizes, each part in a fresh process pinned to one CPU (as `taskset -c 0` "
+                  "pins it), medians of the repetitions. A population's members are independent work that can fill "
+                  "every core; one small model's step gains nothing from a second core (its ops are too small to "
+                  "split: the last column is about 1 or below). On c cores a population's steady speed-up is "
+                  "therefore at most about c x its one-core speed-up / the last column (here c = "
+                  f"{os.cpu_count()}):", "",
                   "| size | sequential model-steps/s | population model-steps/s | steady speed-up | wall speed-up | "
                   "sequential on all cores / on one |", "|---|---|---|---|---|---|"]
         for r, p in zip(results, pinned):
