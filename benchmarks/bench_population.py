@@ -17,8 +17,9 @@ step; there both walls include a compile in every repetition.
 
 ``--one-core`` repeats every size with each part in a fresh process pinned to one CPU: the
 population's speed-up per core. One small model's step does not get faster with a second core, a
-population's independent members do, so a host of c cores bounds the speed-up at about c times the
-one-core ratio (benchmarks/NOTES.md, "Speed round 16").
+population's independent members do, so on a host of c cores the population's steady speed-up is at
+most about c times its one-core speed-up, divided by how much faster the sequential runs are on all
+cores than on one (benchmarks/NOTES.md, "Speed round 16").
 
 ``--profile`` adds the per-op time of the compiled population step at the first size (JAX profiler
 trace, top-level XLA ops, ms per step), so the section shows where a population step goes.
@@ -118,7 +119,8 @@ def one_core(name: str, size: dict, members: int, reps: int, steps: int | None) 
     """Both parts of ``size`` in fresh processes pinned to one CPU (alternating, ``reps`` times):
     how much faster the population is per core. A population's members are independent work that
     can fill every core, where one small model's step cannot, so on a host of c cores the
-    population's speed-up is bounded by about c times this one-core ratio."""
+    population's speed-up is bounded by about c times this one-core ratio (divided by the
+    sequential runs' own gain from the other cores)."""
     steps = steps or size["steps"]
     tune_seq, tune_pop = tuned_parts(size, members)
     cpu = {min(os.sched_getaffinity(0))}

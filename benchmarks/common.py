@@ -43,7 +43,7 @@ def run_child(script: str, args: list[str], tune: bool, what: str, cpus: Optiona
     """``python script *args`` in a fresh process with ``JSDL_HOST_TUNING=on`` (``tune``) or
     ``off``, as ``jsdl train`` would set it for the step measured there; returns the dict of the
     child's last :func:`print_result` line. Its stderr (progress) passes through. ``cpus``: pin the
-    child to these CPUs (as ``taskset`` would; XLA then sizes its thread pool to them)."""
+    child to these CPUs (as ``taskset`` would)."""
     env = dict(os.environ, JSDL_HOST_TUNING="on" if tune else "off")
     pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     proc = subprocess.run([sys.executable, os.path.abspath(script), *map(str, args)], env=env, stdout=subprocess.PIPE,
