@@ -45,9 +45,12 @@ def run_child(script: str, args: list[str], tune: bool, what: str, cpus: Optiona
     child's last :func:`print_result` line. Its stderr (progress) passes through. ``cpus``: pin the
     child to these CPUs (as ``taskset`` would)."""
     env = dict(os.environ, JSDL_HOST_TUNING="on" if tune else "off")
-    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
-    proc = subprocess.run([sys.executable, os.path.abspath(script), *map(str, args)], env=env, stdout=subprocess.PIPE,
-                          text=True, preexec_fn=pin)
+    cmd = [sys.executable, os.path.abspath(script), *map(str, args)]
+    if cpus is not None:  # the child pins itself before it imports anything (no preexec_fn: a fork of a JAX process)
+        cmd = [sys.executable, "-c", "import os, runpy, sys; os.sched_setaffinity(0, set(map(int, sys.argv[1].split(',')))); "
+               "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+               ",".join(map(str, sorted(cpus))), *cmd[1:]]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{what} failed in its child process (exit {proc.returncode}):\n{proc.stdout[-2000:]}")
