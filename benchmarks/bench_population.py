@@ -107,58 +107,42 @@ def _child(name: str, part: str, members: int, steps: int) -> None:
 
 
 def _in_child(name: str, part: str, members: int, steps: int, tune: bool, cpus=None) -> dict:
-    return common.run_child(__file__, ["--child", name, part, members, steps], tune, f"bench_population {name} {part}",
-                            cpus=cpus)
+    r = common.run_child(__file__, ["--child", name, part, members, steps], tune, f"bench_population {name} {part}",
+                         cpus=cpus)
+    if cpus is not None and r["cpus"] != len(cpus):
+        raise RuntimeError(f"the {part} child of {name} ran on {r['cpus']} CPUs, not pinned to {len(cpus)}")
+    return r
 
 
 def _parts(result: dict, *keys) -> tuple:
     return tuple(result[k] for k in keys)
 
 
-def one_core(name: str, size: dict, members: int, reps: int, steps: int | None) -> dict:
-    """Both parts of ``size`` in fresh processes pinned to one CPU (alternating, ``reps`` times):
-    how much faster the population is per core. A population's members are independent work that
-    can fill every core, where one small model's step cannot, so on a host of c cores the
-    population's speed-up is bounded by about c times this one-core ratio (divided by the
-    sequential runs' own gain from the other cores)."""
+def bench_size(name: str, size: dict, members: int, reps: int, steps: int | None, cpus=None):
+    """Sequential runs against the population at ``size``, alternating ``reps`` times. ``cpus``: run
+    both parts in fresh processes pinned to these CPUs (``--one-core``: how much faster the
+    population is per core; a population's members can fill every core where one small model's
+    step may not, so on c cores its speed-up is bounded by about c times the one-core ratio, divided
+    by the sequential runs' own gain from the other cores)."""
     steps = steps or size["steps"]
     tune_seq, tune_pop = tuned_parts(size, members)
-    cpu = {min(os.sched_getaffinity(0))}
-    rows = collections.defaultdict(list)
-    for rep in range(reps):
-        common.log(f"[bench_population] {name} on one core, rep {rep + 1}/{reps}")
-        for part, tune in (("seq", tune_seq), ("pop", tune_pop)):
-            r = _in_child(name, part, members, steps, tune, cpus=cpu)
-            rows[part + "_steady"].append(r["steady"])
-            rows[part + "_wall"].append(r["wall"])
-            if r["cpus"] != 1:
-                raise RuntimeError(f"the {part} child of {name} ran on {r['cpus']} CPUs, not pinned to one")
-    r = {k: common.med(v) for k, v in rows.items()}
-    r.update(name=name, size=size, steps=steps, raw=dict(rows))
-    r["speedup_steady"] = r["pop_steady"] / r["seq_steady"]
-    r["speedup_wall"] = r["seq_wall"] / r["pop_wall"]
-    common.log(f"[bench_population] {name} on one core: steady {r['speedup_steady']:.2f}x, wall {r['speedup_wall']:.2f}x")
-    return r
-
-
-def bench_size(name: str, size: dict, members: int, reps: int, steps: int | None):
-    steps = steps or size["steps"]
-    tune_seq, tune_pop = tuned_parts(size, members)
-    separate = tune_seq or tune_pop  # each part in its own process, tuned as `jsdl train` would tune it
+    # Each part in its own process: tuned as `jsdl train` would tune it, or pinned.
+    separate = tune_seq or tune_pop or cpus is not None
+    where = "" if cpus is None else f" on {len(cpus)} CPU{'s' if len(cpus) > 1 else ''}"
     if separate:
-        run_seq = lambda: _parts(_in_child(name, "seq", members, steps, tune_seq), "steady", "wall")  # noqa: E731
-        run_pop = lambda: _parts(_in_child(name, "pop", members, steps, tune_pop), "steady", "wall", "compile")  # noqa: E731
+        run_seq = lambda: _parts(_in_child(name, "seq", members, steps, tune_seq, cpus), "steady", "wall")  # noqa: E731
+        run_pop = lambda: _parts(_in_child(name, "pop", members, steps, tune_pop, cpus), "steady", "wall", "compile")  # noqa: E731
     else:
         data, spec, cfg = setup(size, steps)
         run_seq = lambda: sequential(data, spec, cfg, members)  # noqa: E731
         run_pop = lambda: population(data, spec, cfg, members)  # noqa: E731
     rows = collections.defaultdict(list)
     for rep in range(reps):
-        common.log(f"[bench_population] {name} rep {rep + 1}/{reps}: {members} sequential runs")
+        common.log(f"[bench_population] {name}{where} rep {rep + 1}/{reps}: {members} sequential runs")
         s, w = run_seq()
         rows["seq_steady"].append(s)
         rows["seq_wall"].append(w)
-        common.log(f"[bench_population] {name} rep {rep + 1}/{reps}: population of {members}")
+        common.log(f"[bench_population] {name}{where} rep {rep + 1}/{reps}: population of {members}")
         s, w, c = run_pop()
         rows["pop_steady"].append(s)
         rows["pop_wall"].append(w)
@@ -168,7 +152,7 @@ def bench_size(name: str, size: dict, members: int, reps: int, steps: int | None
              tune_pop=tune_pop)
     r["speedup_steady"] = r["pop_steady"] / r["seq_steady"]
     r["speedup_wall"] = r["seq_wall"] / r["pop_wall"]
-    common.log(f"[bench_population] {name}: steady {r['speedup_steady']:.2f}x, wall {r['speedup_wall']:.2f}x")
+    common.log(f"[bench_population] {name}{where}: steady {r['speedup_steady']:.2f}x, wall {r['speedup_wall']:.2f}x")
     return r
 
 
@@ -207,7 +191,8 @@ def main(argv=None):
     names = [s for s in a.sizes.split(",") if s]
     M = a.members
     results = [bench_size(n, SIZES[n], M, a.reps, a.steps) for n in names]
-    pinned = [one_core(n, SIZES[n], M, a.reps, a.steps) for n in names] if a.one_core else []
+    one = {min(os.sched_getaffinity(0))}
+    pinned = [bench_size(n, SIZES[n], M, a.reps, a.steps, cpus=one) for n in names] if a.one_core else []
     lines = [
         f"Command: `python benchmarks/bench_population.py --sizes {a.sizes} --members {M} --reps {a.reps}"
         + (f" --steps {a.steps}" if a.steps else "") + (" --profile" if a.profile else "") + (" --one-core" if a.one_core else "") + "` "
@@ -240,8 +225,8 @@ def main(argv=None):
     if pinned:
         lines += ["", f"**On one core.** The same sizes, each part in a fresh process pinned to one CPU (as `taskset -c 0` "
                   "pins it), medians of the repetitions. A population's members are independent work that can fill "
-                  "every core; one small model's step gains nothing from a second core (its ops are too small to "
-                  "split: the last column is about 1 or below). On c cores a population's steady speed-up is "
+                  "every core; one small model's step may gain nothing from the other cores (the last column: "
+                  "sequential model-steps/s on all cores over those on one). On c cores a population's steady speed-up is "
                   "therefore at most about c x its one-core speed-up / the last column (here c = "
                   f"{os.cpu_count()}):", "",
                   "| size | sequential model-steps/s | population model-steps/s | steady speed-up | wall speed-up | "
